@@ -1,0 +1,277 @@
+"""Dataset layout, the class map and image/mask decoding.
+
+A dataset folder holds `Color_Images/*.png` (RGB) and `Segmentation/*.png` (raw class codes,
+16-bit) with the same file names. The `ClassMap` is the one place that knows which raw code is
+which class, its id (0..K-1, table order), name and colour; 255 is the ignore id.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from offroad_seg.errors import DataError
+
+log = logging.getLogger(__name__)
+
+IGNORE_ID = 255
+IMAGES_DIR = "Color_Images"
+MASKS_DIR = "Segmentation"
+IMAGE_SUFFIXES = {".png"}
+# Files that operating systems drop into folders; never part of a dataset.
+_SYSTEM_FILES = {"thumbs.db", "desktop.ini"}
+_OTHER_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    """One class: its raw code in the masks, its name and its display colour (RGB)."""
+
+    code: int
+    name: str
+    color: tuple[int, int, int]
+
+
+_DEFAULT_CLASSES = (
+    ClassInfo(0, "Background", (0, 0, 0)),
+    ClassInfo(100, "Trees", (34, 139, 34)),
+    ClassInfo(200, "Lush Bushes", (0, 255, 0)),
+    ClassInfo(300, "Dry Grass", (210, 180, 140)),
+    ClassInfo(500, "Dry Bushes", (139, 90, 43)),
+    ClassInfo(550, "Ground Clutter", (128, 128, 0)),
+    ClassInfo(600, "Flowers", (255, 105, 180)),
+    ClassInfo(700, "Logs", (139, 69, 19)),
+    ClassInfo(800, "Rocks", (128, 128, 128)),
+    ClassInfo(7100, "Landscape", (160, 82, 45)),
+    ClassInfo(10000, "Sky", (135, 206, 235)),
+)
+
+
+@dataclass(frozen=True)
+class ClassMap:
+    """Raw mask codes <-> class ids (0..K-1 in table order), names and colours."""
+
+    classes: tuple[ClassInfo, ...]
+
+    def __post_init__(self) -> None:
+        if not self.classes:
+            raise DataError("class map: no classes")
+        if len(self.classes) >= IGNORE_ID:
+            raise DataError(f"class map: {len(self.classes)} classes; at most {IGNORE_ID - 1}")
+        codes = [c.code for c in self.classes]
+        if len(set(codes)) != len(codes):
+            raise DataError(f"class map: duplicate codes in {codes}")
+        for c in self.classes:
+            if not 0 <= c.code <= 65535:
+                raise DataError(f"class map: code {c.code} of {c.name!r} is not in 0..65535")
+
+    @classmethod
+    def default(cls) -> ClassMap:
+        return cls(_DEFAULT_CLASSES)
+
+    @classmethod
+    def from_dict(cls, data: Sequence[dict[str, Any]]) -> ClassMap:
+        try:
+            return cls(
+                tuple(
+                    ClassInfo(int(d["code"]), str(d["name"]), tuple(int(v) for v in d["color"]))
+                    for d in data
+                )
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"class map: each entry needs code, name and color ({e})") from e
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> ClassMap:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise DataError(f"{path}: cannot read class map JSON ({e})") from e
+        if isinstance(data, dict):
+            data = data.get("classes", data)
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a list of {{code, name, color}} entries")
+        return cls.from_dict(data)
+
+    def to_dict(self) -> list[dict[str, Any]]:
+        return [{"code": c.code, "name": c.name, "color": list(c.color)} for c in self.classes]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.classes]
+
+    @property
+    def codes(self) -> np.ndarray:
+        return np.array([c.code for c in self.classes], dtype=np.uint16)
+
+    @property
+    def palette(self) -> np.ndarray:
+        """(K, 3) uint8 colours, indexed by class id."""
+        return np.array([c.color for c in self.classes], dtype=np.uint8)
+
+    def lookup_table(self) -> np.ndarray:
+        """A 65536-entry table raw code -> id; unknown codes map to 255 (ignore)."""
+        lut = np.full(65536, IGNORE_ID, dtype=np.uint8)
+        lut[self.codes] = np.arange(self.num_classes, dtype=np.uint8)
+        return lut
+
+    def codes_to_ids(
+        self, codes: np.ndarray, source: str = "mask", ignore_unknown: bool = False
+    ) -> np.ndarray:
+        """Map raw codes to ids. Unknown codes are an error naming `source`, or 255 if asked."""
+        if codes.size and (int(codes.min()) < 0 or int(codes.max()) > 65535):
+            raise DataError(f"{source}: mask values outside 0..65535")
+        ids = self.lookup_table()[codes.astype(np.int64, copy=False)]
+        if not ignore_unknown:
+            unknown = np.unique(codes[ids == IGNORE_ID])
+            if unknown.size:
+                shown = ", ".join(str(int(c)) for c in unknown[:10])
+                raise DataError(
+                    f"{source}: unknown class codes {shown} (known: "
+                    f"{', '.join(str(int(c)) for c in self.codes)}); "
+                    "pass --ignore-unknown-codes to treat them as ignore"
+                )
+        return ids
+
+    def ids_to_codes(self, ids: np.ndarray) -> np.ndarray:
+        """Map ids back to raw codes (uint16); the ignore id maps to 0."""
+        table = np.zeros(256, dtype=np.uint16)
+        table[: self.num_classes] = self.codes
+        return table[ids]
+
+    def colorize(self, ids: np.ndarray) -> np.ndarray:
+        """(H, W) ids -> (H, W, 3) uint8 colours; ignore is white."""
+        table = np.full((256, 3), 255, dtype=np.uint8)
+        table[: self.num_classes] = self.palette
+        return table[ids]
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One dataset entry: an image and (for labelled data) its mask."""
+
+    name: str
+    image: Path
+    mask: Path | None
+
+
+def _is_system_file(path: Path) -> bool:
+    return path.name.startswith(".") or path.name.lower() in _SYSTEM_FILES
+
+
+def list_pngs(folder: Path) -> list[Path]:
+    """The PNG files of a folder, sorted by name. Hidden and OS files are skipped; any other
+    non-PNG file is an error, since a dataset of mixed formats is almost always a mistake."""
+    files = []
+    for path in sorted(folder.iterdir()):
+        if _is_system_file(path) or path.is_dir():
+            continue
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            kind = "image" if path.suffix.lower() in _OTHER_IMAGE_SUFFIXES else "file"
+            raise DataError(f"{path}: unexpected {kind}; dataset folders hold only PNG files")
+        files.append(path)
+    return files
+
+
+def list_samples(data_dir: str | Path, require_masks: bool = True) -> list[Sample]:
+    """Pair `Color_Images/*.png` with `Segmentation/*.png` by file name, sorted by name."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir}: dataset folder does not exist")
+    image_dir = data_dir / IMAGES_DIR
+    mask_dir = data_dir / MASKS_DIR
+    if not image_dir.is_dir():
+        raise DataError(f"{data_dir}: no {IMAGES_DIR}/ folder (expected {IMAGES_DIR}/ and {MASKS_DIR}/)")
+    images = list_pngs(image_dir)
+    if not images:
+        raise DataError(f"{image_dir}: no PNG images")
+    if not require_masks:
+        masks = {p.name: p for p in list_pngs(mask_dir)} if mask_dir.is_dir() else {}
+        return [Sample(p.name, p, masks.get(p.name)) for p in images]
+    if not mask_dir.is_dir():
+        raise DataError(f"{data_dir}: no {MASKS_DIR}/ folder with the masks")
+    masks = {p.name: p for p in list_pngs(mask_dir)}
+    names = {p.name for p in images}
+    for path in images:
+        if path.name not in masks:
+            raise DataError(f"{path}: no mask {mask_dir / path.name}")
+    for name, path in masks.items():
+        if name not in names:
+            raise DataError(f"{path}: mask without an image {image_dir / name}")
+    return [Sample(p.name, p, masks[p.name]) for p in images]
+
+
+def list_images(inputs: Iterable[str | Path]) -> list[Path]:
+    """Image files from a mix of files and folders (a dataset folder's Color_Images/ is used)."""
+    out: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            folder = path / IMAGES_DIR if (path / IMAGES_DIR).is_dir() else path
+            found = list_pngs(folder)
+            if not found:
+                raise DataError(f"{folder}: no PNG images")
+            out.extend(found)
+        elif path.is_file():
+            out.append(path)
+        else:
+            raise DataError(f"{path}: no such file or folder")
+    if not out:
+        raise DataError("no input images given")
+    return out
+
+
+def _open_png(path: Path) -> Image.Image:
+    try:
+        img = Image.open(path)
+        img.load()
+    except FileNotFoundError as e:
+        raise DataError(f"{path}: file not found") from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: not a readable image ({e})") from e
+    return img
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Decode an image file to (H, W, 3) uint8 RGB."""
+    img = _open_png(Path(path))
+    if img.mode != "RGB":
+        if img.mode in ("I;16", "I", "F"):
+            raise DataError(f"{path}: {img.mode} image; expected 8-bit RGB")
+        img = img.convert("RGB")
+    return np.asarray(img)
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """Decode a mask of raw class codes to (H, W) int32 (16-bit, 8-bit or 32-bit PNG)."""
+    img = _open_png(Path(path))
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "L", "P"):
+        # "P" masks hold codes as palette indices; the index is the code.
+        return np.asarray(img).astype(np.int32, copy=False)
+    raise DataError(
+        f"{path}: {img.mode} mask; expected a single-channel PNG of raw class codes (16-bit)"
+    )
+
+
+def read_labels(
+    path: str | Path, class_map: ClassMap, ignore_unknown: bool = False
+) -> np.ndarray:
+    """Decode a mask and map its codes to class ids (uint8, 255 = ignore)."""
+    return class_map.codes_to_ids(read_mask(path), source=str(path), ignore_unknown=ignore_unknown)
+
+
+def write_mask(path: str | Path, codes: np.ndarray) -> None:
+    """Write raw class codes as a 16-bit PNG (PIL mode I;16), as the dataset stores them."""
+    Image.fromarray(np.ascontiguousarray(codes, dtype=np.uint16)).save(path)

@@ -1,0 +1,23 @@
+"""User-facing errors: the CLI prints their message as one line and exits non-zero."""
+
+from __future__ import annotations
+
+
+class OffroadSegError(Exception):
+    """An error caused by input or settings, explained in one line that names the culprit."""
+
+
+class DataError(OffroadSegError):
+    """A dataset file is missing, unreadable or inconsistent."""
+
+
+class CacheError(OffroadSegError):
+    """A feature cache is missing, incompatible, unfinished or corrupt."""
+
+
+class WeightsError(OffroadSegError):
+    """Backbone weights cannot be found or are not a DINOv2 ViT-S/14 checkpoint."""
+
+
+class ConfigError(OffroadSegError):
+    """A setting is invalid (a size that is not a multiple of 14, an unknown head, ...)."""
