@@ -193,7 +193,9 @@ def list_samples(data_dir: str | Path, require_masks: bool = True) -> list[Sampl
     image_dir = data_dir / IMAGES_DIR
     mask_dir = data_dir / MASKS_DIR
     if not image_dir.is_dir():
-        raise DataError(f"{data_dir}: no {IMAGES_DIR}/ folder (expected {IMAGES_DIR}/ and {MASKS_DIR}/)")
+        raise DataError(
+            f"{data_dir}: no {IMAGES_DIR}/ folder (expected {IMAGES_DIR}/ and {MASKS_DIR}/)"
+        )
     images = list_pngs(image_dir)
     if not images:
         raise DataError(f"{image_dir}: no PNG images")
@@ -265,9 +267,7 @@ def read_mask(path: str | Path) -> np.ndarray:
     )
 
 
-def read_labels(
-    path: str | Path, class_map: ClassMap, ignore_unknown: bool = False
-) -> np.ndarray:
+def read_labels(path: str | Path, class_map: ClassMap, ignore_unknown: bool = False) -> np.ndarray:
     """Decode a mask and map its codes to class ids (uint8, 255 = ignore)."""
     return class_map.codes_to_ids(read_mask(path), source=str(path), ignore_unknown=ignore_unknown)
 

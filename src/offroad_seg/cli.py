@@ -1,0 +1,301 @@
+"""The `offroad-seg` command line: thin wrappers that turn options into one stage call.
+
+Errors caused by input (`OffroadSegError`) end with one line on stderr and exit status 1;
+Ctrl-C exits 130 after the stage has left its outputs resumable.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+from tqdm.auto import tqdm
+
+from offroad_seg import __version__
+from offroad_seg.errors import OffroadSegError
+
+log = logging.getLogger("offroad_seg")
+
+
+class _TqdmHandler(logging.Handler):
+    """Log lines that do not tear progress bars."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
+    handler = _TqdmHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger("offroad_seg")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def _fail(message: str, code: int = 1) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def stage(fn):
+    """Run a command body, turning user-facing errors into one line and an exit status."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except OffroadSegError as e:
+            code = 130 if type(e).__name__.endswith("Interrupted") else 1
+            _fail(str(e).splitlines()[0] if str(e) else type(e).__name__, code)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        except OSError as e:
+            # Disk full, permission denied, ...: name the file when the OS does.
+            where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+            _fail(f"{where}{e.strerror or e}")
+
+    return wrapper
+
+
+def _size(ctx, param, value):
+    from offroad_seg.preprocess import parse_size
+
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except OffroadSegError as e:
+        raise click.BadParameter(str(e)) from e
+
+
+WEIGHTS_HELP = (
+    "Backbone weights: a .pth (official dinov2_vits14_pretrain.pth) or timm/HF .safetensors "
+    "file, 'auto' ($OFFROAD_SEG_WEIGHTS, torch hub cache, Hugging Face cache, then download), "
+    "or 'random' for an untrained backbone (tests and smoke runs only)."
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="offroad-seg")
+@click.option("-v", "--verbose", count=True, help="More log output.")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+def cli(verbose: int, quiet: bool) -> None:
+    """Off-road scene segmentation on a frozen DINOv2 ViT-S/14.
+
+    \b
+    Typical use:
+      offroad-seg extract data/train cache/train.zarr      # backbone once, features cached
+      offroad-seg extract data/val cache/val.zarr
+      offroad-seg train cache/train.zarr runs/h1 --val-cache cache/val.zarr
+      offroad-seg evaluate runs/h1/segmentation_head.pth data/val runs/h1/val
+    """
+    _setup_logging(verbose, quiet)
+
+
+@cli.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--train", "n_train", default=24, show_default=True, help="Training images.")
+@click.option("--val", "n_val", default=8, show_default=True, help="Validation images.")
+@click.option("--seed", default=0, show_default=True, help="Random seed (same seed, same data).")
+@click.option("--width", default=960, show_default=True, help="Image width in pixels.")
+@click.option("--height", default=540, show_default=True, help="Image height in pixels.")
+@stage
+def synth(out: Path, n_train: int, n_val: int, seed: int, width: int, height: int) -> None:
+    """Write synthetic off-road scenes in the real dataset's format to OUT/train and OUT/val.
+
+    Each split holds Color_Images/*.png (RGB) and Segmentation/*.png (16-bit raw class codes).
+    """
+    from offroad_seg.synthetic import SynthConfig, synthesize
+
+    names = synthesize(SynthConfig(out, n_train, n_val, seed, width, height))
+    click.echo(f"wrote {len(names['train'])} train and {len(names['val'])} val scenes to {out}")
+
+
+@cli.command()
+@click.argument("data_dir", type=click.Path(path_type=Path))
+@click.argument("cache", type=click.Path(path_type=Path))
+@click.option("--weights", default="auto", show_default=True, help=WEIGHTS_HELP)
+@click.option(
+    "--size",
+    default="266x476",
+    show_default=True,
+    callback=_size,
+    help="Working size ROWSxCOLS, multiples of 14.",
+)
+@click.option(
+    "--layers",
+    type=click.Choice(["1", "4"]),
+    default="1",
+    show_default=True,
+    help="1: final-norm patch tokens (384 ch); 4: last four blocks, normed, concatenated (1536).",
+)
+@click.option(
+    "--views",
+    type=click.Choice(["none", "flip"]),
+    default="none",
+    show_default=True,
+    help="flip: also cache the horizontally flipped image (view 1) with flipped labels.",
+)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
+@click.option("--batch-size", default=8, show_default=True, help="Images per backbone pass.")
+@click.option("--workers", type=int, default=None, help="Decoding workers [default: by device].")
+@click.option(
+    "--dtype",
+    type=click.Choice(["float16", "float32"]),
+    default="float16",
+    show_default=True,
+    help="Stored feature precision.",
+)
+@click.option("--images-per-chunk", default=0, help="Images per chunk [default: ~1 MiB chunks].")
+@click.option(
+    "--class-map",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="JSON list of {code, name, color}; default: the off-road classes.",
+)
+@click.option("--ignore-unknown-codes", is_flag=True, help="Treat unknown mask codes as ignore.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing cache instead of resuming.")
+@stage
+def extract(data_dir: Path, cache: Path, **opts) -> None:
+    """Run the backbone once over DATA_DIR and cache patch features in CACHE (a zarr group).
+
+    Rerunning the same command resumes an interrupted extraction.
+    """
+    from offroad_seg.extract import ExtractConfig, extract
+
+    views = ("identity", "hflip") if opts.pop("views") == "flip" else ("identity",)
+    summary = extract(
+        ExtractConfig(
+            data_dir=data_dir,
+            cache=cache,
+            layers=int(opts.pop("layers")),
+            views=views,
+            **opts,
+        )
+    )
+    click.echo(summary.line())
+
+
+@cli.command()
+@click.argument("caches", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--val-cache", type=click.Path(path_type=Path), help="Validation cache.")
+@click.option(
+    "--head", type=click.Choice(["convnext", "baseline"]), default="convnext", show_default=True
+)
+@click.option("--width", default=0, help="Head width [default: convnext 256, baseline 128].")
+@click.option("--depth", default=0, help="Head blocks [default: convnext 2, baseline 1].")
+@click.option("--dropout", type=float, default=None, help="[default: convnext 0.1, baseline 0].")
+@click.option("--epochs", default=20, show_default=True)
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--lr", default=3e-4, show_default=True, help="Peak AdamW learning rate.")
+@click.option("--weight-decay", default=0.01, show_default=True)
+@click.option("--warmup-epochs", default=1.0, show_default=True)
+@click.option(
+    "--class-weights",
+    default="auto",
+    show_default=True,
+    help="auto (median-frequency, clipped to [0.1, 10]), none, or K comma-separated numbers.",
+)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option(
+    "--memory-budget-gb",
+    type=float,
+    default=None,
+    help="Load features into RAM/GPU up to this size, else stream [default: half of free].",
+)
+@click.option("--stream", is_flag=True, help="Always stream features from the cache.")
+@click.option("--resume", is_flag=True, help="Continue OUT/last.pth.")
+@click.option("--overwrite", is_flag=True, help="Replace a head already in OUT.")
+@stage
+def train(caches: tuple[Path, ...], out: Path, **opts) -> None:
+    """Train a head on one or more CACHES (their features must agree); results go to OUT.
+
+    Writes OUT/segmentation_head.pth (best by val mIoU, else last), OUT/last.pth and
+    OUT/train_stats/ (history CSV/JSON, curves, evaluation_metrics.txt).
+    """
+    from offroad_seg.train_head import TrainConfig, train
+
+    result = train(TrainConfig(caches=caches, out=out, **opts))
+    last = result.history[-1]
+    line = f"trained {len(result.history)} epochs in {result.seconds:.1f} s ({result.source})"
+    if result.best:
+        line += f"; best val mIoU {result.best['val_miou']:.4f} at epoch {result.best['epoch']}"
+    else:
+        line += f"; final train loss {last['train_loss']:.4f}"
+    click.echo(line)
+    click.echo(f"head: {out / 'segmentation_head.pth'}; stats: {out / 'train_stats'}")
+
+
+@cli.group("cache")
+def cache_group() -> None:
+    """Inspect and check feature caches."""
+
+
+@cache_group.command("info")
+@click.argument("cache", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@stage
+def cache_info(cache: Path, as_json: bool) -> None:
+    """Show what a cache holds: images, views, shapes, size on disk, backbone, preprocessing."""
+    from offroad_seg.cache import FeatureCache
+
+    info = FeatureCache.open(cache).info()
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    f = info["features"]
+    bb = info["backbone"]
+    size = info["preprocessing"]["size"]
+    grid = info["preprocessing"]["grid"]
+    per_image = info["bytes_per_image"]
+    lines = [
+        f"cache        {info['path']}",
+        f"status       {'complete' if info['complete'] else 'UNFINISHED'}"
+        f" ({info['done']}/{info['images']} images)",
+        f"views        {', '.join(info['views'])}",
+        f"features     {tuple(f['shape'])} {f['dtype']}, chunks {tuple(f['chunks'])}",
+        f"labels       {tuple(info['labels']['shape'])} uint8 (255 = ignore)",
+        f"size         {size[0]}x{size[1]} -> {grid[0]}x{grid[1]} tokens",
+        f"backbone     {bb['arch']} layers={bb['layers']} channels={bb['channels']}",
+        f"weights      {bb['weights_source']} (sha256 {bb['weights_sha256'][:16]}...)",
+        f"on disk      {info['bytes_on_disk'] / 1e6:.2f} MB"
+        + (f", {per_image / 1e3:.0f} kB/image" if per_image else "")
+        + (f", compression {info['compression_ratio']:.2f}x" if info["compression_ratio"] else ""),
+        f"classes      {', '.join(info['classes'])}",
+        f"fingerprint  {info['fingerprint'][:16]}",
+    ]
+    click.echo("\n".join(lines))
+
+
+@cache_group.command("verify")
+@click.argument("cache", type=click.Path(path_type=Path))
+@stage
+def cache_verify(cache: Path) -> None:
+    """Read every chunk: checksums, missing chunks, done flags, fingerprint, histogram."""
+    from offroad_seg.cache import FeatureCache
+
+    report = FeatureCache.open(cache).verify(progress=True)
+    if report.ok:
+        click.echo(f"ok: {cache}: {report.chunks_checked} chunks verified")
+        return
+    for problem in report.problems:
+        click.echo(f"{cache}: {problem}", err=True)
+    _fail(f"{cache}: {len(report.problems)} problem(s) found")
+
+
+def main() -> None:
+    cli(prog_name="offroad-seg")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""Stage 1: run the frozen backbone once over a dataset and store its features in a cache.
+
+Decoding (and on CPU, resizing) happens in DataLoader workers, the backbone runs in batches,
+and finished chunks are compressed and written by a background thread while the next batch
+computes. Only whole chunks are written, each followed by its `done` flags, so a rerun of the
+same command resumes after a crash or Ctrl-C by skipping the finished chunks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from offroad_seg.backbone import Backbone, load_backbone
+from offroad_seg.cache import CacheSpec, FeatureCache, sources_digest
+from offroad_seg.data import ClassMap, list_samples
+from offroad_seg.errors import DataError, OffroadSegError
+from offroad_seg.loader import DecodedSamples, DecodeOptions, default_workers, make_loader
+from offroad_seg.preprocess import DEFAULT_SIZE, Preprocessing
+from offroad_seg.runtime import resolve_device
+
+log = logging.getLogger(__name__)
+
+
+class ExtractInterrupted(OffroadSegError):
+    """Ctrl-C during extraction; the cache holds every chunk finished so far."""
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    data_dir: Path
+    cache: Path
+    weights: str | None = None
+    size: tuple[int, int] = DEFAULT_SIZE
+    layers: int = 1
+    views: tuple[str, ...] = ("identity",)
+    device: str = "auto"
+    batch_size: int = 8
+    workers: int | None = None  # None: a sensible default for the device
+    dtype: str = "float16"
+    images_per_chunk: int = 0  # 0: ~1 MiB feature chunks
+    class_map: Path | None = None
+    ignore_unknown_codes: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+
+@dataclass
+class ExtractSummary:
+    cache: str
+    images: int
+    extracted: int
+    seconds: float
+    bytes_on_disk: int
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.extracted / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        mb = self.bytes_on_disk / 1e6
+        per = self.bytes_on_disk / max(1, self.images) / 1e3
+        return (
+            f"extracted {self.extracted} of {self.images} images in {self.seconds:.1f} s "
+            f"({self.images_per_s:.2f} images/s); cache {self.cache}: {mb:.1f} MB "
+            f"({per:.0f} kB/image)"
+        )
+
+
+class _ChunkAssembler:
+    """Collects per-image results until a chunk is whole, then writes it in the background."""
+
+    def __init__(self, cache: FeatureCache, chunks: list[int], max_in_flight: int = 4):
+        self.cache = cache
+        self.buffers: dict[int, tuple[np.ndarray, np.ndarray, int]] = {}
+        v, c = cache.num_views, cache.channels
+        (h, w), (rows, cols) = cache.spec.preprocessing.grid, cache.spec.preprocessing.size
+        for chunk in chunks:
+            start, stop = cache.chunk_range(chunk)
+            n = stop - start
+            self.buffers[chunk] = (
+                np.empty((n, v, c, h, w), dtype=cache.spec.dtype),
+                np.empty((n, v, rows, cols), dtype=np.uint8),
+                0,
+            )
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-writer")
+        self.in_flight: deque[Future] = deque()
+        self.max_in_flight = max_in_flight
+        self.written = 0
+
+    def wanted(self, index: int) -> bool:
+        return index // self.cache.images_per_chunk in self.buffers
+
+    def add(self, index: int, features: np.ndarray, labels: np.ndarray) -> None:
+        chunk = index // self.cache.images_per_chunk
+        if chunk not in self.buffers:  # a finished chunk that shares a batch with pending ones
+            return
+        feats, labs, filled = self.buffers[chunk]
+        offset = index - self.cache.chunk_range(chunk)[0]
+        feats[offset] = features
+        labs[offset] = labels
+        filled += 1
+        self.buffers[chunk] = (feats, labs, filled)
+        if filled == len(feats):
+            del self.buffers[chunk]
+            self._submit(chunk, feats, labs)
+
+    def _submit(self, chunk: int, feats: np.ndarray, labs: np.ndarray) -> None:
+        while len(self.in_flight) >= self.max_in_flight:
+            self.in_flight.popleft().result()  # back-pressure, and surfaces write errors
+        self.in_flight.append(self.pool.submit(self._write, chunk, feats, labs))
+
+    def _write(self, chunk: int, feats: np.ndarray, labs: np.ndarray) -> None:
+        self.cache.write_chunk(chunk, feats, labs)
+        self.written += len(feats)
+
+    def drain(self) -> None:
+        """Wait for every submitted write (raising the first failure)."""
+        try:
+            while self.in_flight:
+                self.in_flight.popleft().result()
+        finally:
+            self.pool.shutdown(wait=True)
+
+
+def plan_batches(cache: FeatureCache, pending: list[int], batch_size: int) -> list[list[int]]:
+    """Image indices of each backbone batch. Batches are fixed groups of whole chunks (the
+    batch size rounded up to whole chunks), and a group with any pending chunk is recomputed
+    whole, so every image is computed in the same batch whether or not the run was resumed:
+    features are then identical to an uninterrupted run even where kernels depend on the
+    batch shape (cuBLAS, oneDNN)."""
+    per_group = max(1, math.ceil(batch_size / cache.images_per_chunk))
+    pending_set = set(pending)
+    batches = []
+    for first in range(0, cache.num_chunks, per_group):
+        group = range(first, min(first + per_group, cache.num_chunks))
+        if pending_set.intersection(group):
+            start, stop = cache.chunk_range(group[0])[0], cache.chunk_range(group[-1])[1]
+            batches.append(list(range(start, stop)))
+    return batches
+
+
+def build_spec(config: ExtractConfig, backbone: Backbone, samples, class_map: ClassMap):
+    return CacheSpec(
+        backbone=backbone.spec,
+        preprocessing=Preprocessing(size=tuple(config.size)),
+        class_map=class_map,
+        names=tuple(s.name for s in samples),
+        sources_digest=sources_digest([(s.name, s.image, s.mask) for s in samples]),
+        views=tuple(config.views),
+        dtype=config.dtype,
+        images_per_chunk=config.images_per_chunk,
+        ignore_unknown_codes=config.ignore_unknown_codes,
+    )
+
+
+def extract(config: ExtractConfig) -> ExtractSummary:
+    """Extract (or resume extracting) a dataset split into a feature cache."""
+    started = time.perf_counter()
+    prep = Preprocessing(size=tuple(config.size))
+    class_map = ClassMap.from_json(config.class_map) if config.class_map else ClassMap.default()
+    samples = list_samples(config.data_dir)
+    device = resolve_device(config.device)
+    backbone = load_backbone(config.weights, layers=config.layers, device=device)
+    spec = build_spec(config, backbone, samples, class_map)
+    cache = FeatureCache.open_for_writing(config.cache, spec, overwrite=config.overwrite)
+    pending = cache.pending_chunks()
+    batches = plan_batches(cache, pending, config.batch_size)
+    todo = sum(cache.chunk_range(c)[1] - cache.chunk_range(c)[0] for c in pending)
+    if not batches:
+        if not cache.complete:
+            cache.finalize()
+        log.info("%s: already complete, nothing to extract", config.cache)
+        return ExtractSummary(str(config.cache), len(samples), 0, 0.0, cache.bytes_on_disk())
+    if todo < len(samples):
+        log.info("resuming %s: %d of %d images left", config.cache, todo, len(samples))
+
+    opts = DecodeOptions(
+        prep=prep,
+        class_map=class_map,
+        ignore_unknown_codes=config.ignore_unknown_codes,
+        preprocess_in_worker=device.type == "cpu",
+    )
+    workers = default_workers(device) if config.workers is None else config.workers
+    loader = make_loader(DecodedSamples(samples, opts), batches, workers, device)
+    assembler = _ChunkAssembler(cache, pending)
+    hflip = "hflip" in spec.views
+    bar = tqdm(
+        total=len(samples),
+        initial=len(samples) - todo,
+        unit="img",
+        desc="extract",
+        disable=None if config.progress else True,
+        smoothing=0.1,
+    )
+    compute_start = time.perf_counter()
+    try:
+        for batch in loader:
+            if batch["error"] is not None:
+                raise DataError(batch["error"])
+            feats = backbone.encode(
+                batch["image"], None if opts.preprocess_in_worker else prep, hflip=hflip
+            )
+            n = len(batch["index"])
+            # (V*n, C, h, w) -> (n, V, C, h, w): view-major from encode, image-major in the cache
+            feats = feats.to(torch.float16 if spec.dtype == "float16" else torch.float32)
+            feats = feats.view(len(spec.views), n, *feats.shape[1:]).transpose(0, 1).cpu().numpy()
+            labels = batch["labels"].numpy()
+            new = sum(assembler.wanted(i) for i in batch["index"])
+            for j, index in enumerate(batch["index"]):
+                views = [labels[j], labels[j][:, ::-1]] if hflip else [labels[j]]
+                assembler.add(index, feats[j], np.stack(views))
+            bar.update(new)
+        assembler.drain()
+    except KeyboardInterrupt:
+        bar.close()
+        assembler.drain()
+        done = int(cache.done().sum())
+        raise ExtractInterrupted(
+            f"interrupted: {done} of {len(samples)} images are safely in {config.cache}; "
+            "rerun the same command to resume"
+        ) from None
+    except BaseException:
+        bar.close()
+        with contextlib.suppress(Exception):  # the original error is the one to report
+            assembler.drain()
+        raise
+    bar.close()
+    cache.finalize()
+    seconds = time.perf_counter() - compute_start
+    summary = ExtractSummary(str(config.cache), len(samples), todo, seconds, cache.bytes_on_disk())
+    summary.extra["total_seconds"] = time.perf_counter() - started
+    return summary

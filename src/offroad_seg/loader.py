@@ -1,0 +1,124 @@
+"""Decoding in DataLoader workers, shared by extract, evaluate and predict.
+
+Workers decode PNGs (and, for CPU runs, apply `preprocess`, so the main process only runs the
+backbone); on CUDA the uint8 images travel pinned and `preprocess` runs on the GPU. Errors in a
+worker come back as one-line messages instead of exceptions, because DataLoader re-raises worker
+exceptions with a multi-line traceback inside the message.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from offroad_seg.data import ClassMap, Sample, read_image, read_labels
+from offroad_seg.errors import DataError, OffroadSegError
+from offroad_seg.preprocess import Preprocessing, image_to_tensor, preprocess, resize_labels
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """What each worker produces for a sample."""
+
+    prep: Preprocessing
+    class_map: ClassMap | None = None  # None: images only (predict)
+    ignore_unknown_codes: bool = False
+    preprocess_in_worker: bool = True  # False: uint8 images, preprocessed on the device
+    labels: str = "working"  # "working": ids at the working size; "original": full size
+    keep_original: bool = False  # also return the uint8 image (for panels and overlays)
+
+
+class DecodedSamples(Dataset):
+    """Decodes sample `i` into tensors; see `DecodeOptions`."""
+
+    def __init__(self, samples: Sequence[Sample], opts: DecodeOptions):
+        self.samples = samples
+        self.opts = opts
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        try:
+            return {"index": index, "error": None, **self._decode(self.samples[index])}
+        except OffroadSegError as e:
+            return {"index": index, "error": str(e)}
+        except Exception as e:  # an unexpected decoder failure still names the file
+            return {
+                "index": index,
+                "error": f"{self.samples[index].image}: {type(e).__name__}: {e}",
+            }
+
+    def _decode(self, sample: Sample) -> dict[str, Any]:
+        opts = self.opts
+        rgb = read_image(sample.image)
+        out: dict[str, Any] = {"size": rgb.shape[:2]}
+        image = image_to_tensor(rgb)
+        out["image"] = preprocess(image, opts.prep)[0] if opts.preprocess_in_worker else image
+        if opts.keep_original:
+            out["original"] = rgb
+        if opts.class_map is not None:
+            if sample.mask is None:
+                raise DataError(f"{sample.image}: no mask")
+            ids = read_labels(sample.mask, opts.class_map, opts.ignore_unknown_codes)
+            if ids.shape != rgb.shape[:2]:
+                raise DataError(
+                    f"{sample.mask}: mask is {ids.shape[1]}x{ids.shape[0]} but its image is "
+                    f"{rgb.shape[1]}x{rgb.shape[0]}"
+                )
+            out["labels"] = resize_labels(ids, opts.prep.size) if opts.labels == "working" else ids
+        return out
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack what stacks (same-size images); keep lists otherwise. The first error wins."""
+    for item in items:
+        if item["error"] is not None:
+            return {"error": item["error"], "index": [it["index"] for it in items]}
+    batch: dict[str, Any] = {"error": None, "index": [it["index"] for it in items]}
+    for key in items[0]:
+        if key in ("error", "index"):
+            continue
+        values = [it[key] for it in items]
+        if key == "image" and len({tuple(v.shape) for v in values}) == 1:
+            batch[key] = torch.stack(values)
+        elif key == "labels" and len({v.shape for v in values}) == 1:
+            batch[key] = torch.from_numpy(np.stack(values))
+        else:
+            batch[key] = values
+    return batch
+
+
+def default_workers(device: torch.device) -> int:
+    cores = os.cpu_count() or 1
+    if device.type == "cuda":
+        return min(16, cores)
+    # On CPU the backbone already uses every core; one worker keeps decoding off its path.
+    return 1 if cores <= 4 else min(4, cores // 2)
+
+
+def make_loader(
+    dataset: DecodedSamples,
+    batches: Sequence[Sequence[int]] | int,
+    workers: int,
+    device: torch.device,
+) -> DataLoader:
+    """Batches are explicit lists of sample indices, or a batch size over all samples."""
+    if isinstance(batches, int):
+        n, size = len(dataset), batches
+        batches = [list(range(s, min(s + size, n))) for s in range(0, n, size)]
+    return DataLoader(
+        dataset,
+        batch_sampler=batches,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+        prefetch_factor=4 if workers > 0 else None,
+    )

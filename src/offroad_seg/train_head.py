@@ -1,0 +1,625 @@
+"""Stage 2: train a segmentation head on cached features.
+
+Read top to bottom: open and check the caches, pick the feature source (in memory or on the
+GPU when the cache fits the budget, streamed chunk by chunk otherwise), build the head, then
+the epoch loop: train steps, validation from one confusion matrix, checkpoints and stats.
+The sample order is a pure function of (seed, epoch), so `--resume` continues exactly where an
+uninterrupted run would be, and an online loop with the same order gives the same losses.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from offroad_seg.atomic import write_json_atomic, write_text_atomic
+from offroad_seg.cache import FeatureCache
+from offroad_seg.checkpoint import FORMAT, VERSION, load_checkpoint, save_checkpoint
+from offroad_seg.data import IGNORE_ID
+from offroad_seg.errors import CacheError, ConfigError, OffroadSegError
+from offroad_seg.heads import HeadConfig, build_head
+from offroad_seg.metrics import ConfusionAccumulator, SegMetrics
+from offroad_seg.runtime import autocast, resolve_device
+
+log = logging.getLogger(__name__)
+
+HEAD_FILE = "segmentation_head.pth"
+LAST_FILE = "last.pth"
+STATS_DIR = "train_stats"
+WEIGHT_CLIP = (0.1, 10.0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    caches: tuple[Path, ...]
+    out: Path
+    val_cache: Path | None = None
+    head: str = "convnext"
+    width: int = 0  # 0: the head's default
+    depth: int = 0
+    dropout: float | None = None
+    epochs: int = 20
+    batch_size: int = 8
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    warmup_epochs: float = 1.0
+    class_weights: str = "auto"  # "auto", "none" or comma-separated floats
+    seed: int = 0
+    device: str = "auto"
+    memory_budget_gb: float | None = None  # None: half the free RAM (or GPU memory)
+    stream: bool = False  # force streaming from zarr
+    shuffle_window: int = 16  # chunks mixed together when streaming
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    history: list[dict]
+    best: dict | None
+    seconds: float
+    source: str
+    extra: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def class_weights_from_pixels(pixels: np.ndarray) -> np.ndarray:
+    """Median-frequency balancing: w_c = median(f) / f_c over classes with pixels, clipped to
+    [0.1, 10]; classes without pixels get 0 (they are never a target)."""
+    pixels = np.asarray(pixels, dtype=np.float64)
+    weights = np.zeros_like(pixels)
+    seen = pixels > 0
+    if seen.any():
+        freq = pixels[seen] / pixels[seen].sum()
+        weights[seen] = np.clip(np.median(freq) / freq, *WEIGHT_CLIP)
+    return weights
+
+
+def parse_class_weights(spec: str, pixels: np.ndarray) -> np.ndarray | None:
+    if spec == "auto":
+        return class_weights_from_pixels(pixels)
+    if spec == "none":
+        return None
+    try:
+        values = np.array([float(v) for v in spec.split(",")], dtype=np.float64)
+    except ValueError as e:
+        raise ConfigError(f"class weights {spec!r}: expected auto, none or numbers") from e
+    if len(values) != len(pixels):
+        raise ConfigError(f"class weights: {len(values)} values for {len(pixels)} classes")
+    return values
+
+
+def loss_terms(
+    logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross entropy of token logits upsampled (bilinear) to the label size, ignoring 255.
+    Returns (sum of weighted pixel losses, sum of their weights): their ratio is the mean, and
+    sums add up exactly across batches."""
+    logits = F.interpolate(
+        logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False
+    )
+    labels = labels.long()
+    total = F.cross_entropy(logits, labels, weight=weight, ignore_index=IGNORE_ID, reduction="sum")
+    valid = labels != IGNORE_ID
+    count = valid.sum().to(total.dtype) if weight is None else weight[labels[valid]].sum()
+    return total, count
+
+
+def segmentation_loss(
+    logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None
+) -> torch.Tensor:
+    total, count = loss_terms(logits, labels, weight)
+    return total / count.clamp_min(1e-12)
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> float:
+    """Linear warmup, then cosine decay to zero."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def epoch_order(
+    num_views: torch.Tensor, seed: int, epoch: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images of an epoch in training order and the cached view used for each: a pure
+    function of (seed, epoch), shared by both feature sources, resume and tests."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    perm = torch.randperm(len(num_views), generator=g)
+    views = (torch.rand(len(num_views), generator=g) * num_views[perm]).long()
+    return perm, views
+
+
+def make_optimizer(head: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW; norms, biases and layer scales are not decayed."""
+    decay, no_decay = [], []
+    for name, p in head.named_parameters():
+        (no_decay if p.ndim <= 1 or name.endswith("gamma") else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+# ----------------------------------------------------------------------------- feature sources
+
+
+class InMemorySource:
+    """Every cached view of every image in one tensor on the device (RAM or GPU)."""
+
+    kind = "memory"
+
+    def __init__(self, caches: Sequence[FeatureCache], device: torch.device, progress: bool):
+        feats, labels, views = [], [], []
+        for cache in caches:
+            f, lab = cache.load(progress=progress)
+            n, v = f.shape[:2]
+            feats.append(torch.from_numpy(f).reshape(n * v, *f.shape[2:]))
+            labels.append(torch.from_numpy(lab).reshape(n * v, *lab.shape[2:]))
+            views.append(torch.full((n,), v, dtype=torch.long))
+        self.num_views = torch.cat(views)
+        # entry index of (image i, view 0); view j of image i is offset[i] + j
+        self.offset = torch.cumsum(self.num_views, 0) - self.num_views
+        self.features = torch.cat(feats).to(device)
+        self.labels = torch.cat(labels).to(device)
+        self.device = device
+
+    @property
+    def num_images(self) -> int:
+        return len(self.num_views)
+
+    def batches(self, seed: int, epoch: int, batch_size: int) -> Iterator[tuple[torch.Tensor, ...]]:
+        perm, views = epoch_order(self.num_views, seed, epoch)
+        entries = (self.offset[perm] + views).to(self.device)
+        for start in range(0, len(entries), batch_size):
+            idx = entries[start : start + batch_size]
+            yield self.features[idx].float(), self.labels[idx]
+
+
+class StreamingSource:
+    """Chunks read from zarr by a background thread; bounded memory (a shuffle window of
+    chunks plus a few prefetched). Chunk order and in-window order come from (seed, epoch)."""
+
+    kind = "stream"
+
+    def __init__(
+        self, caches: Sequence[FeatureCache], device: torch.device, window: int, prefetch: int = 4
+    ):
+        self.caches = list(caches)
+        self.chunks = [(ci, k) for ci, c in enumerate(self.caches) for k in range(c.num_chunks)]
+        self.device = device
+        self.window = max(1, window)
+        self.prefetch = prefetch
+        self.num_images_total = sum(c.num_images for c in self.caches)
+
+    @property
+    def num_images(self) -> int:
+        return self.num_images_total
+
+    def _reader(self, order: list[int], out: queue.Queue, stop: threading.Event) -> None:
+        try:
+            for i in order:
+                if stop.is_set():
+                    return
+                ci, k = self.chunks[i]
+                out.put(self.caches[ci].read_chunk(k))
+            out.put(None)
+        except BaseException as e:  # surfaced in the consumer
+            out.put(e)
+
+    def batches(self, seed: int, epoch: int, batch_size: int) -> Iterator[tuple[torch.Tensor, ...]]:
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(len(self.chunks), generator=g).tolist()
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        reader = threading.Thread(target=self._reader, args=(order, q, stop), daemon=True)
+        reader.start()
+        carry_f: list[np.ndarray] = []
+        carry_l: list[np.ndarray] = []
+        try:
+            done = False
+            while not done:
+                window_f, window_l = [], []
+                while len(window_f) < self.window:
+                    item = q.get()
+                    if item is None:
+                        done = True
+                        break
+                    if isinstance(item, BaseException):
+                        raise item
+                    f, lab = item
+                    # one random cached view per image
+                    v = (torch.rand(len(f), generator=g) * f.shape[1]).long().numpy()
+                    rows = np.arange(len(f))
+                    window_f.append(f[rows, v])
+                    window_l.append(lab[rows, v])
+                if not window_f:
+                    break
+                f = np.concatenate(carry_f + window_f)
+                lab = np.concatenate(carry_l + window_l)
+                perm = torch.randperm(len(f), generator=g).numpy()
+                f, lab = f[perm], lab[perm]
+                full = len(f) - len(f) % batch_size if not done else len(f)
+                for s in range(0, full, batch_size):
+                    yield self._to_device(f[s : s + batch_size], lab[s : s + batch_size])
+                carry_f, carry_l = [f[full:]], [lab[full:]]
+        finally:
+            stop.set()
+            while reader.is_alive():  # unblock a reader waiting on a full queue
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    reader.join(timeout=0.05)
+
+    def _to_device(self, f: np.ndarray, lab: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        pin = self.device.type == "cuda"
+        ft, lt = torch.from_numpy(f), torch.from_numpy(lab)
+        if pin:
+            ft, lt = ft.pin_memory(), lt.pin_memory()
+        return ft.to(self.device, non_blocking=True).float(), lt.to(self.device, non_blocking=True)
+
+
+def _free_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def choose_source(caches: Sequence[FeatureCache], cfg: TrainConfig, device: torch.device):
+    needed = sum(c.group["features"].nbytes + c.group["labels"].nbytes for c in caches)
+    budget = (
+        cfg.memory_budget_gb * 1e9
+        if cfg.memory_budget_gb is not None
+        else 0.5 * _free_memory_bytes(device)
+    )
+    if not cfg.stream and needed <= budget:
+        log.info("features in %s memory: %.2f GB", device.type.upper(), needed / 1e9)
+        return InMemorySource(caches, device, cfg.progress)
+    log.info("streaming features from zarr (%.2f GB > budget %.2f GB)", needed / 1e9, budget / 1e9)
+    return StreamingSource(caches, device, cfg.shuffle_window)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+@torch.no_grad()
+def evaluate_on_cache(
+    head: nn.Module,
+    cache: FeatureCache,
+    device: torch.device,
+    weight: torch.Tensor | None,
+    batch_size: int = 16,
+    features: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> SegMetrics:
+    """View-0 predictions at the working size against the cached labels: one confusion
+    matrix over the split, and the training criterion as the loss."""
+    was_training = head.training
+    head.eval()
+    acc = ConfusionAccumulator(cache.spec.class_map.num_classes, device)
+    if features is None:
+        feats_np, labels_np = cache.load()
+        features = (torch.from_numpy(feats_np[:, 0]), torch.from_numpy(labels_np[:, 0]))
+    feats, labels = features
+    for s in range(0, len(feats), batch_size):
+        f = feats[s : s + batch_size].to(device, non_blocking=True).float()
+        lab = labels[s : s + batch_size].to(device, non_blocking=True)
+        with autocast(device):
+            logits = head(f)
+        total, count = loss_terms(logits, lab, weight)
+        acc.add_loss(total, count)
+        up = F.interpolate(
+            logits.float(), size=lab.shape[-2:], mode="bilinear", align_corners=False
+        )
+        acc.update(up.argmax(1), lab)
+    head.train(was_training)
+    return acc.compute(cache.spec.class_map.names)
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def open_train_caches(cfg: TrainConfig) -> tuple[list[FeatureCache], FeatureCache | None]:
+    if not cfg.caches:
+        raise ConfigError("no training cache given")
+    caches = [FeatureCache.open(p) for p in cfg.caches]
+    val = FeatureCache.open(cfg.val_cache) if cfg.val_cache else None
+    for cache in caches + ([val] if val else []):
+        cache.require_complete()
+    first = caches[0]
+    for other in caches[1:] + ([val] if val else []):
+        if other.spec.compat_fingerprint != first.spec.compat_fingerprint:
+            diff = "; ".join(first.spec.differences(other)[:3])
+            raise CacheError(
+                f"{other.path}: cannot be used with {first.path}: its features differ ({diff})"
+            )
+    return caches, val
+
+
+def check_output_dir(cfg: TrainConfig) -> None:
+    out = cfg.out
+    existing = [p for p in (out / HEAD_FILE, out / LAST_FILE) if p.exists()]
+    if existing and not (cfg.resume or cfg.overwrite):
+        raise OffroadSegError(
+            f"{out}: already holds a trained head ({existing[0].name}); "
+            "use --resume to continue it or --overwrite to start over"
+        )
+    if cfg.resume and not (out / LAST_FILE).exists():
+        raise OffroadSegError(f"{out / LAST_FILE}: nothing to resume")
+
+
+# ----------------------------------------------------------------------------- stats
+
+
+def history_csv(history: list[dict]) -> str:
+    keys = list(dict.fromkeys(k for row in history for k in row))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: "" if row.get(k) is None else row[k] for k in keys})
+    return buf.getvalue()
+
+
+def stats_text(history: list[dict], best: dict | None, final_metrics: SegMetrics | None) -> str:
+    """evaluation_metrics.txt: final and best values and a per-epoch table, as the seed wrote."""
+    last = history[-1]
+    lines = ["Training results", "================", ""]
+    lines.append(f"Epochs: {last['epoch']}")
+    lines.append(f"Final train loss: {last['train_loss']:.4f}")
+    has_val = last.get("val_miou") is not None
+    if has_val:
+        lines += [
+            f"Final val loss: {last['val_loss']:.4f}",
+            f"Final val mIoU: {last['val_miou']:.4f}",
+            f"Final val Dice: {last['val_dice']:.4f}",
+            f"Final val pixel accuracy: {last['val_pixel_acc']:.4f}",
+        ]
+    if best is not None:
+        lines += [
+            "",
+            f"Best val mIoU: {best['val_miou']:.4f} (epoch {best['epoch']})",
+            f"Best val Dice: {max(r['val_dice'] for r in history):.4f}",
+            f"Best val pixel accuracy: {max(r['val_pixel_acc'] for r in history):.4f}",
+            f"Lowest val loss: {min(r['val_loss'] for r in history):.4f}",
+        ]
+    lines += ["", "Per-epoch history", "-----------------"]
+    header = f"{'epoch':>5} {'train_loss':>10}"
+    if has_val:
+        header += f" {'val_loss':>9} {'val_mIoU':>9} {'val_Dice':>9} {'val_acc':>8}"
+    lines.append(header + f" {'seconds':>8}")
+    for r in history:
+        row = f"{r['epoch']:>5} {r['train_loss']:>10.4f}"
+        if has_val:
+            row += (
+                f" {r['val_loss']:>9.4f} {r['val_miou']:>9.4f} {r['val_dice']:>9.4f}"
+                f" {r['val_pixel_acc']:>8.4f}"
+            )
+        lines.append(row + f" {r['seconds']:>8.2f}")
+    if final_metrics is not None:
+        lines += ["", final_metrics.table("Best checkpoint on the validation cache")]
+    return "\n".join(lines) + "\n"
+
+
+def write_stats(out: Path, history: list[dict], best: dict | None, final: SegMetrics | None):
+    from offroad_seg.plots import plot_per_class_metrics, plot_training_curves
+
+    stats = out / STATS_DIR
+    stats.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(stats / "history.csv", history_csv(history))
+    write_json_atomic(stats / "history.json", {"history": history, "best": best})
+    write_text_atomic(stats / "evaluation_metrics.txt", stats_text(history, best, final))
+    plot_training_curves(history, stats / "training_curves.png")
+    if final is not None:
+        plot_per_class_metrics(final.names, final.iou, final.dice, stats / "per_class_metrics.png")
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _config_dict(cfg: TrainConfig) -> dict:
+    d = asdict(cfg)
+    d["caches"] = [str(p) for p in cfg.caches]
+    d["out"] = str(cfg.out)
+    d["val_cache"] = str(cfg.val_cache) if cfg.val_cache else None
+    return d
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train a head on cached features; see the module docstring."""
+    started = time.perf_counter()
+    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
+        raise ConfigError("epochs and batch size must be >= 1 and the learning rate > 0")
+    caches, val = open_train_caches(cfg)
+    check_output_dir(cfg)
+    spec = caches[0].spec
+    class_map = spec.class_map
+    device = resolve_device(cfg.device)
+    class_pixels = sum(c.class_pixels() for c in caches)
+    weights_np = parse_class_weights(cfg.class_weights, class_pixels)
+    weight = (
+        torch.tensor(weights_np, dtype=torch.float32, device=device)
+        if weights_np is not None
+        else None
+    )
+
+    head_cfg = HeadConfig(
+        name=cfg.head,
+        in_channels=spec.backbone.channels,
+        num_classes=class_map.num_classes,
+        width=cfg.width,
+        depth=cfg.depth,
+        dropout=cfg.dropout,
+    )
+    torch.manual_seed(cfg.seed)
+    head = build_head(head_cfg).to(device)
+    optimizer = make_optimizer(head, cfg.lr, cfg.weight_decay)
+    source = choose_source(caches, cfg, device)
+    steps_per_epoch = math.ceil(source.num_images / cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup_steps = max(1, min(int(cfg.warmup_epochs * steps_per_epoch), total_steps // 10 or 1))
+    val_features = None
+    if val is not None:
+        vf, vl = val.load(progress=False)
+        val_features = (torch.from_numpy(vf[:, 0]), torch.from_numpy(vl[:, 0]))
+
+    base_payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "head_config": head_cfg.to_dict(),
+        "class_map": class_map.to_dict(),
+        "backbone": spec.backbone.to_dict(),
+        "preprocessing": spec.preprocessing.to_dict(),
+        "compat_fingerprint": spec.compat_fingerprint,
+        "train_config": _config_dict(cfg),
+        "train_caches": [c.spec.fingerprint for c in caches],
+        "val_cache": val.spec.fingerprint if val else None,
+        "class_weights": weights_np.tolist() if weights_np is not None else None,
+    }
+
+    history: list[dict] = []
+    best: dict | None = None
+    start_epoch = 1
+    if cfg.resume:
+        last = load_checkpoint(cfg.out / LAST_FILE).payload
+        if (
+            last["train_caches"] != base_payload["train_caches"]
+            or last["val_cache"] != base_payload["val_cache"]
+        ):
+            raise CacheError(
+                f"{cfg.out / LAST_FILE}: was trained on different caches; cannot resume"
+            )
+        if last["head_config"] != base_payload["head_config"]:
+            raise ConfigError(f"{cfg.out / LAST_FILE}: was trained with a different head config")
+        head.load_state_dict(last["state_dict"])
+        optimizer.load_state_dict(last["optimizer"])
+        _set_rng_state(last["rng"], device)
+        history, best = last["history"], last["best"]
+        start_epoch = last["epoch"] + 1
+        log.info("resuming %s at epoch %d", cfg.out, start_epoch)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+
+    head.train()
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        step = (epoch - 1) * steps_per_epoch
+        loss_sum = torch.zeros((), device=device)
+        n_batches = 0
+        bar = tqdm(
+            total=steps_per_epoch,
+            desc=f"epoch {epoch}/{cfg.epochs}",
+            unit="step",
+            disable=None if cfg.progress else True,
+            leave=False,
+        )
+        for feats, labels in source.batches(cfg.seed, epoch, cfg.batch_size):
+            lr = lr_at(step, total_steps, warmup_steps, cfg.lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with autocast(device):
+                logits = head(feats)
+            loss = segmentation_loss(logits, labels, weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach()
+            n_batches += 1
+            step += 1
+            bar.update(1)
+        bar.close()
+        row: dict = {"epoch": epoch, "train_loss": float(loss_sum) / max(1, n_batches)}
+        metrics = None
+        if val is not None:
+            metrics = evaluate_on_cache(head, val, device, weight, features=val_features)
+            row.update(
+                val_loss=metrics.loss,
+                val_miou=metrics.miou,
+                val_dice=metrics.mean_dice,
+                val_pixel_acc=metrics.pixel_accuracy,
+            )
+        row["lr"] = lr
+        row["seconds"] = time.perf_counter() - t0
+        history.append(row)
+        log.info(_epoch_line(row, cfg.epochs))
+
+        payload = {**base_payload, "state_dict": head.state_dict(), "epoch": epoch, "metrics": row}
+        improved = metrics is None or best is None or row["val_miou"] > best["val_miou"]
+        if metrics is not None and improved:
+            best = {"epoch": epoch, **{k: v for k, v in row.items() if k.startswith("val_")}}
+        if improved:
+            payload_best = {**payload, "best": best}
+            if metrics is not None:
+                payload_best["val_metrics"] = metrics.to_dict()
+            save_checkpoint(cfg.out / HEAD_FILE, payload_best)
+        save_checkpoint(
+            cfg.out / LAST_FILE,
+            {
+                **payload,
+                "best": best,
+                "history": history,
+                "optimizer": optimizer.state_dict(),
+                "rng": _rng_state(device),
+            },
+        )
+        write_json_atomic(cfg.out / STATS_DIR / "history.json", {"history": history, "best": best})
+
+    final = None
+    if val is not None:
+        best_ckpt = load_checkpoint(cfg.out / HEAD_FILE)
+        final = evaluate_on_cache(
+            best_ckpt.build(device), val, device, weight, features=val_features
+        )
+    write_stats(cfg.out, history, best, final)
+    return TrainResult(cfg.out, history, best, time.perf_counter() - started, source.kind)
+
+
+def _epoch_line(row: dict, epochs: int) -> str:
+    text = f"epoch {row['epoch']:>3}/{epochs}  train_loss {row['train_loss']:.4f}"
+    if row.get("val_miou") is not None:
+        text += (
+            f"  val_loss {row['val_loss']:.4f}  val_mIoU {row['val_miou']:.4f}"
+            f"  val_Dice {row['val_dice']:.4f}  val_acc {row['val_pixel_acc']:.4f}"
+        )
+    return text + f"  ({row['seconds']:.2f} s)"
