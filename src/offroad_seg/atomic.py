@@ -14,9 +14,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 
-def atomic_write(
-    path: str | Path, write: Callable[[BinaryIO], None], durable: bool = True
-) -> None:
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], durable: bool = True) -> None:
     """Call `write` on a hidden temporary file next to `path`, then rename it over `path`.
     `durable` also fsyncs the data before the rename (survives power loss, not only a killed
     process); per-image outputs skip it, since thousands of fsyncs cost more than they save.

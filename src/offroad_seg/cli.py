@@ -236,6 +236,133 @@ def train(caches: tuple[Path, ...], out: Path, **opts) -> None:
     click.echo(f"head: {out / 'segmentation_head.pth'}; stats: {out / 'train_stats'}")
 
 
+@cli.command()
+@click.argument("head", type=click.Path(path_type=Path))
+@click.argument("data_dir", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option(
+    "--weights", default=None, help="Backbone weights [default: those the head was trained on]."
+)
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--workers", type=int, default=None, help="Decoding workers [default: by device].")
+@click.option("--device", default="auto", show_default=True)
+@click.option(
+    "--comparisons",
+    default=10,
+    show_default=True,
+    help="Comparison panels (image | truth | prediction) for the first N images; 0 for none.",
+)
+@click.option(
+    "--tta",
+    type=click.Choice(["none", "flip"]),
+    default="none",
+    show_default=True,
+    help="flip: average the logits of each image and its mirror.",
+)
+@click.option("--no-masks", "write_masks", flag_value=False, default=True, help="Metrics only.")
+@click.option(
+    "--class-map",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Class map JSON the data uses; refused if it differs from the head's.",
+)
+@click.option("--ignore-unknown-codes", is_flag=True, help="Treat unknown mask codes as ignore.")
+@click.option("--overwrite", is_flag=True, help="Replace results already in OUT.")
+@stage
+def evaluate(head: Path, data_dir: Path, out: Path, **opts) -> None:
+    """Evaluate HEAD on a labelled dataset DATA_DIR, end to end from the images.
+
+    Writes OUT/masks (raw class codes, 16-bit), masks_color, comparisons, metrics.json,
+    evaluation_metrics.txt, per_class_metrics.png and confusion_matrix.png.
+    """
+    from offroad_seg.evaluate import EvalConfig, evaluate
+
+    result = evaluate(EvalConfig(head=head, data_dir=data_dir, out=out, **opts))
+    click.echo(result.metrics.table(f"Evaluation of {head} on {data_dir}"))
+    click.echo(
+        f"\n{result.images} images in {result.seconds:.1f} s ({result.images_per_s:.2f} images/s);"
+        f" results in {out}"
+    )
+
+
+@cli.command()
+@click.argument("head", type=click.Path(path_type=Path))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option(
+    "--weights", default=None, help="Backbone weights [default: those the head was trained on]."
+)
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--workers", type=int, default=None, help="Decoding workers [default: by device].")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--tta", type=click.Choice(["none", "flip"]), default="none", show_default=True)
+@click.option("--no-overlays", "overlays", flag_value=False, default=True, help="Masks only.")
+@click.option("--overwrite", is_flag=True, help="Replace results already in OUT.")
+@stage
+def predict(head: Path, inputs: tuple[Path, ...], out: Path, **opts) -> None:
+    """Segment images (files, folders, or dataset folders) with HEAD; results go to OUT.
+
+    Writes OUT/masks (raw class codes, 16-bit), masks_color and overlays.
+    """
+    from offroad_seg.evaluate import PredictConfig, predict
+
+    result = predict(PredictConfig(head=head, inputs=inputs, out=out, **opts))
+    click.echo(
+        f"predicted {result.images} images in {result.seconds:.1f} s "
+        f"({result.images_per_s:.2f} images/s); results in {out}"
+    )
+
+
+@cli.command()
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("offroad-seg-demo"),
+    show_default=True,
+    help="Folder for everything the demo writes (replaced on each run).",
+)
+@click.option("--train", "n_train", default=32, show_default=True, help="Training scenes.")
+@click.option("--val", "n_val", default=8, show_default=True, help="Validation scenes.")
+@click.option("--epochs", default=20, show_default=True)
+@click.option("--width", default=960, show_default=True, help="Scene width.")
+@click.option("--height", default=540, show_default=True, help="Scene height.")
+@click.option("--size", default="266x476", show_default=True, callback=_size, help="Working size.")
+@click.option(
+    "--weights",
+    default=None,
+    help="Backbone weights [default: real weights if found offline, else an untrained backbone].",
+)
+@stage
+def demo(out: Path, n_train: int, n_val: int, epochs: int, width: int, height: int, size, weights):
+    """Synthetic scenes -> extract -> train -> evaluate, in one go."""
+    from offroad_seg.demo import DemoConfig, demo
+
+    cfg = DemoConfig(
+        out=out,
+        train=n_train,
+        val=n_val,
+        width=width,
+        height=height,
+        size=size,
+        epochs=epochs,
+        weights=weights,
+    )
+    result = demo(cfg, say=lambda line: click.echo(line, err=True))
+    ev = result.evaluation
+    click.echo("")
+    click.echo(ev.metrics.table("Demo: evaluation on the synthetic validation split"))
+    if result.weights == "random":
+        click.echo("\n(untrained backbone: these numbers show the pipeline works, nothing more)")
+    click.echo(f"\nfinished in {result.seconds:.1f} s; written:")
+    for line in (
+        f"  data         {out / 'data'}",
+        f"  caches       {out / 'cache' / 'train.zarr'}, {out / 'cache' / 'val.zarr'}",
+        f"  head         {out / 'head' / 'segmentation_head.pth'}",
+        f"  train stats  {out / 'head' / 'train_stats'}",
+        *(f"  {p.name:<12} {p}" for p in ev.files),
+    ):
+        click.echo(line)
+
+
 @cli.group("cache")
 def cache_group() -> None:
     """Inspect and check feature caches."""

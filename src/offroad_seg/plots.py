@@ -69,9 +69,7 @@ def save_png(path: Path, rgb: np.ndarray) -> None:
             f"save_png: expected (H, W, 3) or (H, W) uint8, got {arr.shape} {arr.dtype}"
         )
     img = Image.fromarray(np.ascontiguousarray(arr))
-    atomic_write(
-        Path(path), lambda f: img.save(f, format="PNG", compress_level=1), durable=False
-    )
+    atomic_write(Path(path), lambda f: img.save(f, format="PNG", compress_level=1), durable=False)
 
 
 def _save_figure(fig: Figure, path: Path) -> None:

@@ -75,7 +75,7 @@ class TrainResult:
     best: dict | None
     seconds: float
     source: str
-    extra: dict = field(default_factory=dict)
+    step_losses: list[float] = field(default_factory=list)  # this run's steps, in order
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -136,6 +136,11 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> flo
         return base_lr * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def warmup_steps(warmup_epochs: float, steps_per_epoch: int, total_steps: int) -> int:
+    """Warmup length: `warmup_epochs` of steps, at most a tenth of the run, at least one."""
+    return max(1, min(int(warmup_epochs * steps_per_epoch), total_steps // 10 or 1))
 
 
 def epoch_order(
@@ -253,7 +258,7 @@ class StreamingSource:
                     rows = np.arange(len(f))
                     window_f.append(f[rows, v])
                     window_l.append(lab[rows, v])
-                if not window_f:
+                if not window_f and not any(len(c) for c in carry_f):
                     break
                 f = np.concatenate(carry_f + window_f)
                 lab = np.concatenate(carry_l + window_l)
@@ -358,7 +363,7 @@ def open_train_caches(cfg: TrainConfig) -> tuple[list[FeatureCache], FeatureCach
     first = caches[0]
     for other in caches[1:] + ([val] if val else []):
         if other.spec.compat_fingerprint != first.spec.compat_fingerprint:
-            diff = "; ".join(first.spec.differences(other)[:3])
+            diff = "; ".join(first.spec.differences(other.spec)[:3])
             raise CacheError(
                 f"{other.path}: cannot be used with {first.path}: its features differ ({diff})"
             )
@@ -499,7 +504,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     source = choose_source(caches, cfg, device)
     steps_per_epoch = math.ceil(source.num_images / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
-    warmup_steps = max(1, min(int(cfg.warmup_epochs * steps_per_epoch), total_steps // 10 or 1))
+    warmup = warmup_steps(cfg.warmup_epochs, steps_per_epoch, total_steps)
     val_features = None
     if val is not None:
         vf, vl = val.load(progress=False)
@@ -520,6 +525,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     }
 
     history: list[dict] = []
+    step_losses: list[float] = []
     best: dict | None = None
     start_epoch = 1
     if cfg.resume:
@@ -545,8 +551,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     for epoch in range(start_epoch, cfg.epochs + 1):
         t0 = time.perf_counter()
         step = (epoch - 1) * steps_per_epoch
-        loss_sum = torch.zeros((), device=device)
-        n_batches = 0
+        losses = []
         bar = tqdm(
             total=steps_per_epoch,
             desc=f"epoch {epoch}/{cfg.epochs}",
@@ -555,7 +560,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             leave=False,
         )
         for feats, labels in source.batches(cfg.seed, epoch, cfg.batch_size):
-            lr = lr_at(step, total_steps, warmup_steps, cfg.lr)
+            lr = lr_at(step, total_steps, warmup, cfg.lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with autocast(device):
@@ -564,12 +569,13 @@ def train(cfg: TrainConfig) -> TrainResult:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += loss.detach()
-            n_batches += 1
+            losses.append(loss.detach())  # stays on the device: no host sync per step
             step += 1
             bar.update(1)
         bar.close()
-        row: dict = {"epoch": epoch, "train_loss": float(loss_sum) / max(1, n_batches)}
+        epoch_losses = torch.stack(losses).tolist()
+        step_losses += epoch_losses
+        row: dict = {"epoch": epoch, "train_loss": sum(epoch_losses) / len(epoch_losses)}
         metrics = None
         if val is not None:
             metrics = evaluate_on_cache(head, val, device, weight, features=val_features)
@@ -612,7 +618,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             best_ckpt.build(device), val, device, weight, features=val_features
         )
     write_stats(cfg.out, history, best, final)
-    return TrainResult(cfg.out, history, best, time.perf_counter() - started, source.kind)
+    seconds = time.perf_counter() - started
+    return TrainResult(cfg.out, history, best, seconds, source.kind, step_losses)
 
 
 def _epoch_line(row: dict, epochs: int) -> str:

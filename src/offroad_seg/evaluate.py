@@ -1,0 +1,402 @@
+"""Evaluation and prediction: full predictions from images, end to end.
+
+Images go through the same `preprocess` and backbone as extraction (`Backbone.encode`), then
+the head; logits are upsampled (bilinear) to each image's original size, so what is measured is
+what a user would deploy. Metrics come from one confusion matrix over the split. Files are
+written by a small thread pool while the next batch computes; the metrics files (evaluate) or
+`predictions.json` (predict) are written last and atomically: their presence means the folder
+is complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from offroad_seg.atomic import atomic_write, write_json_atomic, write_text_atomic
+from offroad_seg.backbone import RANDOM, Backbone, load_backbone
+from offroad_seg.checkpoint import HeadCheckpoint, load_checkpoint
+from offroad_seg.data import IGNORE_ID, ClassMap, Sample, list_images, list_samples
+from offroad_seg.errors import DataError, OffroadSegError, WeightsError
+from offroad_seg.loader import DecodedSamples, DecodeOptions, default_workers, make_loader
+from offroad_seg.metrics import ConfusionAccumulator, SegMetrics
+from offroad_seg.runtime import autocast, resolve_device
+
+log = logging.getLogger(__name__)
+
+EVAL_OUTPUTS = (
+    "masks",
+    "masks_color",
+    "comparisons",
+    "evaluation_metrics.txt",
+    "metrics.json",
+    "per_class_metrics.png",
+    "confusion_matrix.png",
+)
+PREDICT_OUTPUTS = ("masks", "masks_color", "overlays", "predictions.json")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    head: Path
+    data_dir: Path
+    out: Path
+    weights: str | None = None  # None: the head's own weights source when it is available
+    batch_size: int = 8
+    workers: int | None = None
+    device: str = "auto"
+    comparisons: int = 10  # comparison panels for the first N images; 0 for none
+    tta: str = "none"  # "flip": average the logits of the image and its mirror
+    write_masks: bool = True
+    class_map: Path | None = None  # when given, must equal the head's
+    ignore_unknown_codes: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    head: Path
+    inputs: tuple[Path, ...]
+    out: Path
+    weights: str | None = None
+    batch_size: int = 8
+    workers: int | None = None
+    device: str = "auto"
+    tta: str = "none"
+    overlays: bool = True
+    overwrite: bool = False
+    progress: bool = True
+
+
+@dataclass
+class EvalResult:
+    out: Path
+    metrics: SegMetrics | None
+    images: int
+    seconds: float
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+# ----------------------------------------------------------------------------- shared
+
+
+def backbone_for_head(ckpt: HeadCheckpoint, weights: str | None, device: torch.device) -> Backbone:
+    """Load the backbone a head was trained on; other weights are refused."""
+    if weights in (None, "auto"):
+        source = ckpt.backbone.weights_source
+        if source == RANDOM or Path(source).is_file():
+            weights = source
+    try:
+        backbone = load_backbone(weights, layers=ckpt.backbone.layers, device=device)
+    except WeightsError as e:
+        raise WeightsError(
+            f"{e} (the head {ckpt.path} was trained on weights with sha256 "
+            f"{ckpt.backbone.weights_sha256[:16]}..., from {ckpt.backbone.weights_source})"
+        ) from e
+    if backbone.spec.weights_sha256 != ckpt.backbone.weights_sha256:
+        raise WeightsError(
+            f"{ckpt.path}: trained on other backbone weights (sha256 "
+            f"{ckpt.backbone.weights_sha256[:16]}... from {ckpt.backbone.weights_source}) than "
+            f"{backbone.spec.weights_source} (sha256 {backbone.spec.weights_sha256[:16]}...); "
+            "pass --weights with the head's weights"
+        )
+    return backbone
+
+
+def prepare_output(out: Path, outputs: tuple[str, ...], overwrite: bool) -> None:
+    """Refuse a folder that already holds results, unless asked to replace them."""
+    existing = [name for name in outputs if (out / name).exists()]
+    if existing and not overwrite:
+        raise OffroadSegError(
+            f"{out}: already holds results ({existing[0]}); use --overwrite to replace them"
+        )
+    for name in existing:  # start clean so old files never mix with new ones
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+@torch.no_grad()
+def predict_logits(
+    backbone: Backbone,
+    head: torch.nn.Module,
+    ckpt: HeadCheckpoint,
+    images: torch.Tensor | list[torch.Tensor],
+    preprocessed: bool,
+    tta: bool,
+) -> torch.Tensor:
+    """Token-grid logits (B, K, h, w) in float32: preprocess -> backbone -> head, with the
+    mirrored image's logits averaged in when `tta`."""
+    feats = backbone.encode(images, None if preprocessed else ckpt.preprocessing, hflip=tta)
+    with autocast(feats.device):
+        logits = head(feats).float()
+    if tta:
+        n = logits.shape[0] // 2
+        logits = 0.5 * (logits[:n] + logits[n:].flip(-1))
+    return logits
+
+
+def upsample(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
+class _Writer:
+    """Encodes and writes PNGs on a few threads (PIL releases the GIL while compressing)."""
+
+    def __init__(self, threads: int = 4, max_pending: int = 64) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="png-writer")
+        self.pending: deque[Future] = deque()
+        self.max_pending = max_pending
+
+    def submit(self, fn, *args) -> None:
+        while len(self.pending) >= self.max_pending:
+            self.pending.popleft().result()
+        self.pending.append(self.pool.submit(fn, *args))
+
+    def close(self) -> None:
+        try:
+            while self.pending:
+                self.pending.popleft().result()
+        finally:
+            self.pool.shutdown(wait=True)
+
+
+def _save_mask(path: Path, codes: np.ndarray) -> None:
+    from PIL import Image
+
+    img = Image.fromarray(np.ascontiguousarray(codes, dtype=np.uint16))
+    atomic_write(path, lambda f: img.save(f, format="PNG", compress_level=1), durable=False)
+
+
+def _save_rgb(path: Path, rgb: np.ndarray) -> None:
+    from offroad_seg.plots import save_png
+
+    save_png(path, rgb)
+
+
+def _save_comparison(path: Path, image, truth, pred, class_map: ClassMap, title: str) -> None:
+    from offroad_seg.plots import comparison_panel, save_png
+
+    save_png(path, comparison_panel(image, truth, pred, class_map, title=title))
+
+
+def _save_overlay(path: Path, image: np.ndarray, pred_rgb: np.ndarray) -> None:
+    from offroad_seg.plots import overlay, save_png
+
+    save_png(path, overlay(image, pred_rgb))
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+def evaluate(cfg: EvalConfig) -> EvalResult:
+    """Predict every image of a labelled dataset, write predictions and metrics."""
+    if cfg.tta not in ("none", "flip"):
+        raise OffroadSegError(f"tta {cfg.tta!r}: expected none or flip")
+    ckpt = load_checkpoint(cfg.head)
+    class_map = ckpt.class_map
+    if cfg.class_map is not None and ClassMap.from_json(cfg.class_map) != class_map:
+        raise OffroadSegError(
+            f"{cfg.head}: trained with another class map than {cfg.class_map} "
+            f"({', '.join(class_map.names)})"
+        )
+    samples = list_samples(cfg.data_dir)
+    prepare_output(cfg.out, EVAL_OUTPUTS, cfg.overwrite)
+    device = resolve_device(cfg.device)
+    backbone = backbone_for_head(ckpt, cfg.weights, device)
+    head = ckpt.build(device)
+    opts = DecodeOptions(
+        prep=ckpt.preprocessing,
+        class_map=class_map,
+        ignore_unknown_codes=cfg.ignore_unknown_codes,
+        preprocess_in_worker=device.type == "cpu",
+        labels="original",
+        keep_original=cfg.comparisons > 0,
+    )
+    workers = default_workers(device) if cfg.workers is None else cfg.workers
+    loader = make_loader(DecodedSamples(samples, opts), cfg.batch_size, workers, device)
+    acc = ConfusionAccumulator(class_map.num_classes, device)
+    writer = _Writer()
+    out = cfg.out
+    for sub in ("masks", "masks_color") if cfg.write_masks else ():
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    bar = tqdm(
+        total=len(samples), unit="img", desc="evaluate", disable=None if cfg.progress else True
+    )
+    start = time.perf_counter()
+    try:
+        for batch in loader:
+            if batch["error"] is not None:
+                raise DataError(batch["error"])
+            logits = predict_logits(
+                backbone, head, ckpt, batch["image"], opts.preprocess_in_worker, cfg.tta == "flip"
+            )
+            labels = batch["labels"]
+            for j, index in enumerate(batch["index"]):
+                truth = labels[j]
+                truth = torch.as_tensor(truth).to(device, non_blocking=True)
+                full = upsample(logits[j : j + 1], tuple(truth.shape))
+                acc.add_loss(
+                    F.cross_entropy(
+                        full, truth[None].long(), ignore_index=IGNORE_ID, reduction="sum"
+                    ),
+                    (truth != IGNORE_ID).sum(),
+                )
+                pred = full.argmax(1)[0]
+                acc.update(pred, truth)
+                _write_eval_outputs(
+                    cfg, writer, samples[index], index, pred, truth, batch, j, class_map
+                )
+            bar.update(len(batch["index"]))
+        writer.close()
+    except BaseException:
+        bar.close()
+        writer.close()
+        raise
+    bar.close()
+    seconds = time.perf_counter() - start
+    metrics = acc.compute(class_map.names)
+    files = write_metrics(out, metrics, ckpt, cfg, len(samples), seconds)
+    return EvalResult(out, metrics, len(samples), seconds, files)
+
+
+def _write_eval_outputs(cfg, writer, sample: Sample, index, pred, truth, batch, j, class_map):
+    if not (cfg.write_masks or index < cfg.comparisons):
+        return
+    pred_np = pred.to(torch.uint8).cpu().numpy()
+    pred_rgb = class_map.colorize(pred_np)
+    if cfg.write_masks:
+        writer.submit(_save_mask, cfg.out / "masks" / sample.name, class_map.ids_to_codes(pred_np))
+        writer.submit(_save_rgb, cfg.out / "masks_color" / sample.name, pred_rgb)
+    if index < cfg.comparisons:
+        truth_rgb = class_map.colorize(truth.cpu().numpy())
+        writer.submit(
+            _save_comparison,
+            cfg.out / "comparisons" / sample.name,
+            batch["original"][j],
+            truth_rgb,
+            pred_rgb,
+            class_map,
+            sample.name,
+        )
+
+
+def write_metrics(
+    out: Path,
+    metrics: SegMetrics,
+    ckpt: HeadCheckpoint,
+    cfg: EvalConfig,
+    images: int,
+    seconds: float,
+) -> list[Path]:
+    from offroad_seg.plots import plot_confusion_matrix, plot_per_class_metrics
+
+    plot_per_class_metrics(metrics.names, metrics.iou, metrics.dice, out / "per_class_metrics.png")
+    plot_confusion_matrix(metrics.confusion, metrics.names, out / "confusion_matrix.png")
+    header = (
+        f"head: {ckpt.path}\ndata: {cfg.data_dir} ({images} images)\n"
+        f"test-time augmentation: {cfg.tta}\n\n"
+    )
+    write_text_atomic(out / "evaluation_metrics.txt", header + metrics.table() + "\n")
+    report = {
+        **metrics.to_dict(),
+        "images": images,
+        "seconds": seconds,
+        "head": str(ckpt.path),
+        "data_dir": str(cfg.data_dir),
+        "tta": cfg.tta,
+        "backbone": ckpt.backbone.to_dict(),
+        "preprocessing": ckpt.preprocessing.to_dict(),
+    }
+    write_json_atomic(out / "metrics.json", report)  # last: its presence marks a complete run
+    return [out / name for name in EVAL_OUTPUTS if (out / name).exists()]
+
+
+# ----------------------------------------------------------------------------- predict
+
+
+def predict(cfg: PredictConfig) -> EvalResult:
+    """Predict images without masks: masks, colour masks and overlays."""
+    if cfg.tta not in ("none", "flip"):
+        raise OffroadSegError(f"tta {cfg.tta!r}: expected none or flip")
+    ckpt = load_checkpoint(cfg.head)
+    class_map = ckpt.class_map
+    images = list_images(cfg.inputs)
+    seen: dict[str, Path] = {}
+    for path in images:
+        if path.name in seen:
+            raise DataError(f"{path}: same file name as {seen[path.name]}; outputs would collide")
+        seen[path.name] = path
+    prepare_output(cfg.out, PREDICT_OUTPUTS, cfg.overwrite)
+    device = resolve_device(cfg.device)
+    backbone = backbone_for_head(ckpt, cfg.weights, device)
+    head = ckpt.build(device)
+    samples = [Sample(p.name, p, None) for p in images]
+    opts = DecodeOptions(
+        prep=ckpt.preprocessing,
+        class_map=None,
+        preprocess_in_worker=device.type == "cpu",
+        keep_original=True,
+    )
+    workers = default_workers(device) if cfg.workers is None else cfg.workers
+    loader = make_loader(DecodedSamples(samples, opts), cfg.batch_size, workers, device)
+    writer = _Writer()
+    for sub in ("masks", "masks_color") + (("overlays",) if cfg.overlays else ()):
+        (cfg.out / sub).mkdir(parents=True, exist_ok=True)
+    bar = tqdm(
+        total=len(samples), unit="img", desc="predict", disable=None if cfg.progress else True
+    )
+    start = time.perf_counter()
+    try:
+        for batch in loader:
+            if batch["error"] is not None:
+                raise DataError(batch["error"])
+            logits = predict_logits(
+                backbone, head, ckpt, batch["image"], opts.preprocess_in_worker, cfg.tta == "flip"
+            )
+            for j, index in enumerate(batch["index"]):
+                h, w = batch["size"][j]
+                pred = upsample(logits[j : j + 1], (h, w)).argmax(1)[0]
+                pred_np = pred.to(torch.uint8).cpu().numpy()
+                pred_rgb = class_map.colorize(pred_np)
+                name = samples[index].name
+                writer.submit(_save_mask, cfg.out / "masks" / name, class_map.ids_to_codes(pred_np))
+                writer.submit(_save_rgb, cfg.out / "masks_color" / name, pred_rgb)
+                if cfg.overlays:
+                    writer.submit(
+                        _save_overlay, cfg.out / "overlays" / name, batch["original"][j], pred_rgb
+                    )
+            bar.update(len(batch["index"]))
+        writer.close()
+    except BaseException:
+        bar.close()
+        writer.close()
+        raise
+    bar.close()
+    seconds = time.perf_counter() - start
+    write_json_atomic(
+        cfg.out / "predictions.json",
+        {
+            "head": str(ckpt.path),
+            "images": [str(p) for p in images],
+            "classes": class_map.to_dict(),
+            "tta": cfg.tta,
+            "seconds": seconds,
+        },
+    )
+    return EvalResult(cfg.out, None, len(samples), seconds)
