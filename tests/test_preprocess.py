@@ -1,7 +1,6 @@
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from offroad_seg.errors import ConfigError
 from offroad_seg.preprocess import (
@@ -11,6 +10,7 @@ from offroad_seg.preprocess import (
     image_to_tensor,
     parse_size,
     preprocess,
+    resize_image,
     resize_labels,
 )
 
@@ -26,17 +26,28 @@ def test_size_must_be_multiple_of_14():
         Preprocessing(size=(100, 98))
 
 
-def test_preprocess_matches_independent_computation():
+def test_preprocess_matches_pil_resize_then_normalize():
+    """The seed resized PIL images (uint8, BILINEAR with antialiasing), then normalised."""
+    from PIL import Image
+
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    rgb = np.asarray(Image.fromarray(rgb).resize((120, 80)))  # smooth-ish content
     prep = Preprocessing(size=(28, 42))
     out = preprocess(image_to_tensor(rgb), prep)
     assert out.shape == (1, 3, 28, 42) and out.dtype == torch.float32
-    x = torch.tensor(rgb, dtype=torch.float64).permute(2, 0, 1)[None] / 255
-    x = F.interpolate(x, size=(28, 42), mode="bilinear", antialias=True, align_corners=False)
+    pil = np.asarray(Image.fromarray(rgb).resize((42, 28), Image.Resampling.BILINEAR))
+    resized = resize_image(image_to_tensor(rgb), prep)[0].permute(1, 2, 0).numpy()
+    assert np.abs(resized.astype(int) - pil.astype(int)).max() <= 1
+    x = torch.tensor(pil, dtype=torch.float64).permute(2, 0, 1)[None] / 255
     mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, dtype=torch.float64).view(1, 3, 1, 1)
-    np.testing.assert_allclose(out.numpy(), ((x - mean) / std).numpy(), atol=1e-5)
+    ref = ((x - mean) / std).numpy()
+    one_level = 1 / 255 / min(IMAGENET_STD)
+    assert np.abs(out.numpy() - ref).max() <= one_level + 1e-5
+    # exactly the normalisation of the uint8 resize
+    exact = (torch.from_numpy(resized).permute(2, 0, 1)[None].double() / 255 - mean) / std
+    np.testing.assert_allclose(out.numpy(), exact.numpy(), atol=1e-5)
 
 
 def test_preprocess_list_of_sizes_equals_one_by_one():

@@ -13,16 +13,15 @@ from offroad_seg.data import ClassMap, list_samples, read_image, read_labels
 from offroad_seg.errors import CacheError, OffroadSegError
 from offroad_seg.extract import extract
 from offroad_seg.heads import HeadConfig, build_head
+from offroad_seg.loss import class_weights_from_pixels, segmentation_loss
 from offroad_seg.preprocess import Preprocessing, image_to_tensor, preprocess, resize_labels
 from offroad_seg.train_head import (
     StreamingSource,
     TrainConfig,
-    class_weights_from_pixels,
     epoch_order,
     evaluate_on_cache,
     lr_at,
     make_optimizer,
-    segmentation_loss,
     train,
     warmup_steps,
 )

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from offroad_seg.errors import WeightsError
-from offroad_seg.preprocess import Preprocessing, preprocess
+from offroad_seg.preprocess import Preprocessing, normalize
 from offroad_seg.runtime import autocast
 
 log = logging.getLogger(__name__)
@@ -151,20 +151,13 @@ class Backbone(nn.Module):
 
     @torch.no_grad()
     def encode(
-        self,
-        images: torch.Tensor | list[torch.Tensor],
-        prep: Preprocessing | None,
-        hflip: bool = False,
+        self, images: torch.Tensor, prep: Preprocessing, hflip: bool = False
     ) -> torch.Tensor:
-        """The one path from images to features, for extract, evaluate and predict: uint8
-        images (or, with `prep=None`, already preprocessed ones) -> float32 features
-        (B, C, h, w). `hflip=True` appends the mirrored images' features: (2B, C, h, w)."""
+        """The one path from resized uint8 images (B, 3, rows, cols), as `resize_image` makes
+        them, to float32 features (B, C, h, w), for extract, evaluate and predict.
+        `hflip=True` appends the mirrored images' features: (2B, C, h, w)."""
         device = self.vit.cls_token.device
-        if isinstance(images, torch.Tensor):
-            images = images.to(device, non_blocking=True)
-        else:
-            images = [im.to(device, non_blocking=True) for im in images]
-        x = images if prep is None else preprocess(images, prep)
+        x = normalize(images.to(device, non_blocking=True), prep)
         if hflip:
             x = torch.cat([x, x.flip(-1)])
         with autocast(device):

@@ -400,6 +400,11 @@ class FeatureCache:
         sel = slice(*self.chunk_range(chunk))
         return self.group["features"][sel], self.group["labels"][sel]
 
+    def read_images(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(features, labels) of the given images (sorted indices), in one zarr selection so
+        that their chunks are read and decoded concurrently."""
+        return self.group["features"].oindex[indices], self.group["labels"].oindex[indices]
+
     def iter_chunks(
         self, order: Sequence[int] | None = None
     ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
@@ -411,17 +416,22 @@ class FeatureCache:
     def load(self, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """The whole cache in memory: features (N, V, C, h, w) and labels (N, V, H, W)."""
         self.require_complete()
-        feats = np.empty(self.group["features"].shape, dtype=self.spec.dtype)
-        labels = np.empty(self.group["labels"].shape, dtype=np.uint8)
+        features, labels = self.group["features"], self.group["labels"]
+        out_f = np.empty(features.shape, dtype=self.spec.dtype)
+        out_l = np.empty(labels.shape, dtype=np.uint8)
+        # Many chunks per read: zarr fetches and decodes the chunks of one selection
+        # concurrently (about 2x faster than chunk by chunk on 2 cores, more on more).
+        per_read = self.images_per_chunk * max(1, 64 // self.num_views)
         bar = tqdm(
             total=self.num_images, unit="img", desc="load cache", disable=None if progress else True
         )
-        for start, f, lab in self.iter_chunks():
-            feats[start : start + len(f)] = f
-            labels[start : start + len(lab)] = lab
-            bar.update(len(f))
+        for start in range(0, self.num_images, per_read):
+            sel = slice(start, min(start + per_read, self.num_images))
+            out_f[sel] = features[sel]
+            out_l[sel] = labels[sel]
+            bar.update(sel.stop - sel.start)
         bar.close()
-        return feats, labels
+        return out_f, out_l
 
     # ------------------------------------------------------------------ inspection
 

@@ -20,15 +20,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from offroad_seg.atomic import atomic_write, write_json_atomic, write_text_atomic
 from offroad_seg.backbone import RANDOM, Backbone, load_backbone
 from offroad_seg.checkpoint import HeadCheckpoint, load_checkpoint
-from offroad_seg.data import IGNORE_ID, ClassMap, Sample, list_images, list_samples
+from offroad_seg.data import ClassMap, Sample, list_images, list_samples
 from offroad_seg.errors import DataError, OffroadSegError, WeightsError
 from offroad_seg.loader import DecodedSamples, DecodeOptions, default_workers, make_loader
+from offroad_seg.loss import predict_and_score
 from offroad_seg.metrics import ConfusionAccumulator, SegMetrics
 from offroad_seg.runtime import autocast, resolve_device
 
@@ -136,23 +136,18 @@ def predict_logits(
     backbone: Backbone,
     head: torch.nn.Module,
     ckpt: HeadCheckpoint,
-    images: torch.Tensor | list[torch.Tensor],
-    preprocessed: bool,
+    images: torch.Tensor,
     tta: bool,
 ) -> torch.Tensor:
     """Token-grid logits (B, K, h, w) in float32: preprocess -> backbone -> head, with the
     mirrored image's logits averaged in when `tta`."""
-    feats = backbone.encode(images, None if preprocessed else ckpt.preprocessing, hflip=tta)
+    feats = backbone.encode(images, ckpt.preprocessing, hflip=tta)
     with autocast(feats.device):
         logits = head(feats).float()
     if tta:
         n = logits.shape[0] // 2
         logits = 0.5 * (logits[:n] + logits[n:].flip(-1))
     return logits
-
-
-def upsample(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
 
 class _Writer:
@@ -224,7 +219,6 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
         prep=ckpt.preprocessing,
         class_map=class_map,
         ignore_unknown_codes=cfg.ignore_unknown_codes,
-        preprocess_in_worker=device.type == "cpu",
         labels="original",
         keep_original=cfg.comparisons > 0,
     )
@@ -243,25 +237,26 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
         for batch in loader:
             if batch["error"] is not None:
                 raise DataError(batch["error"])
-            logits = predict_logits(
-                backbone, head, ckpt, batch["image"], opts.preprocess_in_worker, cfg.tta == "flip"
-            )
+            logits = predict_logits(backbone, head, ckpt, batch["image"], cfg.tta == "flip")
             labels = batch["labels"]
-            for j, index in enumerate(batch["index"]):
-                truth = labels[j]
+            # same-size images are scored together; mixed sizes one by one
+            groups = (
+                [(range(len(batch["index"])), labels)]
+                if isinstance(labels, torch.Tensor)
+                else [([j], labels[j][None]) for j in range(len(labels))]
+            )
+            for rows, truth in groups:
                 truth = torch.as_tensor(truth).to(device, non_blocking=True)
-                full = upsample(logits[j : j + 1], tuple(truth.shape))
-                acc.add_loss(
-                    F.cross_entropy(
-                        full, truth[None].long(), ignore_index=IGNORE_ID, reduction="sum"
-                    ),
-                    (truth != IGNORE_ID).sum(),
+                pred, loss_sum, count = predict_and_score(
+                    logits[list(rows)], truth, tuple(truth.shape[-2:])
                 )
-                pred = full.argmax(1)[0]
+                acc.add_loss(loss_sum, count)
                 acc.update(pred, truth)
-                _write_eval_outputs(
-                    cfg, writer, samples[index], index, pred, truth, batch, j, class_map
-                )
+                for k, j in enumerate(rows):
+                    index = batch["index"][j]
+                    _write_eval_outputs(
+                        cfg, writer, samples[index], index, pred[k], truth[k], batch, j, class_map
+                    )
             bar.update(len(batch["index"]))
         writer.close()
     except BaseException:
@@ -350,7 +345,6 @@ def predict(cfg: PredictConfig) -> EvalResult:
     opts = DecodeOptions(
         prep=ckpt.preprocessing,
         class_map=None,
-        preprocess_in_worker=device.type == "cpu",
         keep_original=True,
     )
     workers = default_workers(device) if cfg.workers is None else cfg.workers
@@ -366,12 +360,10 @@ def predict(cfg: PredictConfig) -> EvalResult:
         for batch in loader:
             if batch["error"] is not None:
                 raise DataError(batch["error"])
-            logits = predict_logits(
-                backbone, head, ckpt, batch["image"], opts.preprocess_in_worker, cfg.tta == "flip"
-            )
+            logits = predict_logits(backbone, head, ckpt, batch["image"], cfg.tta == "flip")
             for j, index in enumerate(batch["index"]):
                 h, w = batch["size"][j]
-                pred = upsample(logits[j : j + 1], (h, w)).argmax(1)[0]
+                pred = predict_and_score(logits[j : j + 1], None, (h, w))[0][0]
                 pred_np = pred.to(torch.uint8).cpu().numpy()
                 pred_rgb = class_map.colorize(pred_np)
                 name = samples[index].name

@@ -190,7 +190,6 @@ def extract(config: ExtractConfig) -> ExtractSummary:
         prep=prep,
         class_map=class_map,
         ignore_unknown_codes=config.ignore_unknown_codes,
-        preprocess_in_worker=device.type == "cpu",
     )
     workers = default_workers(device) if config.workers is None else config.workers
     loader = make_loader(DecodedSamples(samples, opts), batches, workers, device)
@@ -209,9 +208,7 @@ def extract(config: ExtractConfig) -> ExtractSummary:
         for batch in loader:
             if batch["error"] is not None:
                 raise DataError(batch["error"])
-            feats = backbone.encode(
-                batch["image"], None if opts.preprocess_in_worker else prep, hflip=hflip
-            )
+            feats = backbone.encode(batch["image"], prep, hflip=hflip)
             n = len(batch["index"])
             # (V*n, C, h, w) -> (n, V, C, h, w): view-major from encode, image-major in the cache
             feats = feats.to(torch.float16 if spec.dtype == "float16" else torch.float32)

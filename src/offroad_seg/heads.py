@@ -16,7 +16,7 @@ from torch import nn
 from offroad_seg.errors import ConfigError
 
 HEADS = ("convnext", "baseline")
-_DEFAULT_WIDTH = {"convnext": 256, "baseline": 128}
+_DEFAULT_WIDTH = {"convnext": 96, "baseline": 128}
 _DEFAULT_DEPTH = {"convnext": 2, "baseline": 1}
 _DEFAULT_DROPOUT = {"convnext": 0.1, "baseline": 0.0}  # the seed's head had no dropout
 
@@ -55,14 +55,13 @@ class HeadConfig:
         return cls(**d)
 
 
-class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over channels of an NCHW tensor."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
-
 class ConvNeXtBlock(nn.Module):
+    """Depthwise 7x7 -> LayerNorm -> MLP (GELU) -> layer scale -> residual, on NHWC tensors.
+
+    The depthwise conv sees an NHWC tensor through a permuted (channels-last) view: oneDNN's
+    channels-last depthwise kernels are ~3x faster than NCHW ones on CPU, and LayerNorm and
+    the MLP want channels last anyway, so the head never copies between layouts."""
+
     def __init__(self, dim: int, kernel_size: int, mlp_ratio: int, layer_scale: float) -> None:
         super().__init__()
         self.dwconv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
@@ -72,17 +71,17 @@ class ConvNeXtBlock(nn.Module):
         self.fc2 = nn.Linear(mlp_ratio * dim, dim)
         self.gamma = nn.Parameter(torch.full((dim,), layer_scale))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.dwconv(x).permute(0, 2, 3, 1)  # NHWC: LayerNorm and Linear act on channels
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, h, w, C)
+        y = self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         y = self.fc2(self.act(self.fc1(self.norm(y))))
-        return x + (self.gamma * y).permute(0, 3, 1, 2)
+        return x + self.gamma * y
 
 
 class ConvNeXtHead(nn.Module):
     def __init__(self, cfg: HeadConfig) -> None:
         super().__init__()
-        self.proj = nn.Conv2d(cfg.in_channels, cfg.width, 1)
-        self.norm = LayerNorm2d(cfg.width)
+        self.proj = nn.Linear(cfg.in_channels, cfg.width)  # a 1x1 conv, on NHWC
+        self.norm = nn.LayerNorm(cfg.width)
         self.blocks = nn.Sequential(
             *(
                 ConvNeXtBlock(cfg.width, cfg.kernel_size, cfg.mlp_ratio, cfg.layer_scale)
@@ -90,11 +89,14 @@ class ConvNeXtHead(nn.Module):
             )
         )
         self.dropout = nn.Dropout2d(cfg.dropout)
-        self.classifier = nn.Conv2d(cfg.width, cfg.num_classes, 1)
+        self.classifier = nn.Linear(cfg.width, cfg.num_classes)
+        # channels-last weights for the depthwise convs (see ConvNeXtBlock)
+        self.to(memory_format=torch.channels_last)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.blocks(self.norm(self.proj(x)))
-        return self.classifier(self.dropout(x))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, h, w) -> (B, K, h, w)
+        x = self.blocks(self.norm(self.proj(x.permute(0, 2, 3, 1))))
+        x = self.dropout(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # whole channels, per image
+        return self.classifier(x).permute(0, 3, 1, 2)
 
 
 class BaselineHead(nn.Module):

@@ -1,9 +1,10 @@
 """Decoding in DataLoader workers, shared by extract, evaluate and predict.
 
-Workers decode PNGs (and, for CPU runs, apply `preprocess`, so the main process only runs the
-backbone); on CUDA the uint8 images travel pinned and `preprocess` runs on the GPU. Errors in a
-worker come back as one-line messages instead of exceptions, because DataLoader re-raises worker
-exceptions with a multi-line traceback inside the message.
+Workers decode PNGs and resize them (`resize_image`, uint8) to the working size; the main
+process moves the small uint8 batch to the device (pinned, non-blocking on CUDA), where
+`Backbone.encode` normalises it. Errors in a worker come back as one-line messages instead of
+exceptions, because DataLoader re-raises worker exceptions with a multi-line traceback inside
+the message.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from offroad_seg.data import ClassMap, Sample, read_image, read_labels
 from offroad_seg.errors import DataError, OffroadSegError
-from offroad_seg.preprocess import Preprocessing, image_to_tensor, preprocess, resize_labels
+from offroad_seg.preprocess import Preprocessing, image_to_tensor, resize_image, resize_labels
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,6 @@ class DecodeOptions:
     prep: Preprocessing
     class_map: ClassMap | None = None  # None: images only (predict)
     ignore_unknown_codes: bool = False
-    preprocess_in_worker: bool = True  # False: uint8 images, preprocessed on the device
     labels: str = "working"  # "working": ids at the working size; "original": full size
     keep_original: bool = False  # also return the uint8 image (for panels and overlays)
 
@@ -59,8 +59,7 @@ class DecodedSamples(Dataset):
         opts = self.opts
         rgb = read_image(sample.image)
         out: dict[str, Any] = {"size": rgb.shape[:2]}
-        image = image_to_tensor(rgb)
-        out["image"] = preprocess(image, opts.prep)[0] if opts.preprocess_in_worker else image
+        out["image"] = resize_image(image_to_tensor(rgb), opts.prep)[0]
         if opts.keep_original:
             out["original"] = rgb
         if opts.class_map is not None:

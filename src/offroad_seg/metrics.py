@@ -27,11 +27,15 @@ def confusion_matrix(
     pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_ID
 ) -> torch.Tensor:
     """(K, K) int64 counts [truth, prediction] over the non-ignored pixels, on pred's device."""
-    target = target.to(pred.device).reshape(-1).long()
-    pred = pred.reshape(-1).long()
-    keep = target != ignore_index
-    idx = target[keep] * num_classes + pred[keep]
-    return torch.bincount(idx, minlength=num_classes * num_classes).view(num_classes, num_classes)
+    k2 = num_classes * num_classes
+    # the narrowest index type that holds k^2 + 1 bins keeps this memory-light (it runs on
+    # every full-size pixel); ignored pixels go to an extra bin that is dropped
+    dtype = torch.int16 if k2 < 2**15 else torch.int64
+    target = target.to(pred.device)
+    idx = target.to(dtype) * num_classes + pred.to(dtype)
+    idx.masked_fill_(target == ignore_index, k2)
+    counts = torch.bincount(idx.reshape(-1), minlength=k2 + 1)[:k2]
+    return counts.view(num_classes, num_classes)
 
 
 class ConfusionAccumulator:

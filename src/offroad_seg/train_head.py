@@ -29,9 +29,9 @@ from tqdm.auto import tqdm
 from offroad_seg.atomic import write_json_atomic, write_text_atomic
 from offroad_seg.cache import FeatureCache
 from offroad_seg.checkpoint import FORMAT, VERSION, load_checkpoint, save_checkpoint
-from offroad_seg.data import IGNORE_ID
 from offroad_seg.errors import CacheError, ConfigError, OffroadSegError
 from offroad_seg.heads import HeadConfig, build_head
+from offroad_seg.loss import loss_terms, parse_class_weights, segmentation_loss
 from offroad_seg.metrics import ConfusionAccumulator, SegMetrics
 from offroad_seg.runtime import autocast, resolve_device
 
@@ -40,7 +40,6 @@ log = logging.getLogger(__name__)
 HEAD_FILE = "segmentation_head.pth"
 LAST_FILE = "last.pth"
 STATS_DIR = "train_stats"
-WEIGHT_CLIP = (0.1, 10.0)
 
 
 @dataclass(frozen=True)
@@ -81,55 +80,6 @@ class TrainResult:
 # ----------------------------------------------------------------------------- pieces
 
 
-def class_weights_from_pixels(pixels: np.ndarray) -> np.ndarray:
-    """Median-frequency balancing: w_c = median(f) / f_c over classes with pixels, clipped to
-    [0.1, 10]; classes without pixels get 0 (they are never a target)."""
-    pixels = np.asarray(pixels, dtype=np.float64)
-    weights = np.zeros_like(pixels)
-    seen = pixels > 0
-    if seen.any():
-        freq = pixels[seen] / pixels[seen].sum()
-        weights[seen] = np.clip(np.median(freq) / freq, *WEIGHT_CLIP)
-    return weights
-
-
-def parse_class_weights(spec: str, pixels: np.ndarray) -> np.ndarray | None:
-    if spec == "auto":
-        return class_weights_from_pixels(pixels)
-    if spec == "none":
-        return None
-    try:
-        values = np.array([float(v) for v in spec.split(",")], dtype=np.float64)
-    except ValueError as e:
-        raise ConfigError(f"class weights {spec!r}: expected auto, none or numbers") from e
-    if len(values) != len(pixels):
-        raise ConfigError(f"class weights: {len(values)} values for {len(pixels)} classes")
-    return values
-
-
-def loss_terms(
-    logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross entropy of token logits upsampled (bilinear) to the label size, ignoring 255.
-    Returns (sum of weighted pixel losses, sum of their weights): their ratio is the mean, and
-    sums add up exactly across batches."""
-    logits = F.interpolate(
-        logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False
-    )
-    labels = labels.long()
-    total = F.cross_entropy(logits, labels, weight=weight, ignore_index=IGNORE_ID, reduction="sum")
-    valid = labels != IGNORE_ID
-    count = valid.sum().to(total.dtype) if weight is None else weight[labels[valid]].sum()
-    return total, count
-
-
-def segmentation_loss(
-    logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None
-) -> torch.Tensor:
-    total, count = loss_terms(logits, labels, weight)
-    return total / count.clamp_min(1e-12)
-
-
 def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> float:
     """Linear warmup, then cosine decay to zero."""
     if step < warmup_steps:
@@ -155,7 +105,8 @@ def epoch_order(
 
 
 def make_optimizer(head: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW; norms, biases and layer scales are not decayed."""
+    """AdamW (fused: one kernel for all parameters, ~5x faster steps on CPU); norms, biases
+    and layer scales are not decayed."""
     decay, no_decay = [], []
     for name, p in head.named_parameters():
         (no_decay if p.ndim <= 1 or name.endswith("gamma") else decay).append(p)
@@ -163,7 +114,7 @@ def make_optimizer(head: nn.Module, lr: float, weight_decay: float) -> torch.opt
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=lr)
+    return torch.optim.AdamW(groups, lr=lr, fused=True)
 
 
 # ----------------------------------------------------------------------------- feature sources
@@ -202,72 +153,70 @@ class InMemorySource:
 
 
 class StreamingSource:
-    """Chunks read from zarr by a background thread; bounded memory (a shuffle window of
-    chunks plus a few prefetched). Chunk order and in-window order come from (seed, epoch)."""
+    """Features streamed from zarr with bounded memory. Each epoch shuffles the chunk order,
+    and a background thread reads a window of `window` chunks at a time (one zarr selection,
+    decoded concurrently), picks one cached view per image and shuffles the window; memory
+    holds about two windows. All randomness comes from (seed, epoch), in reading order."""
 
     kind = "stream"
 
-    def __init__(
-        self, caches: Sequence[FeatureCache], device: torch.device, window: int, prefetch: int = 4
-    ):
+    def __init__(self, caches: Sequence[FeatureCache], device: torch.device, window: int):
         self.caches = list(caches)
         self.chunks = [(ci, k) for ci, c in enumerate(self.caches) for k in range(c.num_chunks)]
         self.device = device
         self.window = max(1, window)
-        self.prefetch = prefetch
-        self.num_images_total = sum(c.num_images for c in self.caches)
 
     @property
     def num_images(self) -> int:
-        return self.num_images_total
+        return sum(c.num_images for c in self.caches)
 
-    def _reader(self, order: list[int], out: queue.Queue, stop: threading.Event) -> None:
+    def _read_window(self, chunk_ids: list[int], g: torch.Generator) -> tuple[np.ndarray, ...]:
+        feats, labels = [], []
+        for ci, cache in enumerate(self.caches):
+            ks = sorted(k for c, k in (self.chunks[i] for i in chunk_ids) if c == ci)
+            if not ks:
+                continue
+            idx = np.concatenate([np.arange(*cache.chunk_range(k)) for k in ks])
+            f, lab = cache.read_images(idx)
+            views = (torch.rand(len(idx), generator=g) * cache.num_views).long().numpy()
+            rows = np.arange(len(idx))
+            feats.append(f[rows, views])
+            labels.append(lab[rows, views])
+        f, lab = np.concatenate(feats), np.concatenate(labels)
+        perm = torch.randperm(len(f), generator=g).numpy()
+        return f[perm], lab[perm]
+
+    def _reader(self, seed: int, epoch: int, out: queue.Queue, stop: threading.Event) -> None:
         try:
-            for i in order:
+            g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+            order = torch.randperm(len(self.chunks), generator=g).tolist()
+            for w in range(0, len(order), self.window):
                 if stop.is_set():
                     return
-                ci, k = self.chunks[i]
-                out.put(self.caches[ci].read_chunk(k))
+                out.put(self._read_window(order[w : w + self.window], g))
             out.put(None)
         except BaseException as e:  # surfaced in the consumer
             out.put(e)
 
     def batches(self, seed: int, epoch: int, batch_size: int) -> Iterator[tuple[torch.Tensor, ...]]:
-        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        order = torch.randperm(len(self.chunks), generator=g).tolist()
-        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        q: queue.Queue = queue.Queue(maxsize=1)
         stop = threading.Event()
-        reader = threading.Thread(target=self._reader, args=(order, q, stop), daemon=True)
+        reader = threading.Thread(target=self._reader, args=(seed, epoch, q, stop), daemon=True)
         reader.start()
-        carry_f: list[np.ndarray] = []
-        carry_l: list[np.ndarray] = []
+        carry_f = carry_l = None
         try:
-            done = False
-            while not done:
-                window_f, window_l = [], []
-                while len(window_f) < self.window:
-                    item = q.get()
-                    if item is None:
-                        done = True
-                        break
-                    if isinstance(item, BaseException):
-                        raise item
-                    f, lab = item
-                    # one random cached view per image
-                    v = (torch.rand(len(f), generator=g) * f.shape[1]).long().numpy()
-                    rows = np.arange(len(f))
-                    window_f.append(f[rows, v])
-                    window_l.append(lab[rows, v])
-                if not window_f and not any(len(c) for c in carry_f):
-                    break
-                f = np.concatenate(carry_f + window_f)
-                lab = np.concatenate(carry_l + window_l)
-                perm = torch.randperm(len(f), generator=g).numpy()
-                f, lab = f[perm], lab[perm]
-                full = len(f) - len(f) % batch_size if not done else len(f)
+            while (item := q.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                f, lab = item
+                if carry_f is not None and len(carry_f):
+                    f, lab = np.concatenate([carry_f, f]), np.concatenate([carry_l, lab])
+                full = len(f) - len(f) % batch_size
                 for s in range(0, full, batch_size):
                     yield self._to_device(f[s : s + batch_size], lab[s : s + batch_size])
-                carry_f, carry_l = [f[full:]], [lab[full:]]
+                carry_f, carry_l = f[full:], lab[full:]
+            if carry_f is not None and len(carry_f):
+                yield self._to_device(carry_f, carry_l)
         finally:
             stop.set()
             while reader.is_alive():  # unblock a reader waiting on a full queue
@@ -277,9 +226,11 @@ class StreamingSource:
                     reader.join(timeout=0.05)
 
     def _to_device(self, f: np.ndarray, lab: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        pin = self.device.type == "cuda"
-        ft, lt = torch.from_numpy(f), torch.from_numpy(lab)
-        if pin:
+        ft, lt = (
+            torch.from_numpy(np.ascontiguousarray(f)),
+            torch.from_numpy(np.ascontiguousarray(lab)),
+        )
+        if self.device.type == "cuda":
             ft, lt = ft.pin_memory(), lt.pin_memory()
         return ft.to(self.device, non_blocking=True).float(), lt.to(self.device, non_blocking=True)
 
