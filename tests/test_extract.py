@@ -205,4 +205,5 @@ def test_cli_synth_extract_info_verify(tmp_path):
             "50x98",
         ],
     )
-    assert r.exit_code == 2 and "multiples of 14" in r.output
+    assert r.exit_code == 1 and r.stderr.count("\n") == 1 and "multiples of 14" in r.stderr
+    assert not (tmp_path / "c" / "y.zarr").exists()

@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -197,6 +198,39 @@ def _exists(path: str | Path) -> bool:
     return (Path(path) / "zarr.json").is_file()
 
 
+def _clear_folder(path: Path) -> None:
+    """Empty a cache folder for a new cache, keeping the writer lock (zarr's mode "w" would
+    delete the lock file out from under its holder)."""
+    from offroad_seg.lock import LOCK_NAME
+
+    if not path.is_dir():
+        return
+    for entry in path.iterdir():
+        if entry.name == LOCK_NAME:
+            continue
+        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+
+def _remove_partial_writes(path: Path) -> None:
+    """zarr writes a chunk to NAME.<uuid>.partial and renames it; a killed writer leaves
+    these behind. They are never read, only wasted space."""
+    for tmp in path.rglob("*.partial"):
+        tmp.unlink(missing_ok=True)
+
+
+def _unreadable(cache: FeatureCache, error: Exception) -> CacheError:
+    """A read failed: name the damaged chunk (found by a full verify) in one line."""
+    try:
+        problems = cache.verify(progress=False).problems
+    except Exception:
+        problems = []
+    where = problems[0] if problems else f"{type(error).__name__}: {error}".splitlines()[0]
+    return CacheError(
+        f"{cache.path}: damaged cache ({where}); re-extract it "
+        f"(`offroad-seg cache verify {cache.path}` lists every problem)"
+    )
+
+
 class FeatureCache:
     """A zarr v3 feature cache; see the module docstring for the format."""
 
@@ -212,10 +246,11 @@ class FeatureCache:
         path = str(path)
         if _exists(path) and not overwrite:
             raise CacheError(f"{path}: a cache already exists here (use --overwrite to replace)")
+        _clear_folder(Path(path))
         n, v, k = len(spec.names), len(spec.views), spec.images_per_chunk
         c = spec.backbone.channels
         (h, w), (rows, cols) = spec.preprocessing.grid, spec.preprocessing.size
-        group = zarr.open_group(path, mode="w")
+        group = zarr.open_group(path, mode="a")  # folder emptied above, lock file kept
         group.attrs.update({**spec.attributes(), "complete": False})
         group.create_array(
             "features",
@@ -293,6 +328,7 @@ class FeatureCache:
         """Create a cache, or reopen one made with the same spec to resume it."""
         if overwrite or not _exists(path):
             return cls.create(path, spec, overwrite=overwrite)
+        _remove_partial_writes(Path(path))
         cache = cls.open(path, mode="r+")
         if cache.spec.fingerprint != spec.fingerprint:
             diff = "; ".join(cache.spec.differences(spec)) or "fingerprint"
@@ -384,12 +420,18 @@ class FeatureCache:
     # ------------------------------------------------------------------ reading
 
     def require_complete(self) -> None:
-        if not self.complete:
-            done = int(self.done().sum())
+        """Refuse an unfinished cache, or one whose chunk files went missing (zarr would
+        silently read a missing chunk as zeros)."""
+        done = int(self.done().sum())
+        if not self.complete or done < self.num_images:
             raise CacheError(
                 f"{self.path}: cache is unfinished ({done}/{self.num_images} images); "
                 "rerun the same `offroad-seg extract` command to finish it"
             )
+        for name in ("features", "labels"):
+            arr = self.group[name]
+            if arr.nchunks_initialized < arr.nchunks:
+                raise _unreadable(self, CacheError(f"{name}: chunks missing"))
 
     def class_pixels(self) -> np.ndarray:
         self.require_complete()
@@ -398,12 +440,18 @@ class FeatureCache:
     def read_chunk(self, chunk: int) -> tuple[np.ndarray, np.ndarray]:
         """(features (n, V, C, h, w), labels (n, V, H, W)) of one chunk."""
         sel = slice(*self.chunk_range(chunk))
-        return self.group["features"][sel], self.group["labels"][sel]
+        try:
+            return self.group["features"][sel], self.group["labels"][sel]
+        except Exception as e:
+            raise _unreadable(self, e) from e
 
     def read_images(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(features, labels) of the given images (sorted indices), in one zarr selection so
         that their chunks are read and decoded concurrently."""
-        return self.group["features"].oindex[indices], self.group["labels"].oindex[indices]
+        try:
+            return self.group["features"].oindex[indices], self.group["labels"].oindex[indices]
+        except Exception as e:
+            raise _unreadable(self, e) from e
 
     def iter_chunks(
         self, order: Sequence[int] | None = None
@@ -427,8 +475,11 @@ class FeatureCache:
         )
         for start in range(0, self.num_images, per_read):
             sel = slice(start, min(start + per_read, self.num_images))
-            out_f[sel] = features[sel]
-            out_l[sel] = labels[sel]
+            try:
+                out_f[sel] = features[sel]
+                out_l[sel] = labels[sel]
+            except Exception as e:
+                raise _unreadable(self, e) from e
             bar.update(sel.stop - sel.start)
         bar.close()
         return out_f, out_l

@@ -66,17 +66,6 @@ def stage(fn):
     return wrapper
 
 
-def _size(ctx, param, value):
-    from offroad_seg.preprocess import parse_size
-
-    if value is None:
-        return None
-    try:
-        return parse_size(value)
-    except OffroadSegError as e:
-        raise click.BadParameter(str(e)) from e
-
-
 WEIGHTS_HELP = (
     "Backbone weights: a .pth (official dinov2_vits14_pretrain.pth) or timm/HF .safetensors "
     "file, 'auto' ($OFFROAD_SEG_WEIGHTS, torch hub cache, Hugging Face cache, then download), "
@@ -128,7 +117,6 @@ def synth(out: Path, n_train: int, n_val: int, seed: int, width: int, height: in
     "--size",
     default="266x476",
     show_default=True,
-    callback=_size,
     help="Working size ROWSxCOLS, multiples of 14.",
 )
 @click.option(
@@ -170,6 +158,7 @@ def extract(data_dir: Path, cache: Path, **opts) -> None:
     Rerunning the same command resumes an interrupted extraction.
     """
     from offroad_seg.extract import ExtractConfig, extract
+    from offroad_seg.preprocess import parse_size
 
     views = ("identity", "hflip") if opts.pop("views") == "flip" else ("identity",)
     summary = extract(
@@ -178,6 +167,7 @@ def extract(data_dir: Path, cache: Path, **opts) -> None:
             cache=cache,
             layers=int(opts.pop("layers")),
             views=views,
+            size=parse_size(opts.pop("size")),
             **opts,
         )
     )
@@ -191,7 +181,7 @@ def extract(data_dir: Path, cache: Path, **opts) -> None:
 @click.option(
     "--head", type=click.Choice(["convnext", "baseline"]), default="convnext", show_default=True
 )
-@click.option("--width", default=0, help="Head width [default: convnext 256, baseline 128].")
+@click.option("--width", default=0, help="Head width [default: convnext 96, baseline 128].")
 @click.option("--depth", default=0, help="Head blocks [default: convnext 2, baseline 1].")
 @click.option("--dropout", type=float, default=None, help="[default: convnext 0.1, baseline 0].")
 @click.option("--epochs", default=20, show_default=True)
@@ -325,7 +315,7 @@ def predict(head: Path, inputs: tuple[Path, ...], out: Path, **opts) -> None:
 @click.option("--epochs", default=20, show_default=True)
 @click.option("--width", default=960, show_default=True, help="Scene width.")
 @click.option("--height", default=540, show_default=True, help="Scene height.")
-@click.option("--size", default="266x476", show_default=True, callback=_size, help="Working size.")
+@click.option("--size", default="266x476", show_default=True, help="Working size ROWSxCOLS.")
 @click.option(
     "--weights",
     default=None,
@@ -335,7 +325,9 @@ def predict(head: Path, inputs: tuple[Path, ...], out: Path, **opts) -> None:
 def demo(out: Path, n_train: int, n_val: int, epochs: int, width: int, height: int, size, weights):
     """Synthetic scenes -> extract -> train -> evaluate, in one go."""
     from offroad_seg.demo import DemoConfig, demo
+    from offroad_seg.preprocess import parse_size
 
+    size = parse_size(size)
     cfg = DemoConfig(
         out=out,
         train=n_train,

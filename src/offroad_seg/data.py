@@ -235,6 +235,51 @@ def list_images(inputs: Iterable[str | Path]) -> list[Path]:
     return out
 
 
+_MASK_MODES = ("I;16", "I;16B", "I;16L", "I", "L", "P")
+
+
+def _header(path: Path) -> tuple[str, tuple[int, int]]:
+    """(mode, (width, height)) from the file header, without decoding the pixels."""
+    try:
+        with Image.open(path) as img:
+            if img.format != "PNG":
+                raise DataError(f"{path}: a {img.format} file with a .png name; expected PNG")
+            return img.mode, img.size
+    except FileNotFoundError as e:
+        raise DataError(f"{path}: file not found") from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: not a readable image ({e})") from e
+
+
+def check_headers(samples: Sequence[Sample], threads: int = 8) -> None:
+    """Check every file's header before any work starts: not an image, RGB masks and sizes
+    that differ are reported at once instead of hours into an extraction. (Truncated pixel
+    data and unknown codes can only be found by decoding; they stop the run when met.)"""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def check(sample: Sample) -> None:
+        mode, size = _header(sample.image)
+        if mode in ("I;16", "I", "F"):
+            raise DataError(f"{sample.image}: {mode} image; expected 8-bit RGB")
+        if sample.mask is None:
+            return
+        mask_mode, mask_size = _header(sample.mask)
+        if mask_mode not in _MASK_MODES:
+            raise DataError(
+                f"{sample.mask}: {mask_mode} mask; expected a single-channel PNG of raw class "
+                "codes (16-bit)"
+            )
+        if mask_size != size:
+            raise DataError(
+                f"{sample.mask}: mask is {mask_size[0]}x{mask_size[1]} but its image is "
+                f"{size[0]}x{size[1]}"
+            )
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for _ in pool.map(check, samples):  # re-raises the first failure, in order
+            pass
+
+
 def _open_png(path: Path) -> Image.Image:
     try:
         img = Image.open(path)
@@ -259,7 +304,7 @@ def read_image(path: str | Path) -> np.ndarray:
 def read_mask(path: str | Path) -> np.ndarray:
     """Decode a mask of raw class codes to (H, W) int32 (16-bit, 8-bit or 32-bit PNG)."""
     img = _open_png(Path(path))
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "L", "P"):
+    if img.mode in _MASK_MODES:
         # "P" masks hold codes as palette indices; the index is the code.
         return np.asarray(img).astype(np.int32, copy=False)
     raise DataError(

@@ -23,9 +23,10 @@ from tqdm.auto import tqdm
 
 from offroad_seg.backbone import Backbone, load_backbone
 from offroad_seg.cache import CacheSpec, FeatureCache, sources_digest
-from offroad_seg.data import ClassMap, list_samples
-from offroad_seg.errors import DataError, OffroadSegError
+from offroad_seg.data import ClassMap, check_headers, list_samples
+from offroad_seg.errors import CacheError, DataError, OffroadSegError
 from offroad_seg.loader import DecodedSamples, DecodeOptions, default_workers, make_loader
+from offroad_seg.lock import writer_lock
 from offroad_seg.preprocess import DEFAULT_SIZE, Preprocessing
 from offroad_seg.runtime import resolve_device
 
@@ -168,33 +169,55 @@ def build_spec(config: ExtractConfig, backbone: Backbone, samples, class_map: Cl
 def extract(config: ExtractConfig) -> ExtractSummary:
     """Extract (or resume extracting) a dataset split into a feature cache."""
     started = time.perf_counter()
-    prep = Preprocessing(size=tuple(config.size))
+    Preprocessing(size=tuple(config.size))  # a bad size fails before any work starts
     class_map = ClassMap.from_json(config.class_map) if config.class_map else ClassMap.default()
     samples = list_samples(config.data_dir)
+    check_headers(samples)
     device = resolve_device(config.device)
     backbone = load_backbone(config.weights, layers=config.layers, device=device)
     spec = build_spec(config, backbone, samples, class_map)
-    cache = FeatureCache.open_for_writing(config.cache, spec, overwrite=config.overwrite)
-    pending = cache.pending_chunks()
-    batches = plan_batches(cache, pending, config.batch_size)
-    todo = sum(cache.chunk_range(c)[1] - cache.chunk_range(c)[0] for c in pending)
-    if not batches:
+    with writer_lock(config.cache):
+        cache = FeatureCache.open_for_writing(config.cache, spec, overwrite=config.overwrite)
+        pending = cache.pending_chunks()
+        todo = sum(cache.chunk_range(c)[1] - cache.chunk_range(c)[0] for c in pending)
+        if todo < len(samples):
+            log.info("resuming %s: %d of %d images left", config.cache, todo, len(samples))
+        compute_start = time.perf_counter()
+        if pending:
+            try:
+                _run(config, cache, backbone, samples, pending, device)
+            except OSError as e:  # disk full, permissions, a vanished mount, ...
+                done = int(cache.done().sum())
+                raise CacheError(
+                    f"{config.cache}: cannot write ({e.strerror or e}); {done} of "
+                    f"{len(samples)} images are safely stored; fix that and rerun the same "
+                    "command to resume"
+                ) from e
+        seconds = time.perf_counter() - compute_start
         if not cache.complete:
             cache.finalize()
-        log.info("%s: already complete, nothing to extract", config.cache)
-        return ExtractSummary(str(config.cache), len(samples), 0, 0.0, cache.bytes_on_disk())
-    if todo < len(samples):
-        log.info("resuming %s: %d of %d images left", config.cache, todo, len(samples))
+        elif not pending:
+            log.info("%s: already complete, nothing to extract", config.cache)
+        summary = ExtractSummary(
+            str(config.cache), len(samples), todo, seconds, cache.bytes_on_disk()
+        )
+    summary.extra["total_seconds"] = time.perf_counter() - started
+    return summary
 
+
+def _run(config: ExtractConfig, cache: FeatureCache, backbone: Backbone, samples, pending, device):
+    """The extraction loop over the pending chunks."""
+    spec = cache.spec
+    prep = spec.preprocessing
     opts = DecodeOptions(
-        prep=prep,
-        class_map=class_map,
-        ignore_unknown_codes=config.ignore_unknown_codes,
+        prep=prep, class_map=spec.class_map, ignore_unknown_codes=spec.ignore_unknown_codes
     )
     workers = default_workers(device) if config.workers is None else config.workers
+    batches = plan_batches(cache, pending, config.batch_size)
     loader = make_loader(DecodedSamples(samples, opts), batches, workers, device)
     assembler = _ChunkAssembler(cache, pending)
     hflip = "hflip" in spec.views
+    todo = sum(cache.chunk_range(c)[1] - cache.chunk_range(c)[0] for c in pending)
     bar = tqdm(
         total=len(samples),
         initial=len(samples) - todo,
@@ -203,22 +226,38 @@ def extract(config: ExtractConfig) -> ExtractSummary:
         disable=None if config.progress else True,
         smoothing=0.1,
     )
-    compute_start = time.perf_counter()
+    dtype = torch.float16 if spec.dtype == "float16" else torch.float32
+    in_flight = None
+
+    def finish(item) -> None:
+        """Hand a computed batch to the chunk writer once its copy to the host is done."""
+        host, ready, batch = item
+        if ready is not None:
+            ready.synchronize()
+        feats = host.numpy()
+        labels = batch["labels"].numpy()
+        new = sum(assembler.wanted(i) for i in batch["index"])
+        for j, index in enumerate(batch["index"]):
+            views = [labels[j], labels[j][:, ::-1]] if hflip else [labels[j]]
+            assembler.add(index, feats[j], np.stack(views))
+        bar.update(new)
+
     try:
         for batch in loader:
             if batch["error"] is not None:
                 raise DataError(batch["error"])
-            feats = backbone.encode(batch["image"], prep, hflip=hflip)
             n = len(batch["index"])
+            feats = backbone.encode(batch["image"], prep, hflip=hflip).to(dtype)
             # (V*n, C, h, w) -> (n, V, C, h, w): view-major from encode, image-major in the cache
-            feats = feats.to(torch.float16 if spec.dtype == "float16" else torch.float32)
-            feats = feats.view(len(spec.views), n, *feats.shape[1:]).transpose(0, 1).cpu().numpy()
-            labels = batch["labels"].numpy()
-            new = sum(assembler.wanted(i) for i in batch["index"])
-            for j, index in enumerate(batch["index"]):
-                views = [labels[j], labels[j][:, ::-1]] if hflip else [labels[j]]
-                assembler.add(index, feats[j], np.stack(views))
-            bar.update(new)
+            feats = feats.view(len(spec.views), n, *feats.shape[1:]).transpose(0, 1)
+            # On CUDA the copy to pinned memory is asynchronous: the GPU computes this batch
+            # while the previous one is handed to the writer (no host sync in the loop).
+            item = (*_to_host(feats), batch)
+            if in_flight is not None:
+                finish(in_flight)
+            in_flight = item
+        if in_flight is not None:
+            finish(in_flight)
         assembler.drain()
     except KeyboardInterrupt:
         bar.close()
@@ -234,8 +273,13 @@ def extract(config: ExtractConfig) -> ExtractSummary:
             assembler.drain()
         raise
     bar.close()
-    cache.finalize()
-    seconds = time.perf_counter() - compute_start
-    summary = ExtractSummary(str(config.cache), len(samples), todo, seconds, cache.bytes_on_disk())
-    summary.extra["total_seconds"] = time.perf_counter() - started
-    return summary
+
+
+def _to_host(feats: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    if feats.device.type != "cuda":
+        return feats.contiguous(), None
+    host = torch.empty(feats.shape, dtype=feats.dtype, pin_memory=True)
+    host.copy_(feats, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready

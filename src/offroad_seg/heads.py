@@ -26,7 +26,7 @@ class HeadConfig:
     name: str = "convnext"
     in_channels: int = 384
     num_classes: int = 11
-    width: int = 0  # 0: the head's default (convnext 256, baseline 128)
+    width: int = 0  # 0: the head's default (convnext 96, baseline 128)
     depth: int = 0  # 0: the head's default (convnext 2 blocks, baseline 1)
     dropout: float | None = None  # None: the head's default (convnext 0.1, baseline 0)
     kernel_size: int = 7
