@@ -182,7 +182,7 @@ def test_resume_reproduces_uninterrupted_run(caches, tmp_path, monkeypatch):
         return real_line(row, epochs)
 
     monkeypatch.setattr(th, "_epoch_line", crash_in_epoch_3)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(th.Interrupted, match="holds epoch 2 of 3.*--resume"):
         train(train_config([caches["train"]], tmp_path / "part", **cfg))
     monkeypatch.setattr(th, "_epoch_line", real_line)
     assert load_checkpoint(tmp_path / "part" / "last.pth").payload["epoch"] == 2

@@ -16,7 +16,7 @@ import click
 from tqdm.auto import tqdm
 
 from offroad_seg import __version__
-from offroad_seg.errors import OffroadSegError
+from offroad_seg.errors import Interrupted, OffroadSegError
 
 log = logging.getLogger("offroad_seg")
 
@@ -54,7 +54,7 @@ def stage(fn):
         try:
             return fn(*args, **kwargs)
         except OffroadSegError as e:
-            code = 130 if type(e).__name__.endswith("Interrupted") else 1
+            code = 130 if isinstance(e, Interrupted) else 1
             _fail(str(e).splitlines()[0] if str(e) else type(e).__name__, code)
         except KeyboardInterrupt:
             _fail("interrupted", 130)

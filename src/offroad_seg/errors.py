@@ -21,3 +21,7 @@ class WeightsError(OffroadSegError):
 
 class ConfigError(OffroadSegError):
     """A setting is invalid (a size that is not a multiple of 14, an unknown head, ...)."""
+
+
+class Interrupted(OffroadSegError):
+    """Ctrl-C: the message says what was kept and how to continue (exit status 130)."""

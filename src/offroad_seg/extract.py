@@ -24,17 +24,13 @@ from tqdm.auto import tqdm
 from offroad_seg.backbone import Backbone, load_backbone
 from offroad_seg.cache import CacheSpec, FeatureCache, sources_digest
 from offroad_seg.data import ClassMap, check_headers, list_samples
-from offroad_seg.errors import CacheError, DataError, OffroadSegError
+from offroad_seg.errors import CacheError, DataError, Interrupted
 from offroad_seg.loader import DecodedSamples, DecodeOptions, default_workers, make_loader
 from offroad_seg.lock import writer_lock
 from offroad_seg.preprocess import DEFAULT_SIZE, Preprocessing
 from offroad_seg.runtime import resolve_device
 
 log = logging.getLogger(__name__)
-
-
-class ExtractInterrupted(OffroadSegError):
-    """Ctrl-C during extraction; the cache holds every chunk finished so far."""
 
 
 @dataclass(frozen=True)
@@ -263,7 +259,7 @@ def _run(config: ExtractConfig, cache: FeatureCache, backbone: Backbone, samples
         bar.close()
         assembler.drain()
         done = int(cache.done().sum())
-        raise ExtractInterrupted(
+        raise Interrupted(
             f"interrupted: {done} of {len(samples)} images are safely in {config.cache}; "
             "rerun the same command to resume"
         ) from None

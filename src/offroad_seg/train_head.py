@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from offroad_seg.atomic import write_json_atomic, write_text_atomic
 from offroad_seg.cache import FeatureCache
 from offroad_seg.checkpoint import FORMAT, VERSION, load_checkpoint, save_checkpoint
-from offroad_seg.errors import CacheError, ConfigError, OffroadSegError
+from offroad_seg.errors import CacheError, ConfigError, Interrupted, OffroadSegError
 from offroad_seg.heads import HeadConfig, build_head
 from offroad_seg.loss import loss_terms, parse_class_weights, segmentation_loss
 from offroad_seg.metrics import ConfusionAccumulator, SegMetrics
@@ -402,6 +402,46 @@ def write_stats(out: Path, history: list[dict], best: dict | None, final: SegMet
 # ----------------------------------------------------------------------------- training
 
 
+def train_one_epoch(
+    head: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    source,
+    cfg: TrainConfig,
+    epoch: int,
+    steps_per_epoch: int,
+    warmup: int,
+    weight: torch.Tensor | None,
+    device: torch.device,
+) -> tuple[list[float], float]:
+    """One pass over the source; returns each step's loss and the last learning rate."""
+    head.train()
+    total_steps = cfg.epochs * steps_per_epoch
+    step = (epoch - 1) * steps_per_epoch
+    losses, lr = [], cfg.lr
+    bar = tqdm(
+        total=steps_per_epoch,
+        desc=f"epoch {epoch}/{cfg.epochs}",
+        unit="step",
+        disable=None if cfg.progress else True,
+        leave=False,
+    )
+    for feats, labels in source.batches(cfg.seed, epoch, cfg.batch_size):
+        lr = lr_at(step, total_steps, warmup, cfg.lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with autocast(device):
+            logits = head(feats)
+        loss = segmentation_loss(logits, labels, weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach())  # stays on the device: no host sync per step
+        step += 1
+        bar.update(1)
+    bar.close()
+    return torch.stack(losses).tolist(), lr
+
+
 def _rng_state(device: torch.device) -> dict:
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
@@ -498,69 +538,53 @@ def train(cfg: TrainConfig) -> TrainResult:
         log.info("resuming %s at epoch %d", cfg.out, start_epoch)
     cfg.out.mkdir(parents=True, exist_ok=True)
 
-    head.train()
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        t0 = time.perf_counter()
-        step = (epoch - 1) * steps_per_epoch
-        losses = []
-        bar = tqdm(
-            total=steps_per_epoch,
-            desc=f"epoch {epoch}/{cfg.epochs}",
-            unit="step",
-            disable=None if cfg.progress else True,
-            leave=False,
-        )
-        for feats, labels in source.batches(cfg.seed, epoch, cfg.batch_size):
-            lr = lr_at(step, total_steps, warmup, cfg.lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with autocast(device):
-                logits = head(feats)
-            loss = segmentation_loss(logits, labels, weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.detach())  # stays on the device: no host sync per step
-            step += 1
-            bar.update(1)
-        bar.close()
-        epoch_losses = torch.stack(losses).tolist()
-        step_losses += epoch_losses
-        row: dict = {"epoch": epoch, "train_loss": sum(epoch_losses) / len(epoch_losses)}
-        metrics = None
-        if val is not None:
-            metrics = evaluate_on_cache(head, val, device, weight, features=val_features)
-            row.update(
-                val_loss=metrics.loss,
-                val_miou=metrics.miou,
-                val_dice=metrics.mean_dice,
-                val_pixel_acc=metrics.pixel_accuracy,
+    saved_epoch = start_epoch - 1
+    try:
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            t0 = time.perf_counter()
+            epoch_losses, lr = train_one_epoch(
+                head, optimizer, source, cfg, epoch, steps_per_epoch, warmup, weight, device
             )
-        row["lr"] = lr
-        row["seconds"] = time.perf_counter() - t0
-        history.append(row)
-        log.info(_epoch_line(row, cfg.epochs))
-
-        payload = {**base_payload, "state_dict": head.state_dict(), "epoch": epoch, "metrics": row}
-        improved = metrics is None or best is None or row["val_miou"] > best["val_miou"]
-        if metrics is not None and improved:
-            best = {"epoch": epoch, **{k: v for k, v in row.items() if k.startswith("val_")}}
-        if improved:
-            payload_best = {**payload, "best": best}
-            if metrics is not None:
-                payload_best["val_metrics"] = metrics.to_dict()
-            save_checkpoint(cfg.out / HEAD_FILE, payload_best)
-        save_checkpoint(
-            cfg.out / LAST_FILE,
-            {
-                **payload,
+            step_losses += epoch_losses
+            row: dict = {"epoch": epoch, "train_loss": sum(epoch_losses) / len(epoch_losses)}
+            metrics = None
+            if val is not None:
+                metrics = evaluate_on_cache(head, val, device, weight, features=val_features)
+                row.update(
+                    val_loss=metrics.loss,
+                    val_miou=metrics.miou,
+                    val_dice=metrics.mean_dice,
+                    val_pixel_acc=metrics.pixel_accuracy,
+                )
+            row["lr"] = lr
+            row["seconds"] = time.perf_counter() - t0
+            history.append(row)
+            log.info(_epoch_line(row, cfg.epochs))
+            if metrics is not None and (best is None or row["val_miou"] > best["val_miou"]):
+                best = {"epoch": epoch, **{k: v for k, v in row.items() if k.startswith("val_")}}
+            payload = {
+                **base_payload,
+                "state_dict": head.state_dict(),
+                "epoch": epoch,
+                "metrics": row,
                 "best": best,
-                "history": history,
-                "optimizer": optimizer.state_dict(),
-                "rng": _rng_state(device),
-            },
-        )
-        write_json_atomic(cfg.out / STATS_DIR / "history.json", {"history": history, "best": best})
+            }
+            if metrics is None or best["epoch"] == epoch:  # the best so far, or the latest
+                extra = {"val_metrics": metrics.to_dict()} if metrics is not None else {}
+                save_checkpoint(cfg.out / HEAD_FILE, {**payload, **extra})
+            resume_state = {"optimizer": optimizer.state_dict(), "rng": _rng_state(device)}
+            save_checkpoint(cfg.out / LAST_FILE, {**payload, "history": history, **resume_state})
+            saved_epoch = epoch
+            write_json_atomic(
+                cfg.out / STATS_DIR / "history.json", {"history": history, "best": best}
+            )
+    except KeyboardInterrupt:
+        if saved_epoch == 0:
+            raise Interrupted("interrupted before the first epoch ended; nothing saved") from None
+        raise Interrupted(
+            f"interrupted: {cfg.out / LAST_FILE} holds epoch {saved_epoch} of {cfg.epochs}; "
+            "rerun the same command with --resume to continue"
+        ) from None
 
     final = None
     if val is not None:
