@@ -66,7 +66,7 @@ def main() -> None:
     cache = FeatureCache.open(args.cache)
     info = cache.info()
     n = cache.num_images
-    raw = (cache.group["features"].nbytes + cache.group["labels"].nbytes) / n
+    raw = (cache.array("features").nbytes + cache.array("labels").nbytes) / n
     print(f"cache {args.cache}: {n} images, views {info['views']}, features {info['features']}")
     disk = info["bytes_on_disk"]
     print(
@@ -85,7 +85,7 @@ def main() -> None:
     t = time.perf_counter()
     total = 0
     for f, lab in source.batches(seed=0, epoch=1, batch_size=8):
-        total += f.numel() * cache.group["features"].dtype.itemsize + lab.numel()
+        total += f.numel() * cache.array("features").dtype.itemsize + lab.numel()
     stream = time.perf_counter() - t
     stream_rss = peak_rss() - rss0
 

@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import os
-import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -35,11 +34,13 @@ import zarr.codecs
 from tqdm.auto import tqdm
 from zarr.core.sync import sync
 
-from offroad_seg import __version__
+from offroad_seg import __version__, storage
 from offroad_seg.backbone import BackboneSpec
 from offroad_seg.data import IGNORE_ID, ClassMap
 from offroad_seg.errors import CacheError
+from offroad_seg.lock import LOCK_NAME
 from offroad_seg.preprocess import Preprocessing
+from offroad_seg.storage import CachePath
 
 log = logging.getLogger(__name__)
 
@@ -194,30 +195,6 @@ class VerifyReport:
         return not self.problems
 
 
-def _exists(path: str | Path) -> bool:
-    return (Path(path) / "zarr.json").is_file()
-
-
-def _clear_folder(path: Path) -> None:
-    """Empty a cache folder for a new cache, keeping the writer lock (zarr's mode "w" would
-    delete the lock file out from under its holder)."""
-    from offroad_seg.lock import LOCK_NAME
-
-    if not path.is_dir():
-        return
-    for entry in path.iterdir():
-        if entry.name == LOCK_NAME:
-            continue
-        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-
-
-def _remove_partial_writes(path: Path) -> None:
-    """zarr writes a chunk to NAME.<uuid>.partial and renames it; a killed writer leaves
-    these behind. They are never read, only wasted space."""
-    for tmp in path.rglob("*.partial"):
-        tmp.unlink(missing_ok=True)
-
-
 def _unreadable(cache: FeatureCache, error: Exception) -> CacheError:
     """A read failed: name the damaged chunk (found by a full verify) in one line."""
     try:
@@ -238,19 +215,28 @@ class FeatureCache:
         self.group = group
         self.path = path
         self.spec = spec
+        self._arrays: dict[str, zarr.Array] = {}
+
+    def array(self, name: str) -> zarr.Array:
+        """One of the cache's arrays, opened once (each open reads its metadata, a round trip
+        on object stores)."""
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name]
+        return self._arrays[name]
 
     # ------------------------------------------------------------------ create / open
 
     @classmethod
-    def create(cls, path: str | Path, spec: CacheSpec, overwrite: bool = False) -> FeatureCache:
-        path = str(path)
-        if _exists(path) and not overwrite:
+    def create(cls, path: CachePath, spec: CacheSpec, overwrite: bool = False) -> FeatureCache:
+        path = storage.normalize(path)
+        if storage.exists(path) and not overwrite:
             raise CacheError(f"{path}: a cache already exists here (use --overwrite to replace)")
-        _clear_folder(Path(path))
+        # emptied by hand: zarr's mode "w" would delete the writer lock out from under its holder
+        storage.clear(path, keep=LOCK_NAME)
         n, v, k = len(spec.names), len(spec.views), spec.images_per_chunk
         c = spec.backbone.channels
         (h, w), (rows, cols) = spec.preprocessing.grid, spec.preprocessing.size
-        group = zarr.open_group(path, mode="a")  # folder emptied above, lock file kept
+        group = storage.open_group(path, mode="a")
         group.attrs.update({**spec.attributes(), "complete": False})
         group.create_array(
             "features",
@@ -296,12 +282,12 @@ class FeatureCache:
         return cls(group, path, spec)
 
     @classmethod
-    def open(cls, path: str | Path, mode: str = "r") -> FeatureCache:
-        path = str(path)
-        if not _exists(path):
+    def open(cls, path: CachePath, mode: str = "r") -> FeatureCache:
+        path = storage.normalize(path)
+        if not storage.exists(path):
             raise CacheError(f"{path}: no feature cache here (run `offroad-seg extract` first)")
         try:
-            group = zarr.open_group(path, mode=mode)
+            group = storage.open_group(path, mode=mode)
             attrs = dict(group.attrs)
         except Exception as e:
             raise CacheError(f"{path}: cannot open cache ({type(e).__name__}: {e})") from e
@@ -323,12 +309,12 @@ class FeatureCache:
 
     @classmethod
     def open_for_writing(
-        cls, path: str | Path, spec: CacheSpec, overwrite: bool = False
+        cls, path: CachePath, spec: CacheSpec, overwrite: bool = False
     ) -> FeatureCache:
         """Create a cache, or reopen one made with the same spec to resume it."""
-        if overwrite or not _exists(path):
+        if overwrite or not storage.exists(path):
             return cls.create(path, spec, overwrite=overwrite)
-        _remove_partial_writes(Path(path))
+        storage.remove_partial_writes(path)
         cache = cls.open(path, mode="r+")
         if cache.spec.fingerprint != spec.fingerprint:
             diff = "; ".join(cache.spec.differences(spec)) or "fingerprint"
@@ -375,7 +361,7 @@ class FeatureCache:
     # ------------------------------------------------------------------ writing
 
     def done(self) -> np.ndarray:
-        return np.asarray(self.group["done"][:], dtype=bool)
+        return np.asarray(self.array("done")[:], dtype=bool)
 
     def pending_chunks(self) -> list[int]:
         """Chunks not yet marked done (a chunk is done only when all its images are)."""
@@ -387,22 +373,22 @@ class FeatureCache:
         done flags: a crash in between leaves the chunk pending, never half-trusted."""
         start, stop = self.chunk_range(chunk)
         n = stop - start
-        f_shape = (n, self.num_views, *self.group["features"].shape[2:])
-        l_shape = (n, self.num_views, *self.group["labels"].shape[2:])
+        f_shape = (n, self.num_views, *self.array("features").shape[2:])
+        l_shape = (n, self.num_views, *self.array("labels").shape[2:])
         if features.shape != f_shape or labels.shape != l_shape:
             raise ValueError(
                 f"chunk {chunk}: got {features.shape}/{labels.shape}, want {f_shape}/{l_shape}"
             )
-        self.group["features"][start:stop] = features.astype(self.spec.dtype, copy=False)
-        self.group["labels"][start:stop] = labels
-        self.group["done"][start:stop] = True
+        self.array("features")[start:stop] = features.astype(self.spec.dtype, copy=False)
+        self.array("labels")[start:stop] = labels
+        self.array("done")[start:stop] = True
 
     def finalize(self) -> None:
         """Count the label histogram and mark the cache complete (all chunks must be done)."""
         pending = self.pending_chunks()
         if pending:
             raise CacheError(f"{self.path}: {len(pending)} chunks unfinished; cannot finalize")
-        self.group["class_pixels"][:] = self.count_class_pixels()
+        self.array("class_pixels")[:] = self.count_class_pixels()
         self.group.attrs["complete"] = True
         self.group.attrs["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         self.group.attrs["tool_version"] = __version__
@@ -411,7 +397,7 @@ class FeatureCache:
         """View-0 label histogram, counted from the stored labels chunk by chunk."""
         k = self.spec.class_map.num_classes
         counts = np.zeros(k, dtype=np.int64)
-        labels = self.group["labels"]
+        labels = self.array("labels")
         for chunk in range(self.num_chunks):
             block = labels[slice(*self.chunk_range(chunk)), 0]
             counts += np.bincount(block.ravel(), minlength=256)[:k]
@@ -429,19 +415,19 @@ class FeatureCache:
                 "rerun the same `offroad-seg extract` command to finish it"
             )
         for name in ("features", "labels"):
-            arr = self.group[name]
+            arr = self.array(name)
             if arr.nchunks_initialized < arr.nchunks:
                 raise _unreadable(self, CacheError(f"{name}: chunks missing"))
 
     def class_pixels(self) -> np.ndarray:
         self.require_complete()
-        return np.asarray(self.group["class_pixels"][:], dtype=np.int64)
+        return np.asarray(self.array("class_pixels")[:], dtype=np.int64)
 
     def read_chunk(self, chunk: int) -> tuple[np.ndarray, np.ndarray]:
         """(features (n, V, C, h, w), labels (n, V, H, W)) of one chunk."""
         sel = slice(*self.chunk_range(chunk))
         try:
-            return self.group["features"][sel], self.group["labels"][sel]
+            return self.array("features")[sel], self.array("labels")[sel]
         except Exception as e:
             raise _unreadable(self, e) from e
 
@@ -449,7 +435,7 @@ class FeatureCache:
         """(features, labels) of the given images (sorted indices), in one zarr selection so
         that their chunks are read and decoded concurrently."""
         try:
-            return self.group["features"].oindex[indices], self.group["labels"].oindex[indices]
+            return self.array("features").oindex[indices], self.array("labels").oindex[indices]
         except Exception as e:
             raise _unreadable(self, e) from e
 
@@ -464,7 +450,7 @@ class FeatureCache:
     def load(self, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """The whole cache in memory: features (N, V, C, h, w) and labels (N, V, H, W)."""
         self.require_complete()
-        features, labels = self.group["features"], self.group["labels"]
+        features, labels = self.array("features"), self.array("labels")
         out_f = np.empty(features.shape, dtype=self.spec.dtype)
         out_l = np.empty(labels.shape, dtype=np.uint8)
         # Many chunks per read: zarr fetches and decodes the chunks of one selection
@@ -492,9 +478,9 @@ class FeatureCache:
     def info(self) -> dict[str, Any]:
         """Summary of a cache for `cache info` (JSON-serialisable)."""
         done = int(self.done().sum())
-        features = self.group["features"]
+        features = self.array("features")
         stored = self.bytes_on_disk()
-        raw = features.nbytes + self.group["labels"].nbytes
+        raw = features.nbytes + self.array("labels").nbytes
         prep = self.spec.preprocessing
         return {
             "path": self.path,
@@ -507,7 +493,7 @@ class FeatureCache:
                 "dtype": self.spec.dtype,
                 "chunks": list(features.chunks),
             },
-            "labels": {"shape": list(self.group["labels"].shape), "dtype": "uint8"},
+            "labels": {"shape": list(self.array("labels").shape), "dtype": "uint8"},
             "images_per_chunk": self.images_per_chunk,
             "bytes_on_disk": stored,
             "bytes_per_image": stored / max(1, done) if done else None,
@@ -534,10 +520,10 @@ class FeatureCache:
             )
         store = self.group.store
         done = np.zeros(self.num_images, dtype=bool)
-        total = sum(math.prod(self.group[a].cdata_shape) for a in ARRAYS)
+        total = sum(math.prod(self.array(a).cdata_shape) for a in ARRAYS)
         bar = tqdm(total=total, unit="chunk", desc="verify", disable=None if progress else True)
         for name in ("done", "names", "class_pixels", "features", "labels"):
-            arr = self.group[name]
+            arr = self.array(name)
             for coords in np.ndindex(*arr.cdata_shape):
                 key = self._chunk_key(name, coords)
                 bar.update(1)
@@ -572,7 +558,7 @@ class FeatureCache:
         if self.complete and not any(
             p.startswith(("labels", "class_pixels")) for p in report.problems
         ):
-            stored = np.asarray(self.group["class_pixels"][:])
+            stored = np.asarray(self.array("class_pixels")[:])
             if not np.array_equal(stored, self.count_class_pixels()):
                 report.problems.append("class_pixels: does not match the stored labels")
         return report

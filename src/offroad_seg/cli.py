@@ -111,7 +111,7 @@ def synth(out: Path, n_train: int, n_val: int, seed: int, width: int, height: in
 
 @cli.command()
 @click.argument("data_dir", type=click.Path(path_type=Path))
-@click.argument("cache", type=click.Path(path_type=Path))
+@click.argument("cache")
 @click.option("--weights", default="auto", show_default=True, help=WEIGHTS_HELP)
 @click.option(
     "--size",
@@ -152,10 +152,12 @@ def synth(out: Path, n_train: int, n_val: int, seed: int, width: int, height: in
 @click.option("--ignore-unknown-codes", is_flag=True, help="Treat unknown mask codes as ignore.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache instead of resuming.")
 @stage
-def extract(data_dir: Path, cache: Path, **opts) -> None:
-    """Run the backbone once over DATA_DIR and cache patch features in CACHE (a zarr group).
+def extract(data_dir: Path, cache: str, **opts) -> None:
+    """Run the backbone once over DATA_DIR and cache patch features in CACHE (a zarr group:
+    a folder, or a URL such as s3://bucket/train.zarr).
 
-    Rerunning the same command resumes an interrupted extraction.
+    Rerunning the same command resumes an interrupted extraction. Under torchrun
+    (`torchrun --nproc-per-node K -m offroad_seg extract ...`) the ranks share the work.
     """
     from offroad_seg.extract import ExtractConfig, extract
     from offroad_seg.preprocess import parse_size
@@ -175,9 +177,9 @@ def extract(data_dir: Path, cache: Path, **opts) -> None:
 
 
 @cli.command()
-@click.argument("caches", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("caches", nargs=-1, required=True)
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--val-cache", type=click.Path(path_type=Path), help="Validation cache.")
+@click.option("--val-cache", help="Validation cache (folder or URL).")
 @click.option(
     "--head", type=click.Choice(["convnext", "baseline"]), default="convnext", show_default=True
 )
@@ -207,8 +209,9 @@ def extract(data_dir: Path, cache: Path, **opts) -> None:
 @click.option("--resume", is_flag=True, help="Continue OUT/last.pth.")
 @click.option("--overwrite", is_flag=True, help="Replace a head already in OUT.")
 @stage
-def train(caches: tuple[Path, ...], out: Path, **opts) -> None:
+def train(caches: tuple[str, ...], out: Path, **opts) -> None:
     """Train a head on one or more CACHES (their features must agree); results go to OUT.
+    Caches are folders or URLs (s3://...). Under torchrun the ranks train with DDP.
 
     Writes OUT/segmentation_head.pth (best by val mIoU, else last), OUT/last.pth and
     OUT/train_stats/ (history CSV/JSON, curves, evaluation_metrics.txt).
@@ -361,10 +364,10 @@ def cache_group() -> None:
 
 
 @cache_group.command("info")
-@click.argument("cache", type=click.Path(path_type=Path))
+@click.argument("cache")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @stage
-def cache_info(cache: Path, as_json: bool) -> None:
+def cache_info(cache: str, as_json: bool) -> None:
     """Show what a cache holds: images, views, shapes, size on disk, backbone, preprocessing."""
     from offroad_seg.cache import FeatureCache
 
@@ -397,9 +400,9 @@ def cache_info(cache: Path, as_json: bool) -> None:
 
 
 @cache_group.command("verify")
-@click.argument("cache", type=click.Path(path_type=Path))
+@click.argument("cache")
 @stage
-def cache_verify(cache: Path) -> None:
+def cache_verify(cache: str) -> None:
     """Read every chunk: checksums, missing chunks, done flags, fingerprint, histogram."""
     from offroad_seg.cache import FeatureCache
 

@@ -26,9 +26,9 @@ from offroad_seg.cache import CacheSpec, FeatureCache, sources_digest
 from offroad_seg.data import ClassMap, check_headers, list_samples
 from offroad_seg.errors import CacheError, DataError, Interrupted
 from offroad_seg.loader import DecodedSamples, DecodeOptions, default_workers, make_loader
-from offroad_seg.lock import writer_lock
 from offroad_seg.preprocess import DEFAULT_SIZE, Preprocessing
 from offroad_seg.runtime import resolve_device
+from offroad_seg.storage import CachePath, writer_lock
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ExtractConfig:
     data_dir: Path
-    cache: Path
+    cache: CachePath  # a folder or an fsspec URL (s3://bucket/train.zarr)
     weights: str | None = None
     size: tuple[int, int] = DEFAULT_SIZE
     layers: int = 1

@@ -34,6 +34,7 @@ from offroad_seg.heads import HeadConfig, build_head
 from offroad_seg.loss import loss_terms, parse_class_weights, segmentation_loss
 from offroad_seg.metrics import ConfusionAccumulator, SegMetrics
 from offroad_seg.runtime import autocast, resolve_device
+from offroad_seg.storage import CachePath
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +45,9 @@ STATS_DIR = "train_stats"
 
 @dataclass(frozen=True)
 class TrainConfig:
-    caches: tuple[Path, ...]
+    caches: tuple[CachePath, ...]  # folders or fsspec URLs
     out: Path
-    val_cache: Path | None = None
+    val_cache: CachePath | None = None
     head: str = "convnext"
     width: int = 0  # 0: the head's default
     depth: int = 0
@@ -252,7 +253,7 @@ def _free_memory_bytes(device: torch.device) -> int:
 
 
 def choose_source(caches: Sequence[FeatureCache], cfg: TrainConfig, device: torch.device):
-    needed = sum(c.group["features"].nbytes + c.group["labels"].nbytes for c in caches)
+    needed = sum(c.array("features").nbytes + c.array("labels").nbytes for c in caches)
     budget = (
         cfg.memory_budget_gb * 1e9
         if cfg.memory_budget_gb is not None
