@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -31,8 +32,15 @@ class _TqdmHandler(logging.Handler):
             self.handleError(record)
 
 
+def _is_main_rank() -> bool:
+    """False on the non-zero ranks of a torchrun launch: they work quietly."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
+    if not _is_main_rank():
+        level = max(level, logging.WARNING)
     handler = _TqdmHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     root = logging.getLogger("offroad_seg")
@@ -173,7 +181,8 @@ def extract(data_dir: Path, cache: str, **opts) -> None:
             **opts,
         )
     )
-    click.echo(summary.line())
+    if _is_main_rank():
+        click.echo(summary.line())
 
 
 @cli.command()
@@ -219,6 +228,8 @@ def train(caches: tuple[str, ...], out: Path, **opts) -> None:
     from offroad_seg.train_head import TrainConfig, train
 
     result = train(TrainConfig(caches=caches, out=out, **opts))
+    if not _is_main_rank():
+        return
     last = result.history[-1]
     line = f"trained {len(result.history)} epochs in {result.seconds:.1f} s ({result.source})"
     if result.best:

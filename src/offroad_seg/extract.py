@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from offroad_seg import distributed
 from offroad_seg.backbone import Backbone, load_backbone
 from offroad_seg.cache import CacheSpec, FeatureCache, sources_digest
 from offroad_seg.data import ClassMap, check_headers, list_samples
@@ -163,25 +164,36 @@ def build_spec(config: ExtractConfig, backbone: Backbone, samples, class_map: Cl
 
 
 def extract(config: ExtractConfig) -> ExtractSummary:
-    """Extract (or resume extracting) a dataset split into a feature cache."""
+    """Extract (or resume extracting) a dataset split into a feature cache. Under torchrun,
+    rank 0 creates or reopens the cache, every rank computes the same plan from the `done`
+    flags and takes every K-th batch (whole chunks, so no chunk has two writers), and rank 0
+    finalizes once all are done; a cache started with K ranks resumes with any other number."""
     started = time.perf_counter()
     Preprocessing(size=tuple(config.size))  # a bad size fails before any work starts
     class_map = ClassMap.from_json(config.class_map) if config.class_map else ClassMap.default()
     samples = list_samples(config.data_dir)
     check_headers(samples)
     device = resolve_device(config.device)
-    backbone = load_backbone(config.weights, layers=config.layers, device=device)
-    spec = build_spec(config, backbone, samples, class_map)
-    with writer_lock(config.cache):
-        cache = FeatureCache.open_for_writing(config.cache, spec, overwrite=config.overwrite)
-        pending = cache.pending_chunks()
-        todo = sum(cache.chunk_range(c)[1] - cache.chunk_range(c)[0] for c in pending)
-        if todo < len(samples):
-            log.info("resuming %s: %d of %d images left", config.cache, todo, len(samples))
-        compute_start = time.perf_counter()
-        if pending:
+    with distributed.launched(device) as world:
+        device = world.device(device)
+        backbone = load_backbone(config.weights, layers=config.layers, device=device)
+        spec = build_spec(config, backbone, samples, class_map)
+        lock = writer_lock(config.cache) if world.is_main else contextlib.nullcontext()
+        with lock:
+            if world.is_main:
+                cache = FeatureCache.open_for_writing(config.cache, spec, config.overwrite)
+            world.barrier()
+            if not world.is_main:
+                cache = FeatureCache.open(config.cache, mode="r+")
+            pending = cache.pending_chunks()
+            world.barrier()  # everyone has the same plan before anyone writes
+            batches = plan_batches(cache, pending, config.batch_size)[world.rank :: world.size]
+            todo = sum(cache.chunk_range(c)[1] - cache.chunk_range(c)[0] for c in pending)
+            if 0 < todo < len(samples) and world.is_main:
+                log.info("resuming %s: %d of %d images left", config.cache, todo, len(samples))
+            compute_start = time.perf_counter()
             try:
-                _run(config, cache, backbone, samples, pending, device)
+                _run(config, cache, backbone, samples, batches, set(pending), device, world)
             except OSError as e:  # disk full, permissions, a vanished mount, ...
                 done = int(cache.done().sum())
                 raise CacheError(
@@ -189,37 +201,51 @@ def extract(config: ExtractConfig) -> ExtractSummary:
                     f"{len(samples)} images are safely stored; fix that and rerun the same "
                     "command to resume"
                 ) from e
-        seconds = time.perf_counter() - compute_start
-        if not cache.complete:
-            cache.finalize()
-        elif not pending:
-            log.info("%s: already complete, nothing to extract", config.cache)
-        summary = ExtractSummary(
-            str(config.cache), len(samples), todo, seconds, cache.bytes_on_disk()
-        )
+            world.barrier()
+            seconds = time.perf_counter() - compute_start
+            if world.is_main and not cache.complete:
+                cache.finalize()
+            elif not pending and world.is_main:
+                log.info("%s: already complete, nothing to extract", config.cache)
+            world.barrier()
+            summary = ExtractSummary(
+                str(config.cache), len(samples), todo, seconds, cache.bytes_on_disk()
+            )
     summary.extra["total_seconds"] = time.perf_counter() - started
+    summary.extra["ranks"] = world.size
     return summary
 
 
-def _run(config: ExtractConfig, cache: FeatureCache, backbone: Backbone, samples, pending, device):
-    """The extraction loop over the pending chunks."""
+def _run(
+    config: ExtractConfig,
+    cache: FeatureCache,
+    backbone: Backbone,
+    samples,
+    batches: list[list[int]],
+    pending: set[int],
+    device: torch.device,
+    world: distributed.World,
+) -> None:
+    """The extraction loop over this rank's batches, writing their pending chunks."""
     spec = cache.spec
     prep = spec.preprocessing
     opts = DecodeOptions(
         prep=prep, class_map=spec.class_map, ignore_unknown_codes=spec.ignore_unknown_codes
     )
+    mine = sorted({i // cache.images_per_chunk for b in batches for i in b} & pending)
+    if not mine:
+        return
     workers = default_workers(device) if config.workers is None else config.workers
-    batches = plan_batches(cache, pending, config.batch_size)
     loader = make_loader(DecodedSamples(samples, opts), batches, workers, device)
-    assembler = _ChunkAssembler(cache, pending)
+    assembler = _ChunkAssembler(cache, mine)
     hflip = "hflip" in spec.views
-    todo = sum(cache.chunk_range(c)[1] - cache.chunk_range(c)[0] for c in pending)
+    todo = sum(cache.chunk_range(c)[1] - cache.chunk_range(c)[0] for c in mine)
+    rank = f" (rank {world.rank} of {world.size})" if world.enabled else ""
     bar = tqdm(
-        total=len(samples),
-        initial=len(samples) - todo,
+        total=todo,
         unit="img",
-        desc="extract",
-        disable=None if config.progress else True,
+        desc=f"extract{rank}",
+        disable=None if config.progress and world.is_main else True,
         smoothing=0.1,
     )
     dtype = torch.float16 if spec.dtype == "float16" else torch.float32
@@ -260,7 +286,7 @@ def _run(config: ExtractConfig, cache: FeatureCache, backbone: Backbone, samples
         assembler.drain()
         done = int(cache.done().sum())
         raise Interrupted(
-            f"interrupted: {done} of {len(samples)} images are safely in {config.cache}; "
+            f"interrupted: {done} of {cache.num_images} images are safely in {config.cache}; "
             "rerun the same command to resume"
         ) from None
     except BaseException:

@@ -22,16 +22,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from offroad_seg import distributed
 from offroad_seg.atomic import write_json_atomic, write_text_atomic
 from offroad_seg.cache import FeatureCache
 from offroad_seg.checkpoint import FORMAT, VERSION, load_checkpoint, save_checkpoint
+from offroad_seg.distributed import SINGLE, World
 from offroad_seg.errors import CacheError, ConfigError, Interrupted, OffroadSegError
 from offroad_seg.heads import HeadConfig, build_head
-from offroad_seg.loss import loss_terms, parse_class_weights, segmentation_loss
+from offroad_seg.loss import loss_terms, parse_class_weights, predict_and_score
 from offroad_seg.metrics import ConfusionAccumulator, SegMetrics
 from offroad_seg.runtime import autocast, resolve_device
 from offroad_seg.storage import CachePath
@@ -119,6 +120,24 @@ def make_optimizer(head: nn.Module, lr: float, weight_decay: float) -> torch.opt
 
 
 # ----------------------------------------------------------------------------- feature sources
+#
+# Both sources turn an epoch's global sample order (a pure function of seed and epoch) into
+# global batches of `batch_size`; under DDP each rank takes its contiguous slice of every
+# global batch. With the loss normalised by the global pixel weight (see `train_one_epoch`)
+# K ranks then compute exactly the gradient one process computes for the global batch.
+
+
+def rank_slices(n: int, batch_size: int, world: World) -> list[slice]:
+    """This rank's positions in the epoch order, one slice per global batch. Under DDP a last
+    batch smaller than the world is dropped (every rank must take a step)."""
+    out = []
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        if world.enabled and stop - start < world.size:
+            break
+        bounds = np.linspace(start, stop, world.size + 1).round().astype(int)
+        out.append(slice(bounds[world.rank], bounds[world.rank + 1]))
+    return out
 
 
 class InMemorySource:
@@ -145,19 +164,22 @@ class InMemorySource:
     def num_images(self) -> int:
         return len(self.num_views)
 
-    def batches(self, seed: int, epoch: int, batch_size: int) -> Iterator[tuple[torch.Tensor, ...]]:
+    def batches(
+        self, seed: int, epoch: int, batch_size: int, world: World = SINGLE
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         perm, views = epoch_order(self.num_views, seed, epoch)
         entries = (self.offset[perm] + views).to(self.device)
-        for start in range(0, len(entries), batch_size):
-            idx = entries[start : start + batch_size]
+        for part in rank_slices(len(entries), batch_size, world):
+            idx = entries[part]
             yield self.features[idx].float(), self.labels[idx]
 
 
 class StreamingSource:
-    """Features streamed from zarr with bounded memory. Each epoch shuffles the chunk order,
-    and a background thread reads a window of `window` chunks at a time (one zarr selection,
-    decoded concurrently), picks one cached view per image and shuffles the window; memory
-    holds about two windows. All randomness comes from (seed, epoch), in reading order."""
+    """Features streamed from zarr with bounded memory. The epoch order shuffles the chunk
+    order, then the images within each window of `window` chunks (seed and epoch decide
+    both); a background thread reads this rank's images window by window (one zarr selection
+    per cache, decoded concurrently) while the previous window trains. Memory holds about
+    two windows."""
 
     kind = "stream"
 
@@ -171,53 +193,83 @@ class StreamingSource:
     def num_images(self) -> int:
         return sum(c.num_images for c in self.caches)
 
-    def _read_window(self, chunk_ids: list[int], g: torch.Generator) -> tuple[np.ndarray, ...]:
-        feats, labels = [], []
-        for ci, cache in enumerate(self.caches):
-            ks = sorted(k for c, k in (self.chunks[i] for i in chunk_ids) if c == ci)
-            if not ks:
-                continue
-            idx = np.concatenate([np.arange(*cache.chunk_range(k)) for k in ks])
-            f, lab = cache.read_images(idx)
-            views = (torch.rand(len(idx), generator=g) * cache.num_views).long().numpy()
-            rows = np.arange(len(idx))
-            feats.append(f[rows, views])
-            labels.append(lab[rows, views])
-        f, lab = np.concatenate(feats), np.concatenate(labels)
-        perm = torch.randperm(len(f), generator=g).numpy()
-        return f[perm], lab[perm]
+    def epoch_plan(self, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(cache, image, view) of every sample in epoch order, as an (N, 3) array, and where
+        each window starts in it."""
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(len(self.chunks), generator=g).tolist()
+        parts, starts, total = [], [], 0
+        for w in range(0, len(order), self.window):
+            rows = [
+                (ci, i)
+                for ci, k in (self.chunks[c] for c in order[w : w + self.window])
+                for i in range(*self.caches[ci].chunk_range(k))
+            ]
+            rows = np.array(rows, dtype=np.int64)[torch.randperm(len(rows), generator=g).numpy()]
+            n_views = np.array([self.caches[ci].num_views for ci in rows[:, 0]])
+            views = (torch.rand(len(rows), generator=g).numpy() * n_views).astype(np.int64)
+            parts.append(np.column_stack([rows, views]))
+            starts.append(total)
+            total += len(rows)
+        return np.concatenate(parts), np.array([*starts, total])
 
-    def _reader(self, seed: int, epoch: int, out: queue.Queue, stop: threading.Event) -> None:
+    def _read(self, plan: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Features and labels of the (cache, image, view) rows of `plan`, in its order."""
+        feats = np.empty(
+            (len(plan), *self.caches[0].array("features").shape[2:]),
+            dtype=self.caches[0].spec.dtype,
+        )
+        labels = np.empty((len(plan), *self.caches[0].array("labels").shape[2:]), dtype=np.uint8)
+        for ci, cache in enumerate(self.caches):
+            rows = np.flatnonzero(plan[:, 0] == ci)
+            if not len(rows):
+                continue
+            images, inverse = np.unique(plan[rows, 1], return_inverse=True)
+            f, lab = cache.read_images(images)
+            feats[rows] = f[inverse, plan[rows, 2]]
+            labels[rows] = lab[inverse, plan[rows, 2]]
+        return feats, labels
+
+    def _reader(self, segments: list[np.ndarray], out: queue.Queue, stop: threading.Event):
         try:
-            g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-            order = torch.randperm(len(self.chunks), generator=g).tolist()
-            for w in range(0, len(order), self.window):
+            for plan in segments:
                 if stop.is_set():
                     return
-                out.put(self._read_window(order[w : w + self.window], g))
+                out.put(self._read(plan))
             out.put(None)
         except BaseException as e:  # surfaced in the consumer
             out.put(e)
 
-    def batches(self, seed: int, epoch: int, batch_size: int) -> Iterator[tuple[torch.Tensor, ...]]:
+    def batches(
+        self, seed: int, epoch: int, batch_size: int, world: World = SINGLE
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        plan, window_starts = self.epoch_plan(seed, epoch)
+        slices = rank_slices(len(plan), batch_size, world)
+        mine = np.concatenate([np.arange(len(plan))[s] for s in slices]) if slices else []
+        sizes = [s.stop - s.start for s in slices]
+        # this rank's rows, cut at window boundaries: each segment is one read
+        window_of = np.searchsorted(window_starts, mine, side="right") - 1
+        cuts = np.flatnonzero(np.diff(window_of)) + 1
+        segments = [plan[part] for part in np.split(np.asarray(mine, dtype=np.int64), cuts)]
         q: queue.Queue = queue.Queue(maxsize=1)
         stop = threading.Event()
-        reader = threading.Thread(target=self._reader, args=(seed, epoch, q, stop), daemon=True)
+        reader = threading.Thread(target=self._reader, args=(segments, q, stop), daemon=True)
         reader.start()
-        carry_f = carry_l = None
+        buf_f: list[np.ndarray] = []
+        buf_l: list[np.ndarray] = []
+        buffered = 0
         try:
-            while (item := q.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                f, lab = item
-                if carry_f is not None and len(carry_f):
-                    f, lab = np.concatenate([carry_f, f]), np.concatenate([carry_l, lab])
-                full = len(f) - len(f) % batch_size
-                for s in range(0, full, batch_size):
-                    yield self._to_device(f[s : s + batch_size], lab[s : s + batch_size])
-                carry_f, carry_l = f[full:], lab[full:]
-            if carry_f is not None and len(carry_f):
-                yield self._to_device(carry_f, carry_l)
+            for size in sizes:
+                while buffered < size:
+                    item = q.get()
+                    if isinstance(item, BaseException):
+                        raise item
+                    buf_f.append(item[0])
+                    buf_l.append(item[1])
+                    buffered += len(item[0])
+                f, lab = np.concatenate(buf_f), np.concatenate(buf_l)
+                yield self._to_device(f[:size], lab[:size])
+                buf_f, buf_l, buffered = [f[size:]], [lab[size:]], len(f) - size
         finally:
             stop.set()
             while reader.is_alive():  # unblock a reader waiting on a full queue
@@ -227,10 +279,8 @@ class StreamingSource:
                     reader.join(timeout=0.05)
 
     def _to_device(self, f: np.ndarray, lab: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        ft, lt = (
-            torch.from_numpy(np.ascontiguousarray(f)),
-            torch.from_numpy(np.ascontiguousarray(lab)),
-        )
+        ft = torch.from_numpy(np.ascontiguousarray(f))
+        lt = torch.from_numpy(np.ascontiguousarray(lab))
         if self.device.type == "cuda":
             ft, lt = ft.pin_memory(), lt.pin_memory()
         return ft.to(self.device, non_blocking=True).float(), lt.to(self.device, non_blocking=True)
@@ -277,9 +327,11 @@ def evaluate_on_cache(
     weight: torch.Tensor | None,
     batch_size: int = 16,
     features: tuple[torch.Tensor, torch.Tensor] | None = None,
+    world: World = SINGLE,
 ) -> SegMetrics:
     """View-0 predictions at the working size against the cached labels: one confusion
-    matrix over the split, and the training criterion as the loss."""
+    matrix over the split (each rank takes every K-th image; the sums are reduced), and the
+    training criterion as the loss."""
     was_training = head.training
     head.eval()
     acc = ConfusionAccumulator(cache.spec.class_map.num_classes, device)
@@ -287,17 +339,19 @@ def evaluate_on_cache(
         feats_np, labels_np = cache.load()
         features = (torch.from_numpy(feats_np[:, 0]), torch.from_numpy(labels_np[:, 0]))
     feats, labels = features
-    for s in range(0, len(feats), batch_size):
-        f = feats[s : s + batch_size].to(device, non_blocking=True).float()
-        lab = labels[s : s + batch_size].to(device, non_blocking=True)
+    mine = torch.arange(world.rank, len(feats), world.size)
+    for s in range(0, len(mine), batch_size):
+        idx = mine[s : s + batch_size]
+        f = feats[idx].to(device, non_blocking=True).float()
+        lab = labels[idx].to(device, non_blocking=True)
         with autocast(device):
             logits = head(f)
         total, count = loss_terms(logits, lab, weight)
         acc.add_loss(total, count)
-        up = F.interpolate(
-            logits.float(), size=lab.shape[-2:], mode="bilinear", align_corners=False
-        )
-        acc.update(up.argmax(1), lab)
+        pred, _, _ = predict_and_score(logits.float(), None, tuple(lab.shape[-2:]))
+        acc.update(pred, lab)
+    for t in (acc.matrix, acc.loss_sum, acc.loss_weight):
+        world.all_reduce_sum(t)
     head.train(was_training)
     return acc.compute(cache.spec.class_map.names)
 
@@ -404,7 +458,7 @@ def write_stats(out: Path, history: list[dict], best: dict | None, final: SegMet
 
 
 def train_one_epoch(
-    head: nn.Module,
+    model: nn.Module,
     optimizer: torch.optim.Optimizer,
     source,
     cfg: TrainConfig,
@@ -413,9 +467,11 @@ def train_one_epoch(
     warmup: int,
     weight: torch.Tensor | None,
     device: torch.device,
+    world: World = SINGLE,
 ) -> tuple[list[float], float]:
-    """One pass over the source; returns each step's loss and the last learning rate."""
-    head.train()
+    """One pass over the source; returns each step's loss (over the global batch) and the
+    last learning rate."""
+    model.train()
     total_steps = cfg.epochs * steps_per_epoch
     step = (epoch - 1) * steps_per_epoch
     losses, lr = [], cfg.lr
@@ -423,20 +479,29 @@ def train_one_epoch(
         total=steps_per_epoch,
         desc=f"epoch {epoch}/{cfg.epochs}",
         unit="step",
-        disable=None if cfg.progress else True,
+        disable=None if cfg.progress and world.is_main else True,
         leave=False,
     )
-    for feats, labels in source.batches(cfg.seed, epoch, cfg.batch_size):
+    for feats, labels in source.batches(cfg.seed, epoch, cfg.batch_size, world):
         lr = lr_at(step, total_steps, warmup, cfg.lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
         with autocast(device):
-            logits = head(feats)
-        loss = segmentation_loss(logits, labels, weight)
+            logits = model(feats)
+        total, count = loss_terms(logits, labels, weight)
+        if world.enabled:
+            # normalise by the global batch's pixel weight: DDP's gradient average then equals
+            # the one-process gradient of the whole global batch
+            sums = world.all_reduce_sum(torch.stack([total.detach(), count.detach()]))
+            loss = total * world.size / sums[1].clamp_min(1e-12)
+            logged = sums[0] / sums[1].clamp_min(1e-12)
+        else:
+            loss = total / count.clamp_min(1e-12)
+            logged = loss.detach()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(loss.detach())  # stays on the device: no host sync per step
+        losses.append(logged)  # stays on the device: no host sync per step
         step += 1
         bar.update(1)
     bar.close()
@@ -448,6 +513,17 @@ def _rng_state(device: torch.device) -> dict:
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
+
+
+def _rng_for_rank(saved: dict | list[dict], world: World) -> dict:
+    """A rank's saved RNG state (ranks draw different dropout masks); a run resumed with a
+    different number of ranks continues from rank 0's."""
+    if isinstance(saved, dict):
+        return saved
+    if len(saved) != world.size:
+        log.warning("resumed with %d ranks, saved with %d: RNG of rank 0", world.size, len(saved))
+        return saved[0]
+    return saved[world.rank]
 
 
 def _set_rng_state(state: dict, device: torch.device) -> None:
@@ -465,22 +541,31 @@ def _config_dict(cfg: TrainConfig) -> dict:
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    """Train a head on cached features; see the module docstring."""
+    """Train a head on cached features; see the module docstring. Under torchrun the ranks
+    train one DDP model: each computes its slice of every global batch, metrics are reduced
+    over ranks, and only rank 0 writes checkpoints and stats."""
     started = time.perf_counter()
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
         raise ConfigError("epochs and batch size must be >= 1 and the learning rate > 0")
     caches, val = open_train_caches(cfg)
     check_output_dir(cfg)
+    device = resolve_device(cfg.device)
+    with distributed.launched(device) as world:
+        if world.enabled and cfg.batch_size < world.size:
+            raise ConfigError(f"batch size {cfg.batch_size} is smaller than {world.size} ranks")
+        result = _train(cfg, caches, val, world, world.device(device))
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _train(cfg: TrainConfig, caches, val, world: World, device: torch.device) -> TrainResult:
     spec = caches[0].spec
     class_map = spec.class_map
-    device = resolve_device(cfg.device)
     class_pixels = sum(c.class_pixels() for c in caches)
     weights_np = parse_class_weights(cfg.class_weights, class_pixels)
-    weight = (
-        torch.tensor(weights_np, dtype=torch.float32, device=device)
-        if weights_np is not None
-        else None
-    )
+    weight = None
+    if weights_np is not None:
+        weight = torch.tensor(weights_np, dtype=torch.float32, device=device)
 
     head_cfg = HeadConfig(
         name=cfg.head,
@@ -492,9 +577,13 @@ def train(cfg: TrainConfig) -> TrainResult:
     )
     torch.manual_seed(cfg.seed)
     head = build_head(head_cfg).to(device)
+    model = head
+    if world.enabled:
+        ids = [device.index] if device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(head, device_ids=ids)
     optimizer = make_optimizer(head, cfg.lr, cfg.weight_decay)
     source = choose_source(caches, cfg, device)
-    steps_per_epoch = math.ceil(source.num_images / cfg.batch_size)
+    steps_per_epoch = len(rank_slices(source.num_images, cfg.batch_size, world))
     total_steps = cfg.epochs * steps_per_epoch
     warmup = warmup_steps(cfg.warmup_epochs, steps_per_epoch, total_steps)
     val_features = None
@@ -514,6 +603,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         "train_caches": [c.spec.fingerprint for c in caches],
         "val_cache": val.spec.fingerprint if val else None,
         "class_weights": weights_np.tolist() if weights_np is not None else None,
+        "world_size": world.size,
     }
 
     history: list[dict] = []
@@ -533,24 +623,28 @@ def train(cfg: TrainConfig) -> TrainResult:
             raise ConfigError(f"{cfg.out / LAST_FILE}: was trained with a different head config")
         head.load_state_dict(last["state_dict"])
         optimizer.load_state_dict(last["optimizer"])
-        _set_rng_state(last["rng"], device)
+        _set_rng_state(_rng_for_rank(last["rng"], world), device)
         history, best = last["history"], last["best"]
         start_epoch = last["epoch"] + 1
-        log.info("resuming %s at epoch %d", cfg.out, start_epoch)
-    cfg.out.mkdir(parents=True, exist_ok=True)
+        if world.is_main:
+            log.info("resuming %s at epoch %d", cfg.out, start_epoch)
+    if world.is_main:
+        cfg.out.mkdir(parents=True, exist_ok=True)
 
     saved_epoch = start_epoch - 1
     try:
         for epoch in range(start_epoch, cfg.epochs + 1):
             t0 = time.perf_counter()
             epoch_losses, lr = train_one_epoch(
-                head, optimizer, source, cfg, epoch, steps_per_epoch, warmup, weight, device
+                model, optimizer, source, cfg, epoch, steps_per_epoch, warmup, weight, device, world
             )
             step_losses += epoch_losses
             row: dict = {"epoch": epoch, "train_loss": sum(epoch_losses) / len(epoch_losses)}
             metrics = None
             if val is not None:
-                metrics = evaluate_on_cache(head, val, device, weight, features=val_features)
+                metrics = evaluate_on_cache(
+                    head, val, device, weight, features=val_features, world=world
+                )
                 row.update(
                     val_loss=metrics.loss,
                     val_miou=metrics.miou,
@@ -560,25 +654,30 @@ def train(cfg: TrainConfig) -> TrainResult:
             row["lr"] = lr
             row["seconds"] = time.perf_counter() - t0
             history.append(row)
-            log.info(_epoch_line(row, cfg.epochs))
             if metrics is not None and (best is None or row["val_miou"] > best["val_miou"]):
                 best = {"epoch": epoch, **{k: v for k, v in row.items() if k.startswith("val_")}}
-            payload = {
-                **base_payload,
-                "state_dict": head.state_dict(),
-                "epoch": epoch,
-                "metrics": row,
-                "best": best,
-            }
-            if metrics is None or best["epoch"] == epoch:  # the best so far, or the latest
-                extra = {"val_metrics": metrics.to_dict()} if metrics is not None else {}
-                save_checkpoint(cfg.out / HEAD_FILE, {**payload, **extra})
-            resume_state = {"optimizer": optimizer.state_dict(), "rng": _rng_state(device)}
-            save_checkpoint(cfg.out / LAST_FILE, {**payload, "history": history, **resume_state})
+            rng = world.gather(_rng_state(device))  # every rank's, for an exact resume
+            if world.is_main:
+                log.info(_epoch_line(row, cfg.epochs))
+                payload = {
+                    **base_payload,
+                    "state_dict": head.state_dict(),
+                    "epoch": epoch,
+                    "metrics": row,
+                    "best": best,
+                }
+                if metrics is None or best["epoch"] == epoch:  # the best so far, or the latest
+                    extra = {"val_metrics": metrics.to_dict()} if metrics is not None else {}
+                    save_checkpoint(cfg.out / HEAD_FILE, {**payload, **extra})
+                resume_state = {"optimizer": optimizer.state_dict(), "rng": rng}
+                save_checkpoint(
+                    cfg.out / LAST_FILE, {**payload, "history": history, **resume_state}
+                )
+                write_json_atomic(
+                    cfg.out / STATS_DIR / "history.json", {"history": history, "best": best}
+                )
             saved_epoch = epoch
-            write_json_atomic(
-                cfg.out / STATS_DIR / "history.json", {"history": history, "best": best}
-            )
+            world.barrier()
     except KeyboardInterrupt:
         if saved_epoch == 0:
             raise Interrupted("interrupted before the first epoch ended; nothing saved") from None
@@ -587,15 +686,14 @@ def train(cfg: TrainConfig) -> TrainResult:
             "rerun the same command with --resume to continue"
         ) from None
 
-    final = None
-    if val is not None:
-        best_ckpt = load_checkpoint(cfg.out / HEAD_FILE)
-        final = evaluate_on_cache(
-            best_ckpt.build(device), val, device, weight, features=val_features
-        )
-    write_stats(cfg.out, history, best, final)
-    seconds = time.perf_counter() - started
-    return TrainResult(cfg.out, history, best, seconds, source.kind, step_losses)
+    if world.is_main:
+        final = None
+        if val is not None:
+            best_head = load_checkpoint(cfg.out / HEAD_FILE).build(device)
+            final = evaluate_on_cache(best_head, val, device, weight, features=val_features)
+        write_stats(cfg.out, history, best, final)
+    world.barrier()
+    return TrainResult(cfg.out, history, best, 0.0, source.kind, step_losses)
 
 
 def _epoch_line(row: dict, epochs: int) -> str:
