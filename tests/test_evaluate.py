@@ -104,7 +104,7 @@ def test_predictions_equal_direct_computation_and_masks_round_trip(
         written = read_mask(tmp_path / "e" / "masks" / s.name)
         assert Image.open(tmp_path / "e" / "masks" / s.name).mode == "I;16"
         np.testing.assert_array_equal(written[decided], cm.codes[expected][decided])
-        color = np.asarray(Image.open(tmp_path / "e" / "masks_color" / s.name))
+        color = np.asarray(Image.open(tmp_path / "e" / "masks_color" / s.name).convert("RGB"))
         np.testing.assert_array_equal(color[decided], cm.palette[expected][decided])
 
 

@@ -178,10 +178,10 @@ def _save_mask(path: Path, codes: np.ndarray) -> None:
     atomic_write(path, lambda f: img.save(f, format="PNG", compress_level=1), durable=False)
 
 
-def _save_rgb(path: Path, rgb: np.ndarray) -> None:
-    from offroad_seg.plots import save_png
-
-    save_png(path, rgb)
+def _save_color_mask(path: Path, ids: np.ndarray, class_map: ClassMap) -> None:
+    """A paletted PNG: viewers show the class colours, and it encodes ~10x faster than RGB."""
+    img = class_map.color_image(ids)
+    atomic_write(path, lambda f: img.save(f, format="PNG", compress_level=1), durable=False)
 
 
 def _save_comparison(path: Path, image, truth, pred, class_map: ClassMap, title: str) -> None:
@@ -274,11 +274,11 @@ def _write_eval_outputs(cfg, writer, sample: Sample, index, pred, truth, batch, 
     if not (cfg.write_masks or index < cfg.comparisons):
         return
     pred_np = pred.to(torch.uint8).cpu().numpy()
-    pred_rgb = class_map.colorize(pred_np)
     if cfg.write_masks:
         writer.submit(_save_mask, cfg.out / "masks" / sample.name, class_map.ids_to_codes(pred_np))
-        writer.submit(_save_rgb, cfg.out / "masks_color" / sample.name, pred_rgb)
+        writer.submit(_save_color_mask, cfg.out / "masks_color" / sample.name, pred_np, class_map)
     if index < cfg.comparisons:
+        pred_rgb = class_map.colorize(pred_np)
         truth_rgb = class_map.colorize(truth.cpu().numpy())
         writer.submit(
             _save_comparison,
@@ -365,11 +365,11 @@ def predict(cfg: PredictConfig) -> EvalResult:
                 h, w = batch["size"][j]
                 pred = predict_and_score(logits[j : j + 1], None, (h, w))[0][0]
                 pred_np = pred.to(torch.uint8).cpu().numpy()
-                pred_rgb = class_map.colorize(pred_np)
                 name = samples[index].name
                 writer.submit(_save_mask, cfg.out / "masks" / name, class_map.ids_to_codes(pred_np))
-                writer.submit(_save_rgb, cfg.out / "masks_color" / name, pred_rgb)
+                writer.submit(_save_color_mask, cfg.out / "masks_color" / name, pred_np, class_map)
                 if cfg.overlays:
+                    pred_rgb = class_map.colorize(pred_np)
                     writer.submit(
                         _save_overlay, cfg.out / "overlays" / name, batch["original"][j], pred_rgb
                     )

@@ -156,8 +156,9 @@ class InMemorySource:
         self.num_views = torch.cat(views)
         # entry index of (image i, view 0); view j of image i is offset[i] + j
         self.offset = torch.cumsum(self.num_views, 0) - self.num_views
-        self.features = torch.cat(feats).to(device)
-        self.labels = torch.cat(labels).to(device)
+        # (one cache: no concatenation copy, which would double the peak memory)
+        self.features = (feats[0] if len(feats) == 1 else torch.cat(feats)).to(device)
+        self.labels = (labels[0] if len(labels) == 1 else torch.cat(labels)).to(device)
         self.device = device
 
     @property
