@@ -14,29 +14,26 @@ import shutil
 import time
 
 import torch
-from common import base_parser, ensure_cache, machine, setup, table
+from common import base_parser, ensure_cache, machine, setup, sync, table
 
 from offroad_seg.backbone import load_backbone
 from offroad_seg.checkpoint import load_checkpoint
 from offroad_seg.data import list_samples, read_image
 from offroad_seg.evaluate import EvalConfig, evaluate
+from offroad_seg.loader import default_batch_size
 from offroad_seg.preprocess import image_to_tensor, preprocess
 from offroad_seg.runtime import autocast
 from offroad_seg.train_head import TrainConfig, train
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def main() -> None:
     p = base_parser(__doc__)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=None, help="default: 8 CPU, 64 GPU")
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--repeat", type=int, default=2, help="best of N for each path")
     args = p.parse_args()
     data, device = setup(args)
+    args.batch_size = args.batch_size or default_batch_size(device)
     cache = ensure_cache(data, args.workdir / f"{data.name}-{args.size}.zarr", args)
     run = args.workdir / "eval-head"
     if not (run / "segmentation_head.pth").exists():

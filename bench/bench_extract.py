@@ -16,28 +16,25 @@ import time
 import numpy as np
 import torch
 import zarr
-from common import base_parser, machine, setup, table
+from common import base_parser, machine, setup, sync, table
 
 from offroad_seg.backbone import load_backbone
 from offroad_seg.data import list_samples, read_image
 from offroad_seg.extract import ExtractConfig, extract
+from offroad_seg.loader import default_batch_size
 from offroad_seg.preprocess import Preprocessing, image_to_tensor, parse_size, preprocess
 from offroad_seg.runtime import autocast
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def main() -> None:
     p = base_parser(__doc__)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=None, help="default: 8 CPU, 64 GPU")
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--naive-images", type=int, default=8, help="images for the naive loop")
     p.add_argument("--repeat", type=int, default=2, help="best of N for pure and extract")
     args = p.parse_args()
     data, device = setup(args)
+    args.batch_size = args.batch_size or default_batch_size(device)
     samples = list_samples(data)
     n = len(samples)
     prep = Preprocessing(size=parse_size(args.size))

@@ -91,6 +91,8 @@ def main() -> None:
             "1",
             "--batch-size",
             "16",
+            "--width",  # a narrow head keeps the epochs short: memory does not depend on it
+            "32",
             "--device",
             "cpu",
         ]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import platform
-import time
 from datetime import date
 from pathlib import Path
 
@@ -57,26 +56,18 @@ def ensure_cache(data: Path, cache: Path, args, **kw) -> Path:
     return cache
 
 
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so wall times measure it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
         what = torch.cuda.get_device_name(device)
     else:
         what = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     return f"{what}; torch {torch.__version__}; {date.today()}"
-
-
-def timed(fn, repeat: int = 1, sync: torch.device | None = None) -> float:
-    """Best of `repeat` wall times of fn() in seconds (CUDA synchronised)."""
-    best = float("inf")
-    for _ in range(repeat):
-        if sync is not None and sync.type == "cuda":
-            torch.cuda.synchronize(sync)
-        t = time.perf_counter()
-        fn()
-        if sync is not None and sync.type == "cuda":
-            torch.cuda.synchronize(sync)
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def table(rows: list[tuple], header: tuple) -> str:

@@ -142,7 +142,12 @@ def synth(out: Path, n_train: int, n_val: int, seed: int, width: int, height: in
     help="flip: also cache the horizontally flipped image (view 1) with flipped labels.",
 )
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
-@click.option("--batch-size", default=8, show_default=True, help="Images per backbone pass.")
+@click.option(
+    "--batch-size",
+    type=int,
+    default=None,
+    help="Images per backbone pass [default: 8 CPU, 64 GPU].",
+)
 @click.option("--workers", type=int, default=None, help="Decoding workers [default: by device].")
 @click.option(
     "--dtype",
@@ -247,7 +252,9 @@ def train(caches: tuple[str, ...], out: Path, **opts) -> None:
 @click.option(
     "--weights", default=None, help="Backbone weights [default: those the head was trained on]."
 )
-@click.option("--batch-size", default=8, show_default=True)
+@click.option(
+    "--batch-size", type=int, default=None, help="Images per pass [default: 8 CPU, 64 GPU]."
+)
 @click.option("--workers", type=int, default=None, help="Decoding workers [default: by device].")
 @click.option("--device", default="auto", show_default=True)
 @click.option(
@@ -295,7 +302,9 @@ def evaluate(head: Path, data_dir: Path, out: Path, **opts) -> None:
 @click.option(
     "--weights", default=None, help="Backbone weights [default: those the head was trained on]."
 )
-@click.option("--batch-size", default=8, show_default=True)
+@click.option(
+    "--batch-size", type=int, default=None, help="Images per pass [default: 8 CPU, 64 GPU]."
+)
 @click.option("--workers", type=int, default=None, help="Decoding workers [default: by device].")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--tta", type=click.Choice(["none", "flip"]), default="none", show_default=True)

@@ -10,11 +10,10 @@ is complete.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,10 +23,17 @@ from tqdm.auto import tqdm
 
 from offroad_seg.atomic import atomic_write, write_json_atomic, write_text_atomic
 from offroad_seg.backbone import RANDOM, Backbone, load_backbone
+from offroad_seg.background import BoundedPool
 from offroad_seg.checkpoint import HeadCheckpoint, load_checkpoint
 from offroad_seg.data import ClassMap, Sample, list_images, list_samples
 from offroad_seg.errors import DataError, OffroadSegError, WeightsError
-from offroad_seg.loader import DecodedSamples, DecodeOptions, default_workers, make_loader
+from offroad_seg.loader import (
+    DecodedSamples,
+    DecodeOptions,
+    default_batch_size,
+    default_workers,
+    make_loader,
+)
 from offroad_seg.loss import predict_and_score
 from offroad_seg.metrics import ConfusionAccumulator, SegMetrics
 from offroad_seg.runtime import autocast, resolve_device
@@ -52,7 +58,7 @@ class EvalConfig:
     data_dir: Path
     out: Path
     weights: str | None = None  # None: the head's own weights source when it is available
-    batch_size: int = 8
+    batch_size: int | None = None  # None: by device (8 on CPU, 64 on CUDA)
     workers: int | None = None
     device: str = "auto"
     comparisons: int = 10  # comparison panels for the first N images; 0 for none
@@ -70,7 +76,7 @@ class PredictConfig:
     inputs: tuple[Path, ...]
     out: Path
     weights: str | None = None
-    batch_size: int = 8
+    batch_size: int | None = None  # None: by device (8 on CPU, 64 on CUDA)
     workers: int | None = None
     device: str = "auto"
     tta: str = "none"
@@ -150,27 +156,6 @@ def predict_logits(
     return logits
 
 
-class _Writer:
-    """Encodes and writes PNGs on a few threads (PIL releases the GIL while compressing)."""
-
-    def __init__(self, threads: int = 4, max_pending: int = 64) -> None:
-        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="png-writer")
-        self.pending: deque[Future] = deque()
-        self.max_pending = max_pending
-
-    def submit(self, fn, *args) -> None:
-        while len(self.pending) >= self.max_pending:
-            self.pending.popleft().result()
-        self.pending.append(self.pool.submit(fn, *args))
-
-    def close(self) -> None:
-        try:
-            while self.pending:
-                self.pending.popleft().result()
-        finally:
-            self.pool.shutdown(wait=True)
-
-
 def _save_mask(path: Path, codes: np.ndarray) -> None:
     from PIL import Image
 
@@ -199,6 +184,45 @@ def _save_overlay(path: Path, image: np.ndarray, pred_rgb: np.ndarray) -> None:
 # ----------------------------------------------------------------------------- evaluate
 
 
+def _predict_all(
+    samples: list[Sample],
+    opts: DecodeOptions,
+    backbone: Backbone,
+    head: torch.nn.Module,
+    ckpt: HeadCheckpoint,
+    settings: EvalConfig | PredictConfig,
+    device: torch.device,
+    handle,
+    desc: str,
+) -> float:
+    """Decode in workers, predict each batch and pass it to `handle(batch, logits, writer)`,
+    whose file writes run on a few threads (PIL releases the GIL while compressing) while the
+    next batch computes. Returns the seconds taken."""
+    workers = default_workers(device) if settings.workers is None else settings.workers
+    batch_size = settings.batch_size or default_batch_size(device)
+    loader = make_loader(DecodedSamples(samples, opts), batch_size, workers, device)
+    writer = BoundedPool(threads=4, max_pending=64, name="png-writer")
+    bar = tqdm(
+        total=len(samples), unit="img", desc=desc, disable=None if settings.progress else True
+    )
+    start = time.perf_counter()
+    try:
+        for batch in loader:
+            if batch["error"] is not None:
+                raise DataError(batch["error"])
+            logits = predict_logits(backbone, head, ckpt, batch["image"], settings.tta == "flip")
+            handle(batch, logits, writer)
+            bar.update(len(batch["index"]))
+        writer.drain()
+    except BaseException:
+        with contextlib.suppress(Exception):  # the original error is the one to report
+            writer.drain()
+        raise
+    finally:
+        bar.close()
+    return time.perf_counter() - start
+
+
 def evaluate(cfg: EvalConfig) -> EvalResult:
     """Predict every image of a labelled dataset, write predictions and metrics."""
     if cfg.tta not in ("none", "flip"):
@@ -222,58 +246,41 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
         labels="original",
         keep_original=cfg.comparisons > 0,
     )
-    workers = default_workers(device) if cfg.workers is None else cfg.workers
-    loader = make_loader(DecodedSamples(samples, opts), cfg.batch_size, workers, device)
     acc = ConfusionAccumulator(class_map.num_classes, device)
-    writer = _Writer()
-    out = cfg.out
     for sub in ("masks", "masks_color") if cfg.write_masks else ():
-        (out / sub).mkdir(parents=True, exist_ok=True)
-    bar = tqdm(
-        total=len(samples), unit="img", desc="evaluate", disable=None if cfg.progress else True
-    )
-    start = time.perf_counter()
-    try:
-        for batch in loader:
-            if batch["error"] is not None:
-                raise DataError(batch["error"])
-            logits = predict_logits(backbone, head, ckpt, batch["image"], cfg.tta == "flip")
-            labels = batch["labels"]
-            # same-size images are scored together; mixed sizes one by one
-            groups = (
-                [(range(len(batch["index"])), labels)]
-                if isinstance(labels, torch.Tensor)
-                else [([j], labels[j][None]) for j in range(len(labels))]
+        (cfg.out / sub).mkdir(parents=True, exist_ok=True)
+
+    def handle(batch, logits, writer) -> None:
+        labels = batch["labels"]
+        # same-size images are scored together; mixed sizes one by one
+        groups = (
+            [(range(len(batch["index"])), labels)]
+            if isinstance(labels, torch.Tensor)
+            else [([j], labels[j][None]) for j in range(len(labels))]
+        )
+        for rows, truth in groups:
+            truth = torch.as_tensor(truth).to(device, non_blocking=True)
+            pred, loss_sum, count = predict_and_score(
+                logits[list(rows)], truth, tuple(truth.shape[-2:])
             )
-            for rows, truth in groups:
-                truth = torch.as_tensor(truth).to(device, non_blocking=True)
-                pred, loss_sum, count = predict_and_score(
-                    logits[list(rows)], truth, tuple(truth.shape[-2:])
+            acc.add_loss(loss_sum, count)
+            acc.update(pred, truth)
+            if not (cfg.write_masks or min(batch["index"]) < cfg.comparisons):
+                continue
+            pred_np = pred.to(torch.uint8).cpu().numpy()  # one copy (and sync) per group
+            for k, j in enumerate(rows):
+                index = batch["index"][j]
+                _write_eval_outputs(
+                    cfg, writer, samples[index], index, pred_np[k], truth[k], batch, j, class_map
                 )
-                acc.add_loss(loss_sum, count)
-                acc.update(pred, truth)
-                for k, j in enumerate(rows):
-                    index = batch["index"][j]
-                    _write_eval_outputs(
-                        cfg, writer, samples[index], index, pred[k], truth[k], batch, j, class_map
-                    )
-            bar.update(len(batch["index"]))
-        writer.close()
-    except BaseException:
-        bar.close()
-        writer.close()
-        raise
-    bar.close()
-    seconds = time.perf_counter() - start
+
+    seconds = _predict_all(samples, opts, backbone, head, ckpt, cfg, device, handle, "evaluate")
     metrics = acc.compute(class_map.names)
-    files = write_metrics(out, metrics, ckpt, cfg, len(samples), seconds)
-    return EvalResult(out, metrics, len(samples), seconds, files)
+    files = write_metrics(cfg.out, metrics, ckpt, cfg, len(samples), seconds)
+    return EvalResult(cfg.out, metrics, len(samples), seconds, files)
 
 
-def _write_eval_outputs(cfg, writer, sample: Sample, index, pred, truth, batch, j, class_map):
-    if not (cfg.write_masks or index < cfg.comparisons):
-        return
-    pred_np = pred.to(torch.uint8).cpu().numpy()
+def _write_eval_outputs(cfg, writer, sample: Sample, index, pred_np, truth, batch, j, class_map):
     if cfg.write_masks:
         writer.submit(_save_mask, cfg.out / "masks" / sample.name, class_map.ids_to_codes(pred_np))
         writer.submit(_save_color_mask, cfg.out / "masks_color" / sample.name, pred_np, class_map)
@@ -347,40 +354,24 @@ def predict(cfg: PredictConfig) -> EvalResult:
         class_map=None,
         keep_original=True,
     )
-    workers = default_workers(device) if cfg.workers is None else cfg.workers
-    loader = make_loader(DecodedSamples(samples, opts), cfg.batch_size, workers, device)
-    writer = _Writer()
     for sub in ("masks", "masks_color") + (("overlays",) if cfg.overlays else ()):
         (cfg.out / sub).mkdir(parents=True, exist_ok=True)
-    bar = tqdm(
-        total=len(samples), unit="img", desc="predict", disable=None if cfg.progress else True
-    )
-    start = time.perf_counter()
-    try:
-        for batch in loader:
-            if batch["error"] is not None:
-                raise DataError(batch["error"])
-            logits = predict_logits(backbone, head, ckpt, batch["image"], cfg.tta == "flip")
-            for j, index in enumerate(batch["index"]):
-                h, w = batch["size"][j]
-                pred = predict_and_score(logits[j : j + 1], None, (h, w))[0][0]
-                pred_np = pred.to(torch.uint8).cpu().numpy()
-                name = samples[index].name
-                writer.submit(_save_mask, cfg.out / "masks" / name, class_map.ids_to_codes(pred_np))
-                writer.submit(_save_color_mask, cfg.out / "masks_color" / name, pred_np, class_map)
-                if cfg.overlays:
-                    pred_rgb = class_map.colorize(pred_np)
-                    writer.submit(
-                        _save_overlay, cfg.out / "overlays" / name, batch["original"][j], pred_rgb
-                    )
-            bar.update(len(batch["index"]))
-        writer.close()
-    except BaseException:
-        bar.close()
-        writer.close()
-        raise
-    bar.close()
-    seconds = time.perf_counter() - start
+
+    def handle(batch, logits, writer) -> None:
+        for j, index in enumerate(batch["index"]):
+            h, w = batch["size"][j]
+            pred = predict_and_score(logits[j : j + 1], None, (h, w))[0][0]
+            pred_np = pred.to(torch.uint8).cpu().numpy()
+            name = samples[index].name
+            writer.submit(_save_mask, cfg.out / "masks" / name, class_map.ids_to_codes(pred_np))
+            writer.submit(_save_color_mask, cfg.out / "masks_color" / name, pred_np, class_map)
+            if cfg.overlays:
+                pred_rgb = class_map.colorize(pred_np)
+                writer.submit(
+                    _save_overlay, cfg.out / "overlays" / name, batch["original"][j], pred_rgb
+                )
+
+    seconds = _predict_all(samples, opts, backbone, head, ckpt, cfg, device, handle, "predict")
     write_json_atomic(
         cfg.out / "predictions.json",
         {

@@ -12,8 +12,6 @@ import contextlib
 import logging
 import math
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,10 +21,17 @@ from tqdm.auto import tqdm
 
 from offroad_seg import distributed
 from offroad_seg.backbone import Backbone, load_backbone
+from offroad_seg.background import BoundedPool
 from offroad_seg.cache import CacheSpec, FeatureCache, sources_digest
 from offroad_seg.data import ClassMap, check_headers, list_samples
 from offroad_seg.errors import CacheError, DataError, Interrupted
-from offroad_seg.loader import DecodedSamples, DecodeOptions, default_workers, make_loader
+from offroad_seg.loader import (
+    DecodedSamples,
+    DecodeOptions,
+    default_batch_size,
+    default_workers,
+    make_loader,
+)
 from offroad_seg.preprocess import DEFAULT_SIZE, Preprocessing
 from offroad_seg.runtime import resolve_device
 from offroad_seg.storage import CachePath, writer_lock
@@ -43,7 +48,7 @@ class ExtractConfig:
     layers: int = 1
     views: tuple[str, ...] = ("identity",)
     device: str = "auto"
-    batch_size: int = 8
+    batch_size: int | None = None  # None: by device (8 on CPU, 64 on CUDA)
     workers: int | None = None  # None: a sensible default for the device
     dtype: str = "float16"
     images_per_chunk: int = 0  # 0: ~1 MiB feature chunks
@@ -92,10 +97,7 @@ class _ChunkAssembler:
                 np.empty((n, v, rows, cols), dtype=np.uint8),
                 0,
             )
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-writer")
-        self.in_flight: deque[Future] = deque()
-        self.max_in_flight = max_in_flight
-        self.written = 0
+        self.writes = BoundedPool(threads=1, max_pending=max_in_flight, name="cache-writer")
 
     def wanted(self, index: int) -> bool:
         return index // self.cache.images_per_chunk in self.buffers
@@ -112,24 +114,11 @@ class _ChunkAssembler:
         self.buffers[chunk] = (feats, labs, filled)
         if filled == len(feats):
             del self.buffers[chunk]
-            self._submit(chunk, feats, labs)
-
-    def _submit(self, chunk: int, feats: np.ndarray, labs: np.ndarray) -> None:
-        while len(self.in_flight) >= self.max_in_flight:
-            self.in_flight.popleft().result()  # back-pressure, and surfaces write errors
-        self.in_flight.append(self.pool.submit(self._write, chunk, feats, labs))
-
-    def _write(self, chunk: int, feats: np.ndarray, labs: np.ndarray) -> None:
-        self.cache.write_chunk(chunk, feats, labs)
-        self.written += len(feats)
+            self.writes.submit(self.cache.write_chunk, chunk, feats, labs)
 
     def drain(self) -> None:
         """Wait for every submitted write (raising the first failure)."""
-        try:
-            while self.in_flight:
-                self.in_flight.popleft().result()
-        finally:
-            self.pool.shutdown(wait=True)
+        self.writes.drain()
 
 
 def plan_batches(cache: FeatureCache, pending: list[int], batch_size: int) -> list[list[int]]:
@@ -187,7 +176,8 @@ def extract(config: ExtractConfig) -> ExtractSummary:
                 cache = FeatureCache.open(config.cache, mode="r+")
             pending = cache.pending_chunks()
             world.barrier()  # everyone has the same plan before anyone writes
-            batches = plan_batches(cache, pending, config.batch_size)[world.rank :: world.size]
+            batch_size = config.batch_size or default_batch_size(device)
+            batches = plan_batches(cache, pending, batch_size)[world.rank :: world.size]
             todo = sum(cache.chunk_range(c)[1] - cache.chunk_range(c)[0] for c in pending)
             if 0 < todo < len(samples) and world.is_main:
                 log.info("resuming %s: %d of %d images left", config.cache, todo, len(samples))

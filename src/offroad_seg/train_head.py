@@ -475,7 +475,11 @@ def train_one_epoch(
     model.train()
     total_steps = cfg.epochs * steps_per_epoch
     step = (epoch - 1) * steps_per_epoch
-    losses, lr = [], cfg.lr
+    # Step losses stay on the device (no host sync per step), in one tensor made up front:
+    # thousands of small long-lived tensors would pin the heap between the large transient
+    # ones and make memory grow all epoch (glibc fragmentation).
+    losses = torch.zeros(steps_per_epoch, dtype=torch.float32, device=device)
+    lr, n = cfg.lr, 0
     bar = tqdm(
         total=steps_per_epoch,
         desc=f"epoch {epoch}/{cfg.epochs}",
@@ -502,11 +506,12 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(logged)  # stays on the device: no host sync per step
+        losses[n] = logged
+        n += 1
         step += 1
         bar.update(1)
     bar.close()
-    return torch.stack(losses).tolist(), lr
+    return losses[:n].tolist(), lr
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -591,6 +596,8 @@ def _train(cfg: TrainConfig, caches, val, world: World, device: torch.device) ->
     if val is not None:
         vf, vl = val.load(progress=False)
         val_features = (torch.from_numpy(vf[:, 0]), torch.from_numpy(vl[:, 0]))
+        if source.kind == "memory":  # the training set fits, so the smaller val set does too
+            val_features = tuple(t.to(device) for t in val_features)
 
     base_payload = {
         "format": FORMAT,
