@@ -179,7 +179,10 @@ def extract(config: ExtractConfig) -> ExtractSummary:
             batch_size = config.batch_size or default_batch_size(device)
             batches = plan_batches(cache, pending, batch_size)[world.rank :: world.size]
             todo = sum(cache.chunk_range(c)[1] - cache.chunk_range(c)[0] for c in pending)
-            if 0 < todo < len(samples) and world.is_main:
+            if world.is_main and todo == 0:
+                state = "complete" if cache.complete else "all chunks done; finalizing"
+                log.info("%s: already extracted (%s)", config.cache, state)
+            elif world.is_main and todo < len(samples):
                 log.info("resuming %s: %d of %d images left", config.cache, todo, len(samples))
             compute_start = time.perf_counter()
             try:
@@ -195,8 +198,6 @@ def extract(config: ExtractConfig) -> ExtractSummary:
             seconds = time.perf_counter() - compute_start
             if world.is_main and not cache.complete:
                 cache.finalize()
-            elif not pending and world.is_main:
-                log.info("%s: already complete, nothing to extract", config.cache)
             world.barrier()
             summary = ExtractSummary(
                 str(config.cache), len(samples), todo, seconds, cache.bytes_on_disk()
