@@ -21,7 +21,6 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -103,6 +102,8 @@ def official_pos_embed(pos_embed: torch.Tensor, rows: int, cols: int) -> torch.T
 
 def create_vit() -> nn.Module:
     """timm's DINOv2 ViT-S/14 at its pretraining size, without a classifier."""
+    import timm  # 2-3 s of imports (torchvision models) that training on a cache never needs
+
     return timm.create_model(
         ARCH, pretrained=False, img_size=518, num_classes=0, dynamic_img_size=True
     )
