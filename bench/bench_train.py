@@ -95,7 +95,7 @@ def main() -> None:
     p = base_parser(__doc__)
     p.add_argument("--head", default="convnext", choices=["convnext", "baseline"])
     p.add_argument("--batch-size", type=int, default=2, help="the seed trained with batch 2")
-    p.add_argument("--epochs", type=int, default=3, help="cached/pure epochs (median taken)")
+    p.add_argument("--epochs", type=int, default=5, help="cached/pure epochs (median taken)")
     p.add_argument("--skip-online", action="store_true")
     args = p.parse_args()
     data, device = setup(args)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -196,12 +197,15 @@ def _predict_all(
     desc: str,
 ) -> float:
     """Decode in workers, predict each batch and pass it to `handle(batch, logits, writer)`,
-    whose file writes run on a few threads (PIL releases the GIL while compressing) while the
-    next batch computes. Returns the seconds taken."""
+    whose file writes run on background threads (PIL releases the GIL while compressing) while
+    the next batch computes. Returns the seconds taken."""
     workers = default_workers(device) if settings.workers is None else settings.workers
     batch_size = settings.batch_size or default_batch_size(device)
     loader = make_loader(DecodedSamples(samples, opts), batch_size, workers, device)
-    writer = BoundedPool(threads=4, max_pending=64, name="png-writer")
+    # PNG encoding takes ~10 ms of CPU per image: one thread on a small machine (more would
+    # preempt the compute threads), up to 8 where a GPU needs hundreds of images/s written
+    threads = max(1, min(8, (os.cpu_count() or 1) // 2))
+    writer = BoundedPool(threads=threads, max_pending=64, name="png-writer")
     bar = tqdm(
         total=len(samples), unit="img", desc=desc, disable=None if settings.progress else True
     )
