@@ -1,5 +1,6 @@
 import json
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -35,6 +36,10 @@ def test_cache_layout_readable_with_plain_zarr(caches, dataset):
     assert g["class_pixels"].shape == (11,) and g["class_pixels"].dtype == np.int64
     codecs = [type(c).__name__ for c in g["features"].metadata.codecs]
     assert codecs == ["BytesCodec", "BloscCodec", "Crc32cCodec"]
+    # nothing but zarr's own files: listing members raises no "not recognized" warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sorted(g.array_keys()) == ["class_pixels", "done", "features", "labels", "names"]
 
 
 def test_cached_features_equal_backbone_output(caches, dataset, backbone):

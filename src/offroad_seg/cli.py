@@ -368,14 +368,16 @@ def demo(out: Path, n_train: int, n_val: int, epochs: int, width: int, height: i
     if result.weights == "random":
         click.echo("\n(untrained backbone: these numbers show the pipeline works, nothing more)")
     click.echo(f"\nfinished in {result.seconds:.1f} s; written:")
-    for line in (
-        f"  data         {out / 'data'}",
-        f"  caches       {out / 'cache' / 'train.zarr'}, {out / 'cache' / 'val.zarr'}",
-        f"  head         {out / 'head' / 'segmentation_head.pth'}",
-        f"  train stats  {out / 'head' / 'train_stats'}",
-        *(f"  {p.name:<12} {p}" for p in ev.files),
-    ):
-        click.echo(line)
+    written = [
+        ("data", str(out / "data")),
+        ("caches", f"{out / 'cache' / 'train.zarr'}, {out / 'cache' / 'val.zarr'}"),
+        ("head", str(out / "head" / "segmentation_head.pth")),
+        ("train stats", str(out / "head" / "train_stats")),
+        *((p.name, str(p)) for p in ev.files),
+    ]
+    width = max(len(label) for label, _ in written)
+    for label, path in written:
+        click.echo(f"  {label:<{width}}  {path}")
 
 
 @cli.group("cache")

@@ -25,16 +25,17 @@ LOCK_NAME = ".offroad-seg.lock"
 
 @contextlib.contextmanager
 def writer_lock(folder: str | Path, what: str = "extract") -> Iterator[None]:
-    """Hold the cache's writer lock for the duration of the block."""
+    """Hold the cache's writer lock for the duration of the block.
+
+    The lock file is removed on release, so a finished cache holds only zarr's own files (plain
+    `zarr.open_group` warns about anything else); a killed owner leaves it behind, unlocked,
+    until the next run.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _acquire(path, folder)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise CacheError(f"{folder}: {_describe_owner(fd)}; wait for it or stop it") from None
         owner = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
@@ -46,10 +47,32 @@ def writer_lock(folder: str | Path, what: str = "extract") -> Iterator[None]:
         try:
             yield
         finally:
-            os.ftruncate(fd, 0)
+            # unlink while still holding the lock: a waiter that opened this file sees, after
+            # it gets the lock, that the path no longer names it, and starts over (_acquire)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def _acquire(path: Path, folder: Path) -> int:
+    """Open and lock the lock file that `path` names when the lock is taken."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            message = f"{folder}: {_describe_owner(fd)}; wait for it or stop it"
+            os.close(fd)
+            raise CacheError(message) from None
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            current = None
+        if current is not None and current.st_ino == os.fstat(fd).st_ino:
+            return fd
+        os.close(fd)  # the previous owner removed this file as we locked it: take the new one
 
 
 def _describe_owner(fd: int) -> str:

@@ -169,7 +169,7 @@ class SegMetrics:
         def fmt(x: float) -> str:
             return "   n/a" if x is None or math.isnan(x) else f"{x:6.4f}"
 
-        width = max(12, *(len(n) for n in self.names))
+        width = max(len("Mean class acc."), *(len(n) for n in self.names))
         lines = [
             title,
             "=" * (width + 40),
