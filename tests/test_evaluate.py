@@ -208,26 +208,14 @@ def test_cli_evaluate_prints_table(head_path, dataset, tmp_path):
 
 def test_demo_end_to_end_tiny(tmp_path):
     out = tmp_path / "demo"
-    r = CliRunner().invoke(
-        cli,
-        [
-            "demo",
-            "--out",
-            str(out),
-            "--train",
-            "4",
-            "--val",
-            "2",
-            "--epochs",
-            "2",
-            "--width",
-            "196",
-            "--height",
-            "112",
-            "--size",
-            "56x98",
-        ],
-    )
+
+    def run_demo(train: int, val: int, epochs: int):
+        tiny = f"--train {train} --val {val} --epochs {epochs} --width 196 --height 112"
+        return CliRunner().invoke(
+            cli, ["demo", "--out", str(out), *tiny.split(), "--size", "56x98"]
+        )
+
+    r = run_demo(4, 2, 2)
     assert r.exit_code == 0, r.output
     assert "UNTRAINED" in r.stderr
     assert "Mean IoU" in r.stdout and "[4/4] evaluate" in r.stderr
@@ -246,31 +234,8 @@ def test_demo_end_to_end_tiny(tmp_path):
     assert len(list((out / "predictions" / "masks").iterdir())) == 2
     assert len(list((out / "predictions" / "comparisons").iterdir())) == 2
     # the demo replaces its own folder, and refuses one it did not make
-    assert (
-        CliRunner()
-        .invoke(
-            cli,
-            [
-                "demo",
-                "--out",
-                str(out),
-                "--train",
-                "2",
-                "--val",
-                "1",
-                "--epochs",
-                "1",
-                "--width",
-                "196",
-                "--height",
-                "112",
-                "--size",
-                "56x98",
-            ],
-        )
-        .exit_code
-        == 0
-    )
+    assert run_demo(2, 1, 1).exit_code == 0
+    assert len(list((out / "predictions" / "masks").iterdir())) == 1
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("x")
     r = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path / "mine")])

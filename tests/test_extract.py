@@ -137,78 +137,33 @@ def test_verify_detects_flipped_byte(caches, tmp_path):
 
 def test_cli_synth_extract_info_verify(tmp_path):
     runner = CliRunner()
-    r = runner.invoke(
-        cli,
-        [
-            "synth",
-            str(tmp_path / "d"),
-            "--train",
-            "3",
-            "--val",
-            "2",
-            "--width",
-            "196",
-            "--height",
-            "112",
-        ],
-    )
+    d, c = tmp_path / "d", tmp_path / "c"
+
+    def run(*args: object, options: str = ""):
+        return runner.invoke(cli, [*map(str, args), *options.split()])
+
+    r = run("synth", d, options="--train 3 --val 2 --width 196 --height 112")
     assert r.exit_code == 0, r.output
-    assert len(list((tmp_path / "d" / "train" / "Color_Images").glob("*.png"))) == 3
-    assert len(list((tmp_path / "d" / "val" / "Segmentation").glob("*.png"))) == 2
-    cache = tmp_path / "c" / "train.zarr"
-    r = runner.invoke(
-        cli,
-        [
-            "extract",
-            str(tmp_path / "d" / "train"),
-            str(cache),
-            "--weights",
-            "random",
-            "--size",
-            "56x98",
-            "--workers",
-            "0",
-        ],
-    )
+    assert len(list((d / "train" / "Color_Images").glob("*.png"))) == 3
+    assert len(list((d / "val" / "Segmentation").glob("*.png"))) == 2
+    cache = c / "train.zarr"
+    r = run("extract", d / "train", cache, options="--weights random --size 56x98 --workers 0")
     assert r.exit_code == 0, r.output
     assert "extracted 3 of 3 images" in r.output and "images/s" in r.output
-    r = runner.invoke(cli, ["cache", "info", str(cache)])
+    r = run("cache", "info", cache)
     assert r.exit_code == 0 and "complete (3/3 images)" in r.output
     assert "(3, 1, 384, 4, 7) float16" in r.output
-    r = runner.invoke(cli, ["cache", "info", "--json", str(cache)])
+    r = run("cache", "info", "--json", cache)
     info = json.loads(r.output)
     assert info["images"] == 3 and info["bytes_on_disk"] > 0
     assert info["bytes_per_image"] == pytest.approx(info["bytes_on_disk"] / 3)
-    r = runner.invoke(cli, ["cache", "verify", str(cache)])
+    r = run("cache", "verify", cache)
     assert r.exit_code == 0 and r.stdout.startswith("ok:")
 
-    bad = tmp_path / "d" / "train" / "Segmentation"
-    next(bad.glob("*.png")).unlink()
-    r = runner.invoke(
-        cli,
-        [
-            "extract",
-            str(tmp_path / "d" / "train"),
-            str(tmp_path / "c" / "x.zarr"),
-            "--weights",
-            "random",
-            "--size",
-            "56x98",
-        ],
-    )
+    next((d / "train" / "Segmentation").glob("*.png")).unlink()
+    r = run("extract", d / "train", c / "x.zarr", options="--weights random --size 56x98")
     assert r.exit_code == 1
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error:") and "no mask" in r.stderr
-    r = runner.invoke(
-        cli,
-        [
-            "extract",
-            str(tmp_path / "d" / "val"),
-            str(tmp_path / "c" / "y.zarr"),
-            "--weights",
-            "random",
-            "--size",
-            "50x98",
-        ],
-    )
+    r = run("extract", d / "val", c / "y.zarr", options="--weights random --size 50x98")
     assert r.exit_code == 1 and r.stderr.count("\n") == 1 and "multiples of 14" in r.stderr
-    assert not (tmp_path / "c" / "y.zarr").exists()
+    assert not (c / "y.zarr").exists()
