@@ -51,3 +51,20 @@ def test_waiter_that_locked_a_removed_file_takes_the_new_one(tmp_path, monkeypat
                 real_flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
         finally:
             os.close(other)
+
+
+def test_cache_size_counts_files_and_tolerates_one_vanishing(tmp_path, monkeypatch):
+    # a writer's lock file is removed on release while another rank may be counting bytes
+    from offroad_seg import storage
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "zarr.json").write_bytes(b"x" * 10)
+    (tmp_path / "a" / "c0").write_bytes(b"y" * 32)
+    real_walk = os.walk
+
+    def walk_listing_a_vanished_file(path):
+        for root, dirs, files in real_walk(path):
+            yield root, dirs, [*files, lock.LOCK_NAME]
+
+    monkeypatch.setattr(storage.os, "walk", walk_listing_a_vanished_file)
+    assert storage.bytes_stored(tmp_path, group=None) == 42

@@ -482,7 +482,7 @@ class FeatureCache:
     # ------------------------------------------------------------------ inspection
 
     def bytes_on_disk(self) -> int:
-        return int(sync(self.group.store.getsize_prefix(self.group.path or "")))
+        return storage.bytes_stored(self.path, self.group)
 
     def info(self) -> dict[str, Any]:
         """Summary of a cache for `cache info` (JSON-serialisable)."""

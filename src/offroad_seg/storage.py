@@ -92,6 +92,20 @@ def clear(path: CachePath, keep: str | None = None) -> None:
         shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
 
+def bytes_stored(path: CachePath, group: zarr.Group) -> int:
+    """Bytes of the files under a cache. Locally a file may vanish while we count (the writer
+    lock is removed on release, a .partial chunk is renamed): it no longer counts."""
+    path = normalize(path)
+    if is_remote(path):
+        return int(sync(group.store.getsize_prefix(group.path or "")))
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):
+                total += os.stat(os.path.join(root, name)).st_size
+    return total
+
+
 def remove_partial_writes(path: CachePath) -> None:
     """zarr writes a local chunk to NAME.<uuid>.partial and renames it; a killed writer leaves
     these behind. They are never read, only wasted space. (Object stores write whole objects.)"""
