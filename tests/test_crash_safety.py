@@ -70,6 +70,8 @@ def start(data: Path, cache: Path) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        # a suite started in the background (`cmd &`) ignores SIGINT, and children inherit that
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
@@ -123,11 +125,26 @@ def test_sigkill_at_random_moments_then_resume(data, reference, tmp_path):
     assert not list(cache.rglob("*.partial"))
 
 
+def paused_mid_extraction(data: Path, cache: Path) -> subprocess.Popen:
+    """An extract process frozen (SIGSTOP) with some but not all chunks written: tiny images
+    extract in well under a second, so without the freeze a signal could arrive after the end."""
+    for _ in range(5):
+        proc = start(data, cache)
+        wait_for(proc, cache, 1)
+        proc.send_signal(signal.SIGSTOP)
+        if proc.poll() is None and 0 < done_count(cache) < N:
+            return proc
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        shutil.rmtree(cache, ignore_errors=True)
+    raise AssertionError("could not catch extract mid-way in 5 tries")
+
+
 def test_ctrl_c_leaves_a_resumable_cache(data, reference, tmp_path):
     cache = tmp_path / "c.zarr"
-    proc = start(data, cache)
-    wait_for(proc, cache, 3)
-    proc.send_signal(signal.SIGINT)
+    proc = paused_mid_extraction(data, cache)
+    proc.send_signal(signal.SIGINT)  # delivered when it resumes
+    proc.send_signal(signal.SIGCONT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     last = err.strip().splitlines()[-1]
@@ -142,10 +159,8 @@ def test_ctrl_c_leaves_a_resumable_cache(data, reference, tmp_path):
 
 def test_second_writer_refused_and_dead_owner_recovered(data, reference, tmp_path):
     cache = tmp_path / "c.zarr"
-    proc = start(data, cache)
+    proc = paused_mid_extraction(data, cache)
     try:
-        wait_for(proc, cache, 1)
-        assert proc.poll() is None, "extraction finished before the test could race it"
         with pytest.raises(
             CacheError, match=rf"another `offroad-seg extract` is writing.*pid {proc.pid}"
         ):
