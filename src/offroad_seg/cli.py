@@ -81,6 +81,34 @@ WEIGHTS_HELP = (
 )
 
 
+def head_inference_options(fn):
+    """The options evaluate and predict share: how a trained head's pipeline runs."""
+    options = (
+        click.option(
+            "--weights",
+            default=None,
+            help="Backbone weights [default: those the head was trained on].",
+        ),
+        click.option(
+            "--batch-size", type=int, default=None, help="Images per pass [default: 8 CPU, 64 GPU]."
+        ),
+        click.option(
+            "--workers", type=int, default=None, help="Decoding workers [default: by device]."
+        ),
+        click.option("--device", default="auto", show_default=True),
+        click.option(
+            "--tta",
+            type=click.Choice(["none", "flip"]),
+            default="none",
+            show_default=True,
+            help="flip: average the logits of each image and its mirror.",
+        ),
+    )
+    for option in reversed(options):  # click applies decorators bottom-up
+        fn = option(fn)
+    return fn
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="offroad-seg")
 @click.option("-v", "--verbose", count=True, help="More log output.")
@@ -249,26 +277,12 @@ def train(caches: tuple[str, ...], out: Path, **opts) -> None:
 @click.argument("head", type=click.Path(path_type=Path))
 @click.argument("data_dir", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option(
-    "--weights", default=None, help="Backbone weights [default: those the head was trained on]."
-)
-@click.option(
-    "--batch-size", type=int, default=None, help="Images per pass [default: 8 CPU, 64 GPU]."
-)
-@click.option("--workers", type=int, default=None, help="Decoding workers [default: by device].")
-@click.option("--device", default="auto", show_default=True)
+@head_inference_options
 @click.option(
     "--comparisons",
     default=10,
     show_default=True,
     help="Comparison panels (image | truth | prediction) for the first N images; 0 for none.",
-)
-@click.option(
-    "--tta",
-    type=click.Choice(["none", "flip"]),
-    default="none",
-    show_default=True,
-    help="flip: average the logits of each image and its mirror.",
 )
 @click.option("--no-masks", "write_masks", flag_value=False, default=True, help="Metrics only.")
 @click.option(
@@ -299,15 +313,7 @@ def evaluate(head: Path, data_dir: Path, out: Path, **opts) -> None:
 @click.argument("head", type=click.Path(path_type=Path))
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option(
-    "--weights", default=None, help="Backbone weights [default: those the head was trained on]."
-)
-@click.option(
-    "--batch-size", type=int, default=None, help="Images per pass [default: 8 CPU, 64 GPU]."
-)
-@click.option("--workers", type=int, default=None, help="Decoding workers [default: by device].")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--tta", type=click.Choice(["none", "flip"]), default="none", show_default=True)
+@head_inference_options
 @click.option("--no-overlays", "overlays", flag_value=False, default=True, help="Masks only.")
 @click.option("--overwrite", is_flag=True, help="Replace results already in OUT.")
 @stage
