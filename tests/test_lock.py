@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from offroad_seg import lock
+from offroad_seg import lock, storage
 from offroad_seg.errors import CacheError
 
 
@@ -55,8 +55,6 @@ def test_waiter_that_locked_a_removed_file_takes_the_new_one(tmp_path, monkeypat
 
 def test_cache_size_counts_files_and_tolerates_one_vanishing(tmp_path, monkeypatch):
     # a writer's lock file is removed on release while another rank may be counting bytes
-    from offroad_seg import storage
-
     (tmp_path / "a").mkdir()
     (tmp_path / "zarr.json").write_bytes(b"x" * 10)
     (tmp_path / "a" / "c0").write_bytes(b"y" * 32)
