@@ -88,3 +88,14 @@ def test_to_dict_and_table():
     assert d["per_class"]["f"]["truth_pixels"] == 0
     assert d["miou"] == m.miou and d["loss"] == 0.5
     assert "Mean IoU" in m.table() and "f " in m.table()
+
+
+def test_to_dict_round_trips():
+    rng = np.random.default_rng(3)
+    cm = rng.integers(0, 50, size=(5, 5))
+    cm[4] = 0  # a class absent from ground truth
+    m = SegMetrics.from_confusion(cm, list("abcde"), loss=0.25)
+    back = SegMetrics.from_dict(m.to_dict())
+    np.testing.assert_array_equal(back.confusion, cm)
+    assert back.names == m.names and back.loss == 0.25
+    assert back.table() == m.table()

@@ -166,6 +166,10 @@ def test_checkpoint_is_self_contained(caches, tmp_path):
     assert csv_lines[0].startswith("epoch,train_loss,val_loss,val_miou") and len(csv_lines) == 3
     text = (stats / "evaluation_metrics.txt").read_text()
     assert "Best val mIoU" in text and "Per-epoch history" in text
+    # the stats' final table is the best head's validation, computed afresh here
+    weight = torch.tensor(p["class_weights"], dtype=torch.float32)
+    fresh = evaluate_on_cache(head, FeatureCache.open(caches["val"]), torch.device("cpu"), weight)
+    assert fresh.table("Best checkpoint on the validation cache") in text
 
 
 def test_resume_reproduces_uninterrupted_run(caches, tmp_path, monkeypatch):

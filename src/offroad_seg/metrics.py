@@ -141,6 +141,11 @@ class SegMetrics:
             "loss": self.loss,
         }
 
+    @classmethod
+    def from_dict(cls, d: dict) -> SegMetrics:
+        """The inverse of `to_dict` (everything derives from the matrix and the loss)."""
+        return cls.from_confusion(d["confusion_matrix"], d["class_names"], d.get("loss"))
+
     def to_dict(self) -> dict:
         """JSON-ready: NaN (class absent) becomes null."""
 

@@ -13,6 +13,7 @@ import csv
 import io
 import logging
 import math
+import os
 import queue
 import threading
 import time
@@ -95,12 +96,17 @@ def warmup_steps(warmup_epochs: float, steps_per_epoch: int, total_steps: int) -
     return max(1, min(int(warmup_epochs * steps_per_epoch), total_steps // 10 or 1))
 
 
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The one source of an epoch's randomness in sample order and view choice."""
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
 def epoch_order(
     num_views: torch.Tensor, seed: int, epoch: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The images of an epoch in training order and the cached view used for each: a pure
     function of (seed, epoch), shared by both feature sources, resume and tests."""
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    g = epoch_generator(seed, epoch)
     perm = torch.randperm(len(num_views), generator=g)
     views = (torch.rand(len(num_views), generator=g) * num_views[perm]).long()
     return perm, views
@@ -197,7 +203,7 @@ class StreamingSource:
     def epoch_plan(self, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(cache, image, view) of every sample in epoch order, as an (N, 3) array, and where
         each window starts in it."""
-        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        g = epoch_generator(seed, epoch)
         order = torch.randperm(len(self.chunks), generator=g).tolist()
         parts, starts, total = [], [], 0
         for w in range(0, len(order), self.window):
@@ -298,8 +304,6 @@ def _free_memory_bytes(device: torch.device) -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    import os
-
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
@@ -320,6 +324,12 @@ def choose_source(caches: Sequence[FeatureCache], cfg: TrainConfig, device: torc
 # ----------------------------------------------------------------------------- validation
 
 
+def view0_tensors(cache: FeatureCache) -> tuple[torch.Tensor, torch.Tensor]:
+    """A validation cache's plain-image (view 0) features and labels, in host memory."""
+    feats, labels = cache.load(progress=False)
+    return torch.from_numpy(feats[:, 0]), torch.from_numpy(labels[:, 0])
+
+
 @torch.no_grad()
 def evaluate_on_cache(
     head: nn.Module,
@@ -336,10 +346,7 @@ def evaluate_on_cache(
     was_training = head.training
     head.eval()
     acc = ConfusionAccumulator(cache.spec.class_map.num_classes, device)
-    if features is None:
-        feats_np, labels_np = cache.load()
-        features = (torch.from_numpy(feats_np[:, 0]), torch.from_numpy(labels_np[:, 0]))
-    feats, labels = features
+    feats, labels = features if features is not None else view0_tensors(cache)
     mine = torch.arange(world.rank, len(feats), world.size)
     for s in range(0, len(mine), batch_size):
         idx = mine[s : s + batch_size]
@@ -594,8 +601,7 @@ def _train(cfg: TrainConfig, caches, val, world: World, device: torch.device) ->
     warmup = warmup_steps(cfg.warmup_epochs, steps_per_epoch, total_steps)
     val_features = None
     if val is not None:
-        vf, vl = val.load(progress=False)
-        val_features = (torch.from_numpy(vf[:, 0]), torch.from_numpy(vl[:, 0]))
+        val_features = view0_tensors(val)
         if source.kind == "memory":  # the training set fits, so the smaller val set does too
             val_features = tuple(t.to(device) for t in val_features)
 
@@ -696,9 +702,11 @@ def _train(cfg: TrainConfig, caches, val, world: World, device: torch.device) ->
 
     if world.is_main:
         final = None
-        if val is not None:
-            best_head = load_checkpoint(cfg.out / HEAD_FILE).build(device)
-            final = evaluate_on_cache(best_head, val, device, weight, features=val_features)
+        if val is not None:  # the best epoch's validation, saved with its head (maybe by an
+            # earlier run that this one resumed): no second pass over the val cache
+            final = SegMetrics.from_dict(
+                load_checkpoint(cfg.out / HEAD_FILE).payload["val_metrics"]
+            )
         write_stats(cfg.out, history, best, final)
     world.barrier()
     return TrainResult(cfg.out, history, best, 0.0, source.kind, step_losses)
