@@ -324,6 +324,11 @@ def read_labels(path: str | Path, class_map: ClassMap, ignore_unknown: bool = Fa
     return class_map.codes_to_ids(read_mask(path), source=str(path), ignore_unknown=ignore_unknown)
 
 
+def mask_image(codes: np.ndarray) -> Image.Image:
+    """Raw class codes as a 16-bit image (PIL mode I;16), as the dataset stores masks."""
+    return Image.fromarray(np.ascontiguousarray(codes, dtype=np.uint16))
+
+
 def write_mask(path: str | Path, codes: np.ndarray) -> None:
-    """Write raw class codes as a 16-bit PNG (PIL mode I;16), as the dataset stores them."""
-    Image.fromarray(np.ascontiguousarray(codes, dtype=np.uint16)).save(path)
+    """Write raw class codes as a 16-bit PNG, as the dataset stores them."""
+    mask_image(codes).save(path)

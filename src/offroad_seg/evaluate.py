@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from offroad_seg.atomic import atomic_write, write_json_atomic, write_text_atomic
+from offroad_seg.atomic import write_json_atomic, write_png_atomic, write_text_atomic
 from offroad_seg.backbone import RANDOM, Backbone, load_backbone
 from offroad_seg.background import BoundedPool
 from offroad_seg.checkpoint import HeadCheckpoint, load_checkpoint
-from offroad_seg.data import ClassMap, Sample, list_images, list_samples
+from offroad_seg.data import ClassMap, Sample, list_images, list_samples, mask_image
 from offroad_seg.errors import DataError, OffroadSegError, WeightsError
 from offroad_seg.loader import (
     DecodedSamples,
@@ -158,16 +158,12 @@ def predict_logits(
 
 
 def _save_mask(path: Path, codes: np.ndarray) -> None:
-    from PIL import Image
-
-    img = Image.fromarray(np.ascontiguousarray(codes, dtype=np.uint16))
-    atomic_write(path, lambda f: img.save(f, format="PNG", compress_level=1), durable=False)
+    write_png_atomic(path, mask_image(codes))
 
 
 def _save_color_mask(path: Path, ids: np.ndarray, class_map: ClassMap) -> None:
     """A paletted PNG: viewers show the class colours, and it encodes ~10x faster than RGB."""
-    img = class_map.color_image(ids)
-    atomic_write(path, lambda f: img.save(f, format="PNG", compress_level=1), durable=False)
+    write_png_atomic(path, class_map.color_image(ids))
 
 
 def _save_comparison(path: Path, image, truth, pred, class_map: ClassMap, title: str) -> None:

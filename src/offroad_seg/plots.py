@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from offroad_seg.atomic import atomic_write
+from offroad_seg.atomic import atomic_write, write_png_atomic
 from offroad_seg.data import ClassMap
 
 if TYPE_CHECKING:
@@ -60,16 +60,14 @@ def save_png(path: Path, rgb: np.ndarray) -> None:
     """Save an (H, W, 3) uint8 RGB array (or an (H, W) uint8 grey one) as a PNG, atomically.
 
     Written to a hidden temporary file in the same folder, then `os.replace`d onto `path`; the
-    folder is created if missing. Uses zlib level 1: panels are written once per evaluated image,
-    and the light level is faster than the default for slightly larger files.
+    folder is created if missing (`write_png_atomic`).
     """
     arr = np.asarray(rgb)
     if arr.dtype != np.uint8 or not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 3)):
         raise ValueError(
             f"save_png: expected (H, W, 3) or (H, W) uint8, got {arr.shape} {arr.dtype}"
         )
-    img = Image.fromarray(np.ascontiguousarray(arr))
-    atomic_write(Path(path), lambda f: img.save(f, format="PNG", compress_level=1), durable=False)
+    write_png_atomic(path, Image.fromarray(np.ascontiguousarray(arr)))
 
 
 def _save_figure(fig: Figure, path: Path) -> None:
