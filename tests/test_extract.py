@@ -42,6 +42,24 @@ def test_cache_layout_readable_with_plain_zarr(caches, dataset):
         assert sorted(g.array_keys()) == ["class_pixels", "done", "features", "labels", "names"]
 
 
+def test_streaming_reader_equals_whole_cache(dataset, tmp_path):
+    path = tmp_path / "c.zarr"
+    extract(
+        extract_config(dataset / "train", path, images_per_chunk=2, views=("identity", "hflip"))
+    )
+    cache = FeatureCache.open(path)
+    assert cache.num_chunks > 1
+    features, labels = cache.load()
+    order = list(reversed(range(cache.num_chunks)))
+    seen = []
+    for start, f, lab in cache.iter_chunks(order):
+        np.testing.assert_array_equal(f, features[start : start + len(f)])
+        np.testing.assert_array_equal(lab, labels[start : start + len(lab)])
+        seen += range(start, start + len(f))
+    assert sorted(seen) == list(range(cache.num_images))
+    assert seen[0] == cache.chunk_range(order[0])[0]  # in the order asked
+
+
 def test_cached_features_equal_backbone_output(caches, dataset, backbone):
     g = zarr.open_group(str(caches["train"]), mode="r")
     prep = Preprocessing(size=SIZE)
