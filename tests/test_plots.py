@@ -218,6 +218,35 @@ def test_overlay_rejects_bad_input() -> None:
         plots.overlay(image, pred[:5])
 
 
+@pytest.mark.parametrize(("h", "w"), [(540, 960), (33, 47), (1, 1)])
+def test_overlay_with_legend(h: int, w: int) -> None:
+    image, _, pred = _inputs(h, w, seed=4)
+    out = plots.overlay_with_legend(image, pred, CLASS_MAP, alpha=0.3)
+    assert out.dtype == np.uint8 and out.shape[1:] == (w, 3) and out.shape[0] > h
+    np.testing.assert_array_equal(out[:h], plots.overlay(image, pred, 0.3))
+
+    # The legend does not depend on the image: another image of that size gets the same one.
+    other, _, other_pred = _inputs(h, w, seed=5)
+    again = plots.overlay_with_legend(other, other_pred, CLASS_MAP)
+    assert again.shape == out.shape
+    np.testing.assert_array_equal(again[h:], out[h:])
+    if w >= 60:  # every class colour and the ignore white appear in the legend
+        colours = {tuple(int(v) for v in px) for px in np.unique(out[h:].reshape(-1, 3), axis=0)}
+        for colour in [*CLASS_MAP.palette, (255, 255, 255)]:
+            assert tuple(int(v) for v in colour) in colours
+    # wrapped to the narrower width: taller than the legend of a 3-column comparison panel
+    if w == 960:
+        assert out.shape[0] - h > plots.panel_layout(image.shape, CLASS_MAP).legend
+
+
+def test_overlay_with_legend_rejects_bad_input() -> None:
+    image, _, pred = _inputs(10, 10)
+    with pytest.raises(ValueError, match="differ"):
+        plots.overlay_with_legend(image, pred[:5], CLASS_MAP)
+    with pytest.raises(ValueError, match="alpha"):
+        plots.overlay_with_legend(image, pred, CLASS_MAP, alpha=-0.1)
+
+
 # --------------------------------------------------------------------------- save_png
 
 

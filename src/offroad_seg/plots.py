@@ -5,8 +5,9 @@ Two kinds of output:
 * matplotlib figures (training curves, per-class metrics, confusion matrix). They are drawn on a
   bare `matplotlib.figure.Figure` (Agg canvas, no pyplot, no global state), so they are safe in
   headless runs and threads; matplotlib is imported only when one of them is drawn.
-* image panels (`comparison_panel`, `overlay`) built with numpy and PIL, fast enough to run once
-  per image during evaluation. They return uint8 RGB arrays; `save_png` writes one.
+* image panels (`comparison_panel`, `overlay`, `overlay_with_legend`) built with numpy and PIL,
+  fast enough to run once per image during evaluation. They return uint8 RGB arrays; `save_png`
+  writes one.
 
 Every file is written atomically: to a hidden temporary file in the destination folder, then
 `os.replace`d into place, so a reader never sees a half-written PNG. The destination folder is
@@ -35,6 +36,7 @@ __all__ = [
     "PanelLayout",
     "comparison_panel",
     "overlay",
+    "overlay_with_legend",
     "panel_layout",
     "plot_confusion_matrix",
     "plot_per_class_metrics",
@@ -527,3 +529,17 @@ def overlay(image: np.ndarray, pred_rgb: np.ndarray, alpha: float = 0.5) -> np.n
         raise ValueError(f"overlay: alpha {alpha} is not in [0, 1]")
     out = (1.0 - alpha) * image.astype(np.float64) + alpha * pred_rgb.astype(np.float64)
     return np.rint(out).astype(np.uint8)
+
+
+def overlay_with_legend(
+    image: np.ndarray, pred_rgb: np.ndarray, class_map: ClassMap, alpha: float = 0.5
+) -> np.ndarray:
+    """`overlay(image, pred_rgb, alpha)` with the comparison panels' colour legend below it.
+
+    An (H + L, W, 3) uint8 array: rows `:H` are exactly the overlay, rows `H:` the legend strip
+    (a swatch and name per class, plus 'ignore'), wrapped to the image width with text sized
+    for it, as in `comparison_panel`.
+    """
+    blended = overlay(image, pred_rgb, alpha)
+    w = blended.shape[1]
+    return np.concatenate([blended, _legend_strip(w, class_map, _font_size(w))], axis=0)
