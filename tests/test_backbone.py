@@ -1,181 +1,307 @@
-import hashlib
+"""Backbones: every DINOv2 variant, in every accepted weights format, gives the official code's
+features. Checkpoints are written by the tests in the official layout first (random weights),
+then converted to timm's layout by timm's own converter and to transformers' layout by hand, so
+the loader meets each format as it exists in the wild."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
 
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from timm.models.vision_transformer import checkpoint_filter_fn
 
 from offroad_seg.backbone import (
-    ARCH,
-    OFFICIAL_FILENAME,
     Backbone,
-    find_weights,
+    BackboneSpec,
+    create_vit,
     load_backbone,
-    official_pos_embed,
-    state_dict_sha256,
+    resize_pos_embed,
 )
 from offroad_seg.errors import WeightsError
+from offroad_seg.variants import BACKBONES, PLAIN_RESIZE, REGISTER_RESIZE, get_variant
+from offroad_seg.weights import (
+    find_weights,
+    load_weights_into,
+    read_state_dict,
+    state_dict_sha256,
+    to_timm_layout,
+    weights_shape,
+)
+
+from .dinov2_reference import official_features
+
+# Every variant is checked in every format with two blocks (the key mapping, the MLP and the
+# prefix tokens are the same at any depth; ViT-g has 40 blocks and 1.1 B parameters), and the
+# small and base variants also at full depth with `--layers 4`, the last four of twelve blocks.
+TRUNCATED_DEPTH = 2
+X = torch.randn(2, 3, 42, 70, generator=torch.Generator().manual_seed(0))  # a 3x5 token grid
 
 
-def official_state_dict(timm_sd: dict) -> dict:
-    """What facebookresearch/dinov2's dinov2_vits14_pretrain.pth holds: timm's names for
-    ViT-S (blocks.N.ls1.gamma, attn.qkv, ...) plus the mask token."""
-    sd = {k: v.clone() for k, v in timm_sd.items()}
-    sd["mask_token"] = torch.zeros(1, 384)
+def swiglu_hidden(dim: int) -> int:
+    """The official SwiGLU width: 2/3 of 4 x dim, rounded up to a multiple of 8."""
+    return (int(4 * dim * 2 / 3) + 7) // 8 * 8
+
+
+def random_official_state_dict(variant, depth: int, seed: int) -> dict[str, torch.Tensor]:
+    """Random weights in facebookresearch/dinov2's own layout (what *_pretrain.pth holds), with
+    non-trivial layer scales and norms so that every block matters."""
+    g = torch.Generator().manual_seed(seed)
+    c = variant.embed_dim
+
+    def randn(*shape, std=1.0):
+        return torch.randn(*shape, generator=g) * std
+
+    def uniform(*shape, lo, hi):
+        return lo + (hi - lo) * torch.rand(*shape, generator=g)
+
+    sd = {
+        "cls_token": randn(1, 1, c, std=0.5),
+        "pos_embed": randn(1, 1 + 37 * 37, c, std=0.5),
+        "mask_token": torch.zeros(1, c),
+        "patch_embed.proj.weight": randn(c, 3, 14, 14, std=(3 * 14 * 14) ** -0.5),
+        "patch_embed.proj.bias": randn(c, std=0.1),
+        "norm.weight": uniform(c, lo=0.5, hi=1.5),
+        "norm.bias": randn(c, std=0.1),
+    }
+    if variant.registers:
+        sd["register_tokens"] = randn(1, variant.registers, c, std=0.5)
+    for i in range(depth):
+        p = f"blocks.{i}."
+        for norm in ("norm1", "norm2"):
+            sd[p + f"{norm}.weight"] = uniform(c, lo=0.5, hi=1.5)
+            sd[p + f"{norm}.bias"] = randn(c, std=0.1)
+        sd[p + "attn.qkv.weight"] = randn(3 * c, c, std=c**-0.5)
+        sd[p + "attn.qkv.bias"] = randn(3 * c, std=0.1)
+        sd[p + "attn.proj.weight"] = randn(c, c, std=c**-0.5)
+        sd[p + "attn.proj.bias"] = randn(c, std=0.1)
+        if variant.ffn == "swiglu":
+            hidden = swiglu_hidden(c)
+            sd[p + "mlp.w12.weight"] = randn(2 * hidden, c, std=c**-0.5)
+            sd[p + "mlp.w12.bias"] = randn(2 * hidden, std=0.1)
+            sd[p + "mlp.w3.weight"] = randn(c, hidden, std=hidden**-0.5)
+            sd[p + "mlp.w3.bias"] = randn(c, std=0.1)
+        else:
+            sd[p + "mlp.fc1.weight"] = randn(4 * c, c, std=c**-0.5)
+            sd[p + "mlp.fc1.bias"] = randn(4 * c, std=0.1)
+            sd[p + "mlp.fc2.weight"] = randn(c, 4 * c, std=(4 * c) ** -0.5)
+            sd[p + "mlp.fc2.bias"] = randn(c, std=0.1)
+        sd[p + "ls1.gamma"] = uniform(c, lo=0.1, hi=0.5)
+        sd[p + "ls2.gamma"] = uniform(c, lo=0.1, hi=0.5)
     return sd
 
 
-def transformers_state_dict(timm_sd: dict) -> dict:
-    """transformers' Dinov2Model layout (facebook/dinov2-small)."""
+def transformers_state_dict(official: dict) -> dict[str, torch.Tensor]:
+    """transformers' Dinov2Model / Dinov2WithRegistersModel layout (facebook/dinov2-*)."""
     sd = {
-        "embeddings.cls_token": timm_sd["cls_token"],
-        "embeddings.mask_token": torch.zeros(1, 384),
-        "embeddings.position_embeddings": timm_sd["pos_embed"],
-        "embeddings.patch_embeddings.projection.weight": timm_sd["patch_embed.proj.weight"],
-        "embeddings.patch_embeddings.projection.bias": timm_sd["patch_embed.proj.bias"],
-        "layernorm.weight": timm_sd["norm.weight"],
-        "layernorm.bias": timm_sd["norm.bias"],
+        "embeddings.cls_token": official["cls_token"],
+        "embeddings.mask_token": official["mask_token"],
+        "embeddings.position_embeddings": official["pos_embed"],
+        "embeddings.patch_embeddings.projection.weight": official["patch_embed.proj.weight"],
+        "embeddings.patch_embeddings.projection.bias": official["patch_embed.proj.bias"],
+        "layernorm.weight": official["norm.weight"],
+        "layernorm.bias": official["norm.bias"],
     }
-    for i in range(12):
+    if "register_tokens" in official:
+        sd["embeddings.register_tokens"] = official["register_tokens"]
+    depth = 1 + max(int(k.split(".")[1]) for k in official if k.startswith("blocks."))
+    for i in range(depth):
         b, e = f"blocks.{i}.", f"encoder.layer.{i}."
         for p in ("weight", "bias"):
-            q, k, v = timm_sd[b + f"attn.qkv.{p}"].chunk(3)
+            q, k, v = official[b + f"attn.qkv.{p}"].chunk(3)
             sd[e + f"attention.attention.query.{p}"] = q
             sd[e + f"attention.attention.key.{p}"] = k
             sd[e + f"attention.attention.value.{p}"] = v
-            sd[e + f"attention.output.dense.{p}"] = timm_sd[b + f"attn.proj.{p}"]
-            for n in ("norm1", "norm2", "mlp.fc1", "mlp.fc2"):
-                sd[e + f"{n}.{p}"] = timm_sd[b + f"{n}.{p}"]
-        sd[e + "layer_scale1.lambda1"] = timm_sd[b + "ls1.gamma"]
-        sd[e + "layer_scale2.lambda1"] = timm_sd[b + "ls2.gamma"]
+            sd[e + f"attention.output.dense.{p}"] = official[b + f"attn.proj.{p}"]
+            for n in ("norm1", "norm2"):
+                sd[e + f"{n}.{p}"] = official[b + f"{n}.{p}"]
+            if b + "mlp.w12.weight" in official:
+                sd[e + f"mlp.weights_in.{p}"] = official[b + f"mlp.w12.{p}"]
+                sd[e + f"mlp.weights_out.{p}"] = official[b + f"mlp.w3.{p}"]
+            else:
+                sd[e + f"mlp.fc1.{p}"] = official[b + f"mlp.fc1.{p}"]
+                sd[e + f"mlp.fc2.{p}"] = official[b + f"mlp.fc2.{p}"]
+        sd[e + "layer_scale1.lambda1"] = official[b + "ls1.gamma"]
+        sd[e + "layer_scale2.lambda1"] = official[b + "ls2.gamma"]
     return {k: v.contiguous() for k, v in sd.items()}
 
 
-@pytest.fixture(scope="module")
-def trained_like_sd() -> dict:
-    """Weights that differ from `--weights random` (another seed, non-trivial layer scales)."""
-    torch.manual_seed(123)
-    vit = timm.create_model(ARCH, pretrained=False, img_size=518, num_classes=0)
-    sd = vit.state_dict()
-    for k in sd:
-        if k.endswith("gamma"):
-            sd[k] = torch.full_like(sd[k], 0.3)
-    return sd
+def write_checkpoints(tmp_path, variant, depth: int, seed: int = 1) -> tuple[dict, dict]:
+    """The same random weights as an official .pth, a timm .safetensors (converted by timm's
+    own checkpoint filter) and a transformers .safetensors."""
+    official = random_official_state_dict(variant, depth, seed)
+    paths = {"official": tmp_path / variant.official_file}
+    torch.save(official, paths["official"])
+    timm_sd = checkpoint_filter_fn(dict(official), create_vit(variant, depth=depth))
+    paths["timm"] = tmp_path / f"{variant.name}-timm.safetensors"
+    save_file({k: v.contiguous() for k, v in timm_sd.items()}, paths["timm"])
+    paths["transformers"] = tmp_path / f"{variant.name}-hf.safetensors"
+    save_file(transformers_state_dict(official), paths["transformers"])
+    return official, paths
 
 
-def test_pos_embed_resize_equals_official_formula():
-    pe = torch.randn(1, 1 + 37 * 37, 384)
-    rows, cols = 19, 34
-    ref = F.interpolate(
-        pe[:, 1:].reshape(1, 37, 37, 384).permute(0, 3, 1, 2),
-        mode="bicubic",
-        scale_factor=((rows + 0.1) / 37, (cols + 0.1) / 37),
-        antialias=False,
-    )
-    ref = torch.cat([pe[:, :1], ref.permute(0, 2, 3, 1).reshape(1, rows * cols, 384)], 1)
-    torch.testing.assert_close(official_pos_embed(pe, rows, cols), ref, rtol=0, atol=0)
-    # timm's own resize (by size, antialiased) differs measurably: the reason this exists
+def build(path, variant, depth: int) -> Backbone:
+    """What load_backbone does, at a chosen depth (load_backbone always builds the full depth;
+    it runs end to end at full depth below)."""
+    with torch.device("meta"):
+        vit = create_vit(variant, depth=depth)
+    load_weights_into(vit, read_state_dict(path), str(path), variant)
+    spec = BackboneSpec(state_dict_sha256(vit.state_dict()), str(path), depth, variant.name)
+    return Backbone(vit, spec)
+
+
+def with_layers(backbone: Backbone, layers: int) -> Backbone:
+    return Backbone(backbone.vit, dataclasses.replace(backbone.spec, layers=layers))
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("name", list(BACKBONES))
+def test_every_variant_in_every_format_equals_the_official_code(tmp_path, name):
+    variant = get_variant(name)
+    depth = TRUNCATED_DEPTH
+    official, paths = write_checkpoints(tmp_path, variant, depth)
+    ref = official_features(official, X, depth, variant.num_heads)  # both blocks, normed
+    hashes = set()
+    for fmt, path in paths.items():
+        backbone = build(path, variant, depth)
+        hashes.add(backbone.spec.weights_sha256)
+        for layers in (1, depth):
+            ours = with_layers(backbone, layers)(X)
+            assert ours.shape == (2, layers * variant.embed_dim, 3, 5), fmt
+            expected = ref[:, -layers * variant.embed_dim :]
+            assert relative_error(ours, expected) < 2e-5, (fmt, layers)
+    assert len(hashes) == 1  # the same weights in any format are the same backbone
+
+
+@pytest.mark.parametrize("name", ["dinov2_vits14", "dinov2_vitb14_reg"])
+def test_full_depth_last_four_layers_equal_the_official_code(tmp_path, name):
+    """load_backbone end to end on a full-depth official checkpoint: `--layers 4` is the
+    official get_intermediate_layers(n=4, norm=True), `--layers 1` its x_norm_patchtokens."""
+    variant = get_variant(name)
+    official = random_official_state_dict(variant, variant.depth, seed=2)
+    torch.save(official, tmp_path / variant.official_file)
+    backbone = load_backbone(str(tmp_path / variant.official_file), layers=4, name=name)
+    ref = official_features(official, X, 4, variant.num_heads)
+    assert relative_error(backbone(X), ref) < 2e-5
+    ref1 = official_features(official, X, 1, variant.num_heads)
+    torch.testing.assert_close(ref[:, -variant.embed_dim :], ref1, rtol=0, atol=0)
+    assert relative_error(with_layers(backbone, 1)(X), ref1) < 2e-5
+
+
+def test_pretraining_grid_uses_the_embeddings_as_they_are(tmp_path):
+    variant = get_variant("dinov2_vits14_reg")
+    official = random_official_state_dict(variant, 1, seed=3)
+    torch.save(official, tmp_path / "s.pth")
+    x = torch.randn(1, 3, 518, 518, generator=torch.Generator().manual_seed(3))
+    ours = build(tmp_path / "s.pth", variant, depth=1)(x)
+    ref = official_features(official, x, 1, variant.num_heads)
+    assert relative_error(ours, ref) < 2e-5
+
+
+def test_full_size_key_mapping_on_the_meta_device():
+    """ViT-L and ViT-g at full depth: the official layout of every tensor converts to exactly
+    timm's keys and shapes, and the variant is recognised from them."""
+    for name in ("dinov2_vitl14", "dinov2_vitg14", "dinov2_vitl14_reg", "dinov2_vitg14_reg"):
+        variant = get_variant(name)
+        with torch.device("meta"):
+            vit = create_vit(variant)
+            official = random_official_state_dict(variant, variant.depth, seed=0)
+        converted = to_timm_layout(official)
+        own = vit.state_dict()
+        assert set(converted) == set(own), name
+        assert all(converted[k].shape == own[k].shape for k in own), name
+        shape = weights_shape(converted)
+        assert (shape.depth, shape.registers, shape.ffn) == (
+            variant.depth,
+            variant.registers,
+            variant.ffn,
+        )
+        params = sum(p.numel() for p in vit.parameters()) / 1e6
+        assert abs(params - variant.params_m) < 0.01  # README's table
+
+
+def test_position_embeddings_are_resized_as_each_variant_does():
+    pe = torch.randn(1, 37 * 37, 32)
+    grid = pe.reshape(1, 37, 37, 32).permute(0, 3, 1, 2)
+    plain = F.interpolate(grid, scale_factor=(19.1 / 37, 34.1 / 37), mode="bicubic")
+    registers = F.interpolate(grid, size=(19, 34), mode="bicubic", antialias=True)
+    for how, ref in ((PLAIN_RESIZE, plain), (REGISTER_RESIZE, registers)):
+        ours = resize_pos_embed(pe, 19, 34, how)
+        torch.testing.assert_close(ours, ref.permute(0, 2, 3, 1).reshape(1, 19 * 34, 32))
+    assert (plain - registers).abs().max() > 1e-2  # the two rules really differ
+    # timm's own default resize differs from both: the reason the forward pass is ours
     from timm.layers import resample_abs_pos_embed
 
-    timm_pe = resample_abs_pos_embed(pe, new_size=(rows, cols), num_prefix_tokens=1)
-    assert (timm_pe - ref).abs().max() > 1e-3
-    # at the pretraining grid the embeddings are used as they are
-    assert official_pos_embed(pe, 37, 37) is pe
+    timm_pe = resample_abs_pos_embed(pe, new_size=(19, 34), num_prefix_tokens=0)
+    assert (timm_pe - plain.permute(0, 2, 3, 1).reshape(1, -1, 32)).abs().max() > 1e-3
+    assert torch.equal(resize_pos_embed(pe, 37, 37, PLAIN_RESIZE), pe)
 
 
-def test_features_shape_and_layers(backbone):
-    x = torch.randn(2, 3, 56, 98)
-    f = backbone(x)
-    assert f.shape == (2, 384, 4, 7)
-    four = Backbone(
-        backbone.vit, backbone.spec.__class__(**{**backbone.spec.__dict__, "layers": 4})
-    )
-    f4 = four(x)
-    assert f4.shape == (2, 1536, 4, 7)
-    # the last of the four blocks, normed, is the single-layer output
-    torch.testing.assert_close(f4[:, 3 * 384 :], f, rtol=0, atol=0)
-
-
-def test_features_equal_timm_at_518(backbone):
-    ref = timm.create_model(ARCH, pretrained=False, img_size=518, num_classes=0).eval()
-    ref.load_state_dict(backbone.vit.state_dict())
-    x = torch.randn(1, 3, 518, 518)
-    with torch.no_grad():
-        tokens = ref.forward_features(x)[:, 1:]
-    ours = backbone(x).flatten(2).transpose(1, 2)
-    torch.testing.assert_close(ours, tokens, rtol=1e-5, atol=1e-5)
-
-
-def test_four_layers_equal_timm_intermediates(backbone):
-    x = torch.randn(1, 3, 42, 56)
-    spec4 = backbone.spec.__class__(**{**backbone.spec.__dict__, "layers": 4})
-    ours = Backbone(backbone.vit, spec4)(x)
-    # independent: run the blocks by hand with the official position embedding
-    vit = backbone.vit
-    t = vit.patch_embed(x).reshape(1, 12, 384)
-    t = torch.cat([vit.cls_token, t], 1) + official_pos_embed(vit.pos_embed, 3, 4)
-    outs = []
-    with torch.no_grad():
-        for i, blk in enumerate(vit.blocks):
-            t = blk(t)
-            if i >= 8:
-                outs.append(vit.norm(t)[:, 1:])
-    ref = torch.cat(outs, -1).transpose(1, 2).reshape(1, 1536, 3, 4)
-    torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+def test_weights_of_another_variant_are_refused_naming_both(tmp_path):
+    vitb = random_official_state_dict(get_variant("dinov2_vitb14"), 1, seed=0)
+    torch.save(vitb, tmp_path / "b.pth")
+    with pytest.raises(WeightsError, match=r"b.pth: weights of dinov2_vitb14, not dinov2_vits14"):
+        load_backbone(str(tmp_path / "b.pth"))
+    vits_reg = random_official_state_dict(get_variant("dinov2_vits14_reg"), 1, seed=0)
+    torch.save(vits_reg, tmp_path / "sreg.pth")
+    with pytest.raises(WeightsError, match=r"weights of dinov2_vits14_reg, not dinov2_vits14;"):
+        load_backbone(str(tmp_path / "sreg.pth"))
+    with pytest.raises(WeightsError, match=r"weights of dinov2_vits14, not dinov2_vits14_reg"):
+        vits = random_official_state_dict(get_variant("dinov2_vits14"), 1, seed=0)
+        torch.save(vits, tmp_path / "s.pth")
+        load_backbone(str(tmp_path / "s.pth"), name="dinov2_vits14_reg")
+    # a checkpoint of the right variant with blocks missing
+    with pytest.raises(WeightsError, match=r"sreg.pth: not a dinov2_vits14_reg checkpoint"):
+        load_backbone(str(tmp_path / "sreg.pth"), name="dinov2_vits14_reg")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match=r"junk.pth: cannot read weights"):
+        load_backbone(str(tmp_path / "junk.pth"))
 
 
 def test_random_weights_are_reproducible(backbone):
     again = load_backbone("random")
     assert again.spec.weights_sha256 == backbone.spec.weights_sha256
     assert again.spec.weights_source == "random"
+    assert not any(p.requires_grad for p in backbone.parameters())
+    assert not backbone.vit.training
 
 
-def test_load_official_pth_and_timm_safetensors(tmp_path, trained_like_sd):
-    official = tmp_path / OFFICIAL_FILENAME
-    torch.save(official_state_dict(trained_like_sd), official)
-    st = tmp_path / "model.safetensors"
-    save_file({k: v.contiguous() for k, v in trained_like_sd.items()}, st)
-    hf = tmp_path / "hf.safetensors"
-    save_file(transformers_state_dict(trained_like_sd), hf)
-
-    expected = hashlib.sha256()
-    for k in sorted(trained_like_sd):
-        t = trained_like_sd[k].float().contiguous()
-        expected.update(f"{k}:{tuple(t.shape)}\n".encode())
-        expected.update(t.numpy().tobytes())
-
-    x = torch.randn(1, 3, 28, 42)
-    results = []
-    for path in (official, st, hf):
-        bb = load_backbone(str(path))
-        assert bb.spec.weights_source == str(path)
-        assert bb.spec.weights_sha256 == expected.hexdigest()
-        for k, v in bb.vit.state_dict().items():
-            torch.testing.assert_close(v, trained_like_sd[k], rtol=0, atol=0)
-        results.append(bb(x))
-    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
-    torch.testing.assert_close(results[0], results[2], rtol=0, atol=0)
-    assert state_dict_sha256(trained_like_sd) != load_backbone("random").spec.weights_sha256
+def test_spec_reads_caches_written_before_the_registry():
+    old = {
+        "weights_sha256": "ab" * 32,
+        "weights_source": "random",
+        "layers": 4,
+        "arch": "vit_small_patch14_dinov2",
+        "embed_dim": 384,
+        "channels": 1536,
+    }
+    spec = BackboneSpec.from_dict(old)
+    assert spec.name == "dinov2_vits14" and spec.channels == 1536
+    # the identity (hashed into cache fingerprints) is what it was
+    assert spec.identity() == {"arch": old["arch"], "weights_sha256": "ab" * 32, "layers": 4}
+    assert BackboneSpec.from_dict(spec.to_dict()) == spec
 
 
-def test_not_a_vits14_checkpoint_refused(tmp_path, trained_like_sd):
-    bad = {k: v for k, v in trained_like_sd.items() if not k.startswith("blocks.11.")}
-    torch.save(bad, tmp_path / "partial.pth")
-    with pytest.raises(WeightsError, match=r"partial.pth: not a DINOv2 ViT-S/14 checkpoint"):
-        load_backbone(str(tmp_path / "partial.pth"))
-    vitb = timm.create_model(
-        "vit_base_patch14_dinov2", pretrained=False, num_classes=0, img_size=518
-    )
-    torch.save(vitb.state_dict(), tmp_path / "vitb.pth")
-    with pytest.raises(WeightsError, match=r"vitb.pth: not a DINOv2 ViT-S/14.*shape"):
-        load_backbone(str(tmp_path / "vitb.pth"))
-    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(WeightsError, match=r"junk.pth: cannot read weights"):
-        load_backbone(str(tmp_path / "junk.pth"))
+def hf_cache_file(root, repo: str, tensors: dict) -> object:
+    """A file in the Hugging Face cache layout: models--ORG--NAME/{refs/main, snapshots/REV/}."""
+    folder = root / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text("abc123")
+    snap = folder / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, snap / "model.safetensors")
+    return snap / "model.safetensors"
 
 
-def test_weights_resolution_order(tmp_path, monkeypatch, trained_like_sd):
+@pytest.fixture
+def offline_caches(tmp_path, monkeypatch):
     monkeypatch.delenv("OFFROAD_SEG_WEIGHTS", raising=False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
@@ -184,40 +310,82 @@ def test_weights_resolution_order(tmp_path, monkeypatch, trained_like_sd):
 
     monkeypatch.setattr(hfc, "HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.setattr(hfc, "HF_HUB_OFFLINE", True)
+    return tmp_path
 
-    with pytest.raises(WeightsError, match="no DINOv2 ViT-S/14 weights found.*--weights"):
-        find_weights("auto")
 
-    # Hugging Face cache layout: models--ORG--NAME/{refs/main, snapshots/REV/FILE}
-    repo = tmp_path / "hf" / "models--timm--vit_small_patch14_dinov2.lvd142m"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text("abc123")
-    snap = repo / "snapshots" / "abc123"
-    snap.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in trained_like_sd.items()}, snap / "model.safetensors")
-    assert find_weights("auto") == str(snap / "model.safetensors")
-
-    hub = tmp_path / "torch" / "hub" / "checkpoints" / OFFICIAL_FILENAME
+def test_weights_resolution_order(offline_caches):
+    root = offline_caches
+    variant = get_variant("dinov2_vitb14_reg")
+    with pytest.raises(WeightsError, match="no dinov2_vitb14_reg weights found.*--weights"):
+        find_weights("auto", variant)
+    tensors = {"x": torch.zeros(1)}
+    hf = hf_cache_file(root / "hf", variant.transformers_repo, tensors)
+    assert find_weights("auto", variant) == str(hf)
+    timm_file = hf_cache_file(root / "hf", variant.timm_repo, tensors)
+    assert find_weights("auto", variant) == str(timm_file)  # timm's repository first
+    # another variant's cached files are not this one's
+    with pytest.raises(WeightsError, match="no dinov2_vitb14 weights"):
+        find_weights("auto", get_variant("dinov2_vitb14"))
+    hub = root / "torch" / "hub" / "checkpoints" / "dinov2_vitb14_reg4_pretrain.pth"
     hub.parent.mkdir(parents=True)
-    torch.save(official_state_dict(trained_like_sd), hub)
-    assert find_weights(None) == str(hub)
+    hub.write_bytes(b"")
+    assert find_weights(None, variant) == str(hub)
+    env = root / "env.pth"
+    env.write_bytes(b"")
+    import os
 
-    env = tmp_path / "env.pth"
-    torch.save(official_state_dict(trained_like_sd), env)
-    monkeypatch.setenv("OFFROAD_SEG_WEIGHTS", str(env))
-    assert find_weights("auto") == str(env)
+    os.environ["OFFROAD_SEG_WEIGHTS"] = str(env)
+    try:
+        assert find_weights("auto", variant) == str(env)
+        explicit = root / "explicit.safetensors"
+        explicit.write_bytes(b"")
+        assert find_weights(str(explicit), variant) == str(explicit)
+        assert find_weights("random", variant) == "random"
+        with pytest.raises(WeightsError, match="nope.pth: weights file not found"):
+            find_weights(str(root / "nope.pth"), variant)
+        os.environ["OFFROAD_SEG_WEIGHTS"] = str(root / "gone.pth")
+        with pytest.raises(WeightsError, match=r"gone.pth \(from \$OFFROAD_SEG_WEIGHTS\)"):
+            find_weights("auto", variant)
+    finally:
+        del os.environ["OFFROAD_SEG_WEIGHTS"]
 
-    explicit = tmp_path / "explicit.safetensors"
-    save_file({k: v.contiguous() for k, v in trained_like_sd.items()}, explicit)
-    assert find_weights(str(explicit)) == str(explicit)
-    assert find_weights("random") == "random"
-    with pytest.raises(WeightsError, match="nope.pth: weights file not found"):
-        find_weights(str(tmp_path / "nope.pth"))
-    monkeypatch.setenv("OFFROAD_SEG_WEIGHTS", str(tmp_path / "gone.pth"))
-    with pytest.raises(WeightsError, match=r"gone.pth \(from \$OFFROAD_SEG_WEIGHTS\)"):
-        find_weights("auto")
+
+def test_offline_machine_fails_fast_without_the_hub_client(offline_caches, monkeypatch):
+    """Offline, the hub client retries for ~25 s; a refused connection must end it at once."""
+    import socket
+
+    import huggingface_hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+
+    def no_network(address, timeout=None):
+        no_network.calls.append((address, timeout))
+        raise OSError("Name or service not known")
+
+    no_network.calls = []
+    monkeypatch.setattr(socket, "create_connection", no_network)
+
+    def never(*a, **k):
+        raise AssertionError("the hub client must not be called offline")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", never)
+    started = time.perf_counter()
+    with pytest.raises(WeightsError, match="no dinov2_vits14 weights found"):
+        find_weights("auto", get_variant("dinov2_vits14"))
+    assert time.perf_counter() - started < 1.0
+    assert no_network.calls == [(("huggingface.co", 443), 3.0)]
+    # behind a proxy, the proxy is what must answer
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    with pytest.raises(WeightsError):
+        find_weights("auto", get_variant("dinov2_vits14"))
+    assert no_network.calls[-1] == (("proxy.internal", 3128), 3.0)
 
 
-def test_backbone_is_frozen(backbone):
-    assert not any(p.requires_grad for p in backbone.parameters())
-    assert not backbone.vit.training
+def test_timm_architecture_matches_the_registry():
+    for variant in BACKBONES.values():
+        with torch.device("meta"):
+            vit = timm.create_model(variant.timm_arch, pretrained=False, num_classes=0)
+        assert vit.embed_dim == variant.embed_dim
+        assert len(vit.blocks) == variant.depth
+        assert vit.num_prefix_tokens == variant.prefix_tokens
+        assert vit.blocks[0].attn.num_heads == variant.num_heads

@@ -94,11 +94,11 @@ def test_interrupted_extract_resumes_to_identical_cache(dataset, tmp_path, cache
     original = FeatureCache.write_chunk
     calls = {"n": 0}
 
-    def crash_after_two(self, chunk, features, labels):
+    def crash_after_two(self, chunk, features, labels, scales=None):
         if calls["n"] == 2:
             raise RuntimeError("simulated crash")
         calls["n"] += 1
-        original(self, chunk, features, labels)
+        original(self, chunk, features, labels, scales)
 
     monkeypatch.setattr(FeatureCache, "write_chunk", crash_after_two)
     with pytest.raises(RuntimeError, match="simulated crash"):

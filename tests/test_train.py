@@ -15,10 +15,9 @@ from offroad_seg.extract import extract
 from offroad_seg.heads import HeadConfig, build_head
 from offroad_seg.loss import class_weights_from_pixels, segmentation_loss
 from offroad_seg.preprocess import Preprocessing, image_to_tensor, preprocess, resize_labels
+from offroad_seg.sources import StreamingSource, epoch_order
 from offroad_seg.train_head import (
-    StreamingSource,
     TrainConfig,
-    epoch_order,
     evaluate_on_cache,
     lr_at,
     make_optimizer,

@@ -2,7 +2,8 @@
 
 Arrays (N images, V views, C channels, h x w tokens, H x W working size, K classes):
 
-    features      (N, V, C, h, w)  float16 (or float32)   chunks (k, 1, C, h, w)
+    features      (N, V, C, h, w)  float16, float32 or int8  chunks (k, 1, C, h, w)
+    scales        (N, V, L, h, w)  float32 (int8 only)     chunks (k, 1, L, h, w)  per token, layer
     labels        (N, V, H, W)     uint8, 255 = ignore    chunks (k, 1, H, W)
     done          (N,)             bool                   chunks (k,)   set after a chunk's data
     names         (N,)             string                 file names, in order
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import zarr
 import zarr.codecs
 from tqdm.auto import tqdm
@@ -37,20 +39,22 @@ from zarr.core.sync import sync
 
 from offroad_seg import __version__, storage
 from offroad_seg.backbone import BackboneSpec
+from offroad_seg.config import CachePath
 from offroad_seg.data import IGNORE_ID, ClassMap
 from offroad_seg.errors import CacheError
 from offroad_seg.lock import LOCK_NAME
 from offroad_seg.preprocess import Preprocessing
-from offroad_seg.storage import CachePath
+from offroad_seg.quantize import dequantize
 
 log = logging.getLogger(__name__)
 
 FORMAT = "offroad-seg-cache"
 VERSION = 1
 VIEWS = ("identity", "hflip")
-FEATURE_DTYPES = ("float16", "float32")
+FEATURE_DTYPES = ("float16", "float32", "int8")
 TARGET_CHUNK_BYTES = 1 << 20
 ARRAYS = ("features", "labels", "done", "names", "class_pixels")
+SCALES = "scales"  # int8 caches only: the per-token, per-layer scales (see quantize.py)
 
 
 def compressors(dtype: np.dtype | str) -> list:
@@ -123,6 +127,11 @@ class CacheSpec:
         return compat_fingerprint(self.backbone, self.preprocessing, self.class_map)
 
     @property
+    def quantized(self) -> bool:
+        """int8 features with per-token scales (see quantize.py)."""
+        return self.dtype == "int8"
+
+    @property
     def fingerprint(self) -> str:
         return digest(
             {
@@ -193,6 +202,30 @@ class CacheSpec:
 
 
 @dataclass
+class StoredFeatures:
+    """Features as a cache stores them: float values, or int8 values with their per-token,
+    per-layer scales (see quantize.py)."""
+
+    values: np.ndarray  # (..., C, h, w)
+    scales: np.ndarray | None = None  # (..., L, h, w) for int8
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def map(self, fn) -> StoredFeatures:
+        """`fn` applied to the values and the scales alike (indexing, reshaping, copying: both
+        lead with the same image and view axes)."""
+        return StoredFeatures(fn(self.values), None if self.scales is None else fn(self.scales))
+
+    def dequantized(self) -> np.ndarray:
+        """Float features: as stored, or int8 values times their scales (float32)."""
+        if self.scales is None:
+            return self.values
+        values, scales = torch.from_numpy(self.values), torch.from_numpy(self.scales)
+        return dequantize(values, scales).numpy()
+
+
+@dataclass
 class VerifyReport:
     """What `verify` found: problems name the array, chunk and stored key."""
 
@@ -256,6 +289,17 @@ class FeatureCache:
             fill_value=0,
             dimension_names=("image", "view", "channel", "row", "col"),
         )
+        if spec.quantized:
+            layers = spec.backbone.layers
+            group.create_array(
+                SCALES,
+                shape=(n, v, layers, h, w),
+                chunks=(k, 1, layers, h, w),
+                dtype="float32",
+                compressors=compressors("float32"),
+                fill_value=0,
+                dimension_names=("image", "view", "layer", "row", "col"),
+            )
         group.create_array(
             "labels",
             shape=(n, v, rows, cols),
@@ -314,6 +358,8 @@ class FeatureCache:
             spec = CacheSpec.from_attributes(attrs, names)
         except Exception as e:
             raise CacheError(f"{path}: damaged cache metadata ({type(e).__name__}: {e})") from e
+        if spec.quantized and SCALES not in group:
+            raise CacheError(f"{path}: int8 cache is missing its {SCALES!r} array")
         return cls(group, path, spec)
 
     @classmethod
@@ -377,9 +423,16 @@ class FeatureCache:
         done = self.done()
         return [c for c in range(self.num_chunks) if not done[slice(*self.chunk_range(c))].all()]
 
-    def write_chunk(self, chunk: int, features: np.ndarray, labels: np.ndarray) -> None:
-        """Write one whole chunk (features (n, V, C, h, w), labels (n, V, H, W)), then its
-        done flags: a crash in between leaves the chunk pending, never half-trusted."""
+    def write_chunk(
+        self,
+        chunk: int,
+        features: np.ndarray,
+        labels: np.ndarray,
+        scales: np.ndarray | None = None,
+    ) -> None:
+        """Write one whole chunk (features (n, V, C, h, w) as stored, labels (n, V, H, W) and,
+        for int8 caches, scales (n, V, L, h, w)), then its done flags: a crash in between
+        leaves the chunk pending, never half-trusted."""
         start, stop = self.chunk_range(chunk)
         n = stop - start
         f_shape = (n, self.num_views, *self.array("features").shape[2:])
@@ -388,7 +441,11 @@ class FeatureCache:
             raise ValueError(
                 f"chunk {chunk}: got {features.shape}/{labels.shape}, want {f_shape}/{l_shape}"
             )
+        if self.spec.quantized != (scales is not None):
+            raise ValueError(f"chunk {chunk}: scales go with int8 features, and only with them")
         self.array("features")[start:stop] = features.astype(self.spec.dtype, copy=False)
+        if scales is not None:
+            self.array(SCALES)[start:stop] = scales.astype(np.float32, copy=False)
         self.array("labels")[start:stop] = labels
         self.array("done")[start:stop] = True
 
@@ -423,7 +480,7 @@ class FeatureCache:
                 f"{self.path}: cache is unfinished ({done}/{self.num_images} images); "
                 "rerun the same `offroad-seg extract` command to finish it"
             )
-        for name in ("features", "labels"):
+        for name in ("features", "labels", *([SCALES] if self.spec.quantized else [])):
             arr = self.array(name)
             if arr.nchunks_initialized < arr.nchunks:
                 raise _unreadable(self, CacheError(f"{name}: chunks missing"))
@@ -432,21 +489,34 @@ class FeatureCache:
         self.require_complete()
         return np.asarray(self.array("class_pixels")[:], dtype=np.int64)
 
-    def read_chunk(self, chunk: int) -> tuple[np.ndarray, np.ndarray]:
-        """(features (n, V, C, h, w), labels (n, V, H, W)) of one chunk."""
-        sel = slice(*self.chunk_range(chunk))
+    def _read(self, selection, oindex: bool = False) -> tuple[StoredFeatures, np.ndarray]:
+        """Features (as stored) and labels of a selection of images, in one zarr read per
+        array so that their chunks are fetched and decoded concurrently."""
+
+        def get(name: str) -> np.ndarray:
+            arr = self.array(name)
+            return arr.oindex[selection] if oindex else arr[selection]
+
         try:
-            return self.array("features")[sel], self.array("labels")[sel]
+            scales = get(SCALES) if self.spec.quantized else None
+            return StoredFeatures(get("features"), scales), get("labels")
         except Exception as e:
             raise _unreadable(self, e) from e
 
+    def read_chunk(self, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+        """(features (n, V, C, h, w), labels (n, V, H, W)) of one chunk; int8 features come
+        back dequantized (float32)."""
+        stored, labels = self._read(slice(*self.chunk_range(chunk)))
+        return stored.dequantized(), labels
+
+    def read_images_stored(self, indices: np.ndarray) -> tuple[StoredFeatures, np.ndarray]:
+        """(features as stored, labels) of the given images (sorted indices)."""
+        return self._read(indices, oindex=True)
+
     def read_images(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(features, labels) of the given images (sorted indices), in one zarr selection so
-        that their chunks are read and decoded concurrently."""
-        try:
-            return self.array("features").oindex[indices], self.array("labels").oindex[indices]
-        except Exception as e:
-            raise _unreadable(self, e) from e
+        """(features, labels) of the given images (sorted indices); int8 dequantized."""
+        stored, labels = self.read_images_stored(indices)
+        return stored.dequantized(), labels
 
     def iter_chunks(
         self, order: Sequence[int] | None = None
@@ -456,12 +526,12 @@ class FeatureCache:
             features, labels = self.read_chunk(chunk)
             yield self.chunk_range(chunk)[0], features, labels
 
-    def load(self, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """The whole cache in memory: features (N, V, C, h, w) and labels (N, V, H, W)."""
+    def load_stored(self, progress: bool = False) -> tuple[StoredFeatures, np.ndarray]:
+        """The whole cache in memory as stored: features (N, V, C, h, w) (with scales
+        (N, V, L, h, w) for int8) and labels (N, V, H, W)."""
         self.require_complete()
-        features, labels = self.array("features"), self.array("labels")
-        out_f = np.empty(features.shape, dtype=self.spec.dtype)
-        out_l = np.empty(labels.shape, dtype=np.uint8)
+        names = ["features", "labels", *([SCALES] if self.spec.quantized else [])]
+        out = {name: np.empty(self.array(name).shape, self.array(name).dtype) for name in names}
         # Many chunks per read: zarr fetches and decodes the chunks of one selection
         # concurrently (about 2x faster than chunk by chunk on 2 cores, more on more).
         per_read = self.images_per_chunk * max(1, 64 // self.num_views)
@@ -471,13 +541,19 @@ class FeatureCache:
         for start in range(0, self.num_images, per_read):
             sel = slice(start, min(start + per_read, self.num_images))
             try:
-                out_f[sel] = features[sel]
-                out_l[sel] = labels[sel]
+                for name in names:
+                    out[name][sel] = self.array(name)[sel]
             except Exception as e:
                 raise _unreadable(self, e) from e
             bar.update(sel.stop - sel.start)
         bar.close()
-        return out_f, out_l
+        return StoredFeatures(out["features"], out.get(SCALES)), out["labels"]
+
+    def load(self, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """The whole cache in memory: features (N, V, C, h, w) and labels (N, V, H, W); int8
+        features come back dequantized (float32)."""
+        stored, labels = self.load_stored(progress)
+        return stored.dequantized(), labels
 
     # ------------------------------------------------------------------ inspection
 
@@ -490,6 +566,8 @@ class FeatureCache:
         features = self.array("features")
         stored = self.bytes_on_disk()
         raw = features.nbytes + self.array("labels").nbytes
+        if self.spec.quantized:
+            raw += self.array(SCALES).nbytes
         prep = self.spec.preprocessing
         return {
             "path": self.path,
@@ -501,6 +579,7 @@ class FeatureCache:
                 "shape": list(features.shape),
                 "dtype": self.spec.dtype,
                 "chunks": list(features.chunks),
+                **({"scales": list(self.array(SCALES).shape)} if self.spec.quantized else {}),
             },
             "labels": {"shape": list(self.array("labels").shape), "dtype": "uint8"},
             "images_per_chunk": self.images_per_chunk,
@@ -529,16 +608,19 @@ class FeatureCache:
             )
         store = self.group.store
         done = np.zeros(self.num_images, dtype=bool)
-        total = sum(math.prod(self.array(a).cdata_shape) for a in ARRAYS)
+        arrays = ("done", "names", "class_pixels", "features", "labels")
+        if self.spec.quantized:
+            arrays += (SCALES,)
+        total = sum(math.prod(self.array(a).cdata_shape) for a in arrays)
         bar = tqdm(total=total, unit="chunk", desc="verify", disable=None if progress else True)
-        for name in ("done", "names", "class_pixels", "features", "labels"):
+        for name in arrays:
             arr = self.array(name)
             for coords in np.ndindex(*arr.cdata_shape):
                 key = self._chunk_key(name, coords)
                 bar.update(1)
                 report.chunks_checked += 1
                 needed = (
-                    name not in ("features", "labels")
+                    name not in ("features", "labels", SCALES)
                     or done[slice(*self.chunk_range(coords[0]))].all()
                 )
                 if name == "class_pixels" and not self.complete:

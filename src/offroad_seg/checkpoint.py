@@ -1,8 +1,9 @@
-"""Self-contained head checkpoints and atomic file writes.
+"""Self-contained head checkpoints: writing and reading.
 
 A `segmentation_head.pth` is enough to use a head on its own: head config and weights, class
 map, backbone spec with the weights' sha256, preprocessing, training settings and metrics.
-`last.pth` adds the optimizer, RNG states and history that `--resume` needs.
+`last.pth` adds the optimizer, RNG states and history that `--resume` needs. Every tensor is
+saved on the CPU, so a checkpoint written on a GPU loads anywhere with a plain `torch.load`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,40 @@ FORMAT = "offroad-seg-head"
 VERSION = 1
 
 
+def to_cpu(obj: Any) -> Any:
+    """The same nested dicts, lists and tuples with every tensor moved to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+def head_payload(
+    head_config: HeadConfig,
+    class_map: ClassMap,
+    backbone: BackboneSpec,
+    preprocessing: Preprocessing,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The part of a checkpoint that describes a head and what it expects as input."""
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "head_config": head_config.to_dict(),
+        "class_map": class_map.to_dict(),
+        "backbone": backbone.to_dict(),
+        "preprocessing": preprocessing.to_dict(),
+        "compat_fingerprint": compat_fingerprint(backbone, preprocessing, class_map),
+        **extra,
+    }
+
+
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    """Write a checkpoint atomically, with every tensor on the CPU."""
+    payload = to_cpu(payload)
     atomic_write(path, lambda f: torch.save(payload, f))
 
 
@@ -65,11 +99,15 @@ def load_checkpoint(path: str | Path) -> HeadCheckpoint:
         raise OffroadSegError(
             f"{path}: head checkpoint version {payload.get('version')}; this tool reads {VERSION}"
         )
+    try:
+        backbone = BackboneSpec.from_dict(payload["backbone"])
+    except OffroadSegError as e:
+        raise OffroadSegError(f"{path}: {e}") from e
     return HeadCheckpoint(
         path=path,
         head_config=HeadConfig.from_dict(payload["head_config"]),
         class_map=ClassMap.from_dict(payload["class_map"]),
-        backbone=BackboneSpec.from_dict(payload["backbone"]),
+        backbone=backbone,
         preprocessing=Preprocessing.from_dict(payload["preprocessing"]),
         payload=payload,
     )

@@ -17,7 +17,16 @@ import click
 from tqdm.auto import tqdm
 
 from offroad_seg import __version__
+from offroad_seg.config import (
+    DemoConfig,
+    EvalConfig,
+    ExtractConfig,
+    PredictConfig,
+    TrainConfig,
+    default,
+)
 from offroad_seg.errors import Interrupted, OffroadSegError
+from offroad_seg.synthetic import SynthConfig
 
 log = logging.getLogger("offroad_seg")
 
@@ -74,11 +83,22 @@ def stage(fn):
     return wrapper
 
 
+def _size_text(size: tuple[int, int]) -> str:
+    return f"{size[0]}x{size[1]}"
+
+
 WEIGHTS_HELP = (
-    "Backbone weights: a .pth (official dinov2_vits14_pretrain.pth) or timm/HF .safetensors "
-    "file, 'auto' ($OFFROAD_SEG_WEIGHTS, torch hub cache, Hugging Face cache, then download), "
-    "or 'random' for an untrained backbone (tests and smoke runs only)."
+    "Backbone weights: the official .pth (e.g. dinov2_vits14_pretrain.pth) or a timm or "
+    "transformers .safetensors of the --backbone variant, 'auto' ($OFFROAD_SEG_WEIGHTS, torch "
+    "hub cache, Hugging Face cache, then download), or 'random' for an untrained backbone "
+    "(tests and smoke runs only)."
 )
+
+
+def _backbone_names() -> list[str]:
+    from offroad_seg.variants import BACKBONES
+
+    return list(BACKBONES)
 
 
 def head_inference_options(fn):
@@ -95,11 +115,11 @@ def head_inference_options(fn):
         click.option(
             "--workers", type=int, default=None, help="Decoding workers [default: by device]."
         ),
-        click.option("--device", default="auto", show_default=True),
+        click.option("--device", default=default(EvalConfig, "device"), show_default=True),
         click.option(
             "--tta",
             type=click.Choice(["none", "flip"]),
-            default="none",
+            default=default(EvalConfig, "tta"),
             show_default=True,
             help="flip: average the logits of each image and its mirror.",
         ),
@@ -114,7 +134,7 @@ def head_inference_options(fn):
 @click.option("-v", "--verbose", count=True, help="More log output.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 def cli(verbose: int, quiet: bool) -> None:
-    """Off-road scene segmentation on a frozen DINOv2 ViT-S/14.
+    """Off-road scene segmentation on a frozen DINOv2 backbone.
 
     \b
     Typical use:
@@ -128,18 +148,45 @@ def cli(verbose: int, quiet: bool) -> None:
 
 @cli.command()
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--train", "n_train", default=24, show_default=True, help="Training images.")
-@click.option("--val", "n_val", default=8, show_default=True, help="Validation images.")
-@click.option("--seed", default=0, show_default=True, help="Random seed (same seed, same data).")
-@click.option("--width", default=960, show_default=True, help="Image width in pixels.")
-@click.option("--height", default=540, show_default=True, help="Image height in pixels.")
+@click.option(
+    "--train",
+    "n_train",
+    default=default(SynthConfig, "train"),
+    show_default=True,
+    help="Training images.",
+)
+@click.option(
+    "--val",
+    "n_val",
+    default=default(SynthConfig, "val"),
+    show_default=True,
+    help="Validation images.",
+)
+@click.option(
+    "--seed",
+    default=default(SynthConfig, "seed"),
+    show_default=True,
+    help="Random seed (same seed, same data).",
+)
+@click.option(
+    "--width",
+    default=default(SynthConfig, "width"),
+    show_default=True,
+    help="Image width in pixels.",
+)
+@click.option(
+    "--height",
+    default=default(SynthConfig, "height"),
+    show_default=True,
+    help="Image height in pixels.",
+)
 @stage
 def synth(out: Path, n_train: int, n_val: int, seed: int, width: int, height: int) -> None:
     """Write synthetic off-road scenes in the real dataset's format to OUT/train and OUT/val.
 
     Each split holds Color_Images/*.png (RGB) and Segmentation/*.png (16-bit raw class codes).
     """
-    from offroad_seg.synthetic import SynthConfig, synthesize
+    from offroad_seg.synthetic import synthesize
 
     names = synthesize(SynthConfig(out, n_train, n_val, seed, width, height))
     click.echo(f"wrote {len(names['train'])} train and {len(names['val'])} val scenes to {out}")
@@ -148,19 +195,29 @@ def synth(out: Path, n_train: int, n_val: int, seed: int, width: int, height: in
 @cli.command()
 @click.argument("data_dir", type=click.Path(path_type=Path))
 @click.argument("cache")
-@click.option("--weights", default="auto", show_default=True, help=WEIGHTS_HELP)
+@click.option(
+    "--backbone",
+    type=click.Choice(_backbone_names()),
+    default=default(ExtractConfig, "backbone"),
+    show_default=True,
+    help="DINOv2 variant (`offroad-seg backbones` lists them).",
+)
+@click.option(
+    "--weights", default=default(ExtractConfig, "weights"), show_default=True, help=WEIGHTS_HELP
+)
 @click.option(
     "--size",
-    default="266x476",
+    default=_size_text(default(ExtractConfig, "size")),
     show_default=True,
-    help="Working size ROWSxCOLS, multiples of 14.",
+    help="Working size ROWSxCOLS, multiples of 14 (960x540 images allow up to 532x952).",
 )
 @click.option(
     "--layers",
     type=click.Choice(["1", "4"]),
-    default="1",
+    default=str(default(ExtractConfig, "layers")),
     show_default=True,
-    help="1: final-norm patch tokens (384 ch); 4: last four blocks, normed, concatenated (1536).",
+    help="1: final-norm patch tokens (width channels, 384 for ViT-S); 4: the last four blocks, "
+    "each normed, concatenated (4 x width).",
 )
 @click.option(
     "--views",
@@ -169,7 +226,12 @@ def synth(out: Path, n_train: int, n_val: int, seed: int, width: int, height: in
     show_default=True,
     help="flip: also cache the horizontally flipped image (view 1) with flipped labels.",
 )
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
+@click.option(
+    "--device",
+    default=default(ExtractConfig, "device"),
+    show_default=True,
+    help="auto, cpu, cuda, cuda:1, ...",
+)
 @click.option(
     "--batch-size",
     type=int,
@@ -179,12 +241,16 @@ def synth(out: Path, n_train: int, n_val: int, seed: int, width: int, height: in
 @click.option("--workers", type=int, default=None, help="Decoding workers [default: by device].")
 @click.option(
     "--dtype",
-    type=click.Choice(["float16", "float32"]),
-    default="float16",
+    type=click.Choice(["float16", "float32", "int8"]),
+    default=default(ExtractConfig, "dtype"),
     show_default=True,
-    help="Stored feature precision.",
+    help="Stored feature precision; int8 (a scale per token and layer) halves the cache.",
 )
-@click.option("--images-per-chunk", default=0, help="Images per chunk [default: ~1 MiB chunks].")
+@click.option(
+    "--images-per-chunk",
+    default=default(ExtractConfig, "images_per_chunk"),
+    help="Images per chunk [default: ~1 MiB chunks].",
+)
 @click.option(
     "--class-map",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -200,7 +266,7 @@ def extract(data_dir: Path, cache: str, **opts) -> None:
     Rerunning the same command resumes an interrupted extraction. Under torchrun
     (`torchrun --nproc-per-node K -m offroad_seg extract ...`) the ranks share the work.
     """
-    from offroad_seg.extract import ExtractConfig, extract
+    from offroad_seg.extract import extract
     from offroad_seg.preprocess import parse_size
 
     views = ("identity", "hflip") if opts.pop("views") == "flip" else ("identity",)
@@ -223,24 +289,33 @@ def extract(data_dir: Path, cache: str, **opts) -> None:
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--val-cache", help="Validation cache (folder or URL).")
 @click.option(
-    "--head", type=click.Choice(["convnext", "baseline"]), default="convnext", show_default=True
+    "--head",
+    type=click.Choice(["convnext", "baseline"]),
+    default=default(TrainConfig, "head"),
+    show_default=True,
 )
-@click.option("--width", default=0, help="Head width [default: convnext 96, baseline 128].")
-@click.option("--depth", default=0, help="Head blocks [default: convnext 2, baseline 1].")
-@click.option("--dropout", type=float, default=None, help="[default: convnext 0.1, baseline 0].")
-@click.option("--epochs", default=20, show_default=True)
-@click.option("--batch-size", default=8, show_default=True)
-@click.option("--lr", default=3e-4, show_default=True, help="Peak AdamW learning rate.")
-@click.option("--weight-decay", default=0.01, show_default=True)
-@click.option("--warmup-epochs", default=1.0, show_default=True)
+@click.option(
+    "--width", default=default(TrainConfig, "width"), help="Head width [default: the head's]."
+)
+@click.option(
+    "--depth", default=default(TrainConfig, "depth"), help="Head blocks [default: the head's]."
+)
+@click.option("--dropout", type=float, default=None, help="[default: the head's].")
+@click.option("--epochs", default=default(TrainConfig, "epochs"), show_default=True)
+@click.option("--batch-size", default=default(TrainConfig, "batch_size"), show_default=True)
+@click.option(
+    "--lr", default=default(TrainConfig, "lr"), show_default=True, help="Peak AdamW learning rate."
+)
+@click.option("--weight-decay", default=default(TrainConfig, "weight_decay"), show_default=True)
+@click.option("--warmup-epochs", default=default(TrainConfig, "warmup_epochs"), show_default=True)
 @click.option(
     "--class-weights",
     default="auto",
     show_default=True,
     help="auto (median-frequency, clipped to [0.1, 10]), none, or K comma-separated numbers.",
 )
-@click.option("--seed", default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True)
+@click.option("--seed", default=default(TrainConfig, "seed"), show_default=True)
+@click.option("--device", default=default(TrainConfig, "device"), show_default=True)
 @click.option(
     "--memory-budget-gb",
     type=float,
@@ -258,7 +333,7 @@ def train(caches: tuple[str, ...], out: Path, **opts) -> None:
     Writes OUT/segmentation_head.pth (best by val mIoU, else last), OUT/last.pth and
     OUT/train_stats/ (history CSV/JSON, curves, evaluation_metrics.txt).
     """
-    from offroad_seg.train_head import TrainConfig, train
+    from offroad_seg.train_head import train
 
     result = train(TrainConfig(caches=caches, out=out, **opts))
     if not _is_main_rank():
@@ -280,7 +355,7 @@ def train(caches: tuple[str, ...], out: Path, **opts) -> None:
 @head_inference_options
 @click.option(
     "--comparisons",
-    default=10,
+    default=default(EvalConfig, "comparisons"),
     show_default=True,
     help="Comparison panels (image | truth | prediction) for the first N images; 0 for none.",
 )
@@ -299,7 +374,7 @@ def evaluate(head: Path, data_dir: Path, out: Path, **opts) -> None:
     Writes OUT/masks (raw class codes, 16-bit), masks_color, comparisons, metrics.json,
     evaluation_metrics.txt, per_class_metrics.png and confusion_matrix.png.
     """
-    from offroad_seg.evaluate import EvalConfig, evaluate
+    from offroad_seg.evaluate import evaluate
 
     result = evaluate(EvalConfig(head=head, data_dir=data_dir, out=out, **opts))
     click.echo(result.metrics.table(f"Evaluation of {head} on {data_dir}"))
@@ -322,7 +397,7 @@ def predict(head: Path, inputs: tuple[Path, ...], out: Path, **opts) -> None:
 
     Writes OUT/masks (raw class codes, 16-bit), masks_color and overlays.
     """
-    from offroad_seg.evaluate import PredictConfig, predict
+    from offroad_seg.evaluate import predict
 
     result = predict(PredictConfig(head=head, inputs=inputs, out=out, **opts))
     click.echo(
@@ -335,16 +410,37 @@ def predict(head: Path, inputs: tuple[Path, ...], out: Path, **opts) -> None:
 @click.option(
     "--out",
     type=click.Path(path_type=Path),
-    default=Path("offroad-seg-demo"),
+    default=default(DemoConfig, "out"),
     show_default=True,
     help="Folder for everything the demo writes (replaced on each run).",
 )
-@click.option("--train", "n_train", default=32, show_default=True, help="Training scenes.")
-@click.option("--val", "n_val", default=8, show_default=True, help="Validation scenes.")
-@click.option("--epochs", default=20, show_default=True)
-@click.option("--width", default=960, show_default=True, help="Scene width.")
-@click.option("--height", default=540, show_default=True, help="Scene height.")
-@click.option("--size", default="266x476", show_default=True, help="Working size ROWSxCOLS.")
+@click.option(
+    "--train",
+    "n_train",
+    default=default(DemoConfig, "train"),
+    show_default=True,
+    help="Training scenes.",
+)
+@click.option(
+    "--val",
+    "n_val",
+    default=default(DemoConfig, "val"),
+    show_default=True,
+    help="Validation scenes.",
+)
+@click.option("--epochs", default=default(DemoConfig, "epochs"), show_default=True)
+@click.option(
+    "--width", default=default(DemoConfig, "width"), show_default=True, help="Scene width."
+)
+@click.option(
+    "--height", default=default(DemoConfig, "height"), show_default=True, help="Scene height."
+)
+@click.option(
+    "--size",
+    default=_size_text(default(DemoConfig, "size")),
+    show_default=True,
+    help="Working size ROWSxCOLS.",
+)
 @click.option(
     "--weights",
     default=None,
@@ -353,7 +449,7 @@ def predict(head: Path, inputs: tuple[Path, ...], out: Path, **opts) -> None:
 @stage
 def demo(out: Path, n_train: int, n_val: int, epochs: int, width: int, height: int, size, weights):
     """Synthetic scenes -> extract -> train -> evaluate, in one go."""
-    from offroad_seg.demo import DemoConfig, demo
+    from offroad_seg.demo import demo
     from offroad_seg.preprocess import parse_size
 
     size = parse_size(size)
@@ -386,6 +482,20 @@ def demo(out: Path, n_train: int, n_val: int, epochs: int, width: int, height: i
         click.echo(f"  {label:<{width}}  {path}")
 
 
+@cli.command("backbones")
+@stage
+def backbones() -> None:
+    """List the DINOv2 variants extract can use, with their weight files."""
+    from offroad_seg.variants import BACKBONES
+
+    click.echo(f"{'name':<20} {'params':>8} {'width':>5} {'blocks':>6} {'registers':>9}  weights")
+    for v in BACKBONES.values():
+        click.echo(
+            f"{v.name:<20} {v.params_m:>7.0f}M {v.embed_dim:>5} {v.depth:>6} {v.registers:>9}  "
+            f"{v.official_file}, {v.timm_repo}, {v.transformers_repo}"
+        )
+
+
 @cli.group("cache")
 def cache_group() -> None:
     """Inspect and check feature caches."""
@@ -416,7 +526,7 @@ def cache_info(cache: str, as_json: bool) -> None:
         f"features     {tuple(f['shape'])} {f['dtype']}, chunks {tuple(f['chunks'])}",
         f"labels       {tuple(info['labels']['shape'])} uint8 (255 = ignore)",
         f"size         {size[0]}x{size[1]} -> {grid[0]}x{grid[1]} tokens",
-        f"backbone     {bb['arch']} layers={bb['layers']} channels={bb['channels']}",
+        f"backbone     {bb['name']} layers={bb['layers']} channels={bb['channels']}",
         f"weights      {bb['weights_source']} (sha256 {bb['weights_sha256'][:16]}...)",
         f"on disk      {info['bytes_on_disk'] / 1e6:.2f} MB"
         + (f", {per_image / 1e3:.0f} kB/image" if per_image else "")

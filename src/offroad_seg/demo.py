@@ -14,12 +14,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from offroad_seg.backbone import RANDOM, find_weights
+from offroad_seg.config import DemoConfig, EvalConfig, ExtractConfig, TrainConfig
 from offroad_seg.errors import OffroadSegError, WeightsError
-from offroad_seg.evaluate import EvalConfig, EvalResult, evaluate
-from offroad_seg.extract import ExtractConfig, extract
+from offroad_seg.evaluate import EvalResult, evaluate
+from offroad_seg.extract import extract
 from offroad_seg.synthetic import SynthConfig, synthesize
-from offroad_seg.train_head import TrainConfig, train
+from offroad_seg.train_head import train
+from offroad_seg.variants import DEFAULT_BACKBONE, get_variant
+from offroad_seg.weights import RANDOM, find_weights
 
 log = logging.getLogger(__name__)
 
@@ -29,20 +31,6 @@ UNTRAINED_BANNER = (
     "(random) backbone. Its metrics show that the pipeline works end to end, not what DINOv2 "
     "features achieve. Supply real weights with --weights PATH or $OFFROAD_SEG_WEIGHTS."
 )
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    out: Path = Path("offroad-seg-demo")
-    train: int = 32
-    val: int = 8
-    width: int = 960
-    height: int = 540
-    size: tuple[int, int] = (266, 476)
-    epochs: int = 20
-    weights: str | None = None  # None: real weights if found offline, else random
-    seed: int = 0
-    progress: bool = True
 
 
 @dataclass
@@ -70,7 +58,7 @@ def demo(cfg: DemoConfig, say: Callable[[str], None] = log.info) -> DemoResult:
     weights = cfg.weights
     if weights is None:
         try:
-            weights = find_weights("auto", allow_download=False)
+            weights = find_weights("auto", get_variant(DEFAULT_BACKBONE), allow_download=False)
         except WeightsError:
             weights = RANDOM
     if weights == RANDOM:

@@ -23,11 +23,11 @@ import torch
 from tqdm.auto import tqdm
 
 from offroad_seg.atomic import write_json_atomic, write_png_atomic, write_text_atomic
-from offroad_seg.backbone import RANDOM, Backbone, load_backbone
 from offroad_seg.background import BoundedPool
 from offroad_seg.checkpoint import HeadCheckpoint, load_checkpoint
+from offroad_seg.config import EvalConfig, PredictConfig
 from offroad_seg.data import ClassMap, Sample, list_images, list_samples, mask_image
-from offroad_seg.errors import DataError, OffroadSegError, WeightsError
+from offroad_seg.errors import DataError, OffroadSegError
 from offroad_seg.loader import (
     DecodedSamples,
     DecodeOptions,
@@ -37,7 +37,8 @@ from offroad_seg.loader import (
 )
 from offroad_seg.loss import predict_and_score
 from offroad_seg.metrics import ConfusionAccumulator, SegMetrics
-from offroad_seg.runtime import autocast, resolve_device
+from offroad_seg.model import SegmentationModel, check_tta
+from offroad_seg.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -51,39 +52,6 @@ EVAL_OUTPUTS = (
     "confusion_matrix.png",
 )
 PREDICT_OUTPUTS = ("masks", "masks_color", "overlays", "predictions.json")
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    head: Path
-    data_dir: Path
-    out: Path
-    weights: str | None = None  # None: the head's own weights source when it is available
-    batch_size: int | None = None  # None: by device (8 on CPU, 64 on CUDA)
-    workers: int | None = None
-    device: str = "auto"
-    comparisons: int = 10  # comparison panels for the first N images; 0 for none
-    tta: str = "none"  # "flip": average the logits of the image and its mirror
-    write_masks: bool = True
-    class_map: Path | None = None  # when given, must equal the head's
-    ignore_unknown_codes: bool = False
-    overwrite: bool = False
-    progress: bool = True
-
-
-@dataclass(frozen=True)
-class PredictConfig:
-    head: Path
-    inputs: tuple[Path, ...]
-    out: Path
-    weights: str | None = None
-    batch_size: int | None = None  # None: by device (8 on CPU, 64 on CUDA)
-    workers: int | None = None
-    device: str = "auto"
-    tta: str = "none"
-    overlays: bool = True
-    overwrite: bool = False
-    progress: bool = True
 
 
 @dataclass
@@ -102,29 +70,6 @@ class EvalResult:
 # ----------------------------------------------------------------------------- shared
 
 
-def backbone_for_head(ckpt: HeadCheckpoint, weights: str | None, device: torch.device) -> Backbone:
-    """Load the backbone a head was trained on; other weights are refused."""
-    if weights in (None, "auto"):
-        source = ckpt.backbone.weights_source
-        if source == RANDOM or Path(source).is_file():
-            weights = source
-    try:
-        backbone = load_backbone(weights, layers=ckpt.backbone.layers, device=device)
-    except WeightsError as e:
-        raise WeightsError(
-            f"{e} (the head {ckpt.path} was trained on weights with sha256 "
-            f"{ckpt.backbone.weights_sha256[:16]}..., from {ckpt.backbone.weights_source})"
-        ) from e
-    if backbone.spec.weights_sha256 != ckpt.backbone.weights_sha256:
-        raise WeightsError(
-            f"{ckpt.path}: trained on other backbone weights (sha256 "
-            f"{ckpt.backbone.weights_sha256[:16]}... from {ckpt.backbone.weights_source}) than "
-            f"{backbone.spec.weights_source} (sha256 {backbone.spec.weights_sha256[:16]}...); "
-            "pass --weights with the head's weights"
-        )
-    return backbone
-
-
 def prepare_output(out: Path, outputs: tuple[str, ...], overwrite: bool) -> None:
     """Refuse a folder that already holds results, unless asked to replace them."""
     existing = [name for name in outputs if (out / name).exists()]
@@ -136,25 +81,6 @@ def prepare_output(out: Path, outputs: tuple[str, ...], overwrite: bool) -> None
         path = out / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     out.mkdir(parents=True, exist_ok=True)
-
-
-@torch.no_grad()
-def predict_logits(
-    backbone: Backbone,
-    head: torch.nn.Module,
-    ckpt: HeadCheckpoint,
-    images: torch.Tensor,
-    tta: bool,
-) -> torch.Tensor:
-    """Token-grid logits (B, K, h, w) in float32: preprocess -> backbone -> head, with the
-    mirrored image's logits averaged in when `tta`."""
-    feats = backbone.encode(images, ckpt.preprocessing, hflip=tta)
-    with autocast(feats.device):
-        logits = head(feats).float()
-    if tta:
-        n = logits.shape[0] // 2
-        logits = 0.5 * (logits[:n] + logits[n:].flip(-1))
-    return logits
 
 
 def _save_mask(path: Path, codes: np.ndarray) -> None:
@@ -184,9 +110,7 @@ def _save_overlay(path: Path, image: np.ndarray, pred_rgb: np.ndarray) -> None:
 def _predict_all(
     samples: list[Sample],
     opts: DecodeOptions,
-    backbone: Backbone,
-    head: torch.nn.Module,
-    ckpt: HeadCheckpoint,
+    model: SegmentationModel,
     settings: EvalConfig | PredictConfig,
     device: torch.device,
     handle,
@@ -210,7 +134,7 @@ def _predict_all(
         for batch in loader:
             if batch["error"] is not None:
                 raise DataError(batch["error"])
-            logits = predict_logits(backbone, head, ckpt, batch["image"], settings.tta == "flip")
+            logits = model.logits(batch["image"], settings.tta)
             handle(batch, logits, writer)
             bar.update(len(batch["index"]))
         writer.drain()
@@ -225,8 +149,7 @@ def _predict_all(
 
 def evaluate(cfg: EvalConfig) -> EvalResult:
     """Predict every image of a labelled dataset, write predictions and metrics."""
-    if cfg.tta not in ("none", "flip"):
-        raise OffroadSegError(f"tta {cfg.tta!r}: expected none or flip")
+    check_tta(cfg.tta)
     ckpt = load_checkpoint(cfg.head)
     class_map = ckpt.class_map
     if cfg.class_map is not None and ClassMap.from_json(cfg.class_map) != class_map:
@@ -237,8 +160,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     samples = list_samples(cfg.data_dir)
     prepare_output(cfg.out, EVAL_OUTPUTS, cfg.overwrite)
     device = resolve_device(cfg.device)
-    backbone = backbone_for_head(ckpt, cfg.weights, device)
-    head = ckpt.build(device)
+    model = SegmentationModel.from_checkpoint(ckpt, cfg.weights, device)
     opts = DecodeOptions(
         prep=ckpt.preprocessing,
         class_map=class_map,
@@ -274,7 +196,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
                     cfg, writer, samples[index], index, pred_np[k], truth[k], batch, j, class_map
                 )
 
-    seconds = _predict_all(samples, opts, backbone, head, ckpt, cfg, device, handle, "evaluate")
+    seconds = _predict_all(samples, opts, model, cfg, device, handle, "evaluate")
     metrics = acc.compute(class_map.names)
     files = write_metrics(cfg.out, metrics, ckpt, cfg, len(samples), seconds)
     return EvalResult(cfg.out, metrics, len(samples), seconds, files)
@@ -334,8 +256,7 @@ def write_metrics(
 
 def predict(cfg: PredictConfig) -> EvalResult:
     """Predict images without masks: masks, colour masks and overlays."""
-    if cfg.tta not in ("none", "flip"):
-        raise OffroadSegError(f"tta {cfg.tta!r}: expected none or flip")
+    check_tta(cfg.tta)
     ckpt = load_checkpoint(cfg.head)
     class_map = ckpt.class_map
     images = list_images(cfg.inputs)
@@ -346,8 +267,7 @@ def predict(cfg: PredictConfig) -> EvalResult:
         seen[path.name] = path
     prepare_output(cfg.out, PREDICT_OUTPUTS, cfg.overwrite)
     device = resolve_device(cfg.device)
-    backbone = backbone_for_head(ckpt, cfg.weights, device)
-    head = ckpt.build(device)
+    model = SegmentationModel.from_checkpoint(ckpt, cfg.weights, device)
     samples = [Sample(p.name, p, None) for p in images]
     opts = DecodeOptions(
         prep=ckpt.preprocessing,
@@ -371,7 +291,7 @@ def predict(cfg: PredictConfig) -> EvalResult:
                     _save_overlay, cfg.out / "overlays" / name, batch["original"][j], pred_rgb
                 )
 
-    seconds = _predict_all(samples, opts, backbone, head, ckpt, cfg, device, handle, "predict")
+    seconds = _predict_all(samples, opts, model, cfg, device, handle, "predict")
     write_json_atomic(
         cfg.out / "predictions.json",
         {

@@ -13,7 +13,6 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,6 +22,7 @@ from offroad_seg import distributed
 from offroad_seg.backbone import Backbone, load_backbone
 from offroad_seg.background import BoundedPool
 from offroad_seg.cache import CacheSpec, FeatureCache, sources_digest
+from offroad_seg.config import ExtractConfig
 from offroad_seg.data import ClassMap, check_headers, list_samples
 from offroad_seg.errors import CacheError, DataError, Interrupted
 from offroad_seg.loader import (
@@ -32,30 +32,12 @@ from offroad_seg.loader import (
     default_workers,
     make_loader,
 )
-from offroad_seg.preprocess import DEFAULT_SIZE, Preprocessing
+from offroad_seg.preprocess import Preprocessing
+from offroad_seg.quantize import quantize_int8
 from offroad_seg.runtime import resolve_device
-from offroad_seg.storage import CachePath, writer_lock
+from offroad_seg.storage import writer_lock
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ExtractConfig:
-    data_dir: Path
-    cache: CachePath  # a folder or an fsspec URL (s3://bucket/train.zarr)
-    weights: str | None = None
-    size: tuple[int, int] = DEFAULT_SIZE
-    layers: int = 1
-    views: tuple[str, ...] = ("identity",)
-    device: str = "auto"
-    batch_size: int | None = None  # None: by device (8 on CPU, 64 on CUDA)
-    workers: int | None = None  # None: a sensible default for the device
-    dtype: str = "float16"
-    images_per_chunk: int = 0  # 0: ~1 MiB feature chunks
-    class_map: Path | None = None
-    ignore_unknown_codes: bool = False
-    overwrite: bool = False
-    progress: bool = True
 
 
 @dataclass
@@ -81,40 +63,52 @@ class ExtractSummary:
         )
 
 
+@dataclass
+class _ChunkBuffer:
+    features: np.ndarray
+    labels: np.ndarray
+    scales: np.ndarray | None
+    filled: int = 0
+
+
 class _ChunkAssembler:
     """Collects per-image results until a chunk is whole, then writes it in the background."""
 
     def __init__(self, cache: FeatureCache, chunks: list[int], max_in_flight: int = 4):
         self.cache = cache
-        self.buffers: dict[int, tuple[np.ndarray, np.ndarray, int]] = {}
+        self.buffers: dict[int, _ChunkBuffer] = {}
         v, c = cache.num_views, cache.channels
         (h, w), (rows, cols) = cache.spec.preprocessing.grid, cache.spec.preprocessing.size
+        layers = cache.spec.backbone.layers
         for chunk in chunks:
             start, stop = cache.chunk_range(chunk)
             n = stop - start
-            self.buffers[chunk] = (
+            self.buffers[chunk] = _ChunkBuffer(
                 np.empty((n, v, c, h, w), dtype=cache.spec.dtype),
                 np.empty((n, v, rows, cols), dtype=np.uint8),
-                0,
+                np.empty((n, v, layers, h, w), np.float32) if cache.spec.quantized else None,
             )
         self.writes = BoundedPool(threads=1, max_pending=max_in_flight, name="cache-writer")
 
     def wanted(self, index: int) -> bool:
         return index // self.cache.images_per_chunk in self.buffers
 
-    def add(self, index: int, features: np.ndarray, labels: np.ndarray) -> None:
+    def add(
+        self, index: int, features: np.ndarray, labels: np.ndarray, scales: np.ndarray | None
+    ) -> None:
         chunk = index // self.cache.images_per_chunk
         if chunk not in self.buffers:  # a finished chunk that shares a batch with pending ones
             return
-        feats, labs, filled = self.buffers[chunk]
+        buf = self.buffers[chunk]
         offset = index - self.cache.chunk_range(chunk)[0]
-        feats[offset] = features
-        labs[offset] = labels
-        filled += 1
-        self.buffers[chunk] = (feats, labs, filled)
-        if filled == len(feats):
+        buf.features[offset] = features
+        buf.labels[offset] = labels
+        if buf.scales is not None:
+            buf.scales[offset] = scales
+        buf.filled += 1
+        if buf.filled == len(buf.features):
             del self.buffers[chunk]
-            self.writes.submit(self.cache.write_chunk, chunk, feats, labs)
+            self.writes.submit(self.cache.write_chunk, chunk, buf.features, buf.labels, buf.scales)
 
     def drain(self) -> None:
         """Wait for every submitted write (raising the first failure)."""
@@ -165,7 +159,9 @@ def extract(config: ExtractConfig) -> ExtractSummary:
     device = resolve_device(config.device)
     with distributed.launched(device) as world:
         device = world.device(device)
-        backbone = load_backbone(config.weights, layers=config.layers, device=device)
+        backbone = load_backbone(
+            config.weights, layers=config.layers, device=device, name=config.backbone
+        )
         spec = build_spec(config, backbone, samples, class_map)
         lock = writer_lock(config.cache) if world.is_main else contextlib.nullcontext()
         with lock:
@@ -239,20 +235,21 @@ def _run(
         disable=None if config.progress and world.is_main else True,
         smoothing=0.1,
     )
-    dtype = torch.float16 if spec.dtype == "float16" else torch.float32
+    dtype = {"float16": torch.float16, "float32": torch.float32}.get(spec.dtype)
     in_flight = None
 
     def finish(item) -> None:
         """Hand a computed batch to the chunk writer once its copy to the host is done."""
-        host, ready, batch = item
+        (feats, scales), ready, batch = item
         if ready is not None:
             ready.synchronize()
-        feats = host.numpy()
+        feats = feats.numpy()
+        scales = None if scales is None else scales.numpy()
         labels = batch["labels"].numpy()
         new = sum(assembler.wanted(i) for i in batch["index"])
         for j, index in enumerate(batch["index"]):
             views = [labels[j], labels[j][:, ::-1]] if hflip else [labels[j]]
-            assembler.add(index, feats[j], np.stack(views))
+            assembler.add(index, feats[j], np.stack(views), None if scales is None else scales[j])
         bar.update(new)
 
     try:
@@ -260,12 +257,17 @@ def _run(
             if batch["error"] is not None:
                 raise DataError(batch["error"])
             n = len(batch["index"])
-            feats = backbone.encode(batch["image"], prep, hflip=hflip).to(dtype)
+            feats = backbone.encode(batch["image"], prep, hflip=hflip)
             # (V*n, C, h, w) -> (n, V, C, h, w): view-major from encode, image-major in the cache
             feats = feats.view(len(spec.views), n, *feats.shape[1:]).transpose(0, 1)
+            scales = None
+            if spec.quantized:  # on the device: a quarter of the transfer
+                feats, scales = quantize_int8(feats, spec.backbone.layers)
+            else:
+                feats = feats.to(dtype)
             # On CUDA the copy to pinned memory is asynchronous: the GPU computes this batch
             # while the previous one is handed to the writer (no host sync in the loop).
-            item = (*_to_host(feats), batch)
+            item = (*_to_host(feats, scales), batch)
             if in_flight is not None:
                 finish(in_flight)
             in_flight = item
@@ -288,11 +290,23 @@ def _run(
     bar.close()
 
 
-def _to_host(feats: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-    if feats.device.type != "cuda":
-        return feats.contiguous(), None
-    host = torch.empty(feats.shape, dtype=feats.dtype, pin_memory=True)
-    host.copy_(feats, non_blocking=True)
+def _to_host(
+    *tensors: torch.Tensor | None,
+) -> tuple[tuple[torch.Tensor | None, ...], torch.cuda.Event | None]:
+    """Copies of the tensors in host memory, and on CUDA the event that marks the end of the
+    asynchronous copies (recorded on the stream of the tensors' own device: with
+    `--device cuda:1` the current stream of GPU 0 would mark nothing)."""
+    device = next(t.device for t in tensors if t is not None)
+    if device.type != "cuda":
+        return tuple(None if t is None else t.contiguous() for t in tensors), None
+    hosts = []
+    for t in tensors:
+        if t is None:
+            hosts.append(None)
+            continue
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        hosts.append(host)
     ready = torch.cuda.Event()
-    ready.record()
-    return host, ready
+    ready.record(torch.cuda.current_stream(device))
+    return tuple(hosts), ready

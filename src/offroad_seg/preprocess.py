@@ -19,13 +19,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from offroad_seg.config import DEFAULT_SIZE
 from offroad_seg.errors import ConfigError
+from offroad_seg.variants import PATCH_SIZE
 
-PATCH_SIZE = 14
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# The seed's working size: (540/2)//14*14 x (960/2)//14*14, a 19x34 token grid.
-DEFAULT_SIZE = (266, 476)
 
 
 def parse_size(text: str) -> tuple[int, int]:

@@ -20,11 +20,10 @@ from typing import Any
 import zarr
 from zarr.core.sync import sync
 
+from offroad_seg.config import CachePath
 from offroad_seg.errors import CacheError
 
 log = logging.getLogger(__name__)
-
-CachePath = str | Path
 
 
 def is_remote(path: CachePath) -> bool:

@@ -13,15 +13,10 @@ import csv
 import io
 import logging
 import math
-import os
-import queue
-import threading
 import time
-from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -29,45 +24,21 @@ from tqdm.auto import tqdm
 from offroad_seg import distributed
 from offroad_seg.atomic import write_json_atomic, write_text_atomic
 from offroad_seg.cache import FeatureCache
-from offroad_seg.checkpoint import FORMAT, VERSION, load_checkpoint, save_checkpoint
+from offroad_seg.checkpoint import head_payload, load_checkpoint, save_checkpoint
+from offroad_seg.config import TrainConfig
 from offroad_seg.distributed import SINGLE, World
 from offroad_seg.errors import CacheError, ConfigError, Interrupted, OffroadSegError
 from offroad_seg.heads import HeadConfig, build_head
 from offroad_seg.loss import loss_terms, parse_class_weights, predict_and_score
 from offroad_seg.metrics import ConfusionAccumulator, SegMetrics
 from offroad_seg.runtime import autocast, resolve_device
-from offroad_seg.storage import CachePath
+from offroad_seg.sources import FeatureTensors, choose_source, rank_slices, view0_features
 
 log = logging.getLogger(__name__)
 
 HEAD_FILE = "segmentation_head.pth"
 LAST_FILE = "last.pth"
 STATS_DIR = "train_stats"
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    caches: tuple[CachePath, ...]  # folders or fsspec URLs
-    out: Path
-    val_cache: CachePath | None = None
-    head: str = "convnext"
-    width: int = 0  # 0: the head's default
-    depth: int = 0
-    dropout: float | None = None
-    epochs: int = 20
-    batch_size: int = 8
-    lr: float = 3e-4
-    weight_decay: float = 0.01
-    warmup_epochs: float = 1.0
-    class_weights: str = "auto"  # "auto", "none" or comma-separated floats
-    seed: int = 0
-    device: str = "auto"
-    memory_budget_gb: float | None = None  # None: half the free RAM (or GPU memory)
-    stream: bool = False  # force streaming from zarr
-    shuffle_window: int = 16  # chunks mixed together when streaming
-    resume: bool = False
-    overwrite: bool = False
-    progress: bool = True
 
 
 @dataclass
@@ -96,22 +67,6 @@ def warmup_steps(warmup_epochs: float, steps_per_epoch: int, total_steps: int) -
     return max(1, min(int(warmup_epochs * steps_per_epoch), total_steps // 10 or 1))
 
 
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """The one source of an epoch's randomness in sample order and view choice."""
-    return torch.Generator().manual_seed(seed * 100_003 + epoch)
-
-
-def epoch_order(
-    num_views: torch.Tensor, seed: int, epoch: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The images of an epoch in training order and the cached view used for each: a pure
-    function of (seed, epoch), shared by both feature sources, resume and tests."""
-    g = epoch_generator(seed, epoch)
-    perm = torch.randperm(len(num_views), generator=g)
-    views = (torch.rand(len(num_views), generator=g) * num_views[perm]).long()
-    return perm, views
-
-
 def make_optimizer(head: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """AdamW (fused: one kernel for all parameters, ~5x faster steps on CPU); norms, biases
     and layer scales are not decayed."""
@@ -125,209 +80,7 @@ def make_optimizer(head: nn.Module, lr: float, weight_decay: float) -> torch.opt
     return torch.optim.AdamW(groups, lr=lr, fused=True)
 
 
-# ----------------------------------------------------------------------------- feature sources
-#
-# Both sources turn an epoch's global sample order (a pure function of seed and epoch) into
-# global batches of `batch_size`; under DDP each rank takes its contiguous slice of every
-# global batch. With the loss normalised by the global pixel weight (see `train_one_epoch`)
-# K ranks then compute exactly the gradient one process computes for the global batch.
-
-
-def rank_slices(n: int, batch_size: int, world: World) -> list[slice]:
-    """This rank's positions in the epoch order, one slice per global batch. Under DDP a last
-    batch smaller than the world is dropped (every rank must take a step)."""
-    out = []
-    for start in range(0, n, batch_size):
-        stop = min(start + batch_size, n)
-        if world.enabled and stop - start < world.size:
-            break
-        bounds = np.linspace(start, stop, world.size + 1).round().astype(int)
-        out.append(slice(bounds[world.rank], bounds[world.rank + 1]))
-    return out
-
-
-class InMemorySource:
-    """Every cached view of every image in one tensor on the device (RAM or GPU)."""
-
-    kind = "memory"
-
-    def __init__(self, caches: Sequence[FeatureCache], device: torch.device, progress: bool):
-        feats, labels, views = [], [], []
-        for cache in caches:
-            f, lab = cache.load(progress=progress)
-            n, v = f.shape[:2]
-            feats.append(torch.from_numpy(f).reshape(n * v, *f.shape[2:]))
-            labels.append(torch.from_numpy(lab).reshape(n * v, *lab.shape[2:]))
-            views.append(torch.full((n,), v, dtype=torch.long))
-        self.num_views = torch.cat(views)
-        # entry index of (image i, view 0); view j of image i is offset[i] + j
-        self.offset = torch.cumsum(self.num_views, 0) - self.num_views
-        # (one cache: no concatenation copy, which would double the peak memory)
-        self.features = (feats[0] if len(feats) == 1 else torch.cat(feats)).to(device)
-        self.labels = (labels[0] if len(labels) == 1 else torch.cat(labels)).to(device)
-        self.device = device
-
-    @property
-    def num_images(self) -> int:
-        return len(self.num_views)
-
-    def batches(
-        self, seed: int, epoch: int, batch_size: int, world: World = SINGLE
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        perm, views = epoch_order(self.num_views, seed, epoch)
-        entries = (self.offset[perm] + views).to(self.device)
-        for part in rank_slices(len(entries), batch_size, world):
-            idx = entries[part]
-            yield self.features[idx].float(), self.labels[idx]
-
-
-class StreamingSource:
-    """Features streamed from zarr with bounded memory. The epoch order shuffles the chunk
-    order, then the images within each window of `window` chunks (seed and epoch decide
-    both); a background thread reads this rank's images window by window (one zarr selection
-    per cache, decoded concurrently) while the previous window trains. Memory holds about
-    two windows."""
-
-    kind = "stream"
-
-    def __init__(self, caches: Sequence[FeatureCache], device: torch.device, window: int):
-        self.caches = list(caches)
-        self.chunks = [(ci, k) for ci, c in enumerate(self.caches) for k in range(c.num_chunks)]
-        self.device = device
-        self.window = max(1, window)
-
-    @property
-    def num_images(self) -> int:
-        return sum(c.num_images for c in self.caches)
-
-    def epoch_plan(self, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(cache, image, view) of every sample in epoch order, as an (N, 3) array, and where
-        each window starts in it."""
-        g = epoch_generator(seed, epoch)
-        order = torch.randperm(len(self.chunks), generator=g).tolist()
-        parts, starts, total = [], [], 0
-        for w in range(0, len(order), self.window):
-            rows = [
-                (ci, i)
-                for ci, k in (self.chunks[c] for c in order[w : w + self.window])
-                for i in range(*self.caches[ci].chunk_range(k))
-            ]
-            rows = np.array(rows, dtype=np.int64)[torch.randperm(len(rows), generator=g).numpy()]
-            n_views = np.array([self.caches[ci].num_views for ci in rows[:, 0]])
-            views = (torch.rand(len(rows), generator=g).numpy() * n_views).astype(np.int64)
-            parts.append(np.column_stack([rows, views]))
-            starts.append(total)
-            total += len(rows)
-        return np.concatenate(parts), np.array([*starts, total])
-
-    def _read(self, plan: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Features and labels of the (cache, image, view) rows of `plan`, in its order."""
-        feats = np.empty(
-            (len(plan), *self.caches[0].array("features").shape[2:]),
-            dtype=self.caches[0].spec.dtype,
-        )
-        labels = np.empty((len(plan), *self.caches[0].array("labels").shape[2:]), dtype=np.uint8)
-        for ci, cache in enumerate(self.caches):
-            rows = np.flatnonzero(plan[:, 0] == ci)
-            if not len(rows):
-                continue
-            images, inverse = np.unique(plan[rows, 1], return_inverse=True)
-            f, lab = cache.read_images(images)
-            feats[rows] = f[inverse, plan[rows, 2]]
-            labels[rows] = lab[inverse, plan[rows, 2]]
-        return feats, labels
-
-    def _reader(self, segments: list[np.ndarray], out: queue.Queue, stop: threading.Event):
-        try:
-            for plan in segments:
-                if stop.is_set():
-                    return
-                out.put(self._read(plan))
-            out.put(None)
-        except BaseException as e:  # surfaced in the consumer
-            out.put(e)
-
-    def batches(
-        self, seed: int, epoch: int, batch_size: int, world: World = SINGLE
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        plan, window_starts = self.epoch_plan(seed, epoch)
-        slices = rank_slices(len(plan), batch_size, world)
-        mine = np.concatenate([np.arange(len(plan))[s] for s in slices]) if slices else []
-        sizes = [s.stop - s.start for s in slices]
-        # this rank's rows, cut at window boundaries: each segment is one read
-        window_of = np.searchsorted(window_starts, mine, side="right") - 1
-        cuts = np.flatnonzero(np.diff(window_of)) + 1
-        segments = [plan[part] for part in np.split(np.asarray(mine, dtype=np.int64), cuts)]
-        q: queue.Queue = queue.Queue(maxsize=1)
-        stop = threading.Event()
-        reader = threading.Thread(target=self._reader, args=(segments, q, stop), daemon=True)
-        reader.start()
-        buf_f: list[np.ndarray] = []
-        buf_l: list[np.ndarray] = []
-        buffered = 0
-        try:
-            for size in sizes:
-                while buffered < size:
-                    item = q.get()
-                    if isinstance(item, BaseException):
-                        raise item
-                    buf_f.append(item[0])
-                    buf_l.append(item[1])
-                    buffered += len(item[0])
-                f, lab = np.concatenate(buf_f), np.concatenate(buf_l)
-                yield self._to_device(f[:size], lab[:size])
-                buf_f, buf_l, buffered = [f[size:]], [lab[size:]], len(f) - size
-        finally:
-            stop.set()
-            while reader.is_alive():  # unblock a reader waiting on a full queue
-                try:
-                    q.get_nowait()
-                except queue.Empty:
-                    reader.join(timeout=0.05)
-
-    def _to_device(self, f: np.ndarray, lab: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        ft = torch.from_numpy(np.ascontiguousarray(f))
-        lt = torch.from_numpy(np.ascontiguousarray(lab))
-        if self.device.type == "cuda":
-            ft, lt = ft.pin_memory(), lt.pin_memory()
-        return ft.to(self.device, non_blocking=True).float(), lt.to(self.device, non_blocking=True)
-
-
-def _free_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-
-
-def choose_source(caches: Sequence[FeatureCache], cfg: TrainConfig, device: torch.device):
-    needed = sum(c.array("features").nbytes + c.array("labels").nbytes for c in caches)
-    budget = (
-        cfg.memory_budget_gb * 1e9
-        if cfg.memory_budget_gb is not None
-        else 0.5 * _free_memory_bytes(device)
-    )
-    if not cfg.stream and needed <= budget:
-        log.info("features in %s memory: %.2f GB", device.type.upper(), needed / 1e9)
-        return InMemorySource(caches, device, cfg.progress)
-    log.info("streaming features from zarr (%.2f GB > budget %.2f GB)", needed / 1e9, budget / 1e9)
-    return StreamingSource(caches, device, cfg.shuffle_window)
-
-
 # ----------------------------------------------------------------------------- validation
-
-
-def view0_tensors(cache: FeatureCache) -> tuple[torch.Tensor, torch.Tensor]:
-    """A validation cache's plain-image (view 0) features and labels, in host memory."""
-    feats, labels = cache.load(progress=False)
-    return torch.from_numpy(feats[:, 0]), torch.from_numpy(labels[:, 0])
 
 
 @torch.no_grad()
@@ -337,7 +90,7 @@ def evaluate_on_cache(
     device: torch.device,
     weight: torch.Tensor | None,
     batch_size: int = 16,
-    features: tuple[torch.Tensor, torch.Tensor] | None = None,
+    features: tuple[FeatureTensors, torch.Tensor] | None = None,
     world: World = SINGLE,
 ) -> SegMetrics:
     """View-0 predictions at the working size against the cached labels: one confusion
@@ -346,12 +99,12 @@ def evaluate_on_cache(
     was_training = head.training
     head.eval()
     acc = ConfusionAccumulator(cache.spec.class_map.num_classes, device)
-    feats, labels = features if features is not None else view0_tensors(cache)
+    feats, labels = features if features is not None else view0_features(cache)
     mine = torch.arange(world.rank, len(feats), world.size)
     for s in range(0, len(mine), batch_size):
         idx = mine[s : s + batch_size]
-        f = feats[idx].to(device, non_blocking=True).float()
-        lab = labels[idx].to(device, non_blocking=True)
+        f = feats.take(idx.to(feats.values.device)).to(device, non_blocking=True).float()
+        lab = labels[idx.to(labels.device)].to(device, non_blocking=True)
         with autocast(device):
             logits = head(f)
         total, count = loss_terms(logits, lab, weight)
@@ -595,30 +348,29 @@ def _train(cfg: TrainConfig, caches, val, world: World, device: torch.device) ->
         ids = [device.index] if device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(head, device_ids=ids)
     optimizer = make_optimizer(head, cfg.lr, cfg.weight_decay)
-    source = choose_source(caches, cfg, device)
+    source = choose_source(
+        caches, device, cfg.memory_budget_gb, cfg.stream, cfg.shuffle_window, cfg.progress
+    )
     steps_per_epoch = len(rank_slices(source.num_images, cfg.batch_size, world))
     total_steps = cfg.epochs * steps_per_epoch
     warmup = warmup_steps(cfg.warmup_epochs, steps_per_epoch, total_steps)
     val_features = None
     if val is not None:
-        val_features = view0_tensors(val)
+        val_features = view0_features(val)
         if source.kind == "memory":  # the training set fits, so the smaller val set does too
-            val_features = tuple(t.to(device) for t in val_features)
+            val_features = (val_features[0].to(device), val_features[1].to(device))
 
-    base_payload = {
-        "format": FORMAT,
-        "version": VERSION,
-        "head_config": head_cfg.to_dict(),
-        "class_map": class_map.to_dict(),
-        "backbone": spec.backbone.to_dict(),
-        "preprocessing": spec.preprocessing.to_dict(),
-        "compat_fingerprint": spec.compat_fingerprint,
-        "train_config": _config_dict(cfg),
-        "train_caches": [c.spec.fingerprint for c in caches],
-        "val_cache": val.spec.fingerprint if val else None,
-        "class_weights": weights_np.tolist() if weights_np is not None else None,
-        "world_size": world.size,
-    }
+    base_payload = head_payload(
+        head_cfg,
+        class_map,
+        spec.backbone,
+        spec.preprocessing,
+        train_config=_config_dict(cfg),
+        train_caches=[c.spec.fingerprint for c in caches],
+        val_cache=val.spec.fingerprint if val else None,
+        class_weights=weights_np.tolist() if weights_np is not None else None,
+        world_size=world.size,
+    )
 
     history: list[dict] = []
     step_losses: list[float] = []

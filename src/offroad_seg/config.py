@@ -1,0 +1,118 @@
+"""The settings of every stage, with their defaults: the one place defaults live.
+
+Each stage takes one frozen dataclass (`extract(ExtractConfig)`, `train(TrainConfig)`, ...).
+The CLI builds them and reads its displayed defaults from here; this module imports nothing
+heavy, so `offroad-seg --help` does not load torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from offroad_seg.variants import DEFAULT_BACKBONE
+
+# The seed's working size: (540/2)//14*14 x (960/2)//14*14, a 19x34 token grid.
+DEFAULT_SIZE = (266, 476)
+
+CachePath = str | Path  # a folder or an fsspec URL (s3://bucket/train.zarr)
+
+
+def default(config: type, name: str):
+    """A config field's default value (for the CLI's option defaults)."""
+    for f in fields(config):
+        if f.name == name:
+            return f.default
+    raise KeyError(f"{config.__name__} has no field {name!r}")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    data_dir: Path
+    cache: CachePath
+    weights: str | None = "auto"  # a file, 'auto' (the documented search order) or 'random'
+    backbone: str = DEFAULT_BACKBONE  # a name in variants.BACKBONES
+    size: tuple[int, int] = DEFAULT_SIZE
+    layers: int = 1
+    views: tuple[str, ...] = ("identity",)
+    device: str = "auto"
+    batch_size: int | None = None  # None: by device (8 on CPU, 64 on CUDA)
+    workers: int | None = None  # None: a sensible default for the device
+    dtype: str = "float16"  # float16, float32, or int8 (per-token scales, see quantize.py)
+    images_per_chunk: int = 0  # 0: ~1 MiB feature chunks
+    class_map: Path | None = None
+    ignore_unknown_codes: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    caches: tuple[CachePath, ...]
+    out: Path
+    val_cache: CachePath | None = None
+    head: str = "convnext"
+    width: int = 0  # 0: the head's default
+    depth: int = 0
+    dropout: float | None = None  # None: the head's default
+    epochs: int = 20
+    batch_size: int = 8
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    warmup_epochs: float = 1.0
+    class_weights: str = "auto"  # "auto", "none" or comma-separated floats
+    seed: int = 0
+    device: str = "auto"
+    memory_budget_gb: float | None = None  # None: half the free RAM (or GPU memory)
+    stream: bool = False  # force streaming from zarr
+    shuffle_window: int = 16  # chunks mixed together when streaming
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    head: Path
+    data_dir: Path
+    out: Path
+    weights: str | None = None  # None: the head's own weights source when it is available
+    batch_size: int | None = None  # None: by device (8 on CPU, 64 on CUDA)
+    workers: int | None = None
+    device: str = "auto"
+    comparisons: int = 10  # comparison panels for the first N images; 0 for none
+    tta: str = "none"  # "flip": average the logits of the image and its mirror
+    write_masks: bool = True
+    class_map: Path | None = None  # when given, must equal the head's
+    ignore_unknown_codes: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    head: Path
+    inputs: tuple[Path, ...]
+    out: Path
+    weights: str | None = None
+    batch_size: int | None = None  # None: by device (8 on CPU, 64 on CUDA)
+    workers: int | None = None
+    device: str = "auto"
+    tta: str = "none"
+    overlays: bool = True
+    overwrite: bool = False
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    out: Path = Path("offroad-seg-demo")
+    train: int = 32
+    val: int = 8
+    width: int = 960
+    height: int = 540
+    size: tuple[int, int] = DEFAULT_SIZE
+    epochs: int = 20
+    weights: str | None = None  # None: real weights if found offline, else random
+    seed: int = 0
+    progress: bool = True
