@@ -120,7 +120,7 @@ def test_cached_training_equals_online_training(cache_fp32, dataset, backbone, t
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("head", ["convnext", "baseline"])
+@pytest.mark.parametrize("head", ["convnext", "seed"])
 @pytest.mark.parametrize("layers", [1, 4])
 def test_head_overfits_tiny_split(head, layers, caches, cache_4layers, tmp_path):
     cache = caches["train"] if layers == 1 else cache_4layers
