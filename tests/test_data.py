@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from offroad_seg.cache import digest
 from offroad_seg.data import (
+    BUILTIN_CLASS_MAPS,
     IGNORE_ID,
     ClassMap,
     list_images,
@@ -12,6 +14,7 @@ from offroad_seg.data import (
     read_image,
     read_labels,
     read_mask,
+    resolve_class_map,
     write_mask,
 )
 from offroad_seg.errors import DataError
@@ -89,6 +92,77 @@ def test_class_map_json(tmp_path):
     path.write_text(json.dumps([{"code": 5, "name": "A"}]))
     with pytest.raises(DataError, match="classes.json|color"):
         ClassMap.from_json(path)
+
+
+def test_default_class_map_dict_and_fingerprint_unchanged():
+    """Caches and heads on users' disks hold the default map's fingerprint: its dict form must
+    stay the plain list it was before class maps had a fallback."""
+    d = ClassMap.default().to_dict()
+    assert isinstance(d, list) and len(d) == 11
+    assert d[6] == {"code": 600, "name": "Flowers", "color": [255, 105, 180]}
+    assert digest(d) == "b1684c415f6d4b53610e7c85d07977b75fa2a7a6c043be2ac543b26be80930b0"
+
+
+def test_hackathon_class_map_maps_flowers_and_unknown_codes_to_background(tmp_path):
+    cm = ClassMap.hackathon()
+    assert cm.codes.tolist() == [0, 100, 200, 300, 500, 550, 700, 800, 7100, 10000]
+    assert cm.names == [
+        "Background", "Trees", "Lush Bushes", "Dry Grass", "Dry Bushes",
+        "Ground Clutter", "Logs", "Rocks", "Landscape", "Sky",
+    ]  # fmt: skip
+    assert cm.fallback_id == 0 and cm.num_classes == 10
+    codes = np.array([[600, 4242, 10000], [700, 0, 7100]], dtype=np.uint16)
+    write_mask(tmp_path / "m.png", codes)
+    np.testing.assert_array_equal(read_labels(tmp_path / "m.png", cm), [[0, 0, 9], [6, 0, 8]])
+    # a fallback wins over ignore: the map says what unknown codes are
+    np.testing.assert_array_equal(
+        read_labels(tmp_path / "m.png", cm, ignore_unknown=True), [[0, 0, 9], [6, 0, 8]]
+    )
+    assert cm.lookup_table()[[600, 65535, 800]].tolist() == [0, 0, 7]
+
+
+def test_fallback_in_dict_json_equality_and_hash(tmp_path):
+    hack = ClassMap.hackathon()
+    d = hack.to_dict()
+    assert d["fallback_id"] == 0 and d["classes"] == ClassMap(hack.classes).to_dict()
+    assert ClassMap.from_dict(d) == hack
+    no_fallback = ClassMap(hack.classes)
+    assert no_fallback != hack and len({no_fallback, hack, ClassMap.from_dict(d)}) == 2
+    assert ClassMap(hack.classes, fallback_id=3) != hack
+    path = tmp_path / "classes.json"
+    path.write_text(json.dumps(d))
+    assert ClassMap.from_json(path) == hack
+    path.write_text(json.dumps({"classes": d["classes"]}))  # the dict form, no fallback
+    assert ClassMap.from_json(path) == no_fallback
+    path.write_text(json.dumps({"fallback_id": 0}))
+    with pytest.raises(DataError, match=r"classes.json: .*classes"):
+        ClassMap.from_json(path)
+    for bad in (10, -1, True, "0", 1.5):
+        with pytest.raises(DataError, match="fallback_id"):
+            ClassMap(hack.classes, fallback_id=bad)
+        path.write_text(json.dumps({**d, "fallback_id": bad}))
+        with pytest.raises(DataError, match="classes.json: .*fallback_id") as err:
+            ClassMap.from_json(path)
+        assert "\n" not in str(err.value)
+
+
+def test_resolve_class_map_by_name_or_file(tmp_path, monkeypatch):
+    assert resolve_class_map(None) == ClassMap.default() == resolve_class_map("default")
+    assert resolve_class_map("hackathon") == ClassMap.hackathon()
+    assert set(BUILTIN_CLASS_MAPS) == {"default", "hackathon"}
+    custom = ClassMap.from_dict([{"code": 5, "name": "A", "color": [1, 2, 3]}])
+    path = tmp_path / "classes.json"
+    path.write_text(json.dumps(custom.to_dict()))
+    assert resolve_class_map(path) == custom == resolve_class_map(str(path))
+    with pytest.raises(DataError, match=r"'hackathn'.*built-in: default, hackathon"):
+        resolve_class_map("hackathn")
+    with pytest.raises(DataError, match="missing.json"):
+        resolve_class_map(tmp_path / "missing.json")
+    # a built-in name wins over a file of that name; ./name (or a Path) is the file
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "hackathon").write_text(json.dumps(custom.to_dict()))
+    assert resolve_class_map("hackathon") == ClassMap.hackathon()
+    assert resolve_class_map("./hackathon") == custom
 
 
 def test_rgb_mask_refused(tmp_path):

@@ -2,16 +2,18 @@
 
 A dataset folder holds `Color_Images/*.png` (RGB) and `Segmentation/*.png` (raw class codes,
 16-bit) with the same file names. The `ClassMap` is the one place that knows which raw code is
-which class, its id (0..K-1, table order), name and colour; 255 is the ignore id.
+which class, its id (0..K-1, table order), name and colour; 255 is the ignore id. Class maps come
+built in by name (`default`, `hackathon`) or from a JSON file (`resolve_class_map`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -54,11 +56,19 @@ _DEFAULT_CLASSES = (
 )
 
 
+# The hackathon's starter code: 10 classes, Flowers (600) and any other code become Background.
+_HACKATHON_CLASSES = tuple(c for c in _DEFAULT_CLASSES if c.name != "Flowers")
+
+
 @dataclass(frozen=True)
 class ClassMap:
-    """Raw mask codes <-> class ids (0..K-1 in table order), names and colours."""
+    """Raw mask codes <-> class ids (0..K-1 in table order), names and colours.
+
+    Codes not in the table are an error (or ignore, if asked), unless `fallback_id` is set:
+    then they are that class (the hackathon map's Background)."""
 
     classes: tuple[ClassInfo, ...]
+    fallback_id: int | None = None
 
     def __post_init__(self) -> None:
         if not self.classes:
@@ -71,22 +81,43 @@ class ClassMap:
         for c in self.classes:
             if not 0 <= c.code <= 65535:
                 raise DataError(f"class map: code {c.code} of {c.name!r} is not in 0..65535")
+        fallback = self.fallback_id
+        if fallback is not None and (
+            isinstance(fallback, bool)
+            or not isinstance(fallback, int)
+            or not 0 <= fallback < len(self.classes)
+        ):
+            raise DataError(
+                f"class map: fallback_id {fallback!r} is not a class id 0..{len(self.classes) - 1}"
+            )
 
     @classmethod
     def default(cls) -> ClassMap:
         return cls(_DEFAULT_CLASSES)
 
     @classmethod
-    def from_dict(cls, data: Sequence[dict[str, Any]]) -> ClassMap:
+    def hackathon(cls) -> ClassMap:
+        """The hackathon starter's 10 classes; every other code (Flowers too) is Background."""
+        return cls(_HACKATHON_CLASSES, fallback_id=0)
+
+    @classmethod
+    def from_dict(cls, data: Sequence[dict[str, Any]] | Mapping[str, Any]) -> ClassMap:
+        """The inverse of `to_dict`: a list of {code, name, color} entries, or
+        {"classes": [...], "fallback_id": id} for a map with a fallback."""
+        fallback = None
+        if isinstance(data, Mapping):
+            if not isinstance(data.get("classes"), list):
+                raise DataError('class map: expected {"classes": [...], "fallback_id": id}')
+            fallback = data.get("fallback_id")
+            data = data["classes"]
         try:
-            return cls(
-                tuple(
-                    ClassInfo(int(d["code"]), str(d["name"]), tuple(int(v) for v in d["color"]))
-                    for d in data
-                )
+            classes = tuple(
+                ClassInfo(int(d["code"]), str(d["name"]), tuple(int(v) for v in d["color"]))
+                for d in data
             )
         except (KeyError, TypeError, ValueError) as e:
             raise DataError(f"class map: each entry needs code, name and color ({e})") from e
+        return cls(classes, fallback_id=fallback)
 
     @classmethod
     def from_json(cls, path: str | Path) -> ClassMap:
@@ -95,14 +126,20 @@ class ClassMap:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise DataError(f"{path}: cannot read class map JSON ({e})") from e
-        if isinstance(data, dict):
-            data = data.get("classes", data)
-        if not isinstance(data, list):
+        if not isinstance(data, (list, dict)):
             raise DataError(f"{path}: expected a list of {{code, name, color}} entries")
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except DataError as e:
+            raise DataError(f"{path}: {e}") from e
 
-    def to_dict(self) -> list[dict[str, Any]]:
-        return [{"code": c.code, "name": c.name, "color": list(c.color)} for c in self.classes]
+    def to_dict(self) -> list[dict[str, Any]] | dict[str, Any]:
+        """JSON-ready. A map without a fallback is the plain list of entries, exactly as before
+        fallbacks existed: it is hashed into the fingerprints of existing caches and heads."""
+        classes = [{"code": c.code, "name": c.name, "color": list(c.color)} for c in self.classes]
+        if self.fallback_id is None:
+            return classes
+        return {"classes": classes, "fallback_id": self.fallback_id}
 
     @property
     def num_classes(self) -> int:
@@ -122,19 +159,22 @@ class ClassMap:
         return np.array([c.color for c in self.classes], dtype=np.uint8)
 
     def lookup_table(self) -> np.ndarray:
-        """A 65536-entry table raw code -> id; unknown codes map to 255 (ignore)."""
-        lut = np.full(65536, IGNORE_ID, dtype=np.uint8)
+        """A 65536-entry table raw code -> id; unknown codes map to the fallback id if the map
+        has one, else to 255 (ignore)."""
+        unknown = IGNORE_ID if self.fallback_id is None else self.fallback_id
+        lut = np.full(65536, unknown, dtype=np.uint8)
         lut[self.codes] = np.arange(self.num_classes, dtype=np.uint8)
         return lut
 
     def codes_to_ids(
         self, codes: np.ndarray, source: str = "mask", ignore_unknown: bool = False
     ) -> np.ndarray:
-        """Map raw codes to ids. Unknown codes are an error naming `source`, or 255 if asked."""
+        """Map raw codes to ids. Unknown codes are the fallback id if the map has one; else an
+        error naming `source`, or 255 if asked."""
         if codes.size and (int(codes.min()) < 0 or int(codes.max()) > 65535):
             raise DataError(f"{source}: mask values outside 0..65535")
         ids = self.lookup_table()[codes.astype(np.int64, copy=False)]
-        if not ignore_unknown:
+        if not ignore_unknown and self.fallback_id is None:
             unknown = np.unique(codes[ids == IGNORE_ID])
             if unknown.size:
                 shown = ", ".join(str(int(c)) for c in unknown[:10])
@@ -163,6 +203,28 @@ class ClassMap:
         """(H, W) ids -> (H, W, 3) uint8 colours; ignore is white. (PIL's palette expansion:
         ~15x faster than a numpy table lookup at 960x540.)"""
         return np.asarray(self.color_image(ids).convert("RGB"))
+
+
+BUILTIN_CLASS_MAPS: Mapping[str, ClassMap] = MappingProxyType(
+    {"default": ClassMap.default(), "hackathon": ClassMap.hackathon()}
+)
+
+
+def resolve_class_map(spec: str | Path | None) -> ClassMap:
+    """A class map by built-in name (`default`, `hackathon`) or JSON file; None is `default`.
+    A built-in name wins over a file of that name in the working folder (`./default` is the
+    file), so a command line means the same wherever it runs."""
+    if spec is None:
+        return ClassMap.default()
+    if isinstance(spec, str) and spec in BUILTIN_CLASS_MAPS:
+        return BUILTIN_CLASS_MAPS[spec]
+    path = Path(spec)
+    if path.is_file():
+        return ClassMap.from_json(path)
+    raise DataError(
+        f"class map {str(spec)!r}: no such file and not a built-in class map "
+        f"(built-in: {', '.join(BUILTIN_CLASS_MAPS)})"
+    )
 
 
 @dataclass(frozen=True)
