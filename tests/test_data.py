@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,8 +10,12 @@ from offroad_seg.data import (
     BUILTIN_CLASS_MAPS,
     IGNORE_ID,
     ClassMap,
+    check_headers,
+    input_warnings,
     list_images,
+    list_inputs,
     list_samples,
+    output_name,
     read_image,
     read_labels,
     read_mask,
@@ -206,8 +211,9 @@ def test_layout_errors(tmp_path):
     (tmp_path / "Color_Images").mkdir()
     with pytest.raises(DataError, match="no PNG images"):
         list_samples(tmp_path)
-    Image.fromarray(np.zeros((2, 2, 3), np.uint8)).save(tmp_path / "Color_Images" / "a.jpg")
-    with pytest.raises(DataError, match=r"a.jpg: unexpected image"):
+    # JPEG images are a valid dataset format now; other image formats still are not
+    Image.fromarray(np.zeros((2, 2, 3), np.uint8)).save(tmp_path / "Color_Images" / "a.bmp")
+    with pytest.raises(DataError, match=r"a.bmp: unexpected image"):
         list_samples(tmp_path)
 
 
@@ -218,3 +224,288 @@ def test_list_images_mixes_files_and_folders(tmp_path):
     assert found == [tmp_path / "ds" / "Color_Images" / "a.png", tmp_path / "z.png"]
     with pytest.raises(DataError, match="no such file"):
         list_images([tmp_path / "missing.png"])
+
+
+# ----------------------------------------------------------------------------- JPEG, globs, video
+
+
+def save_image(path, rgb=None, size=(4, 6), mode="RGB", **kw):
+    """An image file of `size` (rows, cols); the format follows the extension."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rgb = np.full((*size, 3), (200, 120, 40), np.uint8) if rgb is None else rgb
+    Image.fromarray(rgb).convert(mode).save(path, **kw)
+    return path
+
+
+def save_mask(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_mask(path, np.zeros((2, 2), np.uint16))
+
+
+def test_jpeg_dataset_pairs_with_png_masks_by_stem(tmp_path):
+    for name in ("b.jpg", "a.JPEG"):
+        save_image(tmp_path / "Color_Images" / name, size=(2, 2))
+        save_mask(tmp_path / "Segmentation" / (Path(name).stem + ".png"))
+    (tmp_path / "Color_Images" / ".DS_Store").write_bytes(b"x")
+    samples = list_samples(tmp_path)
+    assert [(s.name, s.mask.name, s.output_name) for s in samples] == [
+        ("a.JPEG", "a.png", "a.png"),
+        ("b.jpg", "b.png", "b.png"),
+    ]
+    assert samples[0].image == tmp_path / "Color_Images" / "a.JPEG"
+    check_headers(samples)
+    unlabelled = list_samples(tmp_path, require_masks=False)
+    assert [s.mask for s in unlabelled] == [s.mask for s in samples]
+    (tmp_path / "Segmentation" / "b.png").unlink()
+    with pytest.raises(DataError, match=r"b.jpg: no mask .*Segmentation/b.png"):
+        list_samples(tmp_path)
+    save_mask(tmp_path / "Segmentation" / "b.png")
+    save_mask(tmp_path / "Segmentation" / "c.png")
+    with pytest.raises(DataError, match=r"c.png: mask without an image .*Color_Images/c\.\*"):
+        list_samples(tmp_path)
+
+
+def test_png_dataset_output_names_are_its_file_names(dataset):
+    samples = list_samples(dataset / "val")
+    assert [s.output_name for s in samples] == [s.name for s in samples]
+
+
+def test_jpeg_masks_refused_as_lossy(tmp_path):
+    save_image(tmp_path / "Color_Images" / "a.jpg", size=(2, 2))
+    save_image(tmp_path / "Segmentation" / "a.jpg", size=(2, 2), mode="L")
+    with pytest.raises(
+        DataError, match=r"Segmentation/a.jpg: JPEG mask; masks must be PNG .*lossy"
+    ):
+        list_samples(tmp_path)
+
+
+def test_dataset_stays_strict(tmp_path):
+    for i in range(3):
+        make_pair(tmp_path, f"p{i}.png", np.zeros((2, 2), np.uint16))
+    save_image(tmp_path / "Color_Images" / "odd.jpg", size=(2, 2))
+    with pytest.raises(DataError, match=r"odd.jpg: unexpected image; .* mixes 3 PNG and 1 JPEG"):
+        list_samples(tmp_path)
+    (tmp_path / "Color_Images" / "odd.jpg").unlink()
+    (tmp_path / "Color_Images" / "notes.txt").write_text("x")
+    with pytest.raises(DataError, match=r"notes.txt: unexpected file; dataset folders hold only"):
+        list_samples(tmp_path)
+    (tmp_path / "Color_Images" / "notes.txt").unlink()
+    (tmp_path / "Segmentation" / "notes.txt").write_text("x")
+    with pytest.raises(DataError, match=r"Segmentation/notes.txt: unexpected file"):
+        list_samples(tmp_path)
+
+
+def test_dataset_same_stem_twice_names_both(tmp_path):
+    save_image(tmp_path / "Color_Images" / "a.jpg", size=(2, 2))
+    save_image(tmp_path / "Color_Images" / "a.jpeg", size=(2, 2))
+    save_mask(tmp_path / "Segmentation" / "a.png")
+    with pytest.raises(DataError, match=r"a.jpg: same name as .*a.jpeg"):
+        list_samples(tmp_path)
+
+
+def test_dataset_jpeg_content_checked_against_its_name(tmp_path):
+    save_image(tmp_path / "Color_Images" / "a.jpg", size=(2, 2), format="PNG")
+    save_mask(tmp_path / "Segmentation" / "a.png")
+    with pytest.raises(DataError, match=r"a.jpg: a PNG file with a .jpg name; expected JPEG"):
+        check_headers(list_samples(tmp_path))
+
+
+def test_camera_multi_picture_jpeg_counts_as_jpeg(tmp_path):
+    image = Image.fromarray(np.zeros((2, 2, 3), np.uint8))
+    (tmp_path / "Color_Images").mkdir()
+    path = tmp_path / "Color_Images" / "a.jpg"
+    image.save(path, format="MPO", save_all=True, append_images=[image])  # two pictures
+    save_mask(tmp_path / "Segmentation" / "a.png")
+    assert Image.open(tmp_path / "Color_Images" / "a.jpg").format == "MPO"
+    check_headers(list_samples(tmp_path))
+    assert read_image(tmp_path / "Color_Images" / "a.jpg").shape == (2, 2, 3)
+
+
+def test_read_image_decodes_jpeg_to_rgb(tmp_path):
+    rgb = np.full((8, 16, 3), (200, 120, 40), np.uint8)  # flat: JPEG keeps it within a level
+    out = read_image(save_image(tmp_path / "a.jpg", rgb, quality=95))
+    assert out.shape == (8, 16, 3) and out.dtype == np.uint8
+    assert np.abs(out.astype(int) - rgb).max() <= 2
+    gray = read_image(save_image(tmp_path / "g.jpg", rgb, mode="L"))
+    assert gray.shape == (8, 16, 3)
+    np.testing.assert_array_equal(gray[..., 0], gray[..., 2])
+    expected = np.asarray(Image.fromarray(rgb).convert("L"), dtype=int)
+    assert np.abs(gray[..., 1].astype(int) - expected).max() <= 2
+    cmyk = read_image(save_image(tmp_path / "c.jpg", rgb, mode="CMYK", quality=95))
+    assert cmyk.shape == (8, 16, 3) and np.abs(cmyk.astype(int) - rgb).max() <= 3
+
+
+def test_predict_folder_of_jpegs_skips_and_counts_other_files(tmp_path):
+    d = tmp_path / "test_jpg"
+    for name in ("cc0000001.jpg", "cc0000000.JPG", "b.jpeg", "a.png"):
+        save_image(d / name)
+    (d / "notes.txt").write_text("x")
+    (d / "scan.bmp").write_bytes(b"x")
+    (d / ".DS_Store").write_bytes(b"x")
+    (d / "sub").mkdir()
+    save_image(d / "sub" / "deeper.png")  # folders are not recursed
+    found = list_inputs([d])
+    assert found.images == [d / n for n in ("a.png", "b.jpeg", "cc0000000.JPG", "cc0000001.jpg")]
+    assert found.videos == [] and found.skipped == [d / "notes.txt", d / "scan.bmp"]
+    assert found.skipped_note() == (
+        "skipped 2 files that are not PNG/JPEG images or videos (e.g. notes.txt, scan.bmp)"
+    )
+    assert list_inputs([d / "a.png"]).skipped_note() == ""
+
+
+def test_list_images_logs_what_it_skipped(tmp_path, caplog):
+    save_image(tmp_path / "a.jpg")
+    (tmp_path / "notes.txt").write_text("x")
+    with caplog.at_level("WARNING", logger="offroad_seg.data"):
+        assert list_images([tmp_path]) == [tmp_path / "a.jpg"]
+    assert "skipped 1 file that is not a PNG/JPEG image or a video (notes.txt)" in caplog.text
+    (tmp_path / "d.mp4").write_bytes(b"x")
+    with pytest.raises(DataError, match=r"d.mp4: a video; this command reads PNG/JPEG"):
+        list_images([tmp_path])
+
+
+def test_predict_folder_without_images_is_an_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(DataError, match=r"no PNG/JPEG images or videos \(1 other file\)"):
+        list_inputs([tmp_path])
+    with pytest.raises(DataError, match="notes.txt: not a PNG/JPEG image or a video"):
+        list_inputs([tmp_path / "notes.txt"])
+    with pytest.raises(DataError, match="no input images given"):
+        list_inputs([])
+
+
+def test_globs_expand_sorted(tmp_path):
+    for drive in ("d2", "d1"):
+        for name in ("f1.jpg", "f0.jpg"):
+            save_image(tmp_path / f"drive_{drive}" / f"{drive}_{name}")
+        (tmp_path / f"drive_{drive}" / "notes.txt").write_text("x")
+    found = list_inputs([f"{tmp_path}/drive_*/"])
+    assert [p.relative_to(tmp_path).as_posix() for p in found.images] == [
+        "drive_d1/d1_f0.jpg",
+        "drive_d1/d1_f1.jpg",
+        "drive_d2/d2_f0.jpg",
+        "drive_d2/d2_f1.jpg",
+    ]
+    assert len(found.skipped) == 2
+    # a glob's file matches are like a folder's files: non-images skipped, not an error
+    found = list_inputs([str(tmp_path / "drive_d2" / "*")])
+    assert found.images == [tmp_path / "drive_d2" / n for n in ("d2_f0.jpg", "d2_f1.jpg")]
+    assert found.skipped == [tmp_path / "drive_d2" / "notes.txt"]
+    found = list_inputs([str(tmp_path / "**" / "*_f1.jpg")])  # ** recurses
+    assert found.images == [
+        tmp_path / "drive_d1" / "d1_f1.jpg",
+        tmp_path / "drive_d2" / "d2_f1.jpg",
+    ]
+    with pytest.raises(DataError, match=r"frames/\*.png: no files match this pattern"):
+        list_inputs([str(tmp_path / "frames" / "*.png")])
+
+
+def test_existing_path_with_glob_characters_is_a_path(tmp_path):
+    d = tmp_path / "run[1]"
+    save_image(d / "a.jpg")
+    save_image(tmp_path / "run1" / "b.jpg")  # what the pattern run[1] would match
+    assert list_inputs([d]).images == [d / "a.jpg"]
+
+
+def test_videos_returned_separately(tmp_path):
+    save_image(tmp_path / "d" / "a.jpg")
+    for name in ("drive01.MP4", "drive02.mkv"):
+        (tmp_path / "d" / name).write_bytes(b"x")
+    (tmp_path / "clip.webm").write_bytes(b"x")
+    found = list_inputs([tmp_path / "d", tmp_path / "clip.webm"])
+    assert found.images == [tmp_path / "d" / "a.jpg"]
+    assert found.videos == [
+        tmp_path / "d" / "drive01.MP4",
+        tmp_path / "d" / "drive02.mkv",
+        tmp_path / "clip.webm",
+    ]
+    assert list_inputs([tmp_path / "clip.webm"]).images == []
+
+
+def test_output_name_collisions_name_both(tmp_path):
+    a = save_image(tmp_path / "a" / "x.jpg")
+    b = save_image(tmp_path / "b" / "x.png")
+    with pytest.raises(
+        DataError, match=rf"{b}: outputs would have the same file name \(x.png\) as those of {a};"
+    ):
+        list_inputs([a, b])
+    (tmp_path / "a" / "drive.mp4").write_bytes(b"x")
+    (tmp_path / "b" / "drive.mov").write_bytes(b"x")
+    frames = r"b/drive.mov: .*same file name \(drive_f\*.png\) .*a/drive.mp4"
+    with pytest.raises(DataError, match=frames):
+        list_inputs([tmp_path / "a" / "drive.mp4", tmp_path / "b" / "drive.mov"])
+    assert output_name("dir/x.jpeg") == "x.png" and output_name(Path("y.PNG")) == "y.png"
+
+
+def test_same_file_twice_is_a_collision(tmp_path):
+    a = save_image(tmp_path / "a.jpg")
+    with pytest.raises(DataError, match=r"a.jpg: outputs would have the same file name"):
+        list_inputs([tmp_path, a])
+
+
+WORKING = (266, 476)
+
+
+def test_input_warnings_grayscale(tmp_path):
+    gray = [
+        save_image(tmp_path / "g.png", size=(27, 48), mode="L"),
+        save_image(tmp_path / "g.jpg", size=(27, 48), mode="L"),
+        save_image(tmp_path / "ga.png", size=(27, 48), mode="LA"),
+        tmp_path / "gp.png",
+    ]
+    grey_palette = Image.fromarray(np.zeros((27, 48), np.uint8), mode="P")
+    grey_palette.putpalette([v for i in range(256) for v in (i, i, i)])
+    grey_palette.save(tmp_path / "gp.png")
+    colour_palette = Image.fromarray(np.zeros((27, 48), np.uint8), mode="P")
+    colour_palette.putpalette([0, 0, 0, 255, 0, 0])
+    colour_palette.save(tmp_path / "cp.png")
+    colour = [save_image(tmp_path / "c.jpg", size=(27, 48)), tmp_path / "cp.png"]
+    warnings = input_warnings(colour + gray, WORKING)
+    assert len(warnings) == 1
+    assert warnings[0].startswith(
+        f"4 grayscale inputs ({gray[0]}, {gray[1]}, {gray[2]} and 1 more)"
+    )
+    assert "trained on colour images" in warnings[0]
+    assert input_warnings(colour, WORKING) == []
+    assert input_warnings(gray[1:2], WORKING)[0].startswith(f"1 grayscale input ({gray[1]})")
+
+
+def test_input_warnings_aspect_ratio(tmp_path):
+    vga = save_image(tmp_path / "vga.jpg", size=(480, 640))
+    fine = [
+        save_image(tmp_path / "hd.png", size=(540, 960)),  # 16:9, the working size's 1.79
+        save_image(tmp_path / "wide.png", size=(100, 160)),  # 16:10, 11% off: within 15%
+    ]
+    tall = save_image(tmp_path / "tall.png", size=(100, 150))  # 3:2, 19% off
+    [warning] = input_warnings([vga, *fine, tall], WORKING)
+    assert warning.startswith(
+        f"2 inputs with an aspect ratio more than 15% off the working size 266x476 (1.79:1): "
+        f"{vga} (640x480), {tall} (150x100); "
+    )
+    assert "resized to 266x476 without keeping the aspect ratio, as in training" in warning
+    assert input_warnings(fine, WORKING) == []
+
+
+def test_input_warnings_exif_rotation_and_refusals(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view
+    rotated = save_image(tmp_path / "r.jpg", size=(27, 48), exif=exif)
+    upright = save_image(tmp_path / "u.jpg", size=(27, 48))
+    [warning] = input_warnings([rotated, upright], WORKING)
+    assert warning.startswith(f"1 JPEG image with an EXIF rotation ({rotated})")
+    Image.fromarray(np.zeros((27, 48), np.uint16)).save(tmp_path / "deep.png")
+    with pytest.raises(DataError, match="deep.png: I;16 image; expected 8-bit RGB"):
+        input_warnings([upright, tmp_path / "deep.png"], WORKING)
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(DataError, match="bad.jpg: not a readable image"):
+        input_warnings([tmp_path / "bad.jpg"], WORKING)
+
+
+def test_input_warnings_read_video_headers(tmp_path):
+    pytest.importorskip("av")
+    from offroad_seg.video import VideoWriter
+
+    with VideoWriter(tmp_path / "vga.mp4", 10, 64, 48) as video:
+        video.write(np.zeros((48, 64, 3), np.uint8))
+    [warning] = input_warnings([tmp_path / "vga.mp4"], WORKING)
+    assert f"{tmp_path / 'vga.mp4'} (64x48)" in warning
