@@ -251,6 +251,9 @@ def test_output_folder_with_results_refused(command, tiny, tmp_path):
         "train": ["train", tiny / "a.zarr", out, "--epochs", "1"],
     }[command]
     assert run(*args).exit_code == 0
-    again = run(*args)
-    assert_one_line_error(again, str(out), "already holds")
-    assert run(*args, "--overwrite").exit_code == 0
+    # evaluate and predict resume the same command; another run into the folder is refused
+    other = ["--tta", "flip"] if command != "train" else []
+    again = run(*args, *other)
+    needle = "holds the results of another run" if command != "train" else "already holds"
+    assert_one_line_error(again, str(out), needle)
+    assert run(*args, *other, "--overwrite").exit_code == 0

@@ -152,7 +152,7 @@ def test_other_class_map_refused(head_path, dataset, tmp_path):
 
 def test_existing_results_refused_unless_overwrite(head_path, dataset, tmp_path):
     evaluate(eval_config(head_path, dataset / "val", tmp_path / "e", comparisons=0))
-    with pytest.raises(OffroadSegError, match="already holds results"):
+    with pytest.raises(OffroadSegError, match="holds the results of another run.*comparisons"):
         evaluate(eval_config(head_path, dataset / "val", tmp_path / "e"))
     (tmp_path / "e" / "masks" / "stale.png").write_bytes(b"x")
     evaluate(eval_config(head_path, dataset / "val", tmp_path / "e", overwrite=True, comparisons=0))
@@ -179,8 +179,9 @@ def test_predict_writes_masks_and_overlays(head_path, dataset, backbone, tmp_pat
         expected, decided = direct_predictions(head_path, backbone, s.image)
         written = read_mask(tmp_path / "p" / "masks" / s.name)
         np.testing.assert_array_equal(written[decided], cm.codes[expected][decided])
-        ov = np.asarray(Image.open(tmp_path / "p" / "overlays" / s.name)).astype(float)
         rgb = read_image(s.image).astype(float)
+        overlay = np.asarray(Image.open(tmp_path / "p" / "overlays" / s.name)).astype(float)
+        ov = overlay[: rgb.shape[0]]  # the blend, above the legend
         blend = np.rint(0.5 * rgb + 0.5 * cm.palette[expected])
         np.testing.assert_allclose(ov[decided], blend[decided], atol=1)
     manifest = json.loads((tmp_path / "p" / "predictions.json").read_text())

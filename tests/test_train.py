@@ -244,8 +244,8 @@ def test_existing_results_and_resume_checks(caches, tmp_path):
     train(train_config([caches["train"]], tmp_path / "r", epochs=1))
     with pytest.raises(OffroadSegError, match="already holds a trained head"):
         train(train_config([caches["train"]], tmp_path / "r", epochs=1))
-    with pytest.raises(CacheError, match="different caches"):
-        train(train_config([caches["val"]], tmp_path / "r", epochs=2, resume=True))
+    with pytest.raises(CacheError, match="other caches"):
+        train(train_config([caches["val"]], tmp_path / "r", epochs=1, resume=True))
     with pytest.raises(OffroadSegError, match="nothing to resume"):
         train(train_config([caches["train"]], tmp_path / "empty", resume=True))
 

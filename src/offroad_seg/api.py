@@ -13,7 +13,7 @@ and full-size upsampling), so its masks equal those `offroad-seg predict` writes
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +22,8 @@ from PIL import Image
 
 from offroad_seg.data import ClassMap, read_image
 from offroad_seg.errors import DataError
-from offroad_seg.loss import predict_and_score, upsample_bilinear
-from offroad_seg.model import SegmentationModel, check_tta
+from offroad_seg.loss import predict_and_score, upsample_mean
+from offroad_seg.model import TTA, SegmentationModel
 from offroad_seg.preprocess import image_to_tensor, resize_image
 
 ImageLike = str | Path | Image.Image | np.ndarray
@@ -67,10 +67,11 @@ def to_rgb(image: ImageLike) -> np.ndarray:
 class Segmenter:
     """A trained head on its backbone: images in, class maps out."""
 
-    def __init__(self, model: SegmentationModel, tta: str = "none") -> None:
-        check_tta(tta)
+    def __init__(
+        self, model: SegmentationModel, tta: str = "none", tta_scales: Sequence[float] = (1.0,)
+    ) -> None:
         self.model = model
-        self.tta = tta
+        self.tta = TTA.of(tta, tta_scales)
 
     @classmethod
     def from_checkpoint(
@@ -79,10 +80,12 @@ class Segmenter:
         weights: str | None = None,
         device: str = "auto",
         tta: str = "none",
+        tta_scales: Sequence[float] = (1.0,),
     ) -> Segmenter:
         """Load a head checkpoint (`segmentation_head.pth`) and the backbone it was trained on
-        (`weights` as for the CLI's `--weights`; by default the head's own)."""
-        return cls(SegmentationModel.from_checkpoint(path, weights, device), tta)
+        (`weights` as for the CLI's `--weights`; by default the head's own). `tta="flip"`
+        and `tta_scales` add test-time augmentation passes, as `--tta` and `--tta-scales`."""
+        return cls(SegmentationModel.from_checkpoint(path, weights, device), tta, tta_scales)
 
     @property
     def class_map(self) -> ClassMap:
@@ -107,15 +110,21 @@ class Segmenter:
         """Predictions of several images (same-size images share backbone passes)."""
         rgbs = [to_rgb(image) for image in images]
         prep = self.model.preprocessing
+        extra = self.tta.extra_sizes(prep)
         out: list[Prediction] = []
         for start in range(0, len(rgbs), batch_size):
-            chunk = rgbs[start : start + batch_size]
-            resized = torch.cat([resize_image(image_to_tensor(rgb), prep) for rgb in chunk])
-            token_logits = self.model.logits(resized, self.tta)
-            for j, rgb in enumerate(chunk):
+            chunk = [image_to_tensor(rgb) for rgb in rgbs[start : start + batch_size]]
+            resized = torch.cat([resize_image(image, prep) for image in chunk])
+            scaled = [
+                torch.cat([resize_image(image, replace(prep, size=size)) for image in chunk])
+                for size in extra
+            ]
+            parts = self.model.tta_logits(resized, scaled, self.tta)
+            for j, rgb in enumerate(rgbs[start : start + batch_size]):
                 size = rgb.shape[:2]
-                pred = predict_and_score(token_logits[j : j + 1], None, size)[0][0]
-                full = upsample_bilinear(token_logits[j : j + 1], size)[0] if logits else None
+                mine = [part[j : j + 1] for part in parts]
+                pred = predict_and_score(mine, None, size)[0][0]
+                full = upsample_mean(mine, size)[0] if logits else None
                 out.append(
                     Prediction(
                         pred.to(torch.uint8).cpu().numpy(),

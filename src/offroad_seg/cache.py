@@ -45,6 +45,7 @@ from offroad_seg.errors import CacheError
 from offroad_seg.lock import LOCK_NAME
 from offroad_seg.preprocess import Preprocessing
 from offroad_seg.quantize import dequantize
+from offroad_seg.text import plural
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +58,16 @@ ARRAYS = ("features", "labels", "done", "names", "class_pixels")
 SCALES = "scales"  # int8 caches only: the per-token, per-layer scales (see quantize.py)
 
 
-def compressors(dtype: np.dtype | str) -> list:
-    """Blosc, then a crc32c checksum on every chunk. Chosen by measurement (bench_cache.py, on
-    DINOv2 features): for float features lz4 with bit shuffle stores fp16 tokens at 0.87 of
-    their size, encoding at ~650 MB/s and decoding at ~1.1 GB/s per core; zstd-3 with byte
-    shuffle (the first candidate) saved 3% more space at 1/8 the encoding speed, which a GPU
-    extracting 1000+ images/s (~500 MB/s of features) cannot afford. Labels are blocky uint8
-    maps: zstd-1 stores them at 1/16 of their size at 500+ MB/s."""
+def compressors(dtype: np.dtype | str, features: bool = False) -> list:
+    """Blosc, then a crc32c checksum on every chunk. Chosen by measurement (bench_cache.py and
+    bench_int8.py, on DINOv2 features): for features lz4 with bit shuffle stores fp16 tokens at
+    0.87 of their size, encoding at ~650 MB/s and decoding at ~1.1 GB/s per core; zstd-3 with
+    byte shuffle (the first candidate) saved 3% more space at 1/8 the encoding speed, which a
+    GPU extracting 1000+ images/s (~500 MB/s of features) cannot afford. int8 features: lz4
+    with bit shuffle, ratio 1.11 at ~1 GB/s, against zstd-1's 1.09 at 0.35 GB/s. Labels are
+    blocky uint8 maps: zstd-1 stores them at 1/16 of their size at 500+ MB/s."""
     dtype = np.dtype(dtype)
-    if dtype.kind == "f":
+    if features or dtype.kind == "f":
         codec = zarr.codecs.BloscCodec(
             cname="lz4", clevel=5, shuffle="bitshuffle", typesize=dtype.itemsize
         )
@@ -175,11 +177,15 @@ class CacheSpec:
             ignore_unknown_codes=bool(attrs["ignore_unknown_codes"]),
         )
 
-    def differences(self, other: CacheSpec) -> list[str]:
-        """Human-readable list of what differs between two specs."""
+    def differences(self, other: CacheSpec, compat_only: bool = False) -> list[str]:
+        """Human-readable list of what differs between two specs; `compat_only`: only what
+        stops their features being used together (backbone, layers, preprocessing, classes),
+        not what a training and a validation cache differ in anyway (views, files, dtype)."""
         out = []
         a, b = self.backbone, other.backbone
-        if a.weights_sha256 != b.weights_sha256:
+        if a.name != b.name:
+            out.append(f"backbone {a.name} vs {b.name}")
+        elif a.weights_sha256 != b.weights_sha256:
             out.append(f"backbone weights {a.weights_sha256[:12]} vs {b.weights_sha256[:12]}")
         if a.layers != b.layers:
             out.append(f"layers {a.layers} vs {b.layers}")
@@ -188,6 +194,8 @@ class CacheSpec:
             out.append(f"preprocessing (size {s[0]}x{s[1]} vs {o[0]}x{o[1]})")
         if self.class_map != other.class_map:
             out.append("class map")
+        if compat_only:
+            return out
         if self.views != other.views:
             out.append(f"views {','.join(self.views)} vs {','.join(other.views)}")
         if self.names != other.names or self.sources_digest != other.sources_digest:
@@ -227,14 +235,18 @@ class StoredFeatures:
 
 @dataclass
 class VerifyReport:
-    """What `verify` found: problems name the array, chunk and stored key."""
+    """What `verify` found: problems (damage) name the array, chunk and stored key; an
+    interrupted extraction is not damage, only unfinished."""
 
     chunks_checked: int = 0
     problems: list[str] = field(default_factory=list)
+    images: int = 0
+    unfinished: int = 0  # images not extracted yet (rerun extract to resume)
+    unfinalized: bool = False  # every chunk done, but extract did not get to finalize
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        return not self.problems and not self.unfinished and not self.unfinalized
 
 
 def _unreadable(cache: FeatureCache, error: Exception) -> CacheError:
@@ -285,7 +297,7 @@ class FeatureCache:
             shape=(n, v, c, h, w),
             chunks=(k, 1, c, h, w),
             dtype=spec.dtype,
-            compressors=compressors(spec.dtype),
+            compressors=compressors(spec.dtype, features=True),
             fill_value=0,
             dimension_names=("image", "view", "channel", "row", "col"),
         )
@@ -316,6 +328,9 @@ class FeatureCache:
             dtype="bool",
             compressors=compressors("bool"),
             fill_value=False,
+            # zarr skips chunks equal to the fill value: these must exist, so that a missing
+            # one means damage, not "not yet"
+            config={"write_empty_chunks": True},
         )
         names = group.create_array(
             "names", shape=(n,), chunks=(n,), dtype=str, compressors=compressors("uint8")
@@ -331,7 +346,13 @@ class FeatureCache:
         )
         # Write every `done` chunk now so that a missing one later means damage, not "not yet".
         group["done"][:] = False
-        log.info("created cache %s (%d images, %d views, %d per chunk)", path, n, v, k)
+        log.info(
+            "created cache %s (%s, %s, %d per chunk)",
+            path,
+            plural(n, "image"),
+            plural(v, "view"),
+            k,
+        )
         return cls(group, path, spec)
 
     @classmethod
@@ -625,6 +646,8 @@ class FeatureCache:
                 )
                 if name == "class_pixels" and not self.complete:
                     needed = False
+                if name == "done" and not self.complete:
+                    needed = False  # caches written before 0.2 stored no chunk of False flags
                 if not sync(store.exists(key)):
                     if needed:
                         report.problems.append(f"{name} chunk {coords}: missing ({key})")
@@ -639,13 +662,14 @@ class FeatureCache:
                     k = self.images_per_chunk
                     done[coords[0] * k : coords[0] * k + len(block)] = block
         bar.close()
-        if not done.all():
+        report.images = self.num_images
+        report.unfinished = int((~done).sum())
+        if self.complete and report.unfinished:
             report.problems.append(
-                f"done: {int((~done).sum())} of {self.num_images} images unfinished "
-                "(rerun extract to resume)"
+                f"done: {report.unfinished} of {self.num_images} images are not marked done in a "
+                "cache marked complete"
             )
-        elif not self.complete:
-            report.problems.append("attributes: all chunks done but the cache was not finalized")
+        report.unfinalized = not self.complete and not report.unfinished
         if self.complete and not any(
             p.startswith(("labels", "class_pixels")) for p in report.problems
         ):

@@ -18,10 +18,12 @@ from tqdm.auto import tqdm
 
 from offroad_seg import __version__
 from offroad_seg.config import (
+    PRESETS,
     DemoConfig,
     EvalConfig,
     ExtractConfig,
     PredictConfig,
+    SweepConfig,
     TrainConfig,
     default,
 )
@@ -47,15 +49,18 @@ def _is_main_rank() -> bool:
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
-    if not _is_main_rank():
-        level = max(level, logging.WARNING)
     handler = _TqdmHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     root = logging.getLogger("offroad_seg")
     root.handlers[:] = [handler]
-    root.setLevel(level)
     root.propagate = False
+    _set_level(logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO))
+
+
+def _set_level(level: int) -> None:
+    if not _is_main_rank():
+        level = max(level, logging.WARNING)
+    logging.getLogger("offroad_seg").setLevel(level)
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -81,6 +86,74 @@ def stage(fn):
             _fail(f"{where}{e.strerror or e}")
 
     return wrapper
+
+
+class LazyChoice(click.Choice):
+    """A choice whose values come from a registry loaded on first use (the head registry
+    imports torch, which `offroad-seg --help` should not pay for)."""
+
+    def __init__(self, load) -> None:
+        self._load = load
+        self.case_sensitive = True
+
+    @property
+    def choices(self):
+        return tuple(self._load())
+
+
+class LossSpecType(click.ParamType):
+    """A loss spec such as ce+0.5dice, checked against the loss registry when given."""
+
+    name = "SPEC"
+
+    def convert(self, value, param, ctx):
+        from offroad_seg.errors import ConfigError
+        from offroad_seg.loss import LossSpec
+
+        try:
+            return str(LossSpec.parse(str(value)))
+        except ConfigError as e:
+            self.fail(str(e), param, ctx)
+
+
+class ScalesType(click.ParamType):
+    """Comma-separated positive numbers: 0.75,1,1.25."""
+
+    name = "S1,S2,..."
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            scales = tuple(float(v) for v in str(value).split(","))
+        except ValueError:
+            self.fail(f"{value!r}: expected comma-separated numbers, e.g. 0.75,1,1.25", param, ctx)
+        if not all(s > 0 for s in scales):
+            self.fail(f"{value!r}: scales must be positive", param, ctx)
+        return scales
+
+
+def _head_choices():
+    from offroad_seg.heads import head_choices
+
+    return head_choices()
+
+
+def _work_line(verb: str, result, out: Path) -> str:
+    """'evaluated 8 images in 3.1 s (2.58 images/s); results in OUT', or what was already
+    done when a rerun had nothing left to compute."""
+    from offroad_seg.text import plural
+
+    parts = []
+    if result.images:
+        parts.append(plural(result.images, "image"))
+    if getattr(result, "videos", 0):
+        parts.append(f"{plural(result.videos, 'video')} ({plural(result.frames, 'frame')})")
+    what = " and ".join(parts) or "nothing"
+    if result.computed == 0 and not getattr(result, "frames", 0):
+        return f"all {what} were already {verb}; results in {out}"
+    speed = f" ({result.images_per_s:.2f} images/s)" if result.computed else ""
+    return f"{verb} {what} in {result.seconds:.1f} s{speed}; results in {out}"
 
 
 def _size_text(size: tuple[int, int]) -> str:
@@ -121,7 +194,15 @@ def head_inference_options(fn):
             type=click.Choice(["none", "flip"]),
             default=default(EvalConfig, "tta"),
             show_default=True,
-            help="flip: average the logits of each image and its mirror.",
+            help="flip: average in the logits of each image's mirror (at every scale).",
+        ),
+        click.option(
+            "--tta-scales",
+            type=ScalesType(),
+            default=",".join(f"{s:g}" for s in default(EvalConfig, "tta_scales")),
+            show_default=True,
+            help="Working-size scales whose logits are averaged at each image's size, e.g. "
+            "0.75,1,1.25 (sizes rounded to multiples of 14; a pass costs ~scale^2 or more).",
         ),
     )
     for option in reversed(options):  # click applies decorators bottom-up
@@ -253,8 +334,8 @@ def synth(out: Path, n_train: int, n_val: int, seed: int, width: int, height: in
 )
 @click.option(
     "--class-map",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="JSON list of {code, name, color}; default: the off-road classes.",
+    help="'default' (the 11 off-road classes), 'hackathon' (the hackathon's 10: Flowers and "
+    "unknown codes are Background), or a JSON list of {code, name, color}.",
 )
 @click.option("--ignore-unknown-codes", is_flag=True, help="Treat unknown mask codes as ignore.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache instead of resuming.")
@@ -284,46 +365,89 @@ def extract(data_dir: Path, cache: str, **opts) -> None:
         click.echo(summary.line())
 
 
+def run_setting_options(fn):
+    """The options of a training run's settings, shared by train and sweep (defaults from
+    TrainConfig)."""
+    for option in reversed(_RUN_SETTING_OPTIONS):  # click applies decorators bottom-up
+        fn = option(fn)
+    return fn
+
+
+_RUN_SETTING_OPTIONS = [
+    click.option(
+        "--head",
+        type=LazyChoice(_head_choices),
+        default=default(TrainConfig, "head"),
+        show_default=True,
+        help="linear (DINOv2's linear protocol), seed (the hackathon's head; alias baseline), "
+        "convnext, pyramid (UPerNet-style, logits at 4x the token grid).",
+    ),
+    click.option(
+        "--width", default=default(TrainConfig, "width"), help="Head width [default: the head's]."
+    ),
+    click.option(
+        "--depth", default=default(TrainConfig, "depth"), help="Head blocks [default: the head's]."
+    ),
+    click.option("--dropout", type=float, default=None, help="[default: the head's]."),
+    click.option("--epochs", default=default(TrainConfig, "epochs"), show_default=True),
+    click.option("--batch-size", default=default(TrainConfig, "batch_size"), show_default=True),
+    click.option(
+        "--lr",
+        default=default(TrainConfig, "lr"),
+        show_default=True,
+        help="Peak AdamW learning rate.",
+    ),
+    click.option("--weight-decay", default=default(TrainConfig, "weight_decay"), show_default=True),
+    click.option(
+        "--warmup-epochs", default=default(TrainConfig, "warmup_epochs"), show_default=True
+    ),
+    click.option(
+        "--loss",
+        type=LossSpecType(),
+        default=default(TrainConfig, "loss"),
+        show_default=True,
+        help="A weighted sum of loss terms, e.g. ce, ce+0.5dice, focal+dice, 0.5ce+0.5lovasz.",
+    ),
+    click.option(
+        "--focal-gamma",
+        default=default(TrainConfig, "focal_gamma"),
+        show_default=True,
+        help="The focal term's gamma.",
+    ),
+    click.option(
+        "--class-weights",
+        default=default(TrainConfig, "class_weights"),
+        show_default=True,
+        help="auto (median-frequency, clipped to [0.1, 10]), none, or K comma-separated numbers.",
+    ),
+    click.option("--seed", default=default(TrainConfig, "seed"), show_default=True),
+    click.option("--device", default=default(TrainConfig, "device"), show_default=True),
+    click.option(
+        "--memory-budget-gb",
+        type=float,
+        default=None,
+        help="Load features into RAM/GPU up to this size, else stream [default: half of free].",
+    ),
+    click.option("--stream", is_flag=True, help="Always stream features from the cache."),
+]
+
+
 @cli.command()
 @click.argument("caches", nargs=-1, required=True)
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--val-cache", help="Validation cache (folder or URL).")
 @click.option(
-    "--head",
-    type=click.Choice(["convnext", "baseline"]),
-    default=default(TrainConfig, "head"),
-    show_default=True,
+    "--preset",
+    type=click.Choice(list(PRESETS)),
+    help="Named settings: 'seed' reproduces the hackathon's training (its head, batch 2, AdamW "
+    "3e-4, 20 epochs, weighted cross entropy). Options you give win over the preset's.",
 )
+@run_setting_options
 @click.option(
-    "--width", default=default(TrainConfig, "width"), help="Head width [default: the head's]."
+    "--resume",
+    is_flag=True,
+    help="Continue OUT/last.pth with the run's own settings (a different one is refused).",
 )
-@click.option(
-    "--depth", default=default(TrainConfig, "depth"), help="Head blocks [default: the head's]."
-)
-@click.option("--dropout", type=float, default=None, help="[default: the head's].")
-@click.option("--epochs", default=default(TrainConfig, "epochs"), show_default=True)
-@click.option("--batch-size", default=default(TrainConfig, "batch_size"), show_default=True)
-@click.option(
-    "--lr", default=default(TrainConfig, "lr"), show_default=True, help="Peak AdamW learning rate."
-)
-@click.option("--weight-decay", default=default(TrainConfig, "weight_decay"), show_default=True)
-@click.option("--warmup-epochs", default=default(TrainConfig, "warmup_epochs"), show_default=True)
-@click.option(
-    "--class-weights",
-    default="auto",
-    show_default=True,
-    help="auto (median-frequency, clipped to [0.1, 10]), none, or K comma-separated numbers.",
-)
-@click.option("--seed", default=default(TrainConfig, "seed"), show_default=True)
-@click.option("--device", default=default(TrainConfig, "device"), show_default=True)
-@click.option(
-    "--memory-budget-gb",
-    type=float,
-    default=None,
-    help="Load features into RAM/GPU up to this size, else stream [default: half of free].",
-)
-@click.option("--stream", is_flag=True, help="Always stream features from the cache.")
-@click.option("--resume", is_flag=True, help="Continue OUT/last.pth.")
 @click.option("--overwrite", is_flag=True, help="Replace a head already in OUT.")
 @stage
 def train(caches: tuple[str, ...], out: Path, **opts) -> None:
@@ -331,21 +455,125 @@ def train(caches: tuple[str, ...], out: Path, **opts) -> None:
     Caches are folders or URLs (s3://...). Under torchrun the ranks train with DDP.
 
     Writes OUT/segmentation_head.pth (best by val mIoU, else last), OUT/last.pth and
-    OUT/train_stats/ (history CSV/JSON, curves, evaluation_metrics.txt).
+    OUT/train_stats/ (config.json, history CSV/JSON, curves, evaluation_metrics.txt).
     """
+    from offroad_seg.text import plural
     from offroad_seg.train_head import train
 
     result = train(TrainConfig(caches=caches, out=out, **opts))
     if not _is_main_rank():
         return
-    last = result.history[-1]
-    line = f"trained {len(result.history)} epochs in {result.seconds:.1f} s ({result.source})"
+    epochs = result.config.epochs
+    if result.epochs_trained == 0:
+        line = f"{out}: all {epochs} epochs were already trained; nothing to do"
+    else:
+        first = epochs - result.epochs_trained + 1
+        span = f"epochs {first}-{epochs}" if first > 1 else plural(epochs, "epoch")
+        line = f"trained {span} in {result.seconds:.1f} s ({result.source})"
     if result.best:
         line += f"; best val mIoU {result.best['val_miou']:.4f} at epoch {result.best['epoch']}"
     else:
-        line += f"; final train loss {last['train_loss']:.4f}"
+        line += f"; final train loss {result.history[-1]['train_loss']:.4f}"
     click.echo(line)
     click.echo(f"head: {out / 'segmentation_head.pth'}; stats: {out / 'train_stats'}")
+
+
+@cli.command()
+@click.argument("caches", nargs=-1, required=True)
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--val-cache", required=True, help="Validation cache: trials are ranked on it.")
+@click.option(
+    "--grid",
+    multiple=True,
+    help="NAME=V1,V2,... : every combination of the grids is one trial (e.g. lr=1e-4,3e-4 "
+    "--grid head=convnext,pyramid). Values holding commas: separate with ';'.",
+)
+@click.option(
+    "--range",
+    "ranges",
+    multiple=True,
+    help="NAME=LOW:HIGH[:log|int], sampled by Optuna's TPE (e.g. lr=1e-5:1e-2:log).",
+)
+@click.option(
+    "--choice",
+    "choices",
+    multiple=True,
+    help="NAME=V1,V2,... sampled as a category (with --range/--trials).",
+)
+@click.option("--trials", type=int, help="Sampled searches: the number of trials in all.")
+@click.option("--prune", is_flag=True, help="Stop clearly bad trials early (median rule).")
+@click.option(
+    "--storage",
+    help="An Optuna storage URL that processes on several machines share (e.g. "
+    "postgresql://...) [default: sqlite in OUT].",
+)
+@click.option("--sampler-seed", default=default(SweepConfig, "sampler_seed"), show_default=True)
+@run_setting_options
+@click.option("--overwrite", is_flag=True, help="Start the sweep in OUT over.")
+@stage
+def sweep(caches: tuple[str, ...], out: Path, **opts) -> None:
+    """Train many heads on CACHES, one per trial of a grid or sampled search, ranked by
+    validation mIoU; results in OUT (trials/, leaderboard.csv/.md/.png, best -> the best run).
+
+    The features load once per process. Rerunning the same command resumes an interrupted
+    sweep; starting it again (on another GPU, or under torchrun) adds a process that takes the
+    trials nobody has taken.
+    """
+    from offroad_seg.sweep import sweep
+
+    search = {k: opts.pop(k) for k in ("grid", "ranges", "choices", "trials", "prune",
+                                        "storage", "sampler_seed", "overwrite")}  # fmt: skip
+    base = TrainConfig(caches=caches, out=out, **opts)
+    result = sweep(SweepConfig(train=base, **search))
+    if not _is_main_rank():
+        return
+    from offroad_seg.text import plural
+
+    click.echo((out / "leaderboard.md").read_text() if result.rows else "no finished trials")
+    line = f"{plural(result.trained, 'trial')} trained by this process in {result.seconds:.1f} s"
+    if result.rows:
+        best = result.rows[0]
+        line += f"; best val mIoU {best['val_miou']:.4f}: {out / 'best'} -> {best['run']}"
+    click.echo(line)
+    for failure in result.failed:
+        click.echo(f"failed: {failure}", err=True)
+
+
+@cli.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--markdown", is_flag=True, help="A markdown table.")
+@click.option(
+    "--plot",
+    type=click.Path(path_type=Path),
+    help="Also write a PNG of the runs' per-class IoU.",
+)
+@stage
+def compare(runs: tuple[Path, ...], markdown: bool, plot: Path | None) -> None:
+    """Compare runs (folders or head checkpoints): the settings that differ, and their
+    validation metrics and per-class IoU side by side."""
+    from offroad_seg.compare import comparison_table, summarize
+
+    summaries = [summarize(r) for r in runs]
+    click.echo(comparison_table(summaries, markdown=markdown))
+    if plot is not None:
+        from offroad_seg.plots import plot_class_iou_comparison
+
+        plot_class_iou_comparison(
+            {s.name: s.class_iou for s in summaries}, plot, title="Per-class IoU (validation)"
+        )
+        click.echo(f"plot: {plot}")
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@stage
+def info(path: Path, as_json: bool) -> None:
+    """What a head checkpoint (or run folder) is: backbone, head, settings, best metrics."""
+    from offroad_seg.info import head_info, head_info_text
+
+    summary = head_info(path)
+    click.echo(json.dumps(summary, indent=2) if as_json else head_info_text(summary))
 
 
 @cli.command()
@@ -362,26 +590,33 @@ def train(caches: tuple[str, ...], out: Path, **opts) -> None:
 @click.option("--no-masks", "write_masks", flag_value=False, default=True, help="Metrics only.")
 @click.option(
     "--class-map",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Class map JSON the data uses; refused if it differs from the head's.",
+    help="The class map the data uses (a built-in name or a JSON file); refused if it differs "
+    "from the head's.",
 )
 @click.option("--ignore-unknown-codes", is_flag=True, help="Treat unknown mask codes as ignore.")
-@click.option("--overwrite", is_flag=True, help="Replace results already in OUT.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace everything offroad-seg wrote in OUT (rerunning the same command resumes).",
+)
 @stage
 def evaluate(head: Path, data_dir: Path, out: Path, **opts) -> None:
     """Evaluate HEAD on a labelled dataset DATA_DIR, end to end from the images.
 
-    Writes OUT/masks (raw class codes, 16-bit), masks_color, comparisons, metrics.json,
-    evaluation_metrics.txt, per_class_metrics.png and confusion_matrix.png.
+    Writes OUT/masks (raw class codes, 16-bit), masks_color, comparisons, thumbnails,
+    report.html, evaluation_metrics.txt, per_class_metrics.png, confusion_matrix.png and,
+    last, metrics.json. Rerunning the same command after an interruption resumes; under
+    torchrun the ranks share the images.
     """
     from offroad_seg.evaluate import evaluate
 
     result = evaluate(EvalConfig(head=head, data_dir=data_dir, out=out, **opts))
+    if not _is_main_rank():
+        return
     click.echo(result.metrics.table(f"Evaluation of {head} on {data_dir}"))
-    click.echo(
-        f"\n{result.images} images in {result.seconds:.1f} s ({result.images_per_s:.2f} images/s);"
-        f" results in {out}"
-    )
+    click.echo("")
+    click.echo(result.hackathon.table())
+    click.echo("\n" + _work_line("evaluated", result, out))
 
 
 @cli.command()
@@ -389,21 +624,33 @@ def evaluate(head: Path, data_dir: Path, out: Path, **opts) -> None:
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
 @head_inference_options
-@click.option("--no-overlays", "overlays", flag_value=False, default=True, help="Masks only.")
-@click.option("--overwrite", is_flag=True, help="Replace results already in OUT.")
+@click.option(
+    "--no-overlays", "overlays", flag_value=False, default=True, help="Masks only (no overlays)."
+)
+@click.option(
+    "--frame-stride",
+    default=default(PredictConfig, "frame_stride"),
+    show_default=True,
+    help="Videos: predict every N-th frame.",
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace everything offroad-seg wrote in OUT (rerunning the same command resumes).",
+)
 @stage
 def predict(head: Path, inputs: tuple[Path, ...], out: Path, **opts) -> None:
-    """Segment images (files, folders, or dataset folders) with HEAD; results go to OUT.
+    """Segment INPUTS with HEAD; results go to OUT. INPUTS are PNG or JPEG files, folders
+    (a dataset folder's Color_Images), globs ('frames/*.jpg') and videos (.mp4, .mov, ...).
 
-    Writes OUT/masks (raw class codes, 16-bit), masks_color and overlays.
+    Writes OUT/masks (raw class codes, 16-bit), masks_color, overlays (with a legend; an .mp4
+    per video) and, last, predictions.json. Rerunning the same command resumes.
     """
     from offroad_seg.evaluate import predict
 
     result = predict(PredictConfig(head=head, inputs=inputs, out=out, **opts))
-    click.echo(
-        f"predicted {result.images} images in {result.seconds:.1f} s "
-        f"({result.images_per_s:.2f} images/s); results in {out}"
-    )
+    if _is_main_rank():
+        click.echo(_work_line("predicted", result, out))
 
 
 @cli.command()
@@ -543,14 +790,53 @@ def cache_info(cache: str, as_json: bool) -> None:
 def cache_verify(cache: str) -> None:
     """Read every chunk: checksums, missing chunks, done flags, fingerprint, histogram."""
     from offroad_seg.cache import FeatureCache
+    from offroad_seg.text import plural
 
     report = FeatureCache.open(cache).verify(progress=True)
     if report.ok:
-        click.echo(f"ok: {cache}: {report.chunks_checked} chunks verified")
+        click.echo(f"ok: {cache}: {plural(report.chunks_checked, 'chunk')} verified")
         return
     for problem in report.problems:
         click.echo(f"{cache}: {problem}", err=True)
-    _fail(f"{cache}: {len(report.problems)} problem(s) found")
+    if report.problems:
+        _fail(f"{cache}: {plural(len(report.problems), 'problem')} found")
+    done = report.images - report.unfinished
+    state = (
+        f"unfinished ({done} of {plural(report.images, 'image')} extracted)"
+        if report.unfinished
+        else "every image extracted, but not finalized"
+    )
+    _fail(
+        f"{cache}: {state}; rerun the same `offroad-seg extract` command to resume "
+        "(what is there verified ok)"
+    )
+
+
+def _accept_verbosity_everywhere(group: click.Group) -> None:
+    """-v/-q are accepted after the command too (`offroad-seg evaluate ... -q`), not only
+    before it."""
+
+    def verbose(ctx, param, value):
+        if value:
+            _set_level(logging.DEBUG)
+
+    def quiet(ctx, param, value):
+        if value:
+            _set_level(logging.WARNING)
+
+    for command in group.commands.values():
+        if isinstance(command, click.Group):
+            _accept_verbosity_everywhere(command)
+            continue
+        command.params += [
+            click.Option(["-v", "--verbose"], count=True, expose_value=False, callback=verbose,
+                         help="More log output."),
+            click.Option(["-q", "--quiet"], is_flag=True, expose_value=False, callback=quiet,
+                         help="Only warnings and errors."),
+        ]  # fmt: skip
+
+
+_accept_verbosity_everywhere(cli)
 
 
 def main() -> None:

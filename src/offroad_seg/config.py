@@ -7,7 +7,7 @@ heavy, so `offroad-seg --help` does not load torch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from offroad_seg.variants import DEFAULT_BACKBONE
@@ -40,7 +40,7 @@ class ExtractConfig:
     workers: int | None = None  # None: a sensible default for the device
     dtype: str = "float16"  # float16, float32, or int8 (per-token scales, see quantize.py)
     images_per_chunk: int = 0  # 0: ~1 MiB feature chunks
-    class_map: Path | None = None
+    class_map: str | Path | None = None  # a built-in name (default, hackathon) or a JSON file
     ignore_unknown_codes: bool = False
     overwrite: bool = False
     progress: bool = True
@@ -51,7 +51,8 @@ class TrainConfig:
     caches: tuple[CachePath, ...]
     out: Path
     val_cache: CachePath | None = None
-    head: str = "convnext"
+    preset: str | None = None  # a name in PRESETS: its values replace the defaults below
+    head: str = "convnext"  # a name in heads.HEADS
     width: int = 0  # 0: the head's default
     depth: int = 0
     dropout: float | None = None  # None: the head's default
@@ -60,6 +61,8 @@ class TrainConfig:
     lr: float = 3e-4
     weight_decay: float = 0.01
     warmup_epochs: float = 1.0
+    loss: str = "ce"  # a loss.LossSpec text, e.g. "ce+0.5dice"
+    focal_gamma: float = 2.0
     class_weights: str = "auto"  # "auto", "none" or comma-separated floats
     seed: int = 0
     device: str = "auto"
@@ -69,6 +72,59 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
+
+
+# The settings that make a training run what it is: a resumed run keeps them, and a preset
+# sets some of them. The others say where data and outputs are and how to run on this machine.
+RUN_SETTINGS = (
+    "preset",
+    "head",
+    "width",
+    "depth",
+    "dropout",
+    "epochs",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "warmup_epochs",
+    "loss",
+    "focal_gamma",
+    "class_weights",
+    "seed",
+    "shuffle_window",
+)
+
+# Named sets of run settings. `seed` reproduces the hackathon's training: its head, batch 2,
+# AdamW at 3e-4 for 20 epochs, class-weighted cross entropy (the schedule is ours: one warmup
+# epoch, then cosine).
+PRESETS: dict[str, dict[str, object]] = {
+    "seed": {
+        "head": "seed",
+        "batch_size": 2,
+        "lr": 3e-4,
+        "epochs": 20,
+        "loss": "ce",
+        "class_weights": "auto",
+        "dropout": 0.0,
+    },
+}
+
+
+def apply_preset(cfg: TrainConfig) -> TrainConfig:
+    """The config with its preset's values in the settings left at their defaults (a setting
+    given explicitly wins over the preset)."""
+    if cfg.preset is None:
+        return cfg
+    if cfg.preset not in PRESETS:
+        from offroad_seg.errors import ConfigError
+
+        raise ConfigError(f"preset {cfg.preset!r}: expected one of {', '.join(PRESETS)}")
+    changes = {
+        name: value
+        for name, value in PRESETS[cfg.preset].items()
+        if getattr(cfg, name) == default(TrainConfig, name)
+    }
+    return replace(cfg, **changes)
 
 
 @dataclass(frozen=True)
@@ -82,8 +138,9 @@ class EvalConfig:
     device: str = "auto"
     comparisons: int = 10  # comparison panels for the first N images; 0 for none
     tta: str = "none"  # "flip": average the logits of the image and its mirror
+    tta_scales: tuple[float, ...] = (1.0,)  # working-size scales whose logits are averaged
     write_masks: bool = True
-    class_map: Path | None = None  # when given, must equal the head's
+    class_map: str | Path | None = None  # when given (name or file), must equal the head's
     ignore_unknown_codes: bool = False
     overwrite: bool = False
     progress: bool = True
@@ -99,7 +156,9 @@ class PredictConfig:
     workers: int | None = None
     device: str = "auto"
     tta: str = "none"
-    overlays: bool = True
+    tta_scales: tuple[float, ...] = (1.0,)
+    overlays: bool = True  # overlays with a legend (images), an overlay video (videos)
+    frame_stride: int = 1  # videos: predict every N-th frame
     overwrite: bool = False
     progress: bool = True
 
@@ -116,3 +175,23 @@ class DemoConfig:
     weights: str | None = None  # None: real weights if found offline, else random
     seed: int = 0
     progress: bool = True
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """A sweep: trainings of `train` (its caches, validation cache and fixed settings) with
+    the searched settings replaced per trial; `train.out` is the sweep's folder."""
+
+    train: TrainConfig
+    grid: tuple[str, ...] = ()  # "lr=1e-4,3e-4": every combination is one trial
+    ranges: tuple[str, ...] = ()  # "lr=1e-5:1e-2:log", "width=32:256:int": sampled (TPE)
+    choices: tuple[str, ...] = ()  # "head=convnext,pyramid": sampled categories
+    trials: int | None = None  # sampled searches: how many trials in all
+    prune: bool = False  # stop clearly bad trials early (median rule on val mIoU per epoch)
+    storage: str | None = None  # an Optuna storage URL; default sqlite in the sweep's folder
+    sampler_seed: int = 0
+    overwrite: bool = False
+
+    @property
+    def out(self) -> Path:
+        return self.train.out

@@ -23,7 +23,7 @@ from offroad_seg.backbone import Backbone, load_backbone
 from offroad_seg.background import BoundedPool
 from offroad_seg.cache import CacheSpec, FeatureCache, sources_digest
 from offroad_seg.config import ExtractConfig
-from offroad_seg.data import ClassMap, check_headers, list_samples
+from offroad_seg.data import ClassMap, check_headers, list_samples, resolve_class_map
 from offroad_seg.errors import CacheError, DataError, Interrupted
 from offroad_seg.loader import (
     DecodedSamples,
@@ -36,6 +36,7 @@ from offroad_seg.preprocess import Preprocessing
 from offroad_seg.quantize import quantize_int8
 from offroad_seg.runtime import resolve_device
 from offroad_seg.storage import writer_lock
+from offroad_seg.text import plural
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +57,12 @@ class ExtractSummary:
     def line(self) -> str:
         mb = self.bytes_on_disk / 1e6
         per = self.bytes_on_disk / max(1, self.images) / 1e3
+        size = f"cache {self.cache}: {mb:.1f} MB ({per:.0f} kB/image)"
+        if self.extracted == 0:
+            return f"all {plural(self.images, 'image')} were already extracted; {size}"
         return (
-            f"extracted {self.extracted} of {self.images} images in {self.seconds:.1f} s "
-            f"({self.images_per_s:.2f} images/s); cache {self.cache}: {mb:.1f} MB "
-            f"({per:.0f} kB/image)"
+            f"extracted {self.extracted} of {plural(self.images, 'image')} in "
+            f"{self.seconds:.1f} s ({self.images_per_s:.2f} images/s); {size}"
         )
 
 
@@ -153,7 +156,7 @@ def extract(config: ExtractConfig) -> ExtractSummary:
     finalizes once all are done; a cache started with K ranks resumes with any other number."""
     started = time.perf_counter()
     Preprocessing(size=tuple(config.size))  # a bad size fails before any work starts
-    class_map = ClassMap.from_json(config.class_map) if config.class_map else ClassMap.default()
+    class_map = resolve_class_map(config.class_map)
     samples = list_samples(config.data_dir)
     check_headers(samples)
     device = resolve_device(config.device)

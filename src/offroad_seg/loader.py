@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from offroad_seg.data import ClassMap, Sample, read_image, read_labels
+from offroad_seg.data import ClassMap, Sample, read_image, read_mask
 from offroad_seg.errors import DataError, OffroadSegError
+from offroad_seg.metrics import hackathon_truth
 from offroad_seg.preprocess import Preprocessing, image_to_tensor, resize_image, resize_labels
+from offroad_seg.report import preview
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,12 @@ class DecodeOptions:
     class_map: ClassMap | None = None  # None: images only (predict)
     ignore_unknown_codes: bool = False
     labels: str = "working"  # "working": ids at the working size; "original": full size
-    keep_original: bool = False  # also return the uint8 image (for panels and overlays)
+    # also return the uint8 image of samples below this index (panels, overlays): originals are
+    # 1.5 MB at 960x540, and the loader's prefetch multiplies whatever a sample carries
+    keep_original_below: int = 0
+    extra_sizes: tuple[tuple[int, int], ...] = ()  # also resized to these (multi-scale TTA)
+    preview_height: int = 0  # also a small copy of the image this tall (report thumbnails)
+    hackathon: bool = False  # also the hackathon protocol's truth (metrics.hackathon_truth)
 
 
 class DecodedSamples(Dataset):
@@ -46,7 +53,7 @@ class DecodedSamples(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         try:
-            return {"index": index, "error": None, **self._decode(self.samples[index])}
+            return {"index": index, "error": None, **self._decode(index, self.samples[index])}
         except OffroadSegError as e:
             return {"index": index, "error": str(e)}
         except Exception as e:  # an unexpected decoder failure still names the file
@@ -55,17 +62,29 @@ class DecodedSamples(Dataset):
                 "error": f"{self.samples[index].image}: {type(e).__name__}: {e}",
             }
 
-    def _decode(self, sample: Sample) -> dict[str, Any]:
+    def _decode(self, index: int, sample: Sample) -> dict[str, Any]:
         opts = self.opts
         rgb = read_image(sample.image)
         out: dict[str, Any] = {"size": rgb.shape[:2]}
-        out["image"] = resize_image(image_to_tensor(rgb), opts.prep)[0]
-        if opts.keep_original:
-            out["original"] = rgb
+        image = image_to_tensor(rgb)
+        out["image"] = resize_image(image, opts.prep)[0]
+        if opts.extra_sizes:  # the same resize to each other scale's size
+            out["scaled"] = [
+                resize_image(image, replace(opts.prep, size=size))[0] for size in opts.extra_sizes
+            ]
+        if opts.keep_original_below:  # None past the first N (collate needs every key)
+            out["original"] = rgb if index < opts.keep_original_below else None
+        if opts.preview_height:
+            out["preview"] = preview(rgb, opts.preview_height)
         if opts.class_map is not None:
             if sample.mask is None:
                 raise DataError(f"{sample.image}: no mask")
-            ids = read_labels(sample.mask, opts.class_map, opts.ignore_unknown_codes)
+            codes = read_mask(sample.mask)
+            ids = opts.class_map.codes_to_ids(
+                codes, source=str(sample.mask), ignore_unknown=opts.ignore_unknown_codes
+            )
+            if opts.hackathon:
+                out["hackathon"] = hackathon_truth(codes, opts.prep.size, str(sample.mask))
             if ids.shape != rgb.shape[:2]:
                 raise DataError(
                     f"{sample.mask}: mask is {ids.shape[1]}x{ids.shape[0]} but its image is "
@@ -87,6 +106,8 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         values = [it[key] for it in items]
         if key == "image" and len({tuple(v.shape) for v in values}) == 1:
             batch[key] = torch.stack(values)
+        elif key == "scaled":  # one stack per extra size (every image has every size)
+            batch[key] = [torch.stack(per_size) for per_size in zip(*values, strict=True)]
         elif key == "labels" and len({v.shape for v in values}) == 1:
             batch[key] = torch.from_numpy(np.stack(values))
         else:

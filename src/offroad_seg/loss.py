@@ -126,23 +126,40 @@ def upsample_bilinear(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tens
     return torch.matmul(ry, torch.matmul(logits.float(), rx_t))
 
 
+def upsample_mean(logits: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    """The mean of several (B, K, h_i, w_i) logits, each upsampled (bilinear) to `size`: how
+    multi-scale test-time augmentation combines its passes."""
+    return sum(upsample_bilinear(part, size) for part in logits) / len(logits)
+
+
 @torch.no_grad()
 def predict_and_score(
-    logits: torch.Tensor, labels: torch.Tensor | None, size: tuple[int, int], rows: int = 32
+    logits: torch.Tensor | Sequence[torch.Tensor],
+    labels: torch.Tensor | None,
+    size: tuple[int, int],
+    rows: int = 32,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Upsample token logits to `size`; return the per-pixel argmax (B, H, W) and, with
     labels, the unweighted cross-entropy sum and the count of non-ignored pixels.
 
     Full-size logits are 11 x 540 x 960 floats (23 MB) per image, so they are produced and
     consumed in strips of `rows` rows that stay in cache: several times faster on CPU than
-    materialising them, and less memory on GPU."""
-    (h, w), (height, width) = logits.shape[-2:], size
-    a = torch.matmul(logits.float(), bilinear_matrix(w, width, logits.device).t())
-    ry = bilinear_matrix(h, height, logits.device)
-    pred = torch.empty((logits.shape[0], height, width), dtype=torch.long, device=logits.device)
-    loss = torch.zeros((), dtype=torch.float64, device=logits.device)
+    materialising them, and less memory on GPU. A list of logits (test-time augmentation's
+    passes, each on its own grid) is averaged after upsampling, strip by strip."""
+    parts = [logits] if isinstance(logits, torch.Tensor) else list(logits)
+    height, width = size
+    device = parts[0].device
+    # each part upsampled along the columns once, then strip by strip along the rows
+    cols = [torch.matmul(p.float(), bilinear_matrix(p.shape[-1], width, device).t()) for p in parts]
+    row_maps = [bilinear_matrix(p.shape[-2], height, device) for p in parts]
+    pred = torch.empty((parts[0].shape[0], height, width), dtype=torch.long, device=device)
+    loss = torch.zeros((), dtype=torch.float64, device=device)
     for r0 in range(0, height, rows):
-        z = torch.matmul(ry[r0 : r0 + rows], a)  # (B, K, rows, W)
+        z = torch.matmul(row_maps[0][r0 : r0 + rows], cols[0])  # (B, K, rows, W)
+        for ry, a in zip(row_maps[1:], cols[1:], strict=True):
+            z += torch.matmul(ry[r0 : r0 + rows], a)
+        if len(parts) > 1:
+            z /= len(parts)
         peak, pred[:, r0 : r0 + rows] = z.max(1)  # first maximum, like argmax (~6x faster)
         if labels is not None:
             lab = labels[:, r0 : r0 + rows].long()

@@ -254,11 +254,16 @@ def to_hackathon_ids(
 
 
 def hackathon_prediction(
-    logits: torch.Tensor, size: tuple[int, int], model_class_map: ClassMap
+    logits: torch.Tensor | Sequence[torch.Tensor], size: tuple[int, int], model_class_map: ClassMap
 ) -> torch.Tensor:
     """(B, K, h, w) token-grid logits -> (B, rows, cols) int64 hackathon ids: the argmax of the
-    logits upsampled as the starter did (F.interpolate, bilinear, align_corners=False)."""
-    up = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
+    logits upsampled as the starter did (F.interpolate, bilinear, align_corners=False). A list
+    (test-time augmentation's passes) is averaged after upsampling."""
+    parts = [logits] if isinstance(logits, torch.Tensor) else list(logits)
+    up = sum(
+        F.interpolate(part.float(), size=size, mode="bilinear", align_corners=False)
+        for part in parts
+    )
     # max's indices are argmax's (the first maximum), ~4x faster over dim 1 on CPU
     return to_hackathon_ids(up.max(1).indices, model_class_map)
 

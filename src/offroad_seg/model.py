@@ -4,6 +4,8 @@ so they compute the same thing."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,6 +17,7 @@ from offroad_seg.data import ClassMap
 from offroad_seg.errors import ConfigError, WeightsError
 from offroad_seg.preprocess import Preprocessing
 from offroad_seg.runtime import autocast, resolve_device
+from offroad_seg.variants import PATCH_SIZE
 from offroad_seg.weights import RANDOM
 
 TTA_MODES = ("none", "flip")
@@ -23,6 +26,48 @@ TTA_MODES = ("none", "flip")
 def check_tta(tta: str) -> None:
     if tta not in TTA_MODES:
         raise ConfigError(f"tta {tta!r}: expected one of {', '.join(TTA_MODES)}")
+
+
+@dataclass(frozen=True)
+class TTA:
+    """Test-time augmentation: the passes whose logits are averaged at each image's original
+    size. Each scale resizes the original image to the working size times the scale, rounded
+    to multiples of 14 (the patch size); `flip` adds each size's mirrored pass. A pass costs
+    about scale^2 (tokens) to scale^4 (attention) of a plain one."""
+
+    flip: bool = False
+    scales: tuple[float, ...] = (1.0,)
+
+    @classmethod
+    def of(cls, mode: str, scales: Sequence[float] = (1.0,)) -> TTA:
+        check_tta(mode)
+        scales = tuple(float(s) for s in scales)
+        if not scales or any(not s > 0 for s in scales):
+            raise ConfigError(f"TTA scales {scales}: expected positive numbers")
+        return cls(flip=mode == "flip", scales=scales)
+
+    def sizes(self, prep: Preprocessing) -> list[tuple[int, int]]:
+        """The working sizes of the passes, in scale order, without repeats."""
+        sizes = []
+        for s in self.scales:
+            size = tuple(max(PATCH_SIZE, round(v * s / PATCH_SIZE) * PATCH_SIZE) for v in prep.size)
+            if size not in sizes:
+                sizes.append(size)
+        return sizes
+
+    def extra_sizes(self, prep: Preprocessing) -> tuple[tuple[int, int], ...]:
+        """The sizes other than the working size, which the decoding workers add."""
+        return tuple(size for size in self.sizes(prep) if size != tuple(prep.size))
+
+    def passes(self, prep: Preprocessing) -> int:
+        return len(self.sizes(prep)) * (2 if self.flip else 1)
+
+    def describe(self, prep: Preprocessing) -> str:
+        if self == TTA():
+            return "none"
+        sizes = ", ".join(f"{r}x{c}" for r, c in self.sizes(prep))
+        flip = "flip, " if self.flip else ""
+        return f"{flip}sizes {sizes} ({self.passes(prep)} passes)"
 
 
 def backbone_for_head(
@@ -107,3 +152,17 @@ class SegmentationModel(nn.Module):
             n = logits.shape[0] // 2
             logits = 0.5 * (logits[:n] + logits[n:].flip(-1))
         return logits
+
+    @torch.no_grad()
+    def tta_logits(
+        self, images: torch.Tensor, scaled: Sequence[torch.Tensor], tta: TTA
+    ) -> list[torch.Tensor]:
+        """Logits of every pass of `tta`: `images` at the working size, `scaled` at
+        `tta.extra_sizes(...)` (as the decoding workers make them). Each size's mirrored pass is
+        averaged in on its own grid (bilinear resizing commutes with mirroring); the sizes are
+        averaged after upsampling (`loss.predict_and_score` or `loss.upsample_mean`)."""
+        mode = "flip" if tta.flip else "none"
+        sizes = tta.sizes(self.preprocessing)
+        by_size = dict(zip(tta.extra_sizes(self.preprocessing), scaled, strict=True))
+        by_size[tuple(self.preprocessing.size)] = images
+        return [self.logits(by_size[size], mode) for size in sizes]

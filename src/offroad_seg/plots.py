@@ -122,7 +122,9 @@ def _empty_panel(ax: Axes, title: str, message: str) -> None:
     ax.set_yticks([])
 
 
-def plot_training_curves(history: list[dict[str, float | None]], path: Path) -> None:
+def plot_training_curves(
+    history: list[dict[str, float | None]], path: Path, title: str | None = None
+) -> None:
     """Write a 2x2 PNG of the training history: loss, val mIoU, val mean Dice, val pixel accuracy.
 
     Each row of `history` is one epoch: `epoch` (a row without it is numbered by position,
@@ -130,7 +132,8 @@ def plot_training_curves(history: list[dict[str, float | None]], path: Path) -> 
     that is missing, None or not finite is skipped for that row, so validation every N epochs
     plots as a line through the validated epochs. The loss panel shows train and val loss; each
     metric panel marks and names its best epoch, or says 'no validation' when it has no values.
-    An empty history gives a figure of four 'no data'/'no validation' panels.
+    An empty history gives a figure of four 'no data'/'no validation' panels. `title`, when
+    given, names the run above the panels.
     """
     from matplotlib.ticker import MaxNLocator
 
@@ -174,6 +177,8 @@ def plot_training_curves(history: list[dict[str, float | None]], path: Path) -> 
         ax.grid(True, alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
+    if title:
+        fig.suptitle(title)
     _save_figure(fig, path)
 
 
@@ -543,3 +548,72 @@ def overlay_with_legend(
     blended = overlay(image, pred_rgb, alpha)
     w = blended.shape[1]
     return np.concatenate([blended, _legend_strip(w, class_map, _font_size(w))], axis=0)
+
+
+# --------------------------------------------------------------------------- sweeps
+
+
+def plot_sweep(
+    rows: list[dict],
+    curves: dict[str, list[tuple[int, float | None]]],
+    path: Path,
+    title: str | None = None,
+) -> None:
+    """Write a PNG of a sweep: on the left every trial's best validation mIoU, best first
+    (pruned trials grey), on the right the validation mIoU per epoch of the best trials.
+
+    `rows` are leaderboard rows (`run`, `state`, `val_miou`), `curves` maps a run to its
+    (epoch, val mIoU) points."""
+    fig = _new_figure(12.0, max(3.5, 0.28 * len(rows) + 1.5))
+    left, right = fig.subplots(1, 2, width_ratios=(1.1, 1.0))
+    labels = [r["run"] if len(r["run"]) <= 40 else r["run"][:37] + "..." for r in rows]
+    values = [float(r["val_miou"]) for r in rows]
+    colors = ["tab:green" if r["state"] == "complete" else "tab:gray" for r in rows]
+    y = np.arange(len(rows))
+    left.barh(y, values, color=colors)
+    left.set_yticks(y, labels, fontsize=7)
+    left.invert_yaxis()
+    left.set_xlabel("best validation mIoU")
+    left.set_title("Trials (grey: pruned)")
+    for yi, v in zip(y, values, strict=True):
+        left.text(v, yi, f" {v:.4f}", va="center", fontsize=7)
+    left.set_xlim(0, max([1e-6, *values]) * 1.18)
+    left.grid(True, axis="x", alpha=0.3)
+    for run, points in curves.items():
+        xs = [e for e, v in points if v is not None]
+        ys = [v for _, v in points if v is not None]
+        right.plot(xs, ys, marker="o", markersize=3, label=run[:40])
+    from matplotlib.ticker import MaxNLocator
+
+    right.set_title(f"Validation mIoU of the best {len(curves)}")
+    right.set_xlabel("epoch")
+    right.xaxis.set_major_locator(MaxNLocator(integer=True))
+    right.grid(True, alpha=0.3)
+    if curves:
+        right.legend(fontsize=7, loc="lower right")
+    if title:
+        fig.suptitle(title)
+    _save_figure(fig, path)
+
+
+def plot_class_iou_comparison(
+    runs: dict[str, dict[str, float | None]], path: Path, title: str | None = None
+) -> None:
+    """Write a PNG of grouped horizontal bars: each class's IoU in each run (None: absent)."""
+    classes = list(dict.fromkeys(c for ious in runs.values() for c in ious))
+    fig = _new_figure(9.0, max(3.0, 0.22 * len(classes) * max(2, len(runs)) + 1.5))
+    ax = fig.add_subplot()
+    height = 0.8 / max(1, len(runs))
+    y = np.arange(len(classes), dtype=np.float64)
+    for i, (name, ious) in enumerate(runs.items()):
+        values = [np.nan if ious.get(c) is None else float(ious[c]) for c in classes]
+        ax.barh(y + (i - (len(runs) - 1) / 2) * height, values, height=height, label=name)
+    ax.set_yticks(y, classes)
+    ax.invert_yaxis()
+    ax.set_xlabel("IoU")
+    ax.set_xlim(0, 1)
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    if title:
+        ax.set_title(title)
+    _save_figure(fig, path)

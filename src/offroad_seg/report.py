@@ -38,6 +38,7 @@ __all__ = [
     "THUMBNAIL_SUFFIX",
     "ImageRow",
     "make_thumbnail",
+    "preview",
     "save_thumbnail",
     "write_report",
 ]
@@ -70,10 +71,12 @@ def make_thumbnail(
 ) -> Image.Image:
     """image | truth | prediction (image | prediction without truth) as one small RGB strip.
 
-    Each panel is `height` px tall and keeps the image's aspect ratio; panels are separated by
-    a 2 px dark line. The image is box-reduced then bilinearly resized; the (H, W) id masks are
-    sampled nearest (pixel centres) so every thumbnail pixel is a real class colour from
-    `ClassMap.colorize`, ignore (255) white. Downscaling first keeps this at ~2 ms for 960x540.
+    Each panel is `height` px tall and keeps the masks' aspect ratio; panels are separated by
+    a 2 px dark line. The image may be the full image or a smaller copy of it (`preview`,
+    which evaluate's decoding workers make so that they need not keep the whole image); it is
+    box-reduced then bilinearly resized. The (H, W) id masks are sampled nearest (pixel
+    centres) so every thumbnail pixel is a real class colour from `ClassMap.colorize`, ignore
+    (255) white. Downscaling first keeps this at ~2 ms for 960x540.
     """
     image_rgb = np.asarray(image_rgb)
     if image_rgb.dtype != np.uint8 or image_rgb.ndim != 3 or image_rgb.shape[2] != 3:
@@ -83,32 +86,39 @@ def make_thumbnail(
         )
     if height < 1:
         raise ValueError(f"make_thumbnail: height {height} is not positive")
-    big_h, big_w = image_rgb.shape[:2]
+    big_h, big_w = np.asarray(pred_ids).shape[:2]
     masks = [
         _check_ids(name, ids, (big_h, big_w))
         for name, ids in (("truth", truth_ids), ("prediction", pred_ids))
         if ids is not None
     ]
     w = max(1, round(big_w * height / big_h))
-
-    small = Image.fromarray(np.ascontiguousarray(image_rgb))
-    factor = min(big_h // height, big_w // w)
-    if factor >= 2:  # box-average by an integer factor: fast, and antialiased
-        small = small.reduce(factor)
-    if small.size != (w, height):
-        small = small.resize((w, height), Image.Resampling.BILINEAR)
+    small = preview(image_rgb, height, width=w)
 
     ys = ((np.arange(height) + 0.5) * (big_h / height)).astype(np.intp)
     xs = ((np.arange(w) + 0.5) * (big_w / w)).astype(np.intp)
-    panels = [np.asarray(small)] + [
-        class_map.colorize(ids[ys[:, None], xs[None, :]]) for ids in masks
-    ]
+    panels = [small] + [class_map.colorize(ids[ys[:, None], xs[None, :]]) for ids in masks]
     gap = _SEPARATOR_WIDTH
     strip = np.empty((height, len(panels) * (w + gap) - gap, 3), dtype=np.uint8)
     strip[:] = _SEPARATOR
     for k, panel in enumerate(panels):
         strip[:, k * (w + gap) : k * (w + gap) + w] = panel
     return Image.fromarray(strip)
+
+
+def preview(rgb: np.ndarray, height: int, width: int | None = None) -> np.ndarray:
+    """A small copy of an (H, W, 3) uint8 image, `height` rows tall (and `width` columns; by
+    default the aspect ratio's): box-reduced by an integer factor (fast, antialiased), then
+    bilinearly resized."""
+    h, w = rgb.shape[:2]
+    width = width or max(1, round(w * height / h))
+    img = Image.fromarray(np.ascontiguousarray(rgb))
+    factor = min(h // height, w // width)
+    if factor >= 2:
+        img = img.reduce(factor)
+    if img.size != (width, height):
+        img = img.resize((width, height), Image.Resampling.BILINEAR)
+    return np.asarray(img)
 
 
 def save_thumbnail(path: Path, thumbnail: Image.Image) -> None:

@@ -9,30 +9,39 @@ uninterrupted run would be, and an online loop with the same order gives the sam
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from offroad_seg import distributed
+from offroad_seg import __version__, distributed
 from offroad_seg.atomic import write_json_atomic, write_text_atomic
 from offroad_seg.cache import FeatureCache
 from offroad_seg.checkpoint import head_payload, load_checkpoint, save_checkpoint
-from offroad_seg.config import TrainConfig
+from offroad_seg.config import RUN_SETTINGS, TrainConfig, apply_preset, default
 from offroad_seg.distributed import SINGLE, World
 from offroad_seg.errors import CacheError, ConfigError, Interrupted, OffroadSegError
 from offroad_seg.heads import HeadConfig, build_head
-from offroad_seg.loss import loss_terms, parse_class_weights, predict_and_score
+from offroad_seg.loss import Criterion, LossSpec, loss_terms, parse_class_weights, predict_and_score
 from offroad_seg.metrics import ConfusionAccumulator, SegMetrics
 from offroad_seg.runtime import autocast, resolve_device
-from offroad_seg.sources import FeatureTensors, choose_source, rank_slices, view0_features
+from offroad_seg.sources import (
+    FeatureTensors,
+    InMemorySource,
+    StreamingSource,
+    choose_source,
+    rank_slices,
+    view0_features,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +53,45 @@ STATS_DIR = "train_stats"
 @dataclass
 class TrainResult:
     out: Path
-    history: list[dict]
+    history: list[dict]  # every epoch of the run, earlier sessions' too when resumed
     best: dict | None
     seconds: float
     source: str
-    step_losses: list[float] = field(default_factory=list)  # this run's steps, in order
+    step_losses: list[float] = field(default_factory=list)  # this session's steps, in order
+    epochs_trained: int = 0  # by this session (0: a resumed run that was already finished)
+    config: TrainConfig | None = None  # the settings the run used (preset and resume applied)
+
+
+@dataclass
+class TrainingData:
+    """Caches opened and features loaded once, for any number of trainings on them (a sweep
+    trains every trial of a process on one)."""
+
+    caches: list[FeatureCache]
+    val: FeatureCache | None
+    source: InMemorySource | StreamingSource
+    val_features: tuple[FeatureTensors, torch.Tensor] | None
+    device: torch.device
+
+    @property
+    def fingerprints(self) -> tuple[list[str], str | None]:
+        return [c.spec.fingerprint for c in self.caches], (
+            self.val.spec.fingerprint if self.val else None
+        )
+
+
+def load_training_data(cfg: TrainConfig, device: torch.device, world: World = SINGLE):
+    """Open and check the caches of `cfg`, and load (or prepare to stream) their features."""
+    caches, val = open_train_caches(cfg)
+    source = choose_source(
+        caches, device, cfg.memory_budget_gb, cfg.stream, cfg.shuffle_window, cfg.progress
+    )
+    val_features = None
+    if val is not None:
+        val_features = view0_features(val)
+        if source.kind == "memory":  # the training set fits, so the smaller val set does too
+            val_features = (val_features[0].to(device), val_features[1].to(device))
+    return TrainingData(caches, val, source, val_features, device)
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -130,7 +173,7 @@ def open_train_caches(cfg: TrainConfig) -> tuple[list[FeatureCache], FeatureCach
     first = caches[0]
     for other in caches[1:] + ([val] if val else []):
         if other.spec.compat_fingerprint != first.spec.compat_fingerprint:
-            diff = "; ".join(first.spec.differences(other.spec)[:3])
+            diff = "; ".join(first.spec.differences(other.spec, compat_only=True)[:3])
             raise CacheError(
                 f"{other.path}: cannot be used with {first.path}: its features differ ({diff})"
             )
@@ -145,8 +188,6 @@ def check_output_dir(cfg: TrainConfig) -> None:
             f"{out}: already holds a trained head ({existing[0].name}); "
             "use --resume to continue it or --overwrite to start over"
         )
-    if cfg.resume and not (out / LAST_FILE).exists():
-        raise OffroadSegError(f"{out / LAST_FILE}: nothing to resume")
 
 
 # ----------------------------------------------------------------------------- stats
@@ -162,10 +203,13 @@ def history_csv(history: list[dict]) -> str:
     return buf.getvalue()
 
 
-def stats_text(history: list[dict], best: dict | None, final_metrics: SegMetrics | None) -> str:
-    """evaluation_metrics.txt: final and best values and a per-epoch table, as the seed wrote."""
+def stats_text(
+    history: list[dict], best: dict | None, final_metrics: SegMetrics | None, run: dict
+) -> str:
+    """evaluation_metrics.txt: the run's settings, final and best values and a per-epoch table,
+    as the seed wrote."""
     last = history[-1]
-    lines = ["Training results", "================", ""]
+    lines = ["Training results", "================", "", *settings_lines(run), ""]
     lines.append(f"Epochs: {last['epoch']}")
     lines.append(f"Final train loss: {last['train_loss']:.4f}")
     has_val = last.get("val_miou") is not None
@@ -202,17 +246,29 @@ def stats_text(history: list[dict], best: dict | None, final_metrics: SegMetrics
     return "\n".join(lines) + "\n"
 
 
-def write_stats(out: Path, history: list[dict], best: dict | None, final: SegMetrics | None):
+def write_stats(
+    out: Path, history: list[dict], best: dict | None, final: SegMetrics | None, run: dict
+) -> None:
     from offroad_seg.plots import plot_per_class_metrics, plot_training_curves
 
     stats = out / STATS_DIR
     stats.mkdir(parents=True, exist_ok=True)
     write_text_atomic(stats / "history.csv", history_csv(history))
     write_json_atomic(stats / "history.json", {"history": history, "best": best})
-    write_text_atomic(stats / "evaluation_metrics.txt", stats_text(history, best, final))
-    plot_training_curves(history, stats / "training_curves.png")
+    write_text_atomic(stats / "evaluation_metrics.txt", stats_text(history, best, final, run))
+    name = run_name(out)
+    plot_training_curves(history, stats / "training_curves.png", title=name)
     if final is not None:
-        plot_per_class_metrics(final.names, final.iou, final.dice, stats / "per_class_metrics.png")
+        title = f"{name}: per-class metrics (best epoch, validation cache)"
+        plot_per_class_metrics(
+            final.names, final.iou, final.dice, stats / "per_class_metrics.png", title=title
+        )
+
+
+def run_name(out: Path) -> str:
+    """How plots name a run: its folder, with the parent for context (runs/h1)."""
+    out = Path(out).resolve()
+    return f"{out.parent.name}/{out.name}" if out.parent.name else out.name
 
 
 # ----------------------------------------------------------------------------- training
@@ -226,7 +282,7 @@ def train_one_epoch(
     epoch: int,
     steps_per_epoch: int,
     warmup: int,
-    weight: torch.Tensor | None,
+    criterion: Criterion,
     device: torch.device,
     world: World = SINGLE,
 ) -> tuple[list[float], float]:
@@ -253,15 +309,20 @@ def train_one_epoch(
             group["lr"] = lr
         with autocast(device):
             logits = model(feats)
-        total, count = loss_terms(logits, labels, weight)
+        parts = criterion(logits, labels)
         if world.enabled:
-            # normalise by the global batch's pixel weight: DDP's gradient average then equals
-            # the one-process gradient of the whole global batch
-            sums = world.all_reduce_sum(torch.stack([total.detach(), count.detach()]))
-            loss = total * world.size / sums[1].clamp_min(1e-12)
-            logged = sums[0] / sums[1].clamp_min(1e-12)
+            # normalise the per-pixel terms by the global batch's pixel weight: DDP's gradient
+            # average then equals the one-process gradient of the whole global batch; the
+            # set-level terms (dice, lovasz) are each rank's own batch, averaged by DDP
+            sums = world.all_reduce_sum(
+                torch.stack([parts.pixel_sum.detach(), parts.pixel_weight.detach(),
+                             parts.set_terms.detach()])
+            )  # fmt: skip
+            weight_sum = sums[1].clamp_min(1e-12)
+            loss = parts.pixel_sum * world.size / weight_sum + parts.set_terms
+            logged = sums[0] / weight_sum + sums[2] / world.size
         else:
-            loss = total / count.clamp_min(1e-12)
+            loss = parts.value()
             logged = loss.detach()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -298,7 +359,8 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _config_dict(cfg: TrainConfig) -> dict:
+def config_dict(cfg: TrainConfig) -> dict:
+    """A run's settings as JSON-ready values."""
     d = asdict(cfg)
     d["caches"] = [str(p) for p in cfg.caches]
     d["out"] = str(cfg.out)
@@ -306,25 +368,74 @@ def _config_dict(cfg: TrainConfig) -> dict:
     return d
 
 
-def train(cfg: TrainConfig) -> TrainResult:
-    """Train a head on cached features; see the module docstring. Under torchrun the ranks
-    train one DDP model: each computes its slice of every global batch, metrics are reduced
-    over ranks, and only rank 0 writes checkpoints and stats."""
-    started = time.perf_counter()
+def resumed_config(cfg: TrainConfig) -> TrainConfig:
+    """The settings of the run in `cfg.out` (its last.pth), for `--resume`: a setting left at
+    its default takes the run's value; one given with another value is refused by name, since
+    it would make the run something else than it was."""
+    path = cfg.out / LAST_FILE
+    if not path.exists():
+        raise OffroadSegError(f"{path}: nothing to resume")
+    saved = load_checkpoint(path).payload["train_config"]
+    changes: dict = {}
+    for name in RUN_SETTINGS:
+        if name not in saved:  # written by an older version: it ran with the default
+            continue
+        ours, theirs = getattr(cfg, name), saved[name]
+        if ours != default(TrainConfig, name) and ours != theirs:
+            option = "--" + name.replace("_", "-")
+            raise ConfigError(
+                f"{path}: the run was trained with {option} {theirs}; --resume continues it "
+                f"as it was, so {option} {ours} is refused (train into another folder, or "
+                "--overwrite, to change it)"
+            )
+        changes[name] = theirs
+    if cfg.val_cache is None and saved.get("val_cache"):
+        changes["val_cache"] = saved["val_cache"]
+    return replace(cfg, **changes)
+
+
+def check_config(cfg: TrainConfig) -> None:
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
         raise ConfigError("epochs and batch size must be >= 1 and the learning rate > 0")
-    caches, val = open_train_caches(cfg)
+    LossSpec.parse(cfg.loss, cfg.focal_gamma)  # a bad loss fails before any work starts
+
+
+def train(
+    cfg: TrainConfig,
+    data: TrainingData | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+    world: World | None = None,
+) -> TrainResult:
+    """Train a head on cached features; see the module docstring. `data` (from
+    `load_training_data`) reuses features already loaded for the same caches; `on_epoch`
+    sees each epoch's history row (a sweep prunes from it by raising). Under torchrun the
+    ranks train one DDP model: each computes its slice of every global batch, metrics are
+    reduced over ranks, and only rank 0 writes checkpoints and stats; `world=SINGLE` trains
+    in this process alone even under torchrun (a sweep's ranks run trials of their own)."""
+    started = time.perf_counter()
+    if cfg.resume:
+        cfg = resumed_config(cfg)
+    cfg = apply_preset(cfg)
+    check_config(cfg)
     check_output_dir(cfg)
     device = resolve_device(cfg.device)
-    with distributed.launched(device) as world:
+    launch = distributed.launched(device) if world is None else contextlib.nullcontext(world)
+    with launch as world:
         if world.enabled and cfg.batch_size < world.size:
             raise ConfigError(f"batch size {cfg.batch_size} is smaller than {world.size} ranks")
-        result = _train(cfg, caches, val, world, world.device(device))
+        if data is None:
+            data = load_training_data(cfg, world.device(device), world)
+        elif [str(c.path) for c in data.caches] != [str(p) for p in cfg.caches]:
+            raise ConfigError("the loaded training data is for other caches than the config's")
+        result = _train(cfg, data, world, on_epoch)
     result.seconds = time.perf_counter() - started
     return result
 
 
-def _train(cfg: TrainConfig, caches, val, world: World, device: torch.device) -> TrainResult:
+def _train(
+    cfg: TrainConfig, data: TrainingData, world: World, on_epoch: Callable[[dict], None] | None
+) -> TrainResult:
+    caches, val, source, device = data.caches, data.val, data.source, data.device
     spec = caches[0].spec
     class_map = spec.class_map
     class_pixels = sum(c.class_pixels() for c in caches)
@@ -332,10 +443,12 @@ def _train(cfg: TrainConfig, caches, val, world: World, device: torch.device) ->
     weight = None
     if weights_np is not None:
         weight = torch.tensor(weights_np, dtype=torch.float32, device=device)
+    criterion = Criterion(LossSpec.parse(cfg.loss, cfg.focal_gamma), weight)
 
     head_cfg = HeadConfig(
         name=cfg.head,
         in_channels=spec.backbone.channels,
+        layers=spec.backbone.layers,
         num_classes=class_map.num_classes,
         width=cfg.width,
         depth=cfg.depth,
@@ -348,27 +461,21 @@ def _train(cfg: TrainConfig, caches, val, world: World, device: torch.device) ->
         ids = [device.index] if device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(head, device_ids=ids)
     optimizer = make_optimizer(head, cfg.lr, cfg.weight_decay)
-    source = choose_source(
-        caches, device, cfg.memory_budget_gb, cfg.stream, cfg.shuffle_window, cfg.progress
-    )
     steps_per_epoch = len(rank_slices(source.num_images, cfg.batch_size, world))
     total_steps = cfg.epochs * steps_per_epoch
     warmup = warmup_steps(cfg.warmup_epochs, steps_per_epoch, total_steps)
-    val_features = None
-    if val is not None:
-        val_features = view0_features(val)
-        if source.kind == "memory":  # the training set fits, so the smaller val set does too
-            val_features = (val_features[0].to(device), val_features[1].to(device))
+    train_fps, val_fp = data.fingerprints
 
+    run = run_record(cfg, head_cfg, spec, train_fps, val_fp, weights_np, world)
     base_payload = head_payload(
         head_cfg,
         class_map,
         spec.backbone,
         spec.preprocessing,
-        train_config=_config_dict(cfg),
-        train_caches=[c.spec.fingerprint for c in caches],
-        val_cache=val.spec.fingerprint if val else None,
-        class_weights=weights_np.tolist() if weights_np is not None else None,
+        train_config=config_dict(cfg),
+        train_caches=train_fps,
+        val_cache=val_fp,
+        class_weights=run["class_weights"],
         world_size=world.size,
     )
 
@@ -378,38 +485,45 @@ def _train(cfg: TrainConfig, caches, val, world: World, device: torch.device) ->
     start_epoch = 1
     if cfg.resume:
         last = load_checkpoint(cfg.out / LAST_FILE).payload
-        if (
-            last["train_caches"] != base_payload["train_caches"]
-            or last["val_cache"] != base_payload["val_cache"]
-        ):
+        if last["train_caches"] != train_fps:
             raise CacheError(
-                f"{cfg.out / LAST_FILE}: was trained on different caches; cannot resume"
+                f"{cfg.out / LAST_FILE}: was trained on other caches than "
+                f"{', '.join(str(p) for p in cfg.caches)}; cannot resume"
             )
-        if last["head_config"] != base_payload["head_config"]:
-            raise ConfigError(f"{cfg.out / LAST_FILE}: was trained with a different head config")
+        if last["val_cache"] != val_fp:
+            raise CacheError(
+                f"{cfg.out / LAST_FILE}: was validated on another cache than "
+                f"{cfg.val_cache}; cannot resume"
+            )
+        history, best = last["history"], last["best"]
+        start_epoch = last["epoch"] + 1
+        if start_epoch > cfg.epochs:
+            if world.is_main:
+                log.info("%s: all %d epochs already trained; nothing to do", cfg.out, cfg.epochs)
+            return TrainResult(cfg.out, history, best, 0.0, source.kind, [], 0, cfg)
         head.load_state_dict(last["state_dict"])
         optimizer.load_state_dict(last["optimizer"])
         _set_rng_state(_rng_for_rank(last["rng"], world), device)
-        history, best = last["history"], last["best"]
-        start_epoch = last["epoch"] + 1
         if world.is_main:
-            log.info("resuming %s at epoch %d", cfg.out, start_epoch)
+            log.info("resuming %s at epoch %d of %d", cfg.out, start_epoch, cfg.epochs)
     if world.is_main:
-        cfg.out.mkdir(parents=True, exist_ok=True)
+        (cfg.out / STATS_DIR).mkdir(parents=True, exist_ok=True)
+        write_json_atomic(cfg.out / STATS_DIR / "config.json", run)
 
     saved_epoch = start_epoch - 1
     try:
         for epoch in range(start_epoch, cfg.epochs + 1):
             t0 = time.perf_counter()
             epoch_losses, lr = train_one_epoch(
-                model, optimizer, source, cfg, epoch, steps_per_epoch, warmup, weight, device, world
-            )
+                model, optimizer, source, cfg, epoch, steps_per_epoch, warmup, criterion,
+                device, world,
+            )  # fmt: skip
             step_losses += epoch_losses
             row: dict = {"epoch": epoch, "train_loss": sum(epoch_losses) / len(epoch_losses)}
             metrics = None
             if val is not None:
                 metrics = evaluate_on_cache(
-                    head, val, device, weight, features=val_features, world=world
+                    head, val, device, weight, features=data.val_features, world=world
                 )
                 row.update(
                     val_loss=metrics.loss,
@@ -444,6 +558,8 @@ def _train(cfg: TrainConfig, caches, val, world: World, device: torch.device) ->
                 )
             saved_epoch = epoch
             world.barrier()
+            if on_epoch is not None:
+                on_epoch(row)
     except KeyboardInterrupt:
         if saved_epoch == 0:
             raise Interrupted("interrupted before the first epoch ended; nothing saved") from None
@@ -459,9 +575,64 @@ def _train(cfg: TrainConfig, caches, val, world: World, device: torch.device) ->
             final = SegMetrics.from_dict(
                 load_checkpoint(cfg.out / HEAD_FILE).payload["val_metrics"]
             )
-        write_stats(cfg.out, history, best, final)
+        write_stats(cfg.out, history, best, final, run)
     world.barrier()
-    return TrainResult(cfg.out, history, best, 0.0, source.kind, step_losses)
+    trained = cfg.epochs - start_epoch + 1
+    return TrainResult(cfg.out, history, best, 0.0, source.kind, step_losses, trained, cfg)
+
+
+def run_record(
+    cfg: TrainConfig,
+    head_cfg: HeadConfig,
+    spec,
+    train_fps: list[str],
+    val_fp: str | None,
+    weights_np,
+    world: World,
+) -> dict:
+    """train_stats/config.json: everything the run was (settings with the preset and resume
+    applied, the head as built, caches and their fingerprints, backbone, preprocessing)."""
+    return {
+        "tool_version": __version__,
+        "settings": config_dict(cfg),
+        "head": head_cfg.to_dict(),
+        "backbone": spec.backbone.to_dict(),
+        "preprocessing": spec.preprocessing.to_dict(),
+        "class_map": spec.class_map.names,
+        "train_caches": [
+            {"path": str(p), "fingerprint": fp} for p, fp in zip(cfg.caches, train_fps, strict=True)
+        ],
+        "val_cache": {"path": str(cfg.val_cache), "fingerprint": val_fp} if val_fp else None,
+        "class_weights": weights_np.tolist() if weights_np is not None else None,
+        "world_size": world.size,
+    }
+
+
+def settings_lines(run: dict) -> list[str]:
+    """A run's settings, for the header of evaluation_metrics.txt and `offroad-seg info`."""
+    s, head, bb = run["settings"], run["head"], run["backbone"]
+    shape = []
+    if head.get("width"):
+        shape.append(f"width {head['width']}")
+    if head.get("depth"):
+        shape.append(f"depth {head['depth']}")
+    shape.append(f"dropout {head['dropout']:g}")
+    lines = [
+        f"run: {s['out']}" + (f" (preset {s['preset']})" if s.get("preset") else ""),
+        f"head: {head['name']} ({', '.join(shape)})",
+        f"backbone: {bb['name']} layers={bb['layers']} ({bb['channels']} channels), "
+        f"weights {bb['weights_source']}",
+        f"size: {'x'.join(str(v) for v in run['preprocessing']['size'])}",
+        f"loss: {s['loss']}"
+        + (f" (focal gamma {s['focal_gamma']:g})" if "focal" in s["loss"] else "")
+        + f", class weights {s['class_weights']}",
+        f"optimizer: AdamW lr {s['lr']:g}, weight decay {s['weight_decay']:g}, "
+        f"batch {s['batch_size']}, {s['epochs']} epochs, warmup {s['warmup_epochs']:g}, "
+        f"seed {s['seed']}",
+        f"train caches: {', '.join(c['path'] for c in run['train_caches'])}",
+        f"val cache: {run['val_cache']['path'] if run['val_cache'] else 'none'}",
+    ]
+    return lines
 
 
 def _epoch_line(row: dict, epochs: int) -> str:
