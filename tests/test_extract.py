@@ -39,7 +39,14 @@ def test_cache_layout_readable_with_plain_zarr(caches, dataset):
     # nothing but zarr's own files: listing members raises no "not recognized" warning
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert sorted(g.array_keys()) == ["class_pixels", "done", "features", "labels", "names"]
+        assert sorted(g.array_keys()) == [
+            "class_pixels",
+            "done",
+            "features",
+            "hackathon_labels",
+            "labels",
+            "names",
+        ]
 
 
 def test_streaming_reader_equals_whole_cache(dataset, tmp_path):
@@ -94,11 +101,11 @@ def test_interrupted_extract_resumes_to_identical_cache(dataset, tmp_path, cache
     original = FeatureCache.write_chunk
     calls = {"n": 0}
 
-    def crash_after_two(self, chunk, features, labels, scales=None):
+    def crash_after_two(self, chunk, *arrays):
         if calls["n"] == 2:
             raise RuntimeError("simulated crash")
         calls["n"] += 1
-        original(self, chunk, features, labels, scales)
+        original(self, chunk, *arrays)
 
     monkeypatch.setattr(FeatureCache, "write_chunk", crash_after_two)
     with pytest.raises(RuntimeError, match="simulated crash"):

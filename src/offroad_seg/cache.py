@@ -4,6 +4,7 @@ Arrays (N images, V views, C channels, h x w tokens, H x W working size, K class
 
     features      (N, V, C, h, w)  float16, float32 or int8  chunks (k, 1, C, h, w)
     scales        (N, V, L, h, w)  float32 (int8 only)     chunks (k, 1, L, h, w)  per token, layer
+    hackathon_labels (N, H, W)     uint8 (0.2 on)          chunks (k, H, W)  hackathon protocol ids
     labels        (N, V, H, W)     uint8, 255 = ignore    chunks (k, 1, H, W)
     done          (N,)             bool                   chunks (k,)   set after a chunk's data
     names         (N,)             string                 file names, in order
@@ -56,6 +57,9 @@ FEATURE_DTYPES = ("float16", "float32", "int8")
 TARGET_CHUNK_BYTES = 1 << 20
 ARRAYS = ("features", "labels", "done", "names", "class_pixels")
 SCALES = "scales"  # int8 caches only: the per-token, per-layer scales (see quantize.py)
+# View 0's labels as the hackathon protocol scores them (metrics.hackathon_truth), so training's
+# validation can report it too; caches written before 0.2 lack it.
+HACKATHON = "hackathon_labels"
 
 
 def compressors(dtype: np.dtype | str, features: bool = False) -> list:
@@ -313,6 +317,15 @@ class FeatureCache:
                 dimension_names=("image", "view", "layer", "row", "col"),
             )
         group.create_array(
+            HACKATHON,
+            shape=(n, rows, cols),
+            chunks=(k, rows, cols),
+            dtype="uint8",
+            compressors=compressors("uint8"),
+            fill_value=0,
+            dimension_names=("image", "row", "col"),
+        )
+        group.create_array(
             "labels",
             shape=(n, v, rows, cols),
             chunks=(k, 1, rows, cols),
@@ -450,6 +463,7 @@ class FeatureCache:
         features: np.ndarray,
         labels: np.ndarray,
         scales: np.ndarray | None = None,
+        hackathon: np.ndarray | None = None,
     ) -> None:
         """Write one whole chunk (features (n, V, C, h, w) as stored, labels (n, V, H, W) and,
         for int8 caches, scales (n, V, L, h, w)), then its done flags: a crash in between
@@ -467,6 +481,8 @@ class FeatureCache:
         self.array("features")[start:stop] = features.astype(self.spec.dtype, copy=False)
         if scales is not None:
             self.array(SCALES)[start:stop] = scales.astype(np.float32, copy=False)
+        if hackathon is not None and self.has_hackathon_labels:
+            self.array(HACKATHON)[start:stop] = hackathon
         self.array("labels")[start:stop] = labels
         self.array("done")[start:stop] = True
 
@@ -501,10 +517,32 @@ class FeatureCache:
                 f"{self.path}: cache is unfinished ({done}/{self.num_images} images); "
                 "rerun the same `offroad-seg extract` command to finish it"
             )
-        for name in ("features", "labels", *([SCALES] if self.spec.quantized else [])):
+        for name in ("features", "labels", *self._optional_arrays()):
             arr = self.array(name)
             if arr.nchunks_initialized < arr.nchunks:
                 raise _unreadable(self, CacheError(f"{name}: chunks missing"))
+
+    @property
+    def has_hackathon_labels(self) -> bool:
+        if "_has_hackathon" not in self.__dict__:
+            self._has_hackathon = HACKATHON in self.group
+        return self._has_hackathon
+
+    def _optional_arrays(self) -> list[str]:
+        return [
+            *([SCALES] if self.spec.quantized else []),
+            *([HACKATHON] if self.has_hackathon_labels else []),
+        ]
+
+    def hackathon_labels(self) -> np.ndarray | None:
+        """View 0's labels as the hackathon protocol scores them (N, H, W), or None for caches
+        written before they were stored."""
+        if not self.has_hackathon_labels:
+            return None
+        try:
+            return self.array(HACKATHON)[:]
+        except Exception as e:
+            raise _unreadable(self, e) from e
 
     def class_pixels(self) -> np.ndarray:
         self.require_complete()
@@ -629,9 +667,7 @@ class FeatureCache:
             )
         store = self.group.store
         done = np.zeros(self.num_images, dtype=bool)
-        arrays = ("done", "names", "class_pixels", "features", "labels")
-        if self.spec.quantized:
-            arrays += (SCALES,)
+        arrays = ("done", "names", "class_pixels", "features", "labels", *self._optional_arrays())
         total = sum(math.prod(self.array(a).cdata_shape) for a in arrays)
         bar = tqdm(total=total, unit="chunk", desc="verify", disable=None if progress else True)
         for name in arrays:
@@ -641,7 +677,7 @@ class FeatureCache:
                 bar.update(1)
                 report.chunks_checked += 1
                 needed = (
-                    name not in ("features", "labels", SCALES)
+                    name not in ("features", "labels", SCALES, HACKATHON)
                     or done[slice(*self.chunk_range(coords[0]))].all()
                 )
                 if name == "class_pixels" and not self.complete:

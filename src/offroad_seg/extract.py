@@ -71,6 +71,7 @@ class _ChunkBuffer:
     features: np.ndarray
     labels: np.ndarray
     scales: np.ndarray | None
+    hackathon: np.ndarray | None
     filled: int = 0
 
 
@@ -90,6 +91,7 @@ class _ChunkAssembler:
                 np.empty((n, v, c, h, w), dtype=cache.spec.dtype),
                 np.empty((n, v, rows, cols), dtype=np.uint8),
                 np.empty((n, v, layers, h, w), np.float32) if cache.spec.quantized else None,
+                np.empty((n, rows, cols), np.uint8) if cache.has_hackathon_labels else None,
             )
         self.writes = BoundedPool(threads=1, max_pending=max_in_flight, name="cache-writer")
 
@@ -97,7 +99,12 @@ class _ChunkAssembler:
         return index // self.cache.images_per_chunk in self.buffers
 
     def add(
-        self, index: int, features: np.ndarray, labels: np.ndarray, scales: np.ndarray | None
+        self,
+        index: int,
+        features: np.ndarray,
+        labels: np.ndarray,
+        scales: np.ndarray | None,
+        hackathon: np.ndarray | None,
     ) -> None:
         chunk = index // self.cache.images_per_chunk
         if chunk not in self.buffers:  # a finished chunk that shares a batch with pending ones
@@ -108,10 +115,14 @@ class _ChunkAssembler:
         buf.labels[offset] = labels
         if buf.scales is not None:
             buf.scales[offset] = scales
+        if buf.hackathon is not None:
+            buf.hackathon[offset] = hackathon
         buf.filled += 1
         if buf.filled == len(buf.features):
             del self.buffers[chunk]
-            self.writes.submit(self.cache.write_chunk, chunk, buf.features, buf.labels, buf.scales)
+            self.writes.submit(
+                self.cache.write_chunk, chunk, buf.features, buf.labels, buf.scales, buf.hackathon
+            )
 
     def drain(self) -> None:
         """Wait for every submitted write (raising the first failure)."""
@@ -220,7 +231,10 @@ def _run(
     spec = cache.spec
     prep = spec.preprocessing
     opts = DecodeOptions(
-        prep=prep, class_map=spec.class_map, ignore_unknown_codes=spec.ignore_unknown_codes
+        prep=prep,
+        class_map=spec.class_map,
+        ignore_unknown_codes=spec.ignore_unknown_codes,
+        hackathon=cache.has_hackathon_labels,
     )
     mine = sorted({i // cache.images_per_chunk for b in batches for i in b} & pending)
     if not mine:
@@ -249,10 +263,17 @@ def _run(
         feats = feats.numpy()
         scales = None if scales is None else scales.numpy()
         labels = batch["labels"].numpy()
+        hackathon = batch.get("hackathon")
         new = sum(assembler.wanted(i) for i in batch["index"])
         for j, index in enumerate(batch["index"]):
             views = [labels[j], labels[j][:, ::-1]] if hflip else [labels[j]]
-            assembler.add(index, feats[j], np.stack(views), None if scales is None else scales[j])
+            assembler.add(
+                index,
+                feats[j],
+                np.stack(views),
+                None if scales is None else scales[j],
+                None if hackathon is None else hackathon[j],
+            )
         bar.update(new)
 
     try:

@@ -84,7 +84,8 @@ class DecodedSamples(Dataset):
                 codes, source=str(sample.mask), ignore_unknown=opts.ignore_unknown_codes
             )
             if opts.hackathon:
-                out["hackathon"] = hackathon_truth(codes, opts.prep.size, str(sample.mask))
+                truth = hackathon_truth(codes, opts.prep.size, str(sample.mask))
+                out["hackathon"] = truth.astype(np.uint8)  # ids 0..9
             if ids.shape != rgb.shape[:2]:
                 raise DataError(
                     f"{sample.mask}: mask is {ids.shape[1]}x{ids.shape[0]} but its image is "
@@ -108,7 +109,7 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
             batch[key] = torch.stack(values)
         elif key == "scaled":  # one stack per extra size (every image has every size)
             batch[key] = [torch.stack(per_size) for per_size in zip(*values, strict=True)]
-        elif key == "labels" and len({v.shape for v in values}) == 1:
+        elif key in ("labels", "hackathon") and len({v.shape for v in values}) == 1:
             batch[key] = torch.from_numpy(np.stack(values))
         else:
             batch[key] = values

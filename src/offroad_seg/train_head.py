@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -32,7 +33,14 @@ from offroad_seg.distributed import SINGLE, World
 from offroad_seg.errors import CacheError, ConfigError, Interrupted, OffroadSegError
 from offroad_seg.heads import HeadConfig, build_head
 from offroad_seg.loss import Criterion, LossSpec, loss_terms, parse_class_weights, predict_and_score
-from offroad_seg.metrics import ConfusionAccumulator, SegMetrics
+from offroad_seg.metrics import (
+    ConfusionAccumulator,
+    HackathonMetrics,
+    SegMetrics,
+    hackathon_image_counts,
+    hackathon_prediction,
+    hackathon_scores,
+)
 from offroad_seg.runtime import autocast, resolve_device
 from offroad_seg.sources import (
     FeatureTensors,
@@ -72,6 +80,7 @@ class TrainingData:
     source: InMemorySource | StreamingSource
     val_features: tuple[FeatureTensors, torch.Tensor] | None
     device: torch.device
+    val_hackathon: torch.Tensor | None = None  # the val cache's hackathon-protocol labels
 
     @property
     def fingerprints(self) -> tuple[list[str], str | None]:
@@ -91,7 +100,11 @@ def load_training_data(cfg: TrainConfig, device: torch.device, world: World = SI
         val_features = view0_features(val)
         if source.kind == "memory":  # the training set fits, so the smaller val set does too
             val_features = (val_features[0].to(device), val_features[1].to(device))
-    return TrainingData(caches, val, source, val_features, device)
+    hackathon = val.hackathon_labels() if val is not None else None
+    if val is not None and hackathon is None:
+        log.info("%s has no hackathon-protocol labels (made before 0.2): not reported", val.path)
+    val_hackathon = torch.from_numpy(hackathon) if hackathon is not None else None
+    return TrainingData(caches, val, source, val_features, device, val_hackathon)
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -158,6 +171,42 @@ def evaluate_on_cache(
         world.all_reduce_sum(t)
     head.train(was_training)
     return acc.compute(cache.spec.class_map.names)
+
+
+@torch.no_grad()
+def hackathon_on_cache(
+    head: nn.Module,
+    cache: FeatureCache,
+    features: tuple[FeatureTensors, torch.Tensor],
+    labels: torch.Tensor,
+    device: torch.device,
+    world: World = SINGLE,
+    batch_size: int = 16,
+) -> HackathonMetrics:
+    """The hackathon protocol on a validation cache (its stored protocol labels, predictions
+    at the working size), for comparison with published numbers: each rank scores every K-th
+    image and the per-image counts are gathered."""
+    was_training = head.training
+    head.eval()
+    feats = features[0]
+    size = tuple(labels.shape[-2:])
+    class_map = cache.spec.class_map
+    mine = torch.arange(world.rank, len(feats), world.size)
+    counts: dict[int, list[int]] = {}
+    for s in range(0, len(mine), batch_size):
+        idx = mine[s : s + batch_size]
+        f = feats.take(idx.to(feats.values.device)).to(device, non_blocking=True).float()
+        with autocast(device):
+            logits = head(f)
+        preds = hackathon_prediction(logits.float(), size, class_map)
+        for j, i in enumerate(idx.tolist()):
+            counts[i] = hackathon_image_counts(preds[j], labels[i].to(preds.device)).tolist()
+    head.train(was_training)
+    merged: dict[int, list[int]] = {}
+    for part in world.gather(counts):
+        merged.update(part)
+    names = list(cache.spec.names)
+    return hackathon_scores(names, [np.asarray(merged[i]) for i in range(len(names))])
 
 
 # ----------------------------------------------------------------------------- checks
@@ -243,6 +292,9 @@ def stats_text(
         lines.append(row + f" {r['seconds']:>8.2f}")
     if final_metrics is not None:
         lines += ["", final_metrics.table("Best checkpoint on the validation cache")]
+    if run.get("val_hackathon"):
+        hackathon = HackathonMetrics.from_dict(run["val_hackathon"])
+        lines += ["", "Best checkpoint, " + hackathon.table()]
     return "\n".join(lines) + "\n"
 
 
@@ -531,6 +583,16 @@ def _train(
                     val_dice=metrics.mean_dice,
                     val_pixel_acc=metrics.pixel_accuracy,
                 )
+            hackathon = None
+            if val is not None and data.val_hackathon is not None:
+                hackathon = hackathon_on_cache(
+                    head, val, data.val_features, data.val_hackathon, device, world
+                )
+                row.update(
+                    val_hackathon_miou=hackathon.miou,
+                    val_hackathon_dice=hackathon.dice,
+                    val_hackathon_pixel_acc=hackathon.pixel_accuracy,
+                )
             row["lr"] = lr
             row["seconds"] = time.perf_counter() - t0
             history.append(row)
@@ -548,6 +610,8 @@ def _train(
                 }
                 if metrics is None or best["epoch"] == epoch:  # the best so far, or the latest
                     extra = {"val_metrics": metrics.to_dict()} if metrics is not None else {}
+                    if hackathon is not None:
+                        extra["val_hackathon"] = hackathon.to_dict()
                     save_checkpoint(cfg.out / HEAD_FILE, {**payload, **extra})
                 resume_state = {"optimizer": optimizer.state_dict(), "rng": rng}
                 save_checkpoint(
@@ -572,9 +636,10 @@ def _train(
         final = None
         if val is not None:  # the best epoch's validation, saved with its head (maybe by an
             # earlier run that this one resumed): no second pass over the val cache
-            final = SegMetrics.from_dict(
-                load_checkpoint(cfg.out / HEAD_FILE).payload["val_metrics"]
-            )
+            saved = load_checkpoint(cfg.out / HEAD_FILE).payload
+            final = SegMetrics.from_dict(saved["val_metrics"])
+            if "val_hackathon" in saved:
+                run = {**run, "val_hackathon": saved["val_hackathon"]}
         write_stats(cfg.out, history, best, final, run)
     world.barrier()
     trained = cfg.epochs - start_epoch + 1
