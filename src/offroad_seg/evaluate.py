@@ -167,6 +167,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
         ignore_unknown_codes=cfg.ignore_unknown_codes,
         labels="original",
         keep_original=cfg.comparisons > 0,
+        original_limit=cfg.comparisons,  # panels only: no full-size copy of the other images
     )
     acc = ConfusionAccumulator(class_map.num_classes, device)
     for sub in ("masks", "masks_color") if cfg.write_masks else ():

@@ -26,12 +26,12 @@ from offroad_seg.atomic import write_json_atomic, write_text_atomic
 from offroad_seg.cache import FeatureCache
 from offroad_seg.checkpoint import head_payload, load_checkpoint, save_checkpoint
 from offroad_seg.config import TrainConfig
-from offroad_seg.distributed import SINGLE, World
+from offroad_seg.distributed import SINGLE, World, rank_seed
 from offroad_seg.errors import CacheError, ConfigError, Interrupted, OffroadSegError
 from offroad_seg.heads import HeadConfig, build_head
 from offroad_seg.loss import loss_terms, parse_class_weights, predict_and_score
 from offroad_seg.metrics import ConfusionAccumulator, SegMetrics
-from offroad_seg.runtime import autocast, resolve_device
+from offroad_seg.runtime import autocast, grad_scaler, resolve_device
 from offroad_seg.sources import FeatureTensors, choose_source, rank_slices, view0_features
 
 log = logging.getLogger(__name__)
@@ -229,9 +229,11 @@ def train_one_epoch(
     weight: torch.Tensor | None,
     device: torch.device,
     world: World = SINGLE,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[list[float], float]:
     """One pass over the source; returns each step's loss (over the global batch) and the
-    last learning rate."""
+    last learning rate. `scaler`: loss scaling for fp16 autocast (see runtime.grad_scaler)."""
+    scaler = scaler if scaler is not None else torch.amp.GradScaler(enabled=False)
     model.train()
     total_steps = cfg.epochs * steps_per_epoch
     step = (epoch - 1) * steps_per_epoch
@@ -264,8 +266,9 @@ def train_one_epoch(
             loss = total / count.clamp_min(1e-12)
             logged = loss.detach()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)  # a plain step when disabled
+        scaler.update()
         losses[n] = logged
         n += 1
         step += 1
@@ -343,13 +346,16 @@ def _train(cfg: TrainConfig, caches, val, world: World, device: torch.device) ->
     )
     torch.manual_seed(cfg.seed)
     head = build_head(head_cfg).to(device)
+    if world.rank:  # own dropout masks per rank; rank 0 goes on as one process would
+        torch.manual_seed(rank_seed(cfg.seed, world.rank))
     model = head
     if world.enabled:
         ids = [device.index] if device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(head, device_ids=ids)
     optimizer = make_optimizer(head, cfg.lr, cfg.weight_decay)
+    scaler = grad_scaler(device)
     source = choose_source(
-        caches, device, cfg.memory_budget_gb, cfg.stream, cfg.shuffle_window, cfg.progress
+        caches, device, cfg.memory_budget_gb, cfg.stream, cfg.shuffle_window, cfg.progress, world
     )
     steps_per_epoch = len(rank_slices(source.num_images, cfg.batch_size, world))
     total_steps = cfg.epochs * steps_per_epoch
@@ -389,6 +395,8 @@ def _train(cfg: TrainConfig, caches, val, world: World, device: torch.device) ->
             raise ConfigError(f"{cfg.out / LAST_FILE}: was trained with a different head config")
         head.load_state_dict(last["state_dict"])
         optimizer.load_state_dict(last["optimizer"])
+        if last.get("scaler"):  # fp16 runs (a disabled scaler saves nothing)
+            scaler.load_state_dict(last["scaler"])
         _set_rng_state(_rng_for_rank(last["rng"], world), device)
         history, best = last["history"], last["best"]
         start_epoch = last["epoch"] + 1
@@ -402,7 +410,17 @@ def _train(cfg: TrainConfig, caches, val, world: World, device: torch.device) ->
         for epoch in range(start_epoch, cfg.epochs + 1):
             t0 = time.perf_counter()
             epoch_losses, lr = train_one_epoch(
-                model, optimizer, source, cfg, epoch, steps_per_epoch, warmup, weight, device, world
+                model,
+                optimizer,
+                source,
+                cfg,
+                epoch,
+                steps_per_epoch,
+                warmup,
+                weight,
+                device,
+                world,
+                scaler,
             )
             step_losses += epoch_losses
             row: dict = {"epoch": epoch, "train_loss": sum(epoch_losses) / len(epoch_losses)}
@@ -435,7 +453,11 @@ def _train(cfg: TrainConfig, caches, val, world: World, device: torch.device) ->
                 if metrics is None or best["epoch"] == epoch:  # the best so far, or the latest
                     extra = {"val_metrics": metrics.to_dict()} if metrics is not None else {}
                     save_checkpoint(cfg.out / HEAD_FILE, {**payload, **extra})
-                resume_state = {"optimizer": optimizer.state_dict(), "rng": rng}
+                resume_state = {
+                    "optimizer": optimizer.state_dict(),
+                    "rng": rng,
+                    "scaler": scaler.state_dict(),
+                }
                 save_checkpoint(
                     cfg.out / LAST_FILE, {**payload, "history": history, **resume_state}
                 )
