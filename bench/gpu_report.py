@@ -52,9 +52,12 @@ from common import random_cache, sync, table
 
 import offroad_seg
 from offroad_seg.backbone import load_backbone
+from offroad_seg.cache import FeatureCache
+from offroad_seg.checkpoint import head_payload, save_checkpoint
 from offroad_seg.data import ClassMap, list_samples, read_image
 from offroad_seg.evaluate import EvalConfig, evaluate
 from offroad_seg.extract import ExtractConfig, extract
+from offroad_seg.heads import HeadConfig, build_head
 from offroad_seg.loader import (
     DecodeOptions,
     default_batch_size,
@@ -408,16 +411,34 @@ def training(args, device: torch.device, out: Path) -> dict:
     }
 
 
+def untrained_head(cache_path: Path, out: Path) -> Path:
+    """A default head for the cache's backbone, untrained (evaluation speed does not depend
+    on its weights; training one would only add minutes of plots and checkpoints)."""
+    spec = FeatureCache.open(cache_path).spec
+    config = HeadConfig(
+        name=TrainConfig.head,
+        in_channels=spec.backbone.channels,
+        num_classes=len(spec.class_map.names),
+    )
+    torch.manual_seed(0)
+    head = build_head(config)
+    payload = head_payload(config, spec.class_map, spec.backbone, spec.preprocessing)
+    path = out / "segmentation_head.pth"
+    out.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(path, {**payload, "state_dict": head.state_dict()})
+    return path
+
+
 def evaluation(args, data: Path, device: torch.device, out: Path, cache: Path) -> dict:
     head = out / "eval-head"
     shutil.rmtree(head, ignore_errors=True)
-    train(TrainConfig(caches=(cache,), out=head, epochs=1, device=str(device), progress=False))
+    head_file = untrained_head(cache, head)
     result: dict = {}
     for name, masks in (("metrics_only", False), ("writing_masks", True)):
         target = out / f"eval-{name}"
         shutil.rmtree(target, ignore_errors=True)
         config = EvalConfig(
-            head=head / "segmentation_head.pth",
+            head=head_file,
             data_dir=data,
             out=target,
             weights=args.weights,
@@ -437,7 +458,7 @@ def evaluation(args, data: Path, device: torch.device, out: Path, cache: Path) -
             **peaks.result,
         }
     result["loader"] = loader_bound(data, args.size, device, args.batch_size, "original")
-    result["head"] = str(head / "segmentation_head.pth")
+    result["head"] = str(head_file)
     return result
 
 
