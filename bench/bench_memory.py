@@ -16,36 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-from common import table
+from common import random_cache, table
 
-from offroad_seg.backbone import BackboneSpec
-from offroad_seg.cache import CacheSpec, FeatureCache
-from offroad_seg.data import ClassMap
-from offroad_seg.preprocess import Preprocessing
-
-
-def fake_cache(path: Path, n: int) -> FeatureCache:
-    spec = CacheSpec(
-        backbone=BackboneSpec(weights_sha256="0" * 64, weights_source="bench"),
-        preprocessing=Preprocessing(),
-        class_map=ClassMap.default(),
-        names=tuple(f"{i:07d}.png" for i in range(n)),
-        sources_digest="bench",
-    )
-    cache = FeatureCache.create(path, spec, overwrite=True)
-    rng = np.random.default_rng(0)
-    (h, w), (rows, cols) = spec.preprocessing.grid, spec.preprocessing.size
-    for chunk in range(cache.num_chunks):
-        start, stop = cache.chunk_range(chunk)
-        k = stop - start
-        feats = rng.standard_normal((k, 1, 384, h, w), dtype=np.float32).astype(np.float16)
-        # blocky labels, like real ones (they compress like real ones too)
-        small = rng.integers(0, 11, (k, 1, h, w), dtype=np.uint8)
-        labels = small.repeat(14, axis=2).repeat(14, axis=3)[..., :rows, :cols]
-        cache.write_chunk(chunk, feats, np.ascontiguousarray(labels))
-    cache.finalize()
-    return cache
+from offroad_seg.cache import FeatureCache
 
 
 def peak_rss(cmd: list[str]) -> tuple[float, float]:
@@ -77,7 +50,7 @@ def main() -> None:
     for n in args.images:
         path = args.workdir / f"fake{n}.zarr"
         if not (path / "zarr.json").exists():
-            fake_cache(path, n)
+            random_cache(path, n)
         cache = FeatureCache.open(path)
         size = cache.array("features").nbytes + cache.array("labels").nbytes
         base = [

@@ -56,6 +56,56 @@ def ensure_cache(data: Path, cache: Path, args, **kw) -> Path:
     return cache
 
 
+def resident(t: torch.Tensor, device: torch.device, fraction: float = 0.25) -> torch.Tensor:
+    """`t` on the device when it takes at most `fraction` of the device's free memory, else
+    in pinned host memory (batches are then copied as they are used, as the real stages do):
+    a whole dataset does not fit the 6 GB cards many users have."""
+    if device.type != "cuda":
+        return t.to(device)
+    free, _ = torch.cuda.mem_get_info(device)
+    if t.numel() * t.element_size() <= fraction * free:
+        return t.to(device)
+    return t.pin_memory()
+
+
+def random_cache(path: Path, n: int, size: tuple[int, int] = (266, 476), seed: int = 0):
+    """A finished cache of `n` images of random float16 features and blocky labels (training
+    speed and memory do not depend on the values; nor does writing, since random features
+    compress like real ones to within ~15%). Chunks are committed in groups of 64: one fsync
+    pass per group, as extract's batches do."""
+    import numpy as np
+
+    from offroad_seg.backbone import BackboneSpec
+    from offroad_seg.cache import CacheSpec, FeatureCache
+    from offroad_seg.data import ClassMap
+    from offroad_seg.preprocess import Preprocessing
+
+    spec = CacheSpec(
+        backbone=BackboneSpec(weights_sha256="0" * 64, weights_source="bench"),
+        preprocessing=Preprocessing(size=tuple(size)),
+        class_map=ClassMap.default(),
+        names=tuple(f"{i:07d}.png" for i in range(n)),
+        sources_digest="bench",
+    )
+    cache = FeatureCache.create(path, spec, overwrite=True)
+    rng = np.random.default_rng(seed)
+    (h, w), (rows, cols) = spec.preprocessing.grid, spec.preprocessing.size
+    group: list[int] = []
+    for chunk in range(cache.num_chunks):
+        start, stop = cache.chunk_range(chunk)
+        k = stop - start
+        feats = rng.standard_normal((k, 1, cache.channels, h, w), dtype=np.float32)
+        small = rng.integers(0, 11, (k, 1, h, w), dtype=np.uint8)
+        labels = small.repeat(14, axis=2).repeat(14, axis=3)[..., :rows, :cols]
+        cache.write_chunk_data(chunk, feats.astype(np.float16), np.ascontiguousarray(labels))
+        group.append(chunk)
+        if len(group) == 64 or chunk == cache.num_chunks - 1:
+            cache.commit_chunks(group)
+            group = []
+    cache.finalize()
+    return cache
+
+
 def sync(device: torch.device) -> None:
     """Wait for queued GPU work, so wall times measure it."""
     if device.type == "cuda":

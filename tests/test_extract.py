@@ -98,7 +98,7 @@ def test_interrupted_extract_resumes_to_identical_cache(dataset, tmp_path, cache
     cfg = extract_config(
         dataset / "train", cache, views=("identity", "hflip"), batch_size=2, images_per_chunk=1
     )
-    original = FeatureCache.write_chunk
+    original = FeatureCache.write_chunk_data
     calls = {"n": 0}
 
     def crash_after_two(self, chunk, *arrays):
@@ -107,10 +107,10 @@ def test_interrupted_extract_resumes_to_identical_cache(dataset, tmp_path, cache
         calls["n"] += 1
         original(self, chunk, *arrays)
 
-    monkeypatch.setattr(FeatureCache, "write_chunk", crash_after_two)
+    monkeypatch.setattr(FeatureCache, "write_chunk_data", crash_after_two)
     with pytest.raises(RuntimeError, match="simulated crash"):
         extract(cfg)
-    monkeypatch.setattr(FeatureCache, "write_chunk", original)
+    monkeypatch.setattr(FeatureCache, "write_chunk_data", original)
     partial = FeatureCache.open(cache)
     assert not partial.complete and partial.done().sum() == 2
     with pytest.raises(CacheError, match="unfinished"):

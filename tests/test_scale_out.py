@@ -200,6 +200,10 @@ def test_ddp_training_matches_single_process(data, single, tmp_path):
     sa = torch.load(tmp_path / "one" / "last.pth", weights_only=True)["state_dict"]
     sb = torch.load(tmp_path / "two" / "last.pth", weights_only=True)
     assert sb["world_size"] == 2 and len(sb["rng"]) == 2
+    # each rank its own RNG stream (dropout masks differ), rank 0 the one-process stream
+    sa_rng = torch.load(tmp_path / "one" / "last.pth", weights_only=True)["rng"]
+    assert torch.equal(sb["rng"][0]["cpu"], sa_rng[0]["cpu"])
+    assert not torch.equal(sb["rng"][1]["cpu"], sb["rng"][0]["cpu"])
     for k in sa:
         torch.testing.assert_close(sb["state_dict"][k], sa[k], rtol=1e-4, atol=1e-6)
     # one set of outputs: rank 0 writes, nobody else

@@ -359,6 +359,8 @@ class FeatureCache:
         )
         # Write every `done` chunk now so that a missing one later means damage, not "not yet".
         group["done"][:] = False
+        cache = cls(group, path, spec)
+        cache._sync_layout()
         log.info(
             "created cache %s (%s, %s, %d per chunk)",
             path,
@@ -366,7 +368,7 @@ class FeatureCache:
             plural(v, "view"),
             k,
         )
-        return cls(group, path, spec)
+        return cache
 
     @classmethod
     def open(cls, path: CachePath, mode: str = "r") -> FeatureCache:
@@ -465,9 +467,22 @@ class FeatureCache:
         scales: np.ndarray | None = None,
         hackathon: np.ndarray | None = None,
     ) -> None:
-        """Write one whole chunk (features (n, V, C, h, w) as stored, labels (n, V, H, W) and,
-        for int8 caches, scales (n, V, L, h, w)), then its done flags: a crash in between
-        leaves the chunk pending, never half-trusted."""
+        """Write one whole chunk and commit it (`write_chunk_data`, then `commit_chunks`)."""
+        self.write_chunk_data(chunk, features, labels, scales, hackathon)
+        self.commit_chunks([chunk])
+
+    def write_chunk_data(
+        self,
+        chunk: int,
+        features: np.ndarray,
+        labels: np.ndarray,
+        scales: np.ndarray | None = None,
+        hackathon: np.ndarray | None = None,
+    ) -> None:
+        """Write one whole chunk's data (features (n, V, C, h, w) as stored, labels
+        (n, V, H, W), for int8 caches scales (n, V, L, h, w), and view 0's hackathon-protocol
+        labels (n, H, W)) without marking it done: until `commit_chunks`, a crash leaves it
+        pending, never half-trusted."""
         start, stop = self.chunk_range(chunk)
         n = stop - start
         f_shape = (n, self.num_views, *self.array("features").shape[2:])
@@ -484,7 +499,28 @@ class FeatureCache:
         if hackathon is not None and self.has_hackathon_labels:
             self.array(HACKATHON)[start:stop] = hackathon
         self.array("labels")[start:stop] = labels
-        self.array("done")[start:stop] = True
+
+    def chunk_keys(self, chunk: int) -> list[str]:
+        """The store keys of a chunk's data: features, labels (and scales) of every view."""
+        keys = []
+        for name in ["features", "labels", *([SCALES] if self.spec.quantized else [])]:
+            rest = (0,) * (self.array(name).ndim - 2)  # whole chunks along the other axes
+            keys += [self._chunk_key(name, (chunk, v, *rest)) for v in range(self.num_views)]
+        if self.has_hackathon_labels:  # (image, row, col): no view axis
+            keys.append(self._chunk_key(HACKATHON, (chunk, 0, 0)))
+        return keys
+
+    def commit_chunks(self, chunks: Sequence[int]) -> None:
+        """Make written chunks durable, then mark them done. On a local disk their files and
+        folders are fsynced first (zarr itself never fsyncs), so a power loss cannot leave a
+        `done` flag claiming data that was still in the page cache; one call per group of
+        chunks shares the cost (see bench/bench_fsync.py)."""
+        if not chunks:
+            return
+        storage.sync_files(self.path, [k for c in chunks for k in self.chunk_keys(c)])
+        done = self.array("done")
+        for chunk in chunks:
+            done[slice(*self.chunk_range(chunk))] = True
 
     def finalize(self) -> None:
         """Count the label histogram and mark the cache complete (all chunks must be done)."""
@@ -492,9 +528,16 @@ class FeatureCache:
         if pending:
             raise CacheError(f"{self.path}: {len(pending)} chunks unfinished; cannot finalize")
         self.array("class_pixels")[:] = self.count_class_pixels()
-        self.group.attrs["complete"] = True
-        self.group.attrs["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        self.group.attrs["tool_version"] = __version__
+        # `complete` must not reach the disk before what it vouches for
+        self._sync_layout(finished=True)
+        self.group.attrs.update(
+            {
+                "complete": True,
+                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "tool_version": __version__,
+            }
+        )
+        storage.sync_files(self.path, [self._metadata_key()])
 
     def count_class_pixels(self) -> np.ndarray:
         """View-0 label histogram, counted from the stored labels chunk by chunk."""
@@ -651,6 +694,23 @@ class FeatureCache:
             "compat_fingerprint": self.spec.compat_fingerprint,
             "fingerprint": self.spec.fingerprint,
         }
+
+    def _metadata_key(self, array: str | None = None) -> str:
+        prefix = f"{self.group.path}/" if self.group.path else ""
+        return f"{prefix}{array}/zarr.json" if array else f"{prefix}zarr.json"
+
+    def _sync_layout(self, finished: bool = False) -> None:
+        """fsync (local caches) everything but the data chunks: the group's and arrays'
+        metadata and the names at creation; also every `done` chunk and the class histogram
+        when `finished` (zarr writes no chunk that equals the fill value, so before that they
+        may not exist). Data chunks are synced by `commit_chunks`."""
+        arrays = [*ARRAYS, *([SCALES] if self.spec.quantized else [])]
+        keys = [self._metadata_key(), *(self._metadata_key(a) for a in arrays)]
+        keys.append(self._chunk_key("names", (0,)))
+        if finished:
+            keys += [self._chunk_key("done", (c,)) for c in range(self.num_chunks)]
+            keys.append(self._chunk_key("class_pixels", (0,)))
+        storage.sync_files(self.path, keys)
 
     def _chunk_key(self, array: str, coords: tuple[int, ...]) -> str:
         prefix = f"{self.group.path}/" if self.group.path else ""

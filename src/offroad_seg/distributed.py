@@ -8,6 +8,7 @@ joins the process group: NCCL on CUDA, gloo on CPU. Without them everything is a
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 from collections.abc import Iterator
@@ -69,6 +70,16 @@ class World:
 
 
 SINGLE = World()  # a world of one process
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The RNG seed of a rank: `seed` itself on rank 0 (a one-process run is unchanged), a
+    seed of its own on every other rank, so that ranks draw different dropout masks (DDP
+    copies rank 0's initial weights to every rank, so they start alike anyway)."""
+    if rank == 0:
+        return seed
+    digest = hashlib.sha256(f"offroad-seg/{seed}/{rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # torch takes seeds below 2**63
 
 
 def from_env() -> World:

@@ -255,7 +255,8 @@ def _evaluate_batches(cfg, samples, batches, model, tta, device, world) -> float
         class_map=class_map,
         ignore_unknown_codes=cfg.ignore_unknown_codes,
         labels="original",
-        keep_original_below=cfg.comparisons,
+        keep_original=cfg.comparisons > 0,
+        original_limit=cfg.comparisons,  # panels only: no full-size copy of the other images
         extra_sizes=tta.extra_sizes(prep),
         preview_height=THUMBNAIL_HEIGHT,
         hackathon=True,
@@ -285,7 +286,7 @@ def _evaluate_batches(cfg, samples, batches, model, tta, device, world) -> float
                 ).tolist(),
             }
             pred_np = pred.to(torch.uint8).cpu().numpy()
-            original = batch["original"][j] if "original" in batch else None
+            original = batch.get("original", [None] * len(truths))[j]
             preview = batch["preview"][j]
             truth_np = truths[j].numpy() if isinstance(truths[j], torch.Tensor) else truths[j]
             writer.submit(
@@ -512,7 +513,7 @@ def _predict_batches(cfg, samples, batches, model, tta, device, world) -> float:
     opts = DecodeOptions(
         prep=prep,
         class_map=None,
-        keep_original_below=len(samples) if cfg.overlays else 0,
+        keep_original=cfg.overlays,
         extra_sizes=tta.extra_sizes(prep),
     )
     for sub in ("masks", "masks_color") + (("overlays",) if cfg.overlays else ()):

@@ -2,8 +2,9 @@
 
 Decoding (and on CPU, resizing) happens in DataLoader workers, the backbone runs in batches,
 and finished chunks are compressed and written by a background thread while the next batch
-computes. Only whole chunks are written, each followed by its `done` flags, so a rerun of the
-same command resumes after a crash or Ctrl-C by skipping the finished chunks.
+computes. Only whole chunks are written; each batch's chunks are then fsynced together (local
+caches: zarr never fsyncs) on another thread and only then marked done, so a rerun of the same
+command resumes after a crash, Ctrl-C or a power loss by skipping the finished chunks.
 """
 
 from __future__ import annotations
@@ -75,6 +76,59 @@ class _ChunkBuffer:
     filled: int = 0
 
 
+class ChunkWriter:
+    """Writes whole chunks on a background thread and commits them in groups on another
+    (`FeatureCache.commit_chunks`: fsync the group's files, then set their `done` flags), so
+    that compressing, writing and syncing all overlap the next batch's compute. A group is
+    the chunks written since the previous `end_group`; extract ends one per backbone batch."""
+
+    def __init__(self, cache: FeatureCache, max_in_flight: int = 4) -> None:
+        self.cache = cache
+        self.writes = BoundedPool(threads=1, max_pending=max_in_flight, name="cache-writer")
+        self.commits = BoundedPool(threads=1, max_pending=2, name="cache-commit")
+        self._written: list[int] = []  # the open group (touched by the writer thread only)
+
+    def write(
+        self,
+        chunk: int,
+        features: np.ndarray,
+        labels: np.ndarray,
+        scales: np.ndarray | None,
+        hackathon: np.ndarray | None = None,
+    ) -> None:
+        self.writes.submit(self._write, chunk, features, labels, scales, hackathon)
+
+    def end_group(self) -> None:
+        """Commit the chunks written so far, once their writes are finished."""
+        self.writes.submit(self._commit_written)
+
+    def _write(self, chunk, features, labels, scales, hackathon) -> None:
+        self.cache.write_chunk_data(chunk, features, labels, scales, hackathon)
+        self._written.append(chunk)
+
+    def _commit_written(self) -> None:
+        group, self._written = self._written, []
+        if group:
+            self.commits.submit(self.cache.commit_chunks, group)
+
+    def drain(self) -> None:
+        """Wait for every write and commit. Chunks written before a failed write are whole,
+        so they are committed too; the first failure is raised."""
+        error: BaseException | None = None
+        try:
+            self.writes.drain()
+        except BaseException as e:
+            error = e
+        try:
+            self._commit_written()
+            self.commits.drain()
+        except BaseException:
+            if error is None:
+                raise
+        if error is not None:
+            raise error
+
+
 class _ChunkAssembler:
     """Collects per-image results until a chunk is whole, then writes it in the background."""
 
@@ -93,7 +147,7 @@ class _ChunkAssembler:
                 np.empty((n, v, layers, h, w), np.float32) if cache.spec.quantized else None,
                 np.empty((n, rows, cols), np.uint8) if cache.has_hackathon_labels else None,
             )
-        self.writes = BoundedPool(threads=1, max_pending=max_in_flight, name="cache-writer")
+        self.writer = ChunkWriter(cache, max_in_flight)
 
     def wanted(self, index: int) -> bool:
         return index // self.cache.images_per_chunk in self.buffers
@@ -120,13 +174,15 @@ class _ChunkAssembler:
         buf.filled += 1
         if buf.filled == len(buf.features):
             del self.buffers[chunk]
-            self.writes.submit(
-                self.cache.write_chunk, chunk, buf.features, buf.labels, buf.scales, buf.hackathon
-            )
+            self.writer.write(chunk, buf.features, buf.labels, buf.scales, buf.hackathon)
+
+    def end_batch(self) -> None:
+        """A batch is a group of whole chunks: commit them together (one fsync pass)."""
+        self.writer.end_group()
 
     def drain(self) -> None:
-        """Wait for every submitted write (raising the first failure)."""
-        self.writes.drain()
+        """Wait for every submitted write and commit (raising the first failure)."""
+        self.writer.drain()
 
 
 def plan_batches(cache: FeatureCache, pending: list[int], batch_size: int) -> list[list[int]]:
@@ -274,6 +330,7 @@ def _run(
                 None if scales is None else scales[j],
                 None if hackathon is None else hackathon[j],
             )
+        assembler.end_batch()
         bar.update(new)
 
     try:

@@ -9,6 +9,7 @@ the message.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -24,6 +25,8 @@ from offroad_seg.metrics import hackathon_truth
 from offroad_seg.preprocess import Preprocessing, image_to_tensor, resize_image, resize_labels
 from offroad_seg.report import preview
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class DecodeOptions:
@@ -33,9 +36,10 @@ class DecodeOptions:
     class_map: ClassMap | None = None  # None: images only (predict)
     ignore_unknown_codes: bool = False
     labels: str = "working"  # "working": ids at the working size; "original": full size
-    # also return the uint8 image of samples below this index (panels, overlays): originals are
-    # 1.5 MB at 960x540, and the loader's prefetch multiplies whatever a sample carries
-    keep_original_below: int = 0
+    keep_original: bool = False  # also return the uint8 image (for panels and overlays)
+    # ... only for samples whose index is below (None: all): originals are 1.5 MB at 960x540,
+    # and the loader's prefetch multiplies whatever a sample carries
+    original_limit: int | None = None
     extra_sizes: tuple[tuple[int, int], ...] = ()  # also resized to these (multi-scale TTA)
     preview_height: int = 0  # also a small copy of the image this tall (report thumbnails)
     hackathon: bool = False  # also the hackathon protocol's truth (metrics.hackathon_truth)
@@ -62,6 +66,10 @@ class DecodedSamples(Dataset):
                 "error": f"{self.samples[index].image}: {type(e).__name__}: {e}",
             }
 
+    def keeps_original(self, index: int) -> bool:
+        limit = self.opts.original_limit
+        return self.opts.keep_original and (limit is None or index < limit)
+
     def _decode(self, index: int, sample: Sample) -> dict[str, Any]:
         opts = self.opts
         rgb = read_image(sample.image)
@@ -72,8 +80,8 @@ class DecodedSamples(Dataset):
             out["scaled"] = [
                 resize_image(image, replace(opts.prep, size=size))[0] for size in opts.extra_sizes
             ]
-        if opts.keep_original_below:  # None past the first N (collate needs every key)
-            out["original"] = rgb if index < opts.keep_original_below else None
+        if self.keeps_original(index):
+            out["original"] = rgb
         if opts.preview_height:
             out["preview"] = preview(rgb, opts.preview_height)
         if opts.class_map is not None:
@@ -96,15 +104,16 @@ class DecodedSamples(Dataset):
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack what stacks (same-size images); keep lists otherwise. The first error wins."""
+    """Stack what stacks (same-size images); keep lists otherwise (None where a sample has no
+    such value, e.g. an original image past `original_limit`). The first error wins."""
     for item in items:
         if item["error"] is not None:
             return {"error": item["error"], "index": [it["index"] for it in items]}
     batch: dict[str, Any] = {"error": None, "index": [it["index"] for it in items]}
-    for key in items[0]:
+    for key in dict.fromkeys(k for it in items for k in it):
         if key in ("error", "index"):
             continue
-        values = [it[key] for it in items]
+        values = [it.get(key) for it in items]
         if key == "image" and len({tuple(v.shape) for v in values}) == 1:
             batch[key] = torch.stack(values)
         elif key == "scaled":  # one stack per extra size (every image has every size)
@@ -129,16 +138,77 @@ def default_workers(device: torch.device) -> int:
     return 1 if cores <= 4 else min(4, cores // 2)
 
 
+# Host memory the loader may fill with decoded samples ahead of the model: workers x prefetch
+# x batch samples. The GPU needs a batch or two ready, not the 16 x 4 x 64 = 4096 images
+# (up to ~10 GB with full-size masks and originals) that the CUDA defaults would otherwise hold.
+HOST_BYTES_IN_FLIGHT = 1 << 30
+MAX_PREFETCH = 4
+
+
+def sample_bytes(opts: DecodeOptions, image_size: tuple[int, int]) -> int:
+    """Host bytes of one decoded sample from an image of (height, width) `image_size`:
+    the resized image (at every TTA size), labels at the working or the original size, the
+    hackathon labels and the preview when asked for, and the original image when every sample
+    keeps it (with `original_limit`, only the first few do)."""
+    rows, cols = opts.prep.size
+    height, width = image_size
+    total = 3 * rows * cols + sum(3 * r * c for r, c in opts.extra_sizes)
+    if opts.class_map is not None:
+        total += rows * cols if opts.labels == "working" else height * width
+        total += rows * cols if opts.hackathon else 0
+    if opts.preview_height:
+        total += 3 * opts.preview_height * round(width * opts.preview_height / height)
+    if opts.keep_original and opts.original_limit is None:
+        total += 3 * height * width
+    return total
+
+
+def loader_shape(
+    workers: int, batch_size: int, per_sample: int, budget: int = HOST_BYTES_IN_FLIGHT
+) -> tuple[int, int | None]:
+    """(workers, prefetch factor) that keep workers x prefetch x batch decoded samples within
+    `budget` bytes: fewer batches prefetched first, then fewer workers (at least one
+    prefetched batch per worker and one worker). No workers: nothing is prefetched."""
+    if workers <= 0:
+        return 0, None
+    per_batch = max(1, batch_size * per_sample)
+    workers = max(1, min(workers, budget // per_batch))
+    return workers, max(1, min(MAX_PREFETCH, budget // (workers * per_batch)))
+
+
+def _first_image_size(dataset: DecodedSamples) -> tuple[int, int]:
+    """(height, width) of the first image from its header; the working size if unreadable
+    (decoding will report the file)."""
+    from PIL import Image
+
+    try:
+        with Image.open(dataset.samples[0].image) as img:  # reads the header only
+            width, height = img.size
+    except Exception:
+        return tuple(dataset.opts.prep.size)
+    return height, width
+
+
 def make_loader(
     dataset: DecodedSamples,
     batches: Sequence[Sequence[int]] | int,
     workers: int,
     device: torch.device,
 ) -> DataLoader:
-    """Batches are explicit lists of sample indices, or a batch size over all samples."""
+    """Batches are explicit lists of sample indices, or a batch size over all samples.
+    Decoded samples held ahead of the model stay within `HOST_BYTES_IN_FLIGHT` (see
+    `loader_shape`; sized from the first image)."""
     if isinstance(batches, int):
         n, size = len(dataset), batches
         batches = [list(range(s, min(s + size, n))) for s in range(0, n, size)]
+    prefetch = None
+    if workers > 0 and len(dataset):
+        per_sample = sample_bytes(dataset.opts, _first_image_size(dataset))
+        largest = max((len(b) for b in batches), default=1)
+        wanted = workers
+        workers, prefetch = loader_shape(workers, largest, per_sample)
+        if workers < wanted:
+            log.info("decoding with %d workers (of %d) to bound host memory", workers, wanted)
     return DataLoader(
         dataset,
         batch_sampler=batches,
@@ -146,5 +216,5 @@ def make_loader(
         collate_fn=collate,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
-        prefetch_factor=4 if workers > 0 else None,
+        prefetch_factor=prefetch,
     )

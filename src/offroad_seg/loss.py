@@ -83,8 +83,10 @@ def _bilinear_matrix_cpu(src: int, dst: int) -> torch.Tensor:
     return m.float()
 
 
+@functools.lru_cache(maxsize=64)
 def bilinear_matrix(src: int, dst: int, device: torch.device) -> torch.Tensor:
-    """(dst, src) matrix R with R @ v = bilinear resize of v (align_corners=False)."""
+    """(dst, src) matrix R with R @ v = bilinear resize of v (align_corners=False), built once
+    per device: copying it from the host every step would be a host sync per step on CUDA."""
     return _bilinear_matrix_cpu(src, dst).to(device)
 
 

@@ -12,6 +12,7 @@ the GPU), `normalize` on the device that runs the backbone.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -99,9 +100,17 @@ def resize_image(images: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
 
 def normalize(images: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
     """uint8 (B, 3, rows, cols) on any device -> float32, ImageNet-normalised."""
-    mean = torch.tensor(prep.mean, device=images.device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(prep.std, device=images.device).view(1, 3, 1, 1) * 255.0
+    mean, std = _mean_std(prep.mean, prep.std, images.device)
     return (images.float() - mean) / std
+
+
+@functools.lru_cache(maxsize=16)
+def _mean_std(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, 3, 1, 1) mean and std in 0..255 units, made once per device: a copy from the host
+    per batch would be a host sync per batch on CUDA."""
+    return tuple((torch.tensor(v).view(1, 3, 1, 1) * 255.0).to(device) for v in (mean, std))
 
 
 def preprocess(images: torch.Tensor | Sequence[torch.Tensor], prep: Preprocessing) -> torch.Tensor:

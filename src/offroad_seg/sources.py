@@ -255,6 +255,7 @@ def _concat(parts: list[tuple[StoredFeatures, np.ndarray]]) -> tuple[StoredFeatu
 
 
 def free_memory_bytes(device: torch.device) -> int:
+    """Bytes free on a device: GPU memory on CUDA, available RAM otherwise."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free
@@ -266,6 +267,54 @@ def free_memory_bytes(device: torch.device) -> int:
     except OSError:
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+@dataclass(frozen=True)
+class FreeMemory:
+    """What one process sees free: on its training device and in host RAM."""
+
+    device: int
+    host: int
+
+    @classmethod
+    def measure(cls, device: torch.device) -> FreeMemory:
+        host = free_memory_bytes(torch.device("cpu"))
+        return cls(free_memory_bytes(device) if device.type == "cuda" else host, host)
+
+
+# The in-memory source loads the caches on the host before moving them to the GPU: that
+# transient copy (one per process on the node) may take this much of the available RAM.
+HOST_STAGING_FRACTION = 0.8
+
+
+def decide_source(
+    needed: int,
+    free: FreeMemory,
+    on_gpu: bool,
+    memory_budget_gb: float | None,
+    stream: bool,
+    local_ranks: int = 1,
+) -> tuple[str, str]:
+    """'memory' or 'stream' for caches of `needed` bytes, and why. The budget is
+    `memory_budget_gb` per process, or half of what is free: of the GPU's memory on CUDA
+    (every rank has its own GPU), of the RAM shared by the node's `local_ranks` processes on
+    the CPU. On CUDA the host must also hold the staging copies while they load."""
+    if stream:
+        return "stream", "--stream"
+    if memory_budget_gb is not None:
+        budget = memory_budget_gb * 1e9
+    else:
+        budget = 0.5 * free.device / (1 if on_gpu else max(1, local_ranks))
+    where = "GPU" if on_gpu else "CPU"
+    if needed > budget:
+        return "stream", f"{needed / 1e9:.2f} GB > {where} budget {budget / 1e9:.2f} GB"
+    staging = needed * max(1, local_ranks)
+    if on_gpu and staging > HOST_STAGING_FRACTION * free.host:
+        return "stream", (
+            f"loading {staging / 1e9:.2f} GB through host RAM ({local_ranks} process(es)) "
+            f"> {HOST_STAGING_FRACTION:.0%} of the {free.host / 1e9:.2f} GB available"
+        )
+    return "memory", f"{needed / 1e9:.2f} GB <= {where} budget {budget / 1e9:.2f} GB"
 
 
 def cache_bytes(caches: Sequence[FeatureCache]) -> int:
@@ -284,17 +333,25 @@ def choose_source(
     stream: bool,
     window: int,
     progress: bool,
+    world: World = SINGLE,
 ):
-    """In memory when the caches fit the budget (default: half of what is free), else
-    streamed."""
+    """In memory when the caches fit the budget (see `decide_source`), else streamed. Under
+    DDP every rank reports what it has free and rank 0 decides for all from the tightest:
+    ranks that chose differently would order the samples differently, training some images
+    twice and others never."""
     needed = cache_bytes(caches)
-    budget = (
-        memory_budget_gb * 1e9 if memory_budget_gb is not None else 0.5 * free_memory_bytes(device)
-    )
-    if not stream and needed <= budget:
-        log.info("features in %s memory: %.2f GB", device.type.upper(), needed / 1e9)
+    seen = world.gather(FreeMemory.measure(device))
+    tightest = FreeMemory(min(f.device for f in seen), min(f.host for f in seen))
+    decision = None
+    if world.is_main:
+        decision = decide_source(
+            needed, tightest, device.type == "cuda", memory_budget_gb, stream, world.local_size
+        )
+    kind, why = world.broadcast(decision)
+    if kind == "memory":
+        log.info("features in %s memory (%s)", device.type.upper(), why)
         return InMemorySource(caches, device, progress)
-    log.info("streaming features from zarr (%.2f GB > budget %.2f GB)", needed / 1e9, budget / 1e9)
+    log.info("streaming features from zarr (%s)", why)
     return StreamingSource(caches, device, window)
 
 

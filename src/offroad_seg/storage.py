@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +103,40 @@ def bytes_stored(path: CachePath, group: zarr.Group) -> int:
             with contextlib.suppress(FileNotFoundError):
                 total += os.stat(os.path.join(root, name)).st_size
     return total
+
+
+def sync_files(path: CachePath, keys: Iterable[str]) -> None:
+    """Make the local files of these store keys durable: fsync each file, then every folder
+    from theirs up to the cache's root (zarr renames a new chunk into place, often in a folder
+    it just made, and a rename or a new folder survives a power loss only once its parent
+    folder is synced). Object stores have their own durability: nothing to do there."""
+    path = normalize(path)
+    if is_remote(path):
+        return
+    root = Path(path)
+    folders: set[Path] = set()
+    for key in keys:
+        file = root / key
+        _fsync(file, directory=False)
+        folder = file.parent
+        while folder not in folders:
+            folders.add(folder)
+            if folder == root:
+                break
+            folder = folder.parent
+    # deepest first: a folder's own entry is synced after what it holds
+    for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+        _fsync(folder, directory=True)
+
+
+def _fsync(path: Path, directory: bool) -> None:
+    if directory and os.name != "posix":  # folders cannot be opened (or synced) on Windows
+        return
+    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def remove_partial_writes(path: CachePath) -> None:

@@ -29,7 +29,7 @@ from offroad_seg.atomic import write_json_atomic, write_text_atomic
 from offroad_seg.cache import FeatureCache
 from offroad_seg.checkpoint import head_payload, load_checkpoint, save_checkpoint
 from offroad_seg.config import RUN_SETTINGS, TrainConfig, apply_preset, default
-from offroad_seg.distributed import SINGLE, World
+from offroad_seg.distributed import SINGLE, World, rank_seed
 from offroad_seg.errors import CacheError, ConfigError, Interrupted, OffroadSegError
 from offroad_seg.heads import HeadConfig, build_head
 from offroad_seg.loss import Criterion, LossSpec, loss_terms, parse_class_weights, predict_and_score
@@ -41,7 +41,7 @@ from offroad_seg.metrics import (
     hackathon_prediction,
     hackathon_scores,
 )
-from offroad_seg.runtime import autocast, resolve_device
+from offroad_seg.runtime import autocast, grad_scaler, resolve_device
 from offroad_seg.sources import (
     FeatureTensors,
     InMemorySource,
@@ -93,7 +93,7 @@ def load_training_data(cfg: TrainConfig, device: torch.device, world: World = SI
     """Open and check the caches of `cfg`, and load (or prepare to stream) their features."""
     caches, val = open_train_caches(cfg)
     source = choose_source(
-        caches, device, cfg.memory_budget_gb, cfg.stream, cfg.shuffle_window, cfg.progress
+        caches, device, cfg.memory_budget_gb, cfg.stream, cfg.shuffle_window, cfg.progress, world
     )
     val_features = None
     if val is not None:
@@ -337,9 +337,11 @@ def train_one_epoch(
     criterion: Criterion,
     device: torch.device,
     world: World = SINGLE,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[list[float], float]:
     """One pass over the source; returns each step's loss (over the global batch) and the
-    last learning rate."""
+    last learning rate. `scaler`: loss scaling for fp16 autocast (see runtime.grad_scaler)."""
+    scaler = scaler if scaler is not None else torch.amp.GradScaler(enabled=False)
     model.train()
     total_steps = cfg.epochs * steps_per_epoch
     step = (epoch - 1) * steps_per_epoch
@@ -377,8 +379,9 @@ def train_one_epoch(
             loss = parts.value()
             logged = loss.detach()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)  # a plain step when disabled
+        scaler.update()
         losses[n] = logged
         n += 1
         step += 1
@@ -508,11 +511,14 @@ def _train(
     )
     torch.manual_seed(cfg.seed)
     head = build_head(head_cfg).to(device)
+    if world.rank:  # own dropout masks per rank; rank 0 goes on as one process would
+        torch.manual_seed(rank_seed(cfg.seed, world.rank))
     model = head
     if world.enabled:
         ids = [device.index] if device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(head, device_ids=ids)
     optimizer = make_optimizer(head, cfg.lr, cfg.weight_decay)
+    scaler = grad_scaler(device)
     steps_per_epoch = len(rank_slices(source.num_images, cfg.batch_size, world))
     total_steps = cfg.epochs * steps_per_epoch
     warmup = warmup_steps(cfg.warmup_epochs, steps_per_epoch, total_steps)
@@ -555,6 +561,8 @@ def _train(
             return TrainResult(cfg.out, history, best, 0.0, source.kind, [], 0, cfg)
         head.load_state_dict(last["state_dict"])
         optimizer.load_state_dict(last["optimizer"])
+        if last.get("scaler"):  # fp16 runs (a disabled scaler saves nothing)
+            scaler.load_state_dict(last["scaler"])
         _set_rng_state(_rng_for_rank(last["rng"], world), device)
         if world.is_main:
             log.info("resuming %s at epoch %d of %d", cfg.out, start_epoch, cfg.epochs)
@@ -568,7 +576,7 @@ def _train(
             t0 = time.perf_counter()
             epoch_losses, lr = train_one_epoch(
                 model, optimizer, source, cfg, epoch, steps_per_epoch, warmup, criterion,
-                device, world,
+                device, world, scaler,
             )  # fmt: skip
             step_losses += epoch_losses
             row: dict = {"epoch": epoch, "train_loss": sum(epoch_losses) / len(epoch_losses)}
@@ -613,7 +621,11 @@ def _train(
                     if hackathon is not None:
                         extra["val_hackathon"] = hackathon.to_dict()
                     save_checkpoint(cfg.out / HEAD_FILE, {**payload, **extra})
-                resume_state = {"optimizer": optimizer.state_dict(), "rng": rng}
+                resume_state = {
+                    "optimizer": optimizer.state_dict(),
+                    "rng": rng,
+                    "scaler": scaler.state_dict(),
+                }
                 save_checkpoint(
                     cfg.out / LAST_FILE, {**payload, "history": history, **resume_state}
                 )
