@@ -30,6 +30,7 @@ from offroad_seg.backbone import BackboneSpec
 from offroad_seg.cache import CacheSpec, FeatureCache
 from offroad_seg.data import ClassMap
 from offroad_seg.extract import ChunkWriter
+from offroad_seg.metrics import to_hackathon_ids
 from offroad_seg.preprocess import Preprocessing
 
 
@@ -44,7 +45,7 @@ def spec(n: int, views: int) -> CacheSpec:
     )
 
 
-def chunk_data(cache: FeatureCache, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def chunk_data(cache: FeatureCache, seed: int) -> list[tuple[np.ndarray, ...]]:
     rng = np.random.default_rng(seed)
     (h, w), (rows, cols) = cache.spec.preprocessing.grid, cache.spec.preprocessing.size
     out = []
@@ -54,7 +55,8 @@ def chunk_data(cache: FeatureCache, seed: int) -> list[tuple[np.ndarray, np.ndar
         feats = rng.standard_normal((*shape, cache.channels, h, w), np.float32)
         small = rng.integers(0, 11, (*shape, h, w), dtype=np.uint8)
         labels = small.repeat(14, axis=2).repeat(14, axis=3)[..., :rows, :cols]
-        out.append((feats.astype(np.float16), np.ascontiguousarray(labels)))
+        hackathon = to_hackathon_ids(labels[:, 0], cache.spec.class_map).astype(np.uint8)
+        out.append((feats.astype(np.float16), np.ascontiguousarray(labels), None, hackathon))
     return out
 
 
@@ -78,7 +80,7 @@ def write_all(path: Path, n: int, views: int, data, group: int | None) -> tuple[
         writer = ChunkWriter(cache)
         t = time.perf_counter()
         for chunk in range(cache.num_chunks):
-            writer.write(chunk, *data[chunk], None)
+            writer.write(chunk, *data[chunk])
             if (chunk + 1) % (group or 16) == 0:
                 writer.end_group()
         writer.drain()
@@ -100,7 +102,7 @@ def main() -> None:
     path = args.workdir / "bench-fsync.zarr"
     probe = FeatureCache.create(path, spec(args.images, args.views), overwrite=True)
     data = chunk_data(probe, 0)
-    per_chunk_mb = sum(f.nbytes + lab.nbytes for f, lab in data) / len(data) / 1e6
+    per_chunk_mb = sum(f.nbytes + lab.nbytes for f, lab, *_ in data) / len(data) / 1e6
     groups: list[int | None] = [None, *(int(g) for g in args.groups.split(","))]
     best = {g: float("inf") for g in groups}
     syncs: dict[int | None, list[float]] = {g: [] for g in groups}

@@ -78,6 +78,7 @@ def random_cache(path: Path, n: int, size: tuple[int, int] = (266, 476), seed: i
     from offroad_seg.backbone import BackboneSpec
     from offroad_seg.cache import CacheSpec, FeatureCache
     from offroad_seg.data import ClassMap
+    from offroad_seg.metrics import to_hackathon_ids
     from offroad_seg.preprocess import Preprocessing
 
     spec = CacheSpec(
@@ -97,7 +98,10 @@ def random_cache(path: Path, n: int, size: tuple[int, int] = (266, 476), seed: i
         feats = rng.standard_normal((k, 1, cache.channels, h, w), dtype=np.float32)
         small = rng.integers(0, 11, (k, 1, h, w), dtype=np.uint8)
         labels = small.repeat(14, axis=2).repeat(14, axis=3)[..., :rows, :cols]
-        cache.write_chunk_data(chunk, feats.astype(np.float16), np.ascontiguousarray(labels))
+        hackathon = to_hackathon_ids(labels[:, 0], spec.class_map).astype(np.uint8)
+        cache.write_chunk_data(
+            chunk, feats.astype(np.float16), np.ascontiguousarray(labels), None, hackathon
+        )
         group.append(chunk)
         if len(group) == 64 or chunk == cache.num_chunks - 1:
             cache.commit_chunks(group)

@@ -18,6 +18,7 @@ from offroad_seg.cli import cli
 from offroad_seg.data import ClassMap
 from offroad_seg.extract import extract
 from offroad_seg.heads import head_names
+from offroad_seg.metrics import to_hackathon_ids
 from offroad_seg.preprocess import Preprocessing
 
 from .conftest import SIZE, extract_config
@@ -43,7 +44,8 @@ def synthetic_cache(path, name: str, layers: int, n: int, seed: int):
         feats = rng.standard_normal((stop - start, 1, spec.backbone.channels, h, w))
         coarse = rng.integers(0, 11, (stop - start, 1, h, w))
         labels = coarse.repeat(SIZE[0] // h, axis=2).repeat(SIZE[1] // w, axis=3)
-        cache.write_chunk(chunk, feats.astype(np.float16), labels.astype(np.uint8))
+        hackathon = to_hackathon_ids(labels[:, 0], spec.class_map).astype(np.uint8)
+        cache.write_chunk(chunk, feats.astype(np.float16), labels.astype(np.uint8), None, hackathon)
     cache.finalize()
     return path
 

@@ -93,10 +93,19 @@ def test_loss_scaled_training_equals_plain_training_and_resumes(caches, tmp_path
     import offroad_seg.train_head as th
 
     def cfg(out, **kw):
-        defaults = dict(epochs=1, batch_size=2, progress=False, device="cpu")
+        defaults = dict(epochs=2, batch_size=2, progress=False, device="cpu")
         return TrainConfig(caches=(caches["train"],), out=out, **{**defaults, **kw})
 
-    plain = train(cfg(tmp_path / "plain"))
+    real_line = th._epoch_line
+
+    def stop_in_epoch_2(row, epochs):
+        if row["epoch"] == 2:
+            raise KeyboardInterrupt  # killed in epoch 2: last.pth holds epoch 1
+        return real_line(row, epochs)
+
+    monkeypatch.setattr(th, "_epoch_line", stop_in_epoch_2)
+    with pytest.raises(th.Interrupted):
+        train(cfg(tmp_path / "plain"))
     scalers = []
 
     def cpu_scaler(device):
@@ -104,15 +113,18 @@ def test_loss_scaled_training_equals_plain_training_and_resumes(caches, tmp_path
         return scalers[-1]
 
     monkeypatch.setattr(th, "grad_scaler", cpu_scaler)
-    scaled = train(cfg(tmp_path / "scaled"))
-    assert len(scaled.step_losses) == 3 and scaled.step_losses == plain.step_losses
+    with pytest.raises(th.Interrupted):
+        train(cfg(tmp_path / "scaled"))
     a = load_checkpoint(tmp_path / "plain" / "last.pth").payload
     b = load_checkpoint(tmp_path / "scaled" / "last.pth").payload
+    assert a["epoch"] == b["epoch"] == 1
+    assert a["history"][0]["train_loss"] == b["history"][0]["train_loss"]
     for k in a["state_dict"]:
         torch.testing.assert_close(b["state_dict"][k], a["state_dict"][k], rtol=0, atol=0)
     assert a["scaler"] == {}
     assert b["scaler"]["scale"] == 2.0**17  # grew once after 3 finite steps
-    train(cfg(tmp_path / "scaled", epochs=2, resume=True))
+    monkeypatch.setattr(th, "_epoch_line", real_line)
+    train(cfg(tmp_path / "scaled", resume=True))
     assert scalers[-1].get_scale() == 2.0**18  # went on from the saved scale, not 2**16
 
 

@@ -496,7 +496,9 @@ class FeatureCache:
         self.array("features")[start:stop] = features.astype(self.spec.dtype, copy=False)
         if scales is not None:
             self.array(SCALES)[start:stop] = scales.astype(np.float32, copy=False)
-        if hackathon is not None and self.has_hackathon_labels:
+        if self.has_hackathon_labels != (hackathon is not None):
+            raise ValueError(f"chunk {chunk}: hackathon labels go with caches that store them")
+        if hackathon is not None:
             self.array(HACKATHON)[start:stop] = hackathon
         self.array("labels")[start:stop] = labels
 
