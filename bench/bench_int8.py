@@ -18,10 +18,9 @@ import statistics
 import numcodecs
 import numpy as np
 from bench_cache import codec_rows
-from common import base_parser, ensure_cache, machine, setup, table
+from common import base_parser, ensure_cache, machine, setup, table, validation_data
 
 from offroad_seg.cache import FeatureCache
-from offroad_seg.synthetic import write_split
 from offroad_seg.train_head import TrainConfig, train
 
 
@@ -46,12 +45,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=20)
     args = p.parse_args()
     data, device = setup(args)
-    if args.val_data:
-        val_data = args.val_data
-    else:
-        val_data = args.workdir / f"synth-val{args.val}"
-        if not (val_data / "Segmentation").is_dir():
-            write_split(val_data, args.val, seed=1)  # another seed than the training scenes
+    val_data = validation_data(args)
     logging.getLogger("offroad_seg").setLevel(logging.WARNING)
     size_rows, error_rows, quality_rows = [], [], []
     codecs = None

@@ -18,9 +18,7 @@ import subprocess
 import sys
 import time
 
-from common import base_parser, ensure_cache, machine, setup, table
-
-from offroad_seg.synthetic import write_split
+from common import base_parser, ensure_cache, machine, setup, table, validation_data
 
 
 def main() -> None:
@@ -30,9 +28,7 @@ def main() -> None:
     p.add_argument("--val", type=int, default=8)
     args = p.parse_args()
     data, device = setup(args)
-    val_data = args.workdir / f"synth-val{args.val}-seed1"
-    if not (val_data / "Segmentation").is_dir():
-        write_split(val_data, args.val, seed=1)
+    val_data = validation_data(args)
     train_cache = ensure_cache(data, args.workdir / "sweep-train.zarr", args)
     val_cache = ensure_cache(val_data, args.workdir / "sweep-val.zarr", args)
     lrs = [f"{3e-4 * 2**i:.6g}" for i in range(args.trials)]

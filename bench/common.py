@@ -38,6 +38,16 @@ def setup(args) -> tuple[Path, torch.device]:
     return data, device
 
 
+def validation_data(args) -> Path:
+    """`--val-data`, or `--val` synthetic scenes of another seed than the training ones."""
+    if getattr(args, "val_data", None):
+        return Path(args.val_data)
+    val = args.workdir / f"synth-val{args.val}-seed1"
+    if not (val / "Segmentation").is_dir():
+        write_split(val, args.val, seed=1)
+    return val
+
+
 def ensure_cache(data: Path, cache: Path, args, **kw) -> Path:
     from offroad_seg.preprocess import parse_size
 

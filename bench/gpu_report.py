@@ -356,15 +356,7 @@ def parity_and_precision(args, data: Path, device: torch.device, report: dict) -
 def extraction(args, data: Path, device: torch.device, out: Path) -> dict:
     cache = out / "extract.zarr"
     shutil.rmtree(cache, ignore_errors=True)
-    config = ExtractConfig(
-        data_dir=data,
-        cache=cache,
-        weights=args.weights,
-        size=args.size,
-        device=str(device),
-        batch_size=args.batch_size,
-        progress=False,
-    )
+    config = extract_config(args, data, cache, device)
     with Peaks(device) as peaks:
         summary = extract(config)
     return {
@@ -411,6 +403,34 @@ def training(args, device: torch.device, out: Path) -> dict:
     }
 
 
+def extract_config(args, data, cache, device) -> ExtractConfig:
+    """The report's extraction settings."""
+    return ExtractConfig(
+        data_dir=data,
+        cache=cache,
+        weights=args.weights,
+        size=args.size,
+        device=str(device),
+        batch_size=args.batch_size,
+        progress=False,
+    )
+
+
+def eval_config(args, head, data, out, device, write_masks: bool) -> EvalConfig:
+    """The report's evaluation settings: no comparison panels, masks or not."""
+    return EvalConfig(
+        head=head,
+        data_dir=data,
+        out=out,
+        weights=args.weights,
+        batch_size=args.batch_size,
+        device=str(device),
+        comparisons=0,
+        write_masks=write_masks,
+        progress=False,
+    )
+
+
 def untrained_head(cache_path: Path, out: Path) -> Path:
     """A default head for the cache's backbone, untrained (evaluation speed does not depend
     on its weights; training one would only add minutes of plots and checkpoints)."""
@@ -437,17 +457,7 @@ def evaluation(args, data: Path, device: torch.device, out: Path, cache: Path) -
     for name, masks in (("metrics_only", False), ("writing_masks", True)):
         target = out / f"eval-{name}"
         shutil.rmtree(target, ignore_errors=True)
-        config = EvalConfig(
-            head=head_file,
-            data_dir=data,
-            out=target,
-            weights=args.weights,
-            batch_size=args.batch_size,
-            device=str(device),
-            comparisons=0,
-            write_masks=masks,
-            progress=False,
-        )
+        config = eval_config(args, head_file, data, target, device, masks)
         with Peaks(device) as peaks:
             run = evaluate(config)
         result[name] = {
@@ -485,17 +495,7 @@ def second_gpu(args, data: Path, device: torch.device, out: Path) -> dict:
         for dev in (first, second):
             cache = out / f"extract-cuda{dev.index}.zarr"
             shutil.rmtree(cache, ignore_errors=True)
-            extract(
-                ExtractConfig(
-                    data_dir=data,
-                    cache=cache,
-                    weights=args.weights,
-                    size=args.size,
-                    device=str(dev),
-                    batch_size=args.batch_size,
-                    progress=False,
-                )
-            )
+            extract(extract_config(args, data, cache, dev))
             caches[dev.index] = cache
         import zarr
 
@@ -612,36 +612,14 @@ def syncs(args, data: Path, device: torch.device, out: Path, eval_head: Path | N
         shutil.rmtree(target, ignore_errors=True)
         log_ = SyncLog()
         with log_.capture():
-            evaluate(
-                EvalConfig(
-                    head=eval_head,
-                    data_dir=data,
-                    out=target,
-                    weights=args.weights,
-                    batch_size=args.batch_size,
-                    device=str(device),
-                    comparisons=0,
-                    write_masks=True,
-                    progress=False,
-                )
-            )
+            evaluate(eval_config(args, eval_head, data, target, device, write_masks=True))
         batches = -(-args.images // batch)
         result["evaluation"] = {"batches": batches, "syncs": log_.rows(batches)}
     cache = out / "sync-extract.zarr"
     shutil.rmtree(cache, ignore_errors=True)
     log_ = SyncLog()
     with log_.capture():
-        extract(
-            ExtractConfig(
-                data_dir=data,
-                cache=cache,
-                weights=args.weights,
-                size=args.size,
-                device=str(device),
-                batch_size=args.batch_size,
-                progress=False,
-            )
-        )
+        extract(extract_config(args, data, cache, device))
     batches = -(-args.images // batch)
     result["extraction"] = {"batches": batches, "syncs": log_.rows(batches)}
     return result

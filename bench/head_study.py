@@ -20,11 +20,10 @@ import statistics
 import time
 from dataclasses import replace
 
-from common import base_parser, ensure_cache, machine, setup, table
+from common import base_parser, ensure_cache, machine, setup, table, validation_data
 
 from offroad_seg.config import TrainConfig
 from offroad_seg.heads import HeadConfig, build_head, count_parameters
-from offroad_seg.synthetic import write_split
 from offroad_seg.train_head import load_training_data, train
 
 
@@ -50,12 +49,7 @@ def main() -> None:
     args = p.parse_args()
     args.images = args.train
     data, device = setup(args)
-    if args.val_data:
-        val_data = args.val_data
-    else:
-        val_data = args.workdir / f"synth-val{args.val}-seed1"
-        if not (val_data / "Segmentation").is_dir():
-            write_split(val_data, args.val, seed=1)  # scenes of another seed than training
+    val_data = validation_data(args)
     logging.getLogger("offroad_seg").setLevel(logging.WARNING)
     tag = f"L{args.layers}"
     train_cache = ensure_cache(data, args.workdir / f"study-{tag}-train.zarr", args,

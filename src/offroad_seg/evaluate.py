@@ -152,10 +152,12 @@ def _run_batches(
     world: distributed.World,
 ) -> float:
     """Decode this rank's batches in workers, compute each one's logits and pass them to
-    `handle(batch, logits, writer)`, whose file writes run on background threads (PIL
-    releases the GIL while compressing) while the next batch computes. Returns the seconds."""
+    `handle(batch, logits, writer, records)`, whose file writes run on background threads (PIL
+    releases the GIL while compressing) while the next batch computes, each image's record
+    appended after its files. Returns the seconds."""
     if not batches:
         return 0.0
+    records = RecordLog(settings.out, world.rank)
     workers = default_workers(device) if settings.workers is None else settings.workers
     loader = make_loader(DecodedSamples(samples, opts), batches, workers, device)
     writer = BoundedPool(threads=_writer_threads(), max_pending=64, name="png-writer")
@@ -171,7 +173,7 @@ def _run_batches(
             if batch["error"] is not None:
                 raise DataError(batch["error"])
             logits = model.tta_logits(batch["image"], batch.get("scaled", []), tta)
-            handle(batch, logits, writer)
+            handle(batch, logits, writer, records)
             bar.update(len(batch["index"]))
         writer.drain()
     except BaseException:
@@ -180,6 +182,7 @@ def _run_batches(
         raise
     finally:
         bar.close()
+        records.close()
     return time.perf_counter() - start
 
 
@@ -263,10 +266,9 @@ def _evaluate_batches(cfg, samples, batches, model, tta, device, world) -> float
     )
     for sub in (("masks", "masks_color") if cfg.write_masks else ()) + (THUMBNAILS,):
         (cfg.out / sub).mkdir(parents=True, exist_ok=True)
-    records = RecordLog(cfg.out, world.rank)
     k = class_map.num_classes
 
-    def handle(batch, logits, writer) -> None:
+    def handle(batch, logits, writer, records) -> None:
         truths = _rows(batch, "labels")
         hack_truths = _rows(batch, "hackathon")
         hack_preds = hackathon_prediction(logits, prep.size, class_map)
@@ -302,12 +304,7 @@ def _evaluate_batches(cfg, samples, batches, model, tta, device, world) -> float
                 record,
             )
 
-    try:
-        return _run_batches(
-            samples, opts, batches, model, tta, cfg, device, handle, "evaluate", world
-        )
-    finally:
-        records.close()
+    return _run_batches(samples, opts, batches, model, tta, cfg, device, handle, "evaluate", world)
 
 
 def _write_eval_image(
@@ -518,9 +515,8 @@ def _predict_batches(cfg, samples, batches, model, tta, device, world) -> float:
     )
     for sub in ("masks", "masks_color") + (("overlays",) if cfg.overlays else ()):
         (cfg.out / sub).mkdir(parents=True, exist_ok=True)
-    records = RecordLog(cfg.out, world.rank)
 
-    def handle(batch, logits, writer) -> None:
+    def handle(batch, logits, writer, records) -> None:
         for j, index in enumerate(batch["index"]):
             h, w = batch["size"][j]
             pred = predict_and_score([part[j : j + 1] for part in logits], None, (h, w))[0][0]
@@ -536,12 +532,7 @@ def _predict_batches(cfg, samples, batches, model, tta, device, world) -> float:
                 {"key": samples[index].name, "i": index},
             )
 
-    try:
-        return _run_batches(
-            samples, opts, batches, model, tta, cfg, device, handle, "predict", world
-        )
-    finally:
-        records.close()
+    return _run_batches(samples, opts, batches, model, tta, cfg, device, handle, "predict", world)
 
 
 def _write_predicted_image(

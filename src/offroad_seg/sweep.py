@@ -16,10 +16,8 @@ marks it failed and enqueues the same settings again, so the interrupted trial s
 from __future__ import annotations
 
 import contextlib
-import csv
 import fcntl
 import hashlib
-import io
 import json
 import logging
 import os
@@ -483,13 +481,10 @@ def write_leaderboard(out: Path, study) -> list[dict]:
     rows = leaderboard_rows(out, study)
     if not rows:
         return rows
+    from offroad_seg.train_head import history_csv
+
     keys = list(dict.fromkeys(k for row in rows for k in row))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: "" if row.get(k) is None else row[k] for k in keys})
-    write_text_atomic(out / "leaderboard.csv", buf.getvalue())
+    write_text_atomic(out / "leaderboard.csv", history_csv(rows))
     write_text_atomic(out / "leaderboard.md", _markdown(rows, keys))
     _plot(out, rows)
     best = out / "best"

@@ -243,6 +243,7 @@ def check_output_dir(cfg: TrainConfig) -> None:
 
 
 def history_csv(history: list[dict]) -> str:
+    """Rows of dicts as CSV, the union of their keys as columns (None: empty)."""
     keys = list(dict.fromkeys(k for row in history for k in row))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
