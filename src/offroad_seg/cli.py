@@ -18,8 +18,10 @@ from tqdm.auto import tqdm
 
 from offroad_seg import __version__
 from offroad_seg.config import (
+    ENGINES,
     DemoConfig,
     EvalConfig,
+    ExportConfig,
     ExtractConfig,
     PredictConfig,
     TrainConfig,
@@ -122,6 +124,13 @@ def head_inference_options(fn):
             default=default(EvalConfig, "tta"),
             show_default=True,
             help="flip: average the logits of each image and its mirror.",
+        ),
+        click.option(
+            "--engine",
+            type=click.Choice(ENGINES),
+            default=None,
+            help="torch, or onnxruntime (needs offroad-seg[export]; a .pth head is exported to "
+            "ONNX first) [default: torch for a .pth head, onnxruntime for an exported .onnx].",
         ),
     )
     for option in reversed(options):  # click applies decorators bottom-up
@@ -369,7 +378,8 @@ def train(caches: tuple[str, ...], out: Path, **opts) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace results already in OUT.")
 @stage
 def evaluate(head: Path, data_dir: Path, out: Path, **opts) -> None:
-    """Evaluate HEAD on a labelled dataset DATA_DIR, end to end from the images.
+    """Evaluate HEAD (a .pth head, or an .onnx from `export`) on a labelled dataset DATA_DIR,
+    end to end from the images.
 
     Writes OUT/masks (raw class codes, 16-bit), masks_color, comparisons, metrics.json,
     evaluation_metrics.txt, per_class_metrics.png and confusion_matrix.png.
@@ -393,7 +403,8 @@ def evaluate(head: Path, data_dir: Path, out: Path, **opts) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace results already in OUT.")
 @stage
 def predict(head: Path, inputs: tuple[Path, ...], out: Path, **opts) -> None:
-    """Segment images (files, folders, or dataset folders) with HEAD; results go to OUT.
+    """Segment images (files, folders, or dataset folders) with HEAD (a .pth head, or an .onnx
+    from `export`); results go to OUT.
 
     Writes OUT/masks (raw class codes, 16-bit), masks_color and overlays.
     """
@@ -404,6 +415,62 @@ def predict(head: Path, inputs: tuple[Path, ...], out: Path, **opts) -> None:
         f"predicted {result.images} images in {result.seconds:.1f} s "
         f"({result.images_per_s:.2f} images/s); results in {out}"
     )
+
+
+def _parse_batch(text: str) -> int | None:
+    if text == "dynamic":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise click.BadParameter(f"{text!r}: expected a positive number or 'dynamic'")
+    return int(text)
+
+
+@cli.command()
+@click.argument("head", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option(
+    "--size",
+    default=None,
+    help="Input size ROWSxCOLS, multiples of 14 [default: the head's working size].",
+)
+@click.option(
+    "--batch",
+    default=str(default(ExportConfig, "batch")),
+    show_default=True,
+    help="Images per call: a number, or 'dynamic' for any (TensorRT is fastest with a fixed "
+    "batch).",
+)
+@click.option("--argmax", is_flag=True, help="Also output uint8 class ids at the input size.")
+@click.option(
+    "--quantize",
+    type=click.Choice(["none", "dynamic"]),
+    default=default(ExportConfig, "quantize"),
+    show_default=True,
+    help="dynamic: int8 weights of the transformer's matrix products, activations quantised "
+    "per call (ONNX Runtime on CPU; check its masks against float32 before relying on it).",
+)
+@click.option(
+    "--weights", default=None, help="Backbone weights [default: those the head was trained on]."
+)
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@stage
+def export(head: Path, out: Path, size: str | None, batch: str, **opts) -> None:
+    """Export HEAD (.pth) with its backbone as one ONNX graph OUT (.onnx): uint8 RGB images
+    (B, 3, rows, cols), resized as the tool resizes them, in; class logits at the input size
+    and on the head's grid (and class ids with --argmax) out. The class map, preprocessing,
+    backbone and head are in the model's metadata. Needs offroad-seg[export].
+    """
+    from offroad_seg.export import export
+    from offroad_seg.preprocess import parse_size
+
+    cfg = ExportConfig(
+        head=head,
+        out=out,
+        size=parse_size(size) if size else None,
+        batch=_parse_batch(batch),
+        **opts,
+    )
+    click.echo(export(cfg).line())
 
 
 @cli.command()

@@ -17,6 +17,10 @@ DEFAULT_SIZE = (266, 476)
 
 CachePath = str | Path  # a folder or an fsspec URL (s3://bucket/train.zarr)
 
+# Inference engines of evaluate and predict (engines.py); None in a config: by the head's file
+# type (torch for a .pth checkpoint, onnxruntime for an exported .onnx)
+ENGINES = ("torch", "onnxruntime")
+
 
 def default(config: type, name: str):
     """A config field's default value (for the CLI's option defaults)."""
@@ -82,6 +86,7 @@ class EvalConfig:
     device: str = "auto"
     comparisons: int = 10  # comparison panels for the first N images; 0 for none
     tta: str = "none"  # "flip": average the logits of the image and its mirror
+    engine: str | None = None  # one of ENGINES; None: by the head's file type
     write_masks: bool = True
     class_map: Path | None = None  # when given, must equal the head's
     ignore_unknown_codes: bool = False
@@ -99,9 +104,22 @@ class PredictConfig:
     workers: int | None = None
     device: str = "auto"
     tta: str = "none"
+    engine: str | None = None  # one of ENGINES; None: by the head's file type
     overlays: bool = True
     overwrite: bool = False
     progress: bool = True
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    head: Path  # a head checkpoint (.pth)
+    out: Path  # the .onnx file to write
+    weights: str | None = None  # None: the head's own weights source, as for evaluate
+    size: tuple[int, int] | None = None  # None: the head's working size
+    batch: int | None = 1  # images per call; None: dynamic (any batch size)
+    argmax: bool = False  # add an `ids` output: uint8 class ids at the input size
+    quantize: str = "none"  # "dynamic": int8 weights, activations quantised per call
+    overwrite: bool = False
 
 
 @dataclass(frozen=True)

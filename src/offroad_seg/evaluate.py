@@ -24,9 +24,10 @@ from tqdm.auto import tqdm
 
 from offroad_seg.atomic import write_json_atomic, write_png_atomic, write_text_atomic
 from offroad_seg.background import BoundedPool
-from offroad_seg.checkpoint import HeadCheckpoint, load_checkpoint
+from offroad_seg.checkpoint import HeadCheckpoint
 from offroad_seg.config import EvalConfig, PredictConfig
 from offroad_seg.data import ClassMap, Sample, list_images, list_samples, mask_image
+from offroad_seg.engines import build_engine, load_head, resolve_engine
 from offroad_seg.errors import DataError, OffroadSegError
 from offroad_seg.loader import (
     DecodedSamples,
@@ -150,7 +151,8 @@ def _predict_all(
 def evaluate(cfg: EvalConfig) -> EvalResult:
     """Predict every image of a labelled dataset, write predictions and metrics."""
     check_tta(cfg.tta)
-    ckpt = load_checkpoint(cfg.head)
+    engine = resolve_engine(cfg.engine, cfg.head, cfg.weights)
+    ckpt = load_head(cfg.head)
     class_map = ckpt.class_map
     if cfg.class_map is not None and ClassMap.from_json(cfg.class_map) != class_map:
         raise OffroadSegError(
@@ -160,7 +162,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     samples = list_samples(cfg.data_dir)
     prepare_output(cfg.out, EVAL_OUTPUTS, cfg.overwrite)
     device = resolve_device(cfg.device)
-    model = SegmentationModel.from_checkpoint(ckpt, cfg.weights, device)
+    model = build_engine(engine, ckpt, cfg.weights, device)
     opts = DecodeOptions(
         prep=ckpt.preprocessing,
         class_map=class_map,
@@ -244,6 +246,7 @@ def write_metrics(
         "head": str(ckpt.path),
         "data_dir": str(cfg.data_dir),
         "tta": cfg.tta,
+        "engine": resolve_engine(cfg.engine, cfg.head, cfg.weights),
         "backbone": ckpt.backbone.to_dict(),
         "preprocessing": ckpt.preprocessing.to_dict(),
     }
@@ -257,7 +260,8 @@ def write_metrics(
 def predict(cfg: PredictConfig) -> EvalResult:
     """Predict images without masks: masks, colour masks and overlays."""
     check_tta(cfg.tta)
-    ckpt = load_checkpoint(cfg.head)
+    engine = resolve_engine(cfg.engine, cfg.head, cfg.weights)
+    ckpt = load_head(cfg.head)
     class_map = ckpt.class_map
     images = list_images(cfg.inputs)
     seen: dict[str, Path] = {}
@@ -267,7 +271,7 @@ def predict(cfg: PredictConfig) -> EvalResult:
         seen[path.name] = path
     prepare_output(cfg.out, PREDICT_OUTPUTS, cfg.overwrite)
     device = resolve_device(cfg.device)
-    model = SegmentationModel.from_checkpoint(ckpt, cfg.weights, device)
+    model = build_engine(engine, ckpt, cfg.weights, device)
     samples = [Sample(p.name, p, None) for p in images]
     opts = DecodeOptions(
         prep=ckpt.preprocessing,
@@ -299,6 +303,7 @@ def predict(cfg: PredictConfig) -> EvalResult:
             "images": [str(p) for p in images],
             "classes": class_map.to_dict(),
             "tta": cfg.tta,
+            "engine": engine,
             "seconds": seconds,
         },
     )
