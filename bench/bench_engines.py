@@ -1,7 +1,7 @@
 """Inference engines: torch eager against ONNX Runtime float32 and int8, on the same images.
 
     python bench/bench_engines.py [--images 32 | --data DIR] [--batch-size 8] [--repeat 3]
-        [--study]
+        [--threads N] [--study]
 
   torch eager        SegmentationModel.logits on resized uint8 images already in memory
   onnxruntime fp32   the exported graph (`export_model`, dynamic batch) through OnnxEngine.logits
@@ -123,7 +123,10 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3, help="best of N for each path")
     p.add_argument("--epochs", type=int, default=3, help="head training on the cache")
     p.add_argument("--study", action="store_true", help="ONNX Runtime settings and GEMM rates")
+    p.add_argument("--threads", type=int, default=None, help="both engines [default: torch's]")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.weights == "random":
         args.weights = active_random_weights(args.workdir / "active-random-vits14.safetensors")
     data, _ = setup(args)

@@ -121,6 +121,9 @@ class OnnxEngine:
         self.device = torch.device(device)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
+        # Idle ONNX Runtime threads spin by default: they take the cores the decode workers and
+        # PNG writers of evaluate/predict need between batches (and other processes' cores)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3  # errors only: no per-session warnings on stderr
         self.session = ort.InferenceSession(str(self.path), options, providers=self._providers(ort))
         self._input, self._output = INPUT, HEAD_LOGITS
