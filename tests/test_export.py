@@ -319,14 +319,19 @@ def test_quantize_dynamic_is_smaller_and_mostly_agrees(vits, images, tmp_path):
     assert 0.9 <= agreement(expected, got) < 1.0
 
 
-def test_export_quantize_dynamic_writes_one_int8_model(images, tmp_path):
+def test_export_at_another_size_quantized_writes_one_model(images, tmp_path):
     model = truncated_model(tmp_path, "dinov2_vits14", 1, "linear")
-    result = export_model(model, tmp_path / "out" / "q.onnx", quantize="dynamic")
+    out = tmp_path / "out" / "q.onnx"
+    result = export_model(model, out, size=(42, 84), quantize="dynamic")
     assert result.quantization == "dynamic-int8" and "dynamic-int8" in result.line()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["q.onnx"]
-    engine = OnnxEngine(tmp_path / "out" / "q.onnx")
+    engine = OnnxEngine(out)
     assert engine.checkpoint.payload["quantization"] == "dynamic-int8" and engine.batch == 1
-    assert engine.logits(images).shape == model.logits(images).shape
+    # the exported size is the model's working size: evaluate and predict resize to it
+    assert engine.preprocessing.size == (42, 84)
+    assert engine.session.get_inputs()[0].shape == [1, 3, 42, 84]
+    small = resize_image(images, engine.preprocessing)
+    assert engine.logits(small).shape == (3, 11, 3, 6)
 
 
 def test_refusals_are_one_line(vits, dataset, tmp_path):
