@@ -10,9 +10,11 @@
 
 Every engine sees the same images in the same batches, taking turns batch by batch; each
 batch's best time over --repeat counts (evaluate: the best whole run).
-Also printed: export and quantisation times, model sizes, and each engine's largest logit
-difference from torch (relative to the logit range) and mask agreement with torch at the
-working size. --study adds ONNX Runtime settings (optimisation level, threads, spinning) and
+CPU s/image (all threads' CPU time, best per batch) does not count time spent waiting for a
+core that another process holds: on a shared machine it compares the engines' work when their
+wall times cannot. Also printed: export and quantisation times, model sizes, and each engine's
+largest logit difference from torch (relative to the logit range) and mask agreement with torch
+at the working size. --study adds ONNX Runtime settings (optimisation level, threads, spinning) and
 the float32 GEMM rate of both libraries, which explain the float32 ratio.
 
 `--weights random` (the default) uses a random backbone whose blocks matter (layer scales
@@ -183,12 +185,15 @@ def main() -> None:
         # engines take turns batch by batch, and each batch counts its best time over the
         # repeats: on a shared machine, load that comes and goes then hits every engine alike
         per_batch = {name: [float("inf")] * len(batches) for name in engines}
+        cpu = {name: [float("inf")] * len(batches) for name in engines}  # CPU seconds, all threads
         best = {name: float("inf") for name in evals}
         for _ in range(args.repeat):
             for i, b in enumerate(batches):
                 for name, engine in engines.items():
+                    c = time.process_time()
                     t = best_time(lambda e=engine, b=b: e.logits(b), 1)
                     per_batch[name][i] = min(per_batch[name][i], t)
+                    cpu[name][i] = min(cpu[name][i], time.process_time() - c)
             for name, head in evals.items():
                 best[name] = min(best[name], eval_pass(head))
         best = {**{name: sum(times) for name, times in per_batch.items()}, **best}
@@ -205,12 +210,14 @@ def main() -> None:
                 diff = f"{(out - ref).abs().max().item() / scale:.1e}"
                 mask = working_size_masks(out, prep.size)
                 agree = f"{(mask == ref_mask).float().mean().item():.5f}"
+                cpu_s = f"{sum(cpu[name]) / n:.3f}"
             else:
-                diff = agree = ""
-            rows.append((name, f"{ips:.2f}", f"{ratio:.2f}", diff, agree))
+                diff = agree = cpu_s = ""
+            rows.append((name, f"{ips:.2f}", f"{ratio:.2f}", cpu_s, diff, agree))
         print(f"engines, {n} images at {prep.size[0]}x{prep.size[1]}, batch {bs}, CPU")
         print(f"machine: {machine(device)}")
-        print(table(rows, ("path", "images/s", "vs torch", "max logit diff", "mask agreement")))
+        header = ("path", "images/s", "vs torch", "CPU s/image", "max logit diff", "mask agreement")
+        print(table(rows, header))
         print(
             f"export {export_s:.1f} s ({fp32.bytes / 1e6:.1f} MB), int8 quantisation "
             f"{quantize_s:.1f} s ({int8_bytes / 1e6:.1f} MB)"
