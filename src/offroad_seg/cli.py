@@ -18,9 +18,11 @@ from tqdm.auto import tqdm
 
 from offroad_seg import __version__
 from offroad_seg.config import (
+    ENGINES,
     PRESETS,
     DemoConfig,
     EvalConfig,
+    ExportConfig,
     ExtractConfig,
     PredictConfig,
     SweepConfig,
@@ -203,6 +205,13 @@ def head_inference_options(fn):
             show_default=True,
             help="Working-size scales whose logits are averaged at each image's size, e.g. "
             "0.75,1,1.25 (sizes rounded to multiples of 14; a pass costs ~scale^2 or more).",
+        ),
+        click.option(
+            "--engine",
+            type=click.Choice(ENGINES),
+            default=None,
+            help="torch, or onnxruntime (needs offroad-seg[export]; a .pth head is exported to "
+            "ONNX first) [default: torch for a .pth head, onnxruntime for an exported .onnx].",
         ),
     )
     for option in reversed(options):  # click applies decorators bottom-up
@@ -601,7 +610,8 @@ def info(path: Path, as_json: bool) -> None:
 )
 @stage
 def evaluate(head: Path, data_dir: Path, out: Path, **opts) -> None:
-    """Evaluate HEAD on a labelled dataset DATA_DIR, end to end from the images.
+    """Evaluate HEAD (a .pth head, or an .onnx from `export`) on a labelled dataset DATA_DIR,
+    end to end from the images.
 
     Writes OUT/masks (raw class codes, 16-bit), masks_color, comparisons, thumbnails,
     report.html, evaluation_metrics.txt, per_class_metrics.png, confusion_matrix.png and,
@@ -640,8 +650,9 @@ def evaluate(head: Path, data_dir: Path, out: Path, **opts) -> None:
 )
 @stage
 def predict(head: Path, inputs: tuple[Path, ...], out: Path, **opts) -> None:
-    """Segment INPUTS with HEAD; results go to OUT. INPUTS are PNG or JPEG files, folders
-    (a dataset folder's Color_Images), globs ('frames/*.jpg') and videos (.mp4, .mov, ...).
+    """Segment INPUTS with HEAD (a .pth head, or an .onnx from `export`); results go to OUT.
+    INPUTS are PNG or JPEG files, folders (a dataset folder's Color_Images), globs
+    ('frames/*.jpg') and videos (.mp4, .mov, ...).
 
     Writes OUT/masks (raw class codes, 16-bit), masks_color, overlays (with a legend; an .mp4
     per video) and, last, predictions.json. Rerunning the same command resumes.
@@ -651,6 +662,62 @@ def predict(head: Path, inputs: tuple[Path, ...], out: Path, **opts) -> None:
     result = predict(PredictConfig(head=head, inputs=inputs, out=out, **opts))
     if _is_main_rank():
         click.echo(_work_line("predicted", result, out))
+
+
+def _parse_batch(text: str) -> int | None:
+    if text == "dynamic":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise click.BadParameter(f"{text!r}: expected a positive number or 'dynamic'")
+    return int(text)
+
+
+@cli.command()
+@click.argument("head", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option(
+    "--size",
+    default=None,
+    help="Input size ROWSxCOLS, multiples of 14 [default: the head's working size].",
+)
+@click.option(
+    "--batch",
+    default=str(default(ExportConfig, "batch")),
+    show_default=True,
+    help="Images per call: a number, or 'dynamic' for any (TensorRT is fastest with a fixed "
+    "batch).",
+)
+@click.option("--argmax", is_flag=True, help="Also output uint8 class ids at the input size.")
+@click.option(
+    "--quantize",
+    type=click.Choice(["none", "dynamic"]),
+    default=default(ExportConfig, "quantize"),
+    show_default=True,
+    help="dynamic: int8 weights of the transformer's matrix products, activations quantised "
+    "per call (ONNX Runtime on CPU; check its masks against float32 before relying on it).",
+)
+@click.option(
+    "--weights", default=None, help="Backbone weights [default: those the head was trained on]."
+)
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@stage
+def export(head: Path, out: Path, size: str | None, batch: str, **opts) -> None:
+    """Export HEAD (.pth) with its backbone as one ONNX graph OUT (.onnx): uint8 RGB images
+    (B, 3, rows, cols), resized as the tool resizes them, in; class logits at the input size
+    and on the head's grid (and class ids with --argmax) out. The class map, preprocessing,
+    backbone and head are in the model's metadata. Needs offroad-seg[export].
+    """
+    from offroad_seg.export import export
+    from offroad_seg.preprocess import parse_size
+
+    cfg = ExportConfig(
+        head=head,
+        out=out,
+        size=parse_size(size) if size else None,
+        batch=_parse_batch(batch),
+        **opts,
+    )
+    click.echo(export(cfg).line())
 
 
 @cli.command()

@@ -17,6 +17,10 @@ DEFAULT_SIZE = (266, 476)
 
 CachePath = str | Path  # a folder or an fsspec URL (s3://bucket/train.zarr)
 
+# Inference engines of evaluate and predict (engines.py); None in a config: by the head's file
+# type (torch for a .pth checkpoint, onnxruntime for an exported .onnx)
+ENGINES = ("torch", "onnxruntime")
+
 
 def default(config: type, name: str):
     """A config field's default value (for the CLI's option defaults)."""
@@ -139,6 +143,7 @@ class EvalConfig:
     comparisons: int = 10  # comparison panels for the first N images; 0 for none
     tta: str = "none"  # "flip": average the logits of the image and its mirror
     tta_scales: tuple[float, ...] = (1.0,)  # working-size scales whose logits are averaged
+    engine: str | None = None  # one of ENGINES; None: by the head's file type
     write_masks: bool = True
     class_map: str | Path | None = None  # when given (name or file), must equal the head's
     ignore_unknown_codes: bool = False
@@ -157,10 +162,23 @@ class PredictConfig:
     device: str = "auto"
     tta: str = "none"
     tta_scales: tuple[float, ...] = (1.0,)
+    engine: str | None = None  # one of ENGINES; None: by the head's file type
     overlays: bool = True  # overlays with a legend (images), an overlay video (videos)
     frame_stride: int = 1  # videos: predict every N-th frame
     overwrite: bool = False
     progress: bool = True
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    head: Path  # a head checkpoint (.pth)
+    out: Path  # the .onnx file to write
+    weights: str | None = None  # None: the head's own weights source, as for evaluate
+    size: tuple[int, int] | None = None  # None: the head's working size
+    batch: int | None = 1  # images per call; None: dynamic (any batch size)
+    argmax: bool = False  # add an `ids` output: uint8 class ids at the input size
+    quantize: str = "none"  # "dynamic": int8 weights, activations quantised per call
+    overwrite: bool = False
 
 
 @dataclass(frozen=True)

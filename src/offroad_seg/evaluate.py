@@ -40,7 +40,7 @@ from offroad_seg import __version__, distributed
 from offroad_seg.atomic import write_json_atomic, write_png_atomic, write_text_atomic
 from offroad_seg.background import BoundedPool
 from offroad_seg.cache import sources_digest
-from offroad_seg.checkpoint import HeadCheckpoint, load_checkpoint
+from offroad_seg.checkpoint import HeadCheckpoint
 from offroad_seg.config import EvalConfig, PredictConfig
 from offroad_seg.data import (
     ClassMap,
@@ -52,6 +52,7 @@ from offroad_seg.data import (
     mask_image,
     resolve_class_map,
 )
+from offroad_seg.engines import build_engine, check_engine_tta, load_head, resolve_engine
 from offroad_seg.errors import DataError, OffroadSegError
 from offroad_seg.loader import (
     DecodedSamples,
@@ -99,11 +100,6 @@ class EvalResult:
 
 
 # ----------------------------------------------------------------------------- shared
-
-
-def load_model(ckpt: HeadCheckpoint, weights: str | None, device: torch.device):
-    """The model that computes the logits: the head on the backbone it was trained on."""
-    return SegmentationModel.from_checkpoint(ckpt, weights, device)
 
 
 def file_sha256(path: Path) -> str:
@@ -205,6 +201,7 @@ def _eval_identity(cfg: EvalConfig, ckpt, samples, batch_size, device, tta) -> d
         "data": str(cfg.data_dir),
         "sources": sources_digest([(s.name, s.image, s.mask) for s in samples]),
         "tta": tta.describe(ckpt.preprocessing),
+        "engine": resolve_engine(cfg.engine, cfg.head, cfg.weights),
         "batch_size": batch_size,
         "device": device.type,
         "comparisons": cfg.comparisons,
@@ -216,7 +213,9 @@ def _eval_identity(cfg: EvalConfig, ckpt, samples, batch_size, device, tta) -> d
 def evaluate(cfg: EvalConfig) -> EvalResult:
     """Predict every image of a labelled dataset; write predictions, metrics and a report."""
     tta = TTA.of(cfg.tta, cfg.tta_scales)
-    ckpt = load_checkpoint(cfg.head)
+    engine = resolve_engine(cfg.engine, cfg.head, cfg.weights)
+    ckpt = load_head(cfg.head)
+    check_engine_tta(cfg.head, ckpt, tta)
     class_map = ckpt.class_map
     if cfg.class_map is not None and resolve_class_map(cfg.class_map) != class_map:
         raise OffroadSegError(
@@ -240,7 +239,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
             log.info("resuming %s: %s left", cfg.out, plural(sum(map(len, todo)), "image"))
         seconds = 0.0
         if mine:
-            model = load_model(ckpt, cfg.weights, device)
+            model = build_engine(engine, ckpt, cfg.weights, device, tta)
             seconds = _evaluate_batches(cfg, samples, mine, model, tta, device, world)
         world.barrier()
         result = EvalResult(cfg.out, None, len(samples), seconds, computed=sum(map(len, todo)))
@@ -418,6 +417,7 @@ def write_eval_outputs(
         "head": str(ckpt.path),
         "data_dir": str(cfg.data_dir),
         "tta": identity["tta"],
+        "engine": identity["engine"],
         "backbone": ckpt.backbone.to_dict(),
         "preprocessing": ckpt.preprocessing.to_dict(),
     }
@@ -440,6 +440,7 @@ def _predict_identity(cfg: PredictConfig, inputs, batch_size, device, tta, prep)
         "images": sources_digest([(p.name, p, None) for p in inputs.images]),
         "videos": [str(v) for v in inputs.videos],
         "tta": tta.describe(prep),
+        "engine": resolve_engine(cfg.engine, cfg.head, cfg.weights),
         "batch_size": batch_size,
         "device": device.type,
         "overlays": cfg.overlays,
@@ -452,7 +453,9 @@ def predict(cfg: PredictConfig) -> EvalResult:
     tta = TTA.of(cfg.tta, cfg.tta_scales)
     if cfg.frame_stride < 1:
         raise OffroadSegError(f"frame stride {cfg.frame_stride}: must be at least 1")
-    ckpt = load_checkpoint(cfg.head)
+    engine = resolve_engine(cfg.engine, cfg.head, cfg.weights)
+    ckpt = load_head(cfg.head)
+    check_engine_tta(cfg.head, ckpt, tta)
     prep = ckpt.preprocessing
     inputs = list_inputs(cfg.inputs)
     if inputs.skipped:
@@ -476,7 +479,7 @@ def predict(cfg: PredictConfig) -> EvalResult:
         my_videos = videos[world.rank :: world.size]
         seconds, frames = 0.0, 0
         if mine or my_videos:
-            model = load_model(ckpt, cfg.weights, device)
+            model = build_engine(engine, ckpt, cfg.weights, device, tta)
             seconds = _predict_batches(cfg, samples, mine, model, tta, device, world)
             for video in my_videos:
                 started = time.perf_counter()
@@ -498,6 +501,7 @@ def predict(cfg: PredictConfig) -> EvalResult:
                     "skipped": [str(p) for p in inputs.skipped],
                     "classes": ckpt.class_map.to_dict(),
                     "tta": identity["tta"],
+                    "engine": identity["engine"],
                     "seconds": seconds,
                 },
             )
