@@ -1,6 +1,6 @@
 """Head retraining: a cached epoch vs. the seed's online epoch vs. pure head compute.
 
-    python bench/bench_train.py [--images 32 | --data DIR] [--head convnext] [--device cpu]
+    python bench/bench_train.py [--images 32 | --data DIR] [--head NAME] [--device cpu]
 
 Three ways to run one epoch of the same head over the same images at the same batch size:
   online   the seed's loop: decode + preprocess + backbone + head step, every step
@@ -24,8 +24,9 @@ from common import base_parser, ensure_cache, machine, resident, setup, sync, ta
 
 from offroad_seg.backbone import load_backbone
 from offroad_seg.cache import FeatureCache
+from offroad_seg.config import default
 from offroad_seg.data import ClassMap, list_samples
-from offroad_seg.heads import HeadConfig, build_head
+from offroad_seg.heads import HeadConfig, build_head, head_choices
 from offroad_seg.loader import DecodedSamples, DecodeOptions, default_workers, make_loader
 from offroad_seg.loss import class_weights_from_pixels, segmentation_loss
 from offroad_seg.preprocess import Preprocessing, parse_size
@@ -95,7 +96,7 @@ def pure_epoch(cache: FeatureCache, args, device, head_cfg, weight, epochs: int)
 
 def main() -> None:
     p = base_parser(__doc__)
-    p.add_argument("--head", default="convnext", choices=["convnext", "baseline"])
+    p.add_argument("--head", default=default(TrainConfig, "head"), choices=head_choices())
     p.add_argument("--batch-size", type=int, default=2, help="the seed trained with batch 2")
     p.add_argument("--epochs", type=int, default=5, help="cached/pure epochs (median taken)")
     p.add_argument("--skip-online", action="store_true")

@@ -48,3 +48,25 @@ def caches(dataset, tmp_path_factory) -> dict[str, Path]:
     extract(extract_config(dataset / "train", out["train"], views=("identity", "hflip")))
     extract(extract_config(dataset / "val", out["val"]))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory) -> Path:
+    """A folder in which a tiny `offroad-seg demo` ran (README's examples start from one):
+    the demo's outputs are in `offroad-seg-demo/` inside it."""
+    import os
+
+    from click.testing import CliRunner
+
+    from offroad_seg.cli import cli
+
+    root = tmp_path_factory.mktemp("demo")
+    tiny = "--train 4 --val 2 --epochs 2 --width 196 --height 112 --size 56x98"
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        result = CliRunner().invoke(cli, ["demo", *tiny.split()])
+    finally:
+        os.chdir(cwd)
+    assert result.exit_code == 0, result.output
+    return root

@@ -62,15 +62,12 @@ def test_public_surface_is_exported():
         offroad_seg.not_a_thing  # noqa: B018
 
 
-def test_readme_python_example_runs_as_written(tmp_path, monkeypatch):
+def test_readme_python_example_runs_as_written(tiny_demo, monkeypatch):
     """README's API example, run after a (tiny) `offroad-seg demo`, as a new user would."""
     text = README.read_text()
     section = text[text.index("## Python API") :]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    monkeypatch.chdir(tmp_path)
-    tiny = "--train 4 --val 2 --epochs 2 --width 196 --height 112 --size 56x98"
-    result = CliRunner().invoke(cli, ["demo", *tiny.split()])
-    assert result.exit_code == 0, result.output
+    monkeypatch.chdir(tiny_demo)
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)  # asserts the CLI's mask itself
     assert namespace["pred"].ids.shape == (112, 196)

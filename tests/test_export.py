@@ -389,3 +389,27 @@ def test_refusals_are_one_line(vits, dataset, tmp_path):
         OnnxEngine(vits["onnx"]).logits(torch.zeros(1, 3, 28, 28, dtype=torch.uint8))
     with pytest.raises(OffroadSegError, match="exported model runs with"):
         build_engine("torch", load_head(vits["onnx"]))
+
+
+def test_readme_deploy_example_runs_without_the_package(tiny_demo, tmp_path, monkeypatch):
+    """README's ten lines of ONNX Runtime, on the demo's head exported by the CLI: the mask
+    agrees with the one the demo's evaluate wrote (PIL's resize rounds differently)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## Deploy") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert "offroad_seg" not in code and "torch" not in code
+    demo = tiny_demo / "offroad-seg-demo"
+    head = demo / "head" / "segmentation_head.pth"
+    r = CliRunner().invoke(cli, ["export", str(head), str(tmp_path / "model.onnx")])
+    assert r.exit_code == 0, r.output
+    image = sorted((demo / "data" / "val" / "Color_Images").glob("*.png"))[0]
+    (tmp_path / "frame.png").write_bytes(image.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    written = read_mask(demo / "predictions" / "masks" / image.name)
+    assert namespace["mask"].shape == written.shape and namespace["mask"].dtype == np.uint16
+    assert agreement(namespace["mask"], written) >= 0.99

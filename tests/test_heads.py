@@ -51,7 +51,7 @@ def test_registry_lists_the_four_heads_and_the_old_name():
         "convnext": 1,
         "pyramid": 4,
     }
-    assert head_defaults_help("width") == "seed 128, convnext 96, pyramid 32"
+    assert head_defaults_help("width") == "seed 128, convnext 96, pyramid 96"
     assert head_defaults_help("dropout") == "linear 0, seed 0, convnext 0.1, pyramid 0.1"
 
 

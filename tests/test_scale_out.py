@@ -205,7 +205,7 @@ def test_ddp_training_matches_single_process(data, single, tmp_path):
     assert torch.equal(sb["rng"][0]["cpu"], sa_rng[0]["cpu"])
     assert not torch.equal(sb["rng"][1]["cpu"], sb["rng"][0]["cpu"])
     for k in sa:
-        torch.testing.assert_close(sb["state_dict"][k], sa[k], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(sb["state_dict"][k], sa[k], rtol=1e-4, atol=1e-5)
     # one set of outputs: rank 0 writes, nobody else
     written = sorted(p.name for p in (tmp_path / "two").rglob("*") if p.is_file())
     assert written == sorted(p.name for p in (tmp_path / "one").rglob("*") if p.is_file())

@@ -335,7 +335,7 @@ HEADS: Mapping[str, HeadSpec] = MappingProxyType(
                 description="1x1 projection + ConvNeXt blocks at the token resolution",
             ),
             HeadSpec(
-                "pyramid", PyramidHead, width=32, depth=0, dropout=0.1, output_scale=4,
+                "pyramid", PyramidHead, width=96, depth=0, dropout=0.1, output_scale=4,
                 description="UPerNet/FPN decoder on a ViTDet feature pyramid, logits at x4",
             ),
         )
