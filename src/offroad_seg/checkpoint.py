@@ -8,6 +8,7 @@ saved on the CPU, so a checkpoint written on a GPU loads anywhere with a plain `
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,16 @@ from offroad_seg.data import ClassMap
 from offroad_seg.errors import OffroadSegError
 from offroad_seg.heads import HeadConfig, build_head
 from offroad_seg.preprocess import Preprocessing
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes (a head checkpoint or an exported model), read in 1 MB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
 
 FORMAT = "offroad-seg-head"
 VERSION = 1

@@ -24,7 +24,6 @@ confusion matrices: equal to one process's exactly) and writes the summary files
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import time
@@ -40,7 +39,7 @@ from offroad_seg import __version__, distributed
 from offroad_seg.atomic import write_json_atomic, write_png_atomic, write_text_atomic
 from offroad_seg.background import BoundedPool
 from offroad_seg.cache import sources_digest
-from offroad_seg.checkpoint import HeadCheckpoint
+from offroad_seg.checkpoint import HeadCheckpoint, file_sha256
 from offroad_seg.config import EvalConfig, PredictConfig
 from offroad_seg.data import (
     ClassMap,
@@ -102,12 +101,18 @@ class EvalResult:
 # ----------------------------------------------------------------------------- shared
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def _start_run(
+    cfg: EvalConfig | PredictConfig, identity: dict, n: int, batch_size: int, world
+) -> tuple[dict, list[list[int]], list[list[int]]]:
+    """Open (or resume) the run folder of `identity` on rank 0, then read what is done:
+    (the records, the batches of images still to do, this rank's share of them)."""
+    if world.is_main:
+        prepare_run_folder(cfg.out, identity, cfg.overwrite)
+    world.barrier()
+    records = read_records(cfg.out)
+    done = {r["i"] for r in records.values() if "i" in r}  # videos' records have no index
+    todo = pending_batches(plan_batches(n, batch_size), done)
+    return records, todo, todo[world.rank :: world.size]
 
 
 def plan_batches(n: int, batch_size: int) -> list[list[int]]:
@@ -191,7 +196,9 @@ def _rows(batch: dict, key: str) -> list:
 # ----------------------------------------------------------------------------- evaluate
 
 
-def _eval_identity(cfg: EvalConfig, ckpt, samples, batch_size, device, tta) -> dict[str, Any]:
+def _eval_identity(
+    cfg: EvalConfig, ckpt, samples, batch_size, device, tta, engine: str
+) -> dict[str, Any]:
     """The settings that decide evaluate's outputs: a rerun with the same ones resumes."""
     return {
         "command": "evaluate",
@@ -201,7 +208,7 @@ def _eval_identity(cfg: EvalConfig, ckpt, samples, batch_size, device, tta) -> d
         "data": str(cfg.data_dir),
         "sources": sources_digest([(s.name, s.image, s.mask) for s in samples]),
         "tta": tta.describe(ckpt.preprocessing),
-        "engine": resolve_engine(cfg.engine, cfg.head, cfg.weights),
+        "engine": engine,
         "batch_size": batch_size,
         "device": device.type,
         "comparisons": cfg.comparisons,
@@ -228,14 +235,9 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     with distributed.launched(device) as world:
         device = world.device(device)
         batch_size = cfg.batch_size or default_batch_size(device)
-        identity = _eval_identity(cfg, ckpt, samples, batch_size, device, tta)
-        if world.is_main:
-            prepare_run_folder(cfg.out, identity, cfg.overwrite)
-        world.barrier()
-        done = {r["i"] for r in read_records(cfg.out).values()}
-        todo = pending_batches(plan_batches(len(samples), batch_size), done)
-        mine = todo[world.rank :: world.size]
-        if world.is_main and done and todo:
+        identity = _eval_identity(cfg, ckpt, samples, batch_size, device, tta, engine)
+        records, todo, mine = _start_run(cfg, identity, len(samples), batch_size, world)
+        if world.is_main and records and todo:
             log.info("resuming %s: %s left", cfg.out, plural(sum(map(len, todo)), "image"))
         seconds = 0.0
         if mine:
@@ -431,7 +433,7 @@ def write_eval_outputs(
 # ----------------------------------------------------------------------------- predict
 
 
-def _predict_identity(cfg: PredictConfig, inputs, batch_size, device, tta, prep) -> dict:
+def _predict_identity(cfg: PredictConfig, inputs, batch_size, device, tta, prep, engine) -> dict:
     return {
         "command": "predict",
         "tool_version": __version__,
@@ -440,7 +442,7 @@ def _predict_identity(cfg: PredictConfig, inputs, batch_size, device, tta, prep)
         "images": sources_digest([(p.name, p, None) for p in inputs.images]),
         "videos": [str(v) for v in inputs.videos],
         "tta": tta.describe(prep),
-        "engine": resolve_engine(cfg.engine, cfg.head, cfg.weights),
+        "engine": engine,
         "batch_size": batch_size,
         "device": device.type,
         "overlays": cfg.overlays,
@@ -467,15 +469,9 @@ def predict(cfg: PredictConfig) -> EvalResult:
     with distributed.launched(device) as world:
         device = world.device(device)
         batch_size = cfg.batch_size or default_batch_size(device)
-        identity = _predict_identity(cfg, inputs, batch_size, device, tta, prep)
-        if world.is_main:
-            prepare_run_folder(cfg.out, identity, cfg.overwrite)
-        world.barrier()
-        records = read_records(cfg.out)
-        done = {r["i"] for r in records.values() if "i" in r}
-        todo = pending_batches(plan_batches(len(samples), batch_size), done)
+        identity = _predict_identity(cfg, inputs, batch_size, device, tta, prep, engine)
+        records, todo, mine = _start_run(cfg, identity, len(samples), batch_size, world)
         videos = [v for v in inputs.videos if _video_key(v) not in records]
-        mine = todo[world.rank :: world.size]
         my_videos = videos[world.rank :: world.size]
         seconds, frames = 0.0, 0
         if mine or my_videos:

@@ -28,7 +28,6 @@ Opset 18 is the lowest it emits: the widest runtime support (TensorRT 8.6 and la
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -46,7 +45,7 @@ from torch import nn
 
 from offroad_seg import __version__
 from offroad_seg.backbone import Backbone, BackboneSpec
-from offroad_seg.checkpoint import HeadCheckpoint, load_checkpoint
+from offroad_seg.checkpoint import HeadCheckpoint, file_sha256, load_checkpoint
 from offroad_seg.config import ExportConfig
 from offroad_seg.data import ClassMap
 from offroad_seg.errors import ConfigError, OffroadSegError
@@ -157,14 +156,6 @@ class ExportResult:
             f"uint8 images ({batch}, 3, {self.size[0]}, {self.size[1]}) -> "
             f"{', '.join(self.outputs)}"
         )
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def metadata(
