@@ -254,9 +254,13 @@ def test_sigkill_during_training_then_resume(reference, tmp_path):
     from offroad_seg.train_head import TrainConfig, train
 
     epochs = 40
+    # a light head: this tests kill and resume, not a head (the default pyramid takes ~10x
+    # longer per epoch on two cores)
     args = [
         "train",
         str(reference),
+        "--head",
+        "convnext",
         "--epochs",
         str(epochs),
         "--batch-size",
@@ -292,6 +296,7 @@ def test_sigkill_during_training_then_resume(reference, tmp_path):
         TrainConfig(
             caches=(reference,),
             out=tmp_path / "full",
+            head="convnext",
             epochs=epochs,
             batch_size=4,
             device="cpu",

@@ -160,9 +160,14 @@ def test_ddp_training_matches_single_process(data, single, tmp_path):
     relative 1e-5 on every step's loss and on the validation metrics)."""
     val = tmp_path / "val.zarr"
     extract(extract_config(data / "val", val, size=(112, 196)))
+    # the convnext head: AdamW amplifies the float rounding of other reduction orders in
+    # parameters whose gradients are near zero, and the pyramid head has more of them; this
+    # test is about DDP taking one process's steps, not about a head
     common = [
         "--val-cache",
         val,
+        "--head",
+        "convnext",
         "--epochs",
         "3",
         "--batch-size",
@@ -177,6 +182,7 @@ def test_ddp_training_matches_single_process(data, single, tmp_path):
             caches=(single,),
             out=tmp_path / "one",
             val_cache=val,
+            head="convnext",
             epochs=3,
             batch_size=4,
             dropout=0.0,
@@ -205,7 +211,7 @@ def test_ddp_training_matches_single_process(data, single, tmp_path):
     assert torch.equal(sb["rng"][0]["cpu"], sa_rng[0]["cpu"])
     assert not torch.equal(sb["rng"][1]["cpu"], sb["rng"][0]["cpu"])
     for k in sa:
-        torch.testing.assert_close(sb["state_dict"][k], sa[k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(sb["state_dict"][k], sa[k], rtol=1e-4, atol=1e-6)
     # one set of outputs: rank 0 writes, nobody else
     written = sorted(p.name for p in (tmp_path / "two").rglob("*") if p.is_file())
     assert written == sorted(p.name for p in (tmp_path / "one").rglob("*") if p.is_file())
