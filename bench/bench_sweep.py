@@ -1,6 +1,6 @@
 """A sweep against the same trainings run as separate `train` commands, side by side.
 
-    python bench/bench_sweep.py [--images 32 | --data DIR] [--trials 4] [--epochs 5]
+    python bench/bench_sweep.py [--images 32 | --data DIR] [--trials 4] [--epochs 5] [--head NAME]
 
 Extracts a training and a validation cache once, then trains the same K settings (a grid over
 the learning rate) twice: as one `offroad-seg sweep` process, which loads the features once
@@ -26,6 +26,7 @@ def main() -> None:
     p.add_argument("--trials", type=int, default=4)
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--val", type=int, default=8)
+    p.add_argument("--head", default=None, help="a head from the registry (default: train's)")
     args = p.parse_args()
     data, device = setup(args)
     val_data = validation_data(args)
@@ -34,6 +35,8 @@ def main() -> None:
     lrs = [f"{3e-4 * 2**i:.6g}" for i in range(args.trials)]
     common = ["--val-cache", str(val_cache), "--epochs", str(args.epochs), "--device",
               str(device), "-q"]  # fmt: skip
+    if args.head:
+        common += ["--head", args.head]
     cli = [sys.executable, "-m", "offroad_seg"]
 
     out = args.workdir / "bench-sweep"
@@ -57,7 +60,8 @@ def main() -> None:
     separate_s = time.perf_counter() - start
 
     same = all(abs(swept[lr] - separate[lr]) < 1e-9 for lr in separate)
-    print(f"\n{machine(device)}; {args.trials} trials x {args.epochs} epochs, {data}\n")
+    setting = f"{args.trials} trials x {args.epochs} epochs, head {args.head or 'default'}"
+    print(f"\n{machine(device)}; {setting}, {data}\n")
     rows = [
         (f"{args.trials} x `train` (one process each)", f"{separate_s:.1f}", "1.00"),
         ("one `sweep` (features loaded once)", f"{sweep_s:.1f}", f"{separate_s / sweep_s:.2f}"),
