@@ -90,6 +90,18 @@ def test_compare_prints_the_differing_settings(grid_sweep):
     assert (grid_sweep.parent / "compare.png").exists()
 
 
+def test_compare_shows_no_width_for_a_head_without_one(grid_sweep):
+    from offroad_seg.compare import comparison_table, summarize
+
+    rows = leaderboard(grid_sweep)
+    by_head = {r["head"]: grid_sweep / "trials" / r["run"] for r in rows}
+    runs = [summarize(by_head["convnext"]), summarize(by_head["linear"])]
+    assert runs[0].settings["head.width"] == 96 and runs[0].settings["head.depth"] == 2
+    assert runs[1].settings["head.width"] is None and runs[1].settings["head.depth"] is None
+    table = comparison_table(runs, markdown=True)
+    assert "| head.width | 96 | - |" in table and "| head.depth | 2 | - |" in table
+
+
 def sweep_command(caches, out, *extra) -> list[str]:
     return [sys.executable, "-m", "offroad_seg", *map(str, sweep_args(caches, out, *extra))]
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from offroad_seg.checkpoint import load_checkpoint
 from offroad_seg.errors import OffroadSegError
+from offroad_seg.heads import get_head_spec
 from offroad_seg.info import find_head
 
 # Settings that say where things are or how a machine ran them, not what was trained.
@@ -30,8 +31,13 @@ def summarize(path: str | Path) -> RunSummary:
     ckpt = load_checkpoint(head)
     payload = ckpt.payload
     settings = {k: v for k, v in payload.get("train_config", {}).items() if k not in _NOT_COMPARED}
+    head_settings = ckpt.head_config.to_dict()
+    spec = get_head_spec(head_settings.pop("name"))
+    for field in ("width", "depth"):  # a registry default of 0: the head has no such setting
+        if getattr(spec, field) == 0:
+            head_settings[field] = None
     settings.update(
-        {f"head.{k}": v for k, v in ckpt.head_config.to_dict().items() if k != "name"},
+        {f"head.{k}": v for k, v in head_settings.items()},
         backbone=ckpt.backbone.name,
         layers=ckpt.backbone.layers,
         size="x".join(str(v) for v in ckpt.preprocessing.size),
