@@ -6,6 +6,7 @@ two CPU cores while exercising every code path the real 960x540 -> 266x476 data 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,14 @@ SCENE_W, SCENE_H = 196, 112
 SIZE = (56, 98)  # working size: rows x cols, 4x7 tokens
 
 torch.set_num_threads(2)
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_python(heading: str) -> str:
+    """The first ```python block after README's `heading` (tests run README's examples)."""
+    text = README.read_text()
+    return re.search(r"```python\n(.*?)```", text[text.index(heading) :], re.S).group(1)
 
 
 @pytest.fixture(scope="session")

@@ -3,9 +3,6 @@ written."""
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -17,7 +14,7 @@ from offroad_seg.cli import cli
 from offroad_seg.data import list_samples, read_mask
 from offroad_seg.train_head import TrainConfig, train
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+from .conftest import readme_python
 
 
 @pytest.fixture(scope="module")
@@ -64,9 +61,7 @@ def test_public_surface_is_exported():
 
 def test_readme_python_example_runs_as_written(tiny_demo, monkeypatch):
     """README's API example, run after a (tiny) `offroad-seg demo`, as a new user would."""
-    text = README.read_text()
-    section = text[text.index("## Python API") :]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    code = readme_python("## Python API")
     monkeypatch.chdir(tiny_demo)
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)  # asserts the CLI's mask itself

@@ -39,7 +39,7 @@ from offroad_seg.preprocess import Preprocessing, image_to_tensor, resize_image
 from offroad_seg.variants import get_variant
 from offroad_seg.weights import state_dict_sha256
 
-from .conftest import SIZE
+from .conftest import SIZE, readme_python
 
 
 def _extra(module: str):
@@ -394,12 +394,7 @@ def test_refusals_are_one_line(vits, dataset, tmp_path):
 def test_readme_deploy_example_runs_without_the_package(tiny_demo, tmp_path, monkeypatch):
     """README's ten lines of ONNX Runtime, on the demo's head exported by the CLI: the mask
     agrees with the one the demo's evaluate wrote (PIL's resize rounds differently)."""
-    import re
-    from pathlib import Path
-
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = text[text.index("## Deploy") :]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    code = readme_python("## Deploy")
     assert "offroad_seg" not in code and "torch" not in code
     demo = tiny_demo / "offroad-seg-demo"
     head = demo / "head" / "segmentation_head.pth"

@@ -325,7 +325,7 @@ def test_cost_is_positive_and_grows_with_the_grid(name):
 
 
 def test_pyramid_cost_is_dominated_by_its_fine_level_convs():
-    cfg = HeadConfig(name="pyramid")  # width 32, 384 channels
+    cfg = HeadConfig(name="pyramid")  # width 96, 384 channels
     w, fine = cfg.width, 16 * 19 * 34
     fuse = 2 * fine * 4 * w * w * 9  # the 3x3 conv over the 4 concatenated levels at x4
     fpn = 2 * fine * w * w * 9

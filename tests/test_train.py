@@ -9,7 +9,6 @@ from click.testing import CliRunner
 from offroad_seg.cache import FeatureCache
 from offroad_seg.checkpoint import load_checkpoint
 from offroad_seg.cli import cli
-from offroad_seg.config import default
 from offroad_seg.data import ClassMap, list_samples, read_image, read_labels
 from offroad_seg.errors import CacheError, OffroadSegError
 from offroad_seg.extract import extract
@@ -86,9 +85,7 @@ def test_cached_training_equals_online_training(cache_fp32, dataset, backbone, t
     weight = torch.tensor(class_weights_from_pixels(counts), dtype=torch.float32)
 
     torch.manual_seed(seed)
-    head = build_head(
-        HeadConfig(name=default(TrainConfig, "head"), in_channels=384, num_classes=11)
-    )
+    head = build_head(HeadConfig(in_channels=384, num_classes=11))  # the default head
     opt = make_optimizer(head, 3e-4, 0.01)
     n = len(samples)
     spe = math.ceil(n / bs)

@@ -33,8 +33,8 @@ def summarize(path: str | Path) -> RunSummary:
     settings = {k: v for k, v in payload.get("train_config", {}).items() if k not in _NOT_COMPARED}
     head_settings = ckpt.head_config.to_dict()
     spec = get_head_spec(head_settings.pop("name"))
-    for field in ("width", "depth"):  # a registry default of 0: the head has no such setting
-        if getattr(spec, field) == 0:
+    for field in ("width", "depth"):
+        if not spec.has(field):
             head_settings[field] = None
     settings.update(
         {f"head.{k}": v for k, v in head_settings.items()},

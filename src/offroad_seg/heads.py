@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from offroad_seg.config import TrainConfig, default
 from offroad_seg.errors import ConfigError
 
 # ----------------------------------------------------------------------------- configuration
@@ -34,7 +35,9 @@ class HeadConfig:
     """What a head is: enough to rebuild it (checkpoints store `to_dict()`). Zero width or
     depth and dropout None mean the head's registry default; they are resolved on creation."""
 
-    name: str = "convnext"  # a registry name or alias (`head_choices()`); stored canonical
+    # a registry name or alias (`head_choices()`), stored canonical; the default head is
+    # TrainConfig's, the one place it is set
+    name: str = default(TrainConfig, "head")
     in_channels: int = 384
     layers: int = 1  # backbone layers concatenated in in_channels (old checkpoints: 1)
     num_classes: int = 11
@@ -56,13 +59,13 @@ class HeadConfig:
                 f"head in_channels {self.in_channels}: not divisible by layers {self.layers}"
             )
         for field in ("width", "depth"):
-            value, default = getattr(self, field), getattr(spec, field)
+            value, registry_default = getattr(self, field), getattr(spec, field)
             if value < 0:
                 raise ConfigError(f"head {field} {value}: must be positive (0: the default)")
-            if default == 0 and value != 0:
+            if not spec.has(field) and value != 0:
                 raise ConfigError(f"head {spec.name} has no {field} setting (got {value})")
             if value == 0:
-                object.__setattr__(self, field, default)
+                object.__setattr__(self, field, registry_default)
         if self.dropout is None:
             object.__setattr__(self, "dropout", spec.dropout)
         if not 0 <= self.dropout < 1:
@@ -316,6 +319,10 @@ class HeadSpec:
     description: str
     aliases: tuple[str, ...] = ()  # former names, accepted and stored as `name`
 
+    def has(self, setting: str) -> bool:
+        """Whether the head has `width`, `depth` or `dropout` (every head has a dropout)."""
+        return setting == "dropout" or getattr(self, setting) != 0
+
 
 HEADS: Mapping[str, HeadSpec] = MappingProxyType(
     {
@@ -344,7 +351,6 @@ HEADS: Mapping[str, HeadSpec] = MappingProxyType(
 _ALIASES: Mapping[str, str] = MappingProxyType(
     {alias: spec.name for spec in HEADS.values() for alias in spec.aliases}
 )
-DEFAULT_HEAD = HeadConfig.name
 
 
 def head_names() -> tuple[str, ...]:
@@ -367,9 +373,8 @@ def get_head_spec(name: str) -> HeadSpec:
 
 def head_defaults_help(field: str) -> str:
     """Each head's default of `width`, `depth` or `dropout` for help text, e.g.
-    "seed 128, convnext 96, pyramid 32" (heads without the setting are left out)."""
-    values = ((s.name, getattr(s, field)) for s in HEADS.values())
-    return ", ".join(f"{n} {v:g}" for n, v in values if field == "dropout" or v)
+    "seed 128, convnext 96, pyramid 96" (heads without the setting are left out)."""
+    return ", ".join(f"{s.name} {getattr(s, field):g}" for s in HEADS.values() if s.has(field))
 
 
 def build_head(cfg: HeadConfig) -> nn.Module:
