@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +29,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], durable: b
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = temp_path(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -39,6 +41,57 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], durable: b
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def temp_path(path: str | Path) -> Path:
+    """A hidden temporary name next to `path` that says who made it (host and pid), so that
+    `remove_stale_temps` can tell a dead writer's leftovers from a live writer's file."""
+    path = Path(path)
+    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
+    return path.with_name(f".{path.name}.{host}-{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+# .NAME.HOST-PID.HEX.tmp, and the older .NAME.PID.HEX.tmp (no host: this machine assumed)
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?:(?P<host>[A-Za-z0-9-]+)-)?(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this machine."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Remove the temporary files (and folders) that `temp_path` named in `folder` whose writer
+    is dead: a process of this machine that no longer runs. Leftovers of a killed run go on the
+    next run; a live writer's file, or one from another host, is never touched. Returns what was
+    removed."""
+    import shutil
+
+    folder = Path(folder)
+    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
+    removed = []
+    try:
+        entries = list(folder.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return removed
+    for entry in entries:
+        m = _TEMP.match(entry.name)
+        if not m or (m["host"] not in (None, host)) or pid_alive(int(m["pid"])):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

@@ -25,3 +25,11 @@ class ConfigError(OffroadSegError):
 
 class Interrupted(OffroadSegError):
     """Ctrl-C: the message says what was kept and how to continue (exit status 130)."""
+
+
+class TrainingDiverged(OffroadSegError):
+    """The loss became NaN or infinite: training stopped, the last good checkpoint kept."""
+
+    def __init__(self, message: str, epoch: int) -> None:
+        super().__init__(message)
+        self.epoch = epoch

@@ -33,7 +33,6 @@ import logging
 import os
 import shutil
 import time
-import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from offroad_seg import __version__
+from offroad_seg.atomic import temp_path
 from offroad_seg.backbone import Backbone, BackboneSpec
 from offroad_seg.checkpoint import HeadCheckpoint, file_sha256, load_checkpoint
 from offroad_seg.config import ExportConfig
@@ -226,7 +226,7 @@ def _move_into_place(folder: Path, out: Path) -> int:
 
 
 def _scratch(out: Path) -> Path:
-    folder = out.parent / f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    folder = temp_path(out)
     folder.mkdir(parents=True)
     return folder
 

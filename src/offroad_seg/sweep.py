@@ -33,7 +33,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from offroad_seg import distributed
-from offroad_seg.atomic import write_json_atomic, write_text_atomic
+from offroad_seg.atomic import pid_alive, write_json_atomic, write_text_atomic
 from offroad_seg.config import RUN_SETTINGS, SweepConfig, TrainConfig, default
 from offroad_seg.errors import ConfigError, OffroadSegError
 from offroad_seg.text import plural
@@ -193,16 +193,6 @@ def _storage(cfg: SweepConfig):
     return optuna.storages.RDBStorage(url, engine_kwargs=engine)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _recover_interrupted(study) -> int:
     """Trials left RUNNING by processes of this machine that died: failed, and their settings
     enqueued again, so they start over."""
@@ -212,7 +202,7 @@ def _recover_interrupted(study) -> int:
     recovered = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         attrs = trial.user_attrs
-        if attrs.get("host") != host or _pid_alive(int(attrs.get("pid", -1))):
+        if attrs.get("host") != host or pid_alive(int(attrs.get("pid", -1))):
             continue
         study._storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
         study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -19,6 +18,7 @@ from types import ModuleType, TracebackType
 
 import numpy as np
 
+from offroad_seg.atomic import temp_path
 from offroad_seg.errors import ConfigError, DataError
 
 # Containers VideoWriter can write, by extension, and the FFmpeg muxer of each.
@@ -211,9 +211,7 @@ class VideoWriter:
         av = _av("writing")
         encoder = self.encoder or pick_encoder()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.path.with_name(
-            f".{self.path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-        )
+        self._tmp = temp_path(self.path)
         fmt = _MUXERS[self.path.suffix.lower()]
         options = {"movflags": "+faststart"} if fmt in ("mp4", "mov") else {}
         try:
