@@ -22,10 +22,10 @@ import torch
 from common import machine, sync, table
 from torch.utils.flop_counter import FlopCounterMode
 
-from offroad_seg.backbone import Backbone, BackboneSpec, create_vit
-from offroad_seg.preprocess import parse_size
-from offroad_seg.runtime import resolve_device
-from offroad_seg.variants import BACKBONES
+from offroad_seg.core.runtime import resolve_device
+from offroad_seg.models.backbone import Backbone, BackboneSpec, create_vit
+from offroad_seg.models.preprocess import parse_size
+from offroad_seg.models.variants import BACKBONES
 
 
 def gflops(variant, size: tuple[int, int]) -> float:
@@ -50,7 +50,7 @@ def images_per_s(variant, size, device, images: int) -> float:
     vit = create_vit(variant)
     backbone = Backbone(vit, BackboneSpec("0" * 64, "random", 1, variant.name)).to(device)
     x = torch.randn(1, 3, *size, device=device)
-    from offroad_seg.runtime import autocast
+    from offroad_seg.core.runtime import autocast
 
     with autocast(device):
         backbone(x)  # warm-up

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from common import base_parser, ensure_cache, setup, table
 
-from offroad_seg.cache import FeatureCache
-from offroad_seg.sources import StreamingSource
+from offroad_seg.features.cache import FeatureCache
+from offroad_seg.training.sources import StreamingSource
 
 
 def peak_rss() -> int:

@@ -36,15 +36,15 @@ import torch.nn.functional as F
 from common import base_parser, ensure_cache, machine, setup, table
 from safetensors.torch import save_file
 
-from offroad_seg.backbone import create_vit
-from offroad_seg.data import list_samples, read_image
-from offroad_seg.engines import OnnxEngine
-from offroad_seg.evaluate import EvalConfig, evaluate
-from offroad_seg.export import export_model, quantize_dynamic_int8
-from offroad_seg.model import SegmentationModel
-from offroad_seg.preprocess import image_to_tensor, parse_size, resize_image
-from offroad_seg.train_head import TrainConfig, train
-from offroad_seg.variants import get_variant
+from offroad_seg.data.dataset import list_samples, read_image
+from offroad_seg.inference.engines import OnnxEngine
+from offroad_seg.inference.evaluate import EvalConfig, evaluate
+from offroad_seg.inference.export import export_model, quantize_dynamic_int8
+from offroad_seg.models.backbone import create_vit
+from offroad_seg.models.preprocess import image_to_tensor, parse_size, resize_image
+from offroad_seg.models.segmentation import SegmentationModel
+from offroad_seg.models.variants import get_variant
+from offroad_seg.training.loop import TrainConfig, train
 
 
 def active_random_weights(path: Path, name: str = "dinov2_vits14", seed: int = 0) -> str:

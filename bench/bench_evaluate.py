@@ -17,14 +17,14 @@ import time
 import torch
 from common import base_parser, ensure_cache, machine, resident, setup, sync, table
 
-from offroad_seg.backbone import load_backbone
-from offroad_seg.checkpoint import load_checkpoint
-from offroad_seg.data import list_samples, read_image
-from offroad_seg.evaluate import EvalConfig, evaluate
-from offroad_seg.loader import default_batch_size
-from offroad_seg.preprocess import image_to_tensor, resize_image
-from offroad_seg.runtime import autocast
-from offroad_seg.train_head import TrainConfig, train
+from offroad_seg.core.runtime import autocast
+from offroad_seg.data.dataset import list_samples, read_image
+from offroad_seg.features.loader import default_batch_size
+from offroad_seg.inference.evaluate import EvalConfig, evaluate
+from offroad_seg.models.backbone import load_backbone
+from offroad_seg.models.checkpoint import load_checkpoint
+from offroad_seg.models.preprocess import image_to_tensor, resize_image
+from offroad_seg.training.loop import TrainConfig, train
 
 
 def main() -> None:

@@ -20,11 +20,11 @@ import torch
 import zarr
 from common import base_parser, machine, resident, setup, sync, table
 
-from offroad_seg.backbone import load_backbone
-from offroad_seg.data import list_samples, read_image
-from offroad_seg.extract import ExtractConfig, extract
-from offroad_seg.loader import default_batch_size
-from offroad_seg.preprocess import (
+from offroad_seg.data.dataset import list_samples, read_image
+from offroad_seg.features.extract import ExtractConfig, extract
+from offroad_seg.features.loader import default_batch_size
+from offroad_seg.models.backbone import load_backbone
+from offroad_seg.models.preprocess import (
     Preprocessing,
     image_to_tensor,
     parse_size,

@@ -25,13 +25,13 @@ from pathlib import Path
 import numpy as np
 from common import table
 
-from offroad_seg import storage
-from offroad_seg.backbone import BackboneSpec
-from offroad_seg.cache import CacheSpec, FeatureCache
-from offroad_seg.data import ClassMap
-from offroad_seg.extract import ChunkWriter
-from offroad_seg.metrics import to_hackathon_ids
-from offroad_seg.preprocess import Preprocessing
+from offroad_seg.core import storage
+from offroad_seg.data.dataset import ClassMap
+from offroad_seg.features.cache import CacheSpec, FeatureCache
+from offroad_seg.features.extract import ChunkWriter
+from offroad_seg.metrics.confusion import to_hackathon_ids
+from offroad_seg.models.backbone import BackboneSpec
+from offroad_seg.models.preprocess import Preprocessing
 
 
 def spec(n: int, views: int) -> CacheSpec:

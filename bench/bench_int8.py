@@ -20,8 +20,8 @@ import numpy as np
 from bench_cache import codec_rows
 from common import base_parser, ensure_cache, machine, setup, table, validation_data
 
-from offroad_seg.cache import FeatureCache
-from offroad_seg.train_head import TrainConfig, train
+from offroad_seg.features.cache import FeatureCache
+from offroad_seg.training.loop import TrainConfig, train
 
 
 def int8_codecs(chunks: list[np.ndarray]) -> list[tuple]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from common import random_cache, table
 
-from offroad_seg.cache import FeatureCache
+from offroad_seg.features.cache import FeatureCache
 
 
 def peak_rss(cmd: list[str]) -> tuple[float, float]:

@@ -22,16 +22,16 @@ import time
 import torch
 from common import base_parser, ensure_cache, machine, resident, setup, sync, table
 
-from offroad_seg.backbone import load_backbone
-from offroad_seg.cache import FeatureCache
 from offroad_seg.config import default
-from offroad_seg.data import ClassMap, list_samples
-from offroad_seg.heads import HeadConfig, build_head, head_choices
-from offroad_seg.loader import DecodedSamples, DecodeOptions, default_workers, make_loader
-from offroad_seg.loss import class_weights_from_pixels, segmentation_loss
-from offroad_seg.preprocess import Preprocessing, parse_size
-from offroad_seg.runtime import autocast
-from offroad_seg.train_head import TrainConfig, make_optimizer, train
+from offroad_seg.core.runtime import autocast
+from offroad_seg.data.dataset import ClassMap, list_samples
+from offroad_seg.features.cache import FeatureCache
+from offroad_seg.features.loader import DecodedSamples, DecodeOptions, default_workers, make_loader
+from offroad_seg.models.backbone import load_backbone
+from offroad_seg.models.heads import HeadConfig, build_head, head_choices
+from offroad_seg.models.preprocess import Preprocessing, parse_size
+from offroad_seg.training.loop import TrainConfig, make_optimizer, train
+from offroad_seg.training.losses import class_weights_from_pixels, segmentation_loss
 
 
 def online_epoch(data, args, device, head_cfg, weight) -> float:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from offroad_seg.extract import ExtractConfig, extract
-from offroad_seg.synthetic import write_split
+from offroad_seg.data.synthetic import write_split
+from offroad_seg.features.extract import ExtractConfig, extract
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
@@ -27,7 +27,7 @@ def base_parser(description: str) -> argparse.ArgumentParser:
 
 def setup(args) -> tuple[Path, torch.device]:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    from offroad_seg.runtime import resolve_device
+    from offroad_seg.core.runtime import resolve_device
 
     device = resolve_device(args.device)
     if args.data is not None:
@@ -49,7 +49,7 @@ def validation_data(args) -> Path:
 
 
 def ensure_cache(data: Path, cache: Path, args, **kw) -> Path:
-    from offroad_seg.preprocess import parse_size
+    from offroad_seg.models.preprocess import parse_size
 
     if not (cache / "zarr.json").exists():
         extract(
@@ -85,11 +85,11 @@ def random_cache(path: Path, n: int, size: tuple[int, int] = (266, 476), seed: i
     pass per group, as extract's batches do."""
     import numpy as np
 
-    from offroad_seg.backbone import BackboneSpec
-    from offroad_seg.cache import CacheSpec, FeatureCache
-    from offroad_seg.data import ClassMap
-    from offroad_seg.metrics import to_hackathon_ids
-    from offroad_seg.preprocess import Preprocessing
+    from offroad_seg.data.dataset import ClassMap
+    from offroad_seg.features.cache import CacheSpec, FeatureCache
+    from offroad_seg.metrics.confusion import to_hackathon_ids
+    from offroad_seg.models.backbone import BackboneSpec
+    from offroad_seg.models.preprocess import Preprocessing
 
     spec = CacheSpec(
         backbone=BackboneSpec(weights_sha256="0" * 64, weights_source="bench"),

@@ -51,30 +51,30 @@ import torch
 from common import random_cache, sync, table
 
 import offroad_seg
-from offroad_seg.backbone import load_backbone
-from offroad_seg.cache import FeatureCache
-from offroad_seg.checkpoint import head_payload, save_checkpoint
-from offroad_seg.data import ClassMap, list_samples, read_image
-from offroad_seg.evaluate import EvalConfig, evaluate
-from offroad_seg.extract import ExtractConfig, extract
-from offroad_seg.heads import HeadConfig, build_head
-from offroad_seg.loader import (
+from offroad_seg.core.runtime import amp_dtype, resolve_device
+from offroad_seg.data.dataset import ClassMap, list_samples, read_image
+from offroad_seg.data.synthetic import write_split
+from offroad_seg.features.cache import FeatureCache
+from offroad_seg.features.extract import ExtractConfig, extract
+from offroad_seg.features.loader import (
     DecodeOptions,
     default_batch_size,
     default_workers,
     loader_shape,
     sample_bytes,
 )
-from offroad_seg.preprocess import (
+from offroad_seg.inference.evaluate import EvalConfig, evaluate
+from offroad_seg.models.backbone import load_backbone
+from offroad_seg.models.checkpoint import head_payload, save_checkpoint
+from offroad_seg.models.heads import HeadConfig, build_head
+from offroad_seg.models.preprocess import (
     Preprocessing,
     image_to_tensor,
     normalize,
     parse_size,
     resize_image,
 )
-from offroad_seg.runtime import amp_dtype, resolve_device
-from offroad_seg.synthetic import write_split
-from offroad_seg.train_head import TrainConfig, train
+from offroad_seg.training.loop import TrainConfig, train
 
 REPORT_VERSION = 1
 SECTIONS = (

@@ -23,8 +23,8 @@ from dataclasses import replace
 from common import base_parser, ensure_cache, machine, setup, table, validation_data
 
 from offroad_seg.config import TrainConfig
-from offroad_seg.heads import HeadConfig, build_head, count_parameters
-from offroad_seg.train_head import load_training_data, train
+from offroad_seg.models.heads import HeadConfig, build_head, count_parameters
+from offroad_seg.training.loop import load_training_data, train
 
 
 def parse_grid(text: str) -> list[tuple[str, int]]:

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from offroad_seg.backbone import Backbone, load_backbone
-from offroad_seg.extract import ExtractConfig, extract
-from offroad_seg.synthetic import write_split
+from offroad_seg.data.synthetic import write_split
+from offroad_seg.features.extract import ExtractConfig, extract
+from offroad_seg.models.backbone import Backbone, load_backbone
 
 SCENE_W, SCENE_H = 196, 112
 SIZE = (56, 98)  # working size: rows x cols, 4x7 tokens

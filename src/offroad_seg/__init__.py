@@ -15,24 +15,24 @@ _EXPORTS = {
     # a trained head as a callable (notebooks, scripts)
     "Segmenter": "offroad_seg.api",
     "Prediction": "offroad_seg.api",
-    "SegmentationModel": "offroad_seg.model",
+    "SegmentationModel": "offroad_seg.models.segmentation",
     # backbones and classes
-    "BACKBONES": "offroad_seg.variants",
-    "BackboneVariant": "offroad_seg.variants",
-    "load_backbone": "offroad_seg.backbone",
-    "ClassMap": "offroad_seg.data",
+    "BACKBONES": "offroad_seg.models.variants",
+    "BackboneVariant": "offroad_seg.models.variants",
+    "load_backbone": "offroad_seg.models.backbone",
+    "ClassMap": "offroad_seg.data.dataset",
     # the stages, each one function taking one config
-    "ExtractConfig": "offroad_seg.extract",
-    "extract": "offroad_seg.extract",
-    "TrainConfig": "offroad_seg.train_head",
-    "train": "offroad_seg.train_head",
-    "EvalConfig": "offroad_seg.evaluate",
-    "evaluate": "offroad_seg.evaluate",
-    "PredictConfig": "offroad_seg.evaluate",
-    "predict": "offroad_seg.evaluate",
+    "ExtractConfig": "offroad_seg.features.extract",
+    "extract": "offroad_seg.features.extract",
+    "TrainConfig": "offroad_seg.training.loop",
+    "train": "offroad_seg.training.loop",
+    "EvalConfig": "offroad_seg.inference.evaluate",
+    "evaluate": "offroad_seg.inference.evaluate",
+    "PredictConfig": "offroad_seg.inference.evaluate",
+    "predict": "offroad_seg.inference.evaluate",
     # the cache and checkpoints
-    "FeatureCache": "offroad_seg.cache",
-    "load_checkpoint": "offroad_seg.checkpoint",
+    "FeatureCache": "offroad_seg.features.cache",
+    "load_checkpoint": "offroad_seg.models.checkpoint",
 }
 __all__ = [  # noqa: RUF022 (grouped as above)
     "__version__",
@@ -70,12 +70,12 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from offroad_seg.api import Prediction, Segmenter
-    from offroad_seg.backbone import load_backbone
-    from offroad_seg.cache import FeatureCache
-    from offroad_seg.checkpoint import load_checkpoint
-    from offroad_seg.data import ClassMap
-    from offroad_seg.evaluate import EvalConfig, PredictConfig, evaluate, predict
-    from offroad_seg.extract import ExtractConfig, extract
-    from offroad_seg.model import SegmentationModel
-    from offroad_seg.train_head import TrainConfig, train
-    from offroad_seg.variants import BACKBONES, BackboneVariant
+    from offroad_seg.data.dataset import ClassMap
+    from offroad_seg.features.cache import FeatureCache
+    from offroad_seg.features.extract import ExtractConfig, extract
+    from offroad_seg.inference.evaluate import EvalConfig, PredictConfig, evaluate, predict
+    from offroad_seg.models.backbone import load_backbone
+    from offroad_seg.models.checkpoint import load_checkpoint
+    from offroad_seg.models.segmentation import SegmentationModel
+    from offroad_seg.models.variants import BACKBONES, BackboneVariant
+    from offroad_seg.training.loop import TrainConfig, train

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from offroad_seg.data import ClassMap, read_image
+from offroad_seg.data.dataset import ClassMap, read_image
 from offroad_seg.errors import DataError
-from offroad_seg.loss import predict_and_score, upsample_mean
-from offroad_seg.model import TTA, SegmentationModel
-from offroad_seg.preprocess import image_to_tensor, resize_image
+from offroad_seg.models.preprocess import image_to_tensor, resize_image
+from offroad_seg.models.segmentation import TTA, SegmentationModel
+from offroad_seg.models.upsampling import predict_and_score, upsample_mean
 
 ImageLike = str | Path | Image.Image | np.ndarray
 

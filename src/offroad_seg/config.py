@@ -9,13 +9,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from offroad_seg.variants import DEFAULT_BACKBONE
+if TYPE_CHECKING:  # annotations only: storage imports zarr, which --help need not load
+    from offroad_seg.core.storage import CachePath
+
 
 # The seed's working size: (540/2)//14*14 x (960/2)//14*14, a 19x34 token grid.
 DEFAULT_SIZE = (266, 476)
 
-CachePath = str | Path  # a folder or an fsspec URL (s3://bucket/train.zarr)
+# The seed's backbone (a name in models.variants.BACKBONES)
+DEFAULT_BACKBONE = "dinov2_vits14"
 
 # Inference engines of evaluate and predict (engines.py); None in a config: by the head's file
 # type (torch for a .pth checkpoint, onnxruntime for an exported .onnx)

@@ -14,14 +14,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from offroad_seg.config import DemoConfig, EvalConfig, ExtractConfig, TrainConfig
+from offroad_seg.config import DEFAULT_BACKBONE, DemoConfig, EvalConfig, ExtractConfig, TrainConfig
+from offroad_seg.data.synthetic import SynthConfig, synthesize
 from offroad_seg.errors import OffroadSegError, WeightsError
-from offroad_seg.evaluate import EvalResult, evaluate
-from offroad_seg.extract import extract
-from offroad_seg.synthetic import SynthConfig, synthesize
-from offroad_seg.train_head import train
-from offroad_seg.variants import DEFAULT_BACKBONE, get_variant
-from offroad_seg.weights import RANDOM, find_weights
+from offroad_seg.features.extract import extract
+from offroad_seg.inference.evaluate import EvalResult, evaluate
+from offroad_seg.models.variants import get_variant
+from offroad_seg.models.weights import RANDOM, find_weights
+from offroad_seg.training.loop import train
 
 log = logging.getLogger(__name__)
 

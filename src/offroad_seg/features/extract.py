@@ -1,0 +1,393 @@
+"""Stage 1: run the frozen backbone once over a dataset and store its features in a cache.
+
+Decoding (and on CPU, resizing) happens in DataLoader workers, the backbone runs in batches,
+and finished chunks are compressed and written by a background thread while the next batch
+computes. Only whole chunks are written; each batch's chunks are then fsynced together (local
+caches: zarr never fsyncs) on another thread and only then marked done, so a rerun of the same
+command resumes after a crash, Ctrl-C or a power loss by skipping the finished chunks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from offroad_seg.config import ExtractConfig
+from offroad_seg.core import distributed
+from offroad_seg.core.background import BoundedPool
+from offroad_seg.core.runtime import resolve_device
+from offroad_seg.core.storage import writer_lock
+from offroad_seg.core.text import plural
+from offroad_seg.data.dataset import ClassMap, check_headers, list_samples, resolve_class_map
+from offroad_seg.errors import CacheError, DataError, Interrupted
+from offroad_seg.features.cache import CacheSpec, FeatureCache, sources_digest
+from offroad_seg.features.loader import (
+    DecodedSamples,
+    DecodeOptions,
+    default_batch_size,
+    default_workers,
+    make_loader,
+)
+from offroad_seg.features.quantize import quantize_int8
+from offroad_seg.models.backbone import Backbone, load_backbone
+from offroad_seg.models.preprocess import Preprocessing
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExtractSummary:
+    cache: str
+    images: int
+    extracted: int
+    seconds: float
+    bytes_on_disk: int
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.extracted / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        mb = self.bytes_on_disk / 1e6
+        per = self.bytes_on_disk / max(1, self.images) / 1e3
+        size = f"cache {self.cache}: {mb:.1f} MB ({per:.0f} kB/image)"
+        if self.extracted == 0:
+            return f"all {plural(self.images, 'image')} were already extracted; {size}"
+        return (
+            f"extracted {self.extracted} of {plural(self.images, 'image')} in "
+            f"{self.seconds:.1f} s ({self.images_per_s:.2f} images/s); {size}"
+        )
+
+
+@dataclass
+class _ChunkBuffer:
+    features: np.ndarray
+    labels: np.ndarray
+    scales: np.ndarray | None
+    hackathon: np.ndarray | None
+    filled: int = 0
+
+
+class ChunkWriter:
+    """Writes whole chunks on a background thread and commits them in groups on another
+    (`FeatureCache.commit_chunks`: fsync the group's files, then set their `done` flags), so
+    that compressing, writing and syncing all overlap the next batch's compute. A group is
+    the chunks written since the previous `end_group`; extract ends one per backbone batch."""
+
+    def __init__(self, cache: FeatureCache, max_in_flight: int = 4) -> None:
+        self.cache = cache
+        self.writes = BoundedPool(threads=1, max_pending=max_in_flight, name="cache-writer")
+        self.commits = BoundedPool(threads=1, max_pending=2, name="cache-commit")
+        self._written: list[int] = []  # the open group (touched by the writer thread only)
+
+    def write(
+        self,
+        chunk: int,
+        features: np.ndarray,
+        labels: np.ndarray,
+        scales: np.ndarray | None,
+        hackathon: np.ndarray | None = None,
+    ) -> None:
+        self.writes.submit(self._write, chunk, features, labels, scales, hackathon)
+
+    def end_group(self) -> None:
+        """Commit the chunks written so far, once their writes are finished."""
+        self.writes.submit(self._commit_written)
+
+    def _write(self, chunk, features, labels, scales, hackathon) -> None:
+        self.cache.write_chunk_data(chunk, features, labels, scales, hackathon)
+        self._written.append(chunk)
+
+    def _commit_written(self) -> None:
+        group, self._written = self._written, []
+        if group:
+            self.commits.submit(self.cache.commit_chunks, group)
+
+    def drain(self) -> None:
+        """Wait for every write and commit. Chunks written before a failed write are whole,
+        so they are committed too; the first failure is raised."""
+        error: BaseException | None = None
+        try:
+            self.writes.drain()
+        except BaseException as e:
+            error = e
+        try:
+            self._commit_written()
+            self.commits.drain()
+        except BaseException:
+            if error is None:
+                raise
+        if error is not None:
+            raise error
+
+
+class _ChunkAssembler:
+    """Collects per-image results until a chunk is whole, then writes it in the background."""
+
+    def __init__(self, cache: FeatureCache, chunks: list[int], max_in_flight: int = 4):
+        self.cache = cache
+        self.buffers: dict[int, _ChunkBuffer] = {}
+        v, c = cache.num_views, cache.channels
+        (h, w), (rows, cols) = cache.spec.preprocessing.grid, cache.spec.preprocessing.size
+        layers = cache.spec.backbone.layers
+        for chunk in chunks:
+            start, stop = cache.chunk_range(chunk)
+            n = stop - start
+            self.buffers[chunk] = _ChunkBuffer(
+                np.empty((n, v, c, h, w), dtype=cache.spec.dtype),
+                np.empty((n, v, rows, cols), dtype=np.uint8),
+                np.empty((n, v, layers, h, w), np.float32) if cache.spec.quantized else None,
+                np.empty((n, rows, cols), np.uint8) if cache.has_hackathon_labels else None,
+            )
+        self.writer = ChunkWriter(cache, max_in_flight)
+
+    def wanted(self, index: int) -> bool:
+        return index // self.cache.images_per_chunk in self.buffers
+
+    def add(
+        self,
+        index: int,
+        features: np.ndarray,
+        labels: np.ndarray,
+        scales: np.ndarray | None,
+        hackathon: np.ndarray | None,
+    ) -> None:
+        chunk = index // self.cache.images_per_chunk
+        if chunk not in self.buffers:  # a finished chunk that shares a batch with pending ones
+            return
+        buf = self.buffers[chunk]
+        offset = index - self.cache.chunk_range(chunk)[0]
+        buf.features[offset] = features
+        buf.labels[offset] = labels
+        if buf.scales is not None:
+            buf.scales[offset] = scales
+        if buf.hackathon is not None:
+            buf.hackathon[offset] = hackathon
+        buf.filled += 1
+        if buf.filled == len(buf.features):
+            del self.buffers[chunk]
+            self.writer.write(chunk, buf.features, buf.labels, buf.scales, buf.hackathon)
+
+    def end_batch(self) -> None:
+        """A batch is a group of whole chunks: commit them together (one fsync pass)."""
+        self.writer.end_group()
+
+    def drain(self) -> None:
+        """Wait for every submitted write and commit (raising the first failure)."""
+        self.writer.drain()
+
+
+def plan_batches(cache: FeatureCache, pending: list[int], batch_size: int) -> list[list[int]]:
+    """Image indices of each backbone batch. Batches are fixed groups of whole chunks (the
+    batch size rounded up to whole chunks), and a group with any pending chunk is recomputed
+    whole, so every image is computed in the same batch whether or not the run was resumed:
+    features are then identical to an uninterrupted run even where kernels depend on the
+    batch shape (cuBLAS, oneDNN)."""
+    per_group = max(1, math.ceil(batch_size / cache.images_per_chunk))
+    pending_set = set(pending)
+    batches = []
+    for first in range(0, cache.num_chunks, per_group):
+        group = range(first, min(first + per_group, cache.num_chunks))
+        if pending_set.intersection(group):
+            start, stop = cache.chunk_range(group[0])[0], cache.chunk_range(group[-1])[1]
+            batches.append(list(range(start, stop)))
+    return batches
+
+
+def build_spec(config: ExtractConfig, backbone: Backbone, samples, class_map: ClassMap):
+    return CacheSpec(
+        backbone=backbone.spec,
+        preprocessing=Preprocessing(size=tuple(config.size)),
+        class_map=class_map,
+        names=tuple(s.name for s in samples),
+        sources_digest=sources_digest([(s.name, s.image, s.mask) for s in samples]),
+        views=tuple(config.views),
+        dtype=config.dtype,
+        images_per_chunk=config.images_per_chunk,
+        ignore_unknown_codes=config.ignore_unknown_codes,
+    )
+
+
+def extract(config: ExtractConfig) -> ExtractSummary:
+    """Extract (or resume extracting) a dataset split into a feature cache. Under torchrun,
+    rank 0 creates or reopens the cache, every rank computes the same plan from the `done`
+    flags and takes every K-th batch (whole chunks, so no chunk has two writers), and rank 0
+    finalizes once all are done; a cache started with K ranks resumes with any other number."""
+    started = time.perf_counter()
+    Preprocessing(size=tuple(config.size))  # a bad size fails before any work starts
+    class_map = resolve_class_map(config.class_map)
+    samples = list_samples(config.data_dir)
+    check_headers(samples)
+    device = resolve_device(config.device)
+    with distributed.launched(device) as world:
+        device = world.device(device)
+        backbone = load_backbone(
+            config.weights, layers=config.layers, device=device, name=config.backbone
+        )
+        spec = build_spec(config, backbone, samples, class_map)
+        lock = writer_lock(config.cache) if world.is_main else contextlib.nullcontext()
+        with lock:
+            if world.is_main:
+                cache = FeatureCache.open_for_writing(config.cache, spec, config.overwrite)
+            world.barrier()
+            if not world.is_main:
+                cache = FeatureCache.open(config.cache, mode="r+")
+            pending = cache.pending_chunks()
+            world.barrier()  # everyone has the same plan before anyone writes
+            batch_size = config.batch_size or default_batch_size(device)
+            batches = plan_batches(cache, pending, batch_size)[world.rank :: world.size]
+            todo = sum(cache.chunk_range(c)[1] - cache.chunk_range(c)[0] for c in pending)
+            if world.is_main and todo == 0:
+                state = "complete" if cache.complete else "all chunks done; finalizing"
+                log.info("%s: already extracted (%s)", config.cache, state)
+            elif world.is_main and todo < len(samples):
+                log.info("resuming %s: %d of %d images left", config.cache, todo, len(samples))
+            compute_start = time.perf_counter()
+            try:
+                _run(config, cache, backbone, samples, batches, set(pending), device, world)
+            except OSError as e:  # disk full, permissions, a vanished mount, ...
+                done = int(cache.done().sum())
+                raise CacheError(
+                    f"{config.cache}: cannot write ({e.strerror or e}); {done} of "
+                    f"{len(samples)} images are safely stored; fix that and rerun the same "
+                    "command to resume"
+                ) from e
+            world.barrier()
+            seconds = time.perf_counter() - compute_start
+            if world.is_main and not cache.complete:
+                cache.finalize()
+            world.barrier()
+            summary = ExtractSummary(
+                str(config.cache), len(samples), todo, seconds, cache.bytes_on_disk()
+            )
+    summary.extra["total_seconds"] = time.perf_counter() - started
+    summary.extra["ranks"] = world.size
+    return summary
+
+
+def _run(
+    config: ExtractConfig,
+    cache: FeatureCache,
+    backbone: Backbone,
+    samples,
+    batches: list[list[int]],
+    pending: set[int],
+    device: torch.device,
+    world: distributed.World,
+) -> None:
+    """The extraction loop over this rank's batches, writing their pending chunks."""
+    spec = cache.spec
+    prep = spec.preprocessing
+    opts = DecodeOptions(
+        prep=prep,
+        class_map=spec.class_map,
+        ignore_unknown_codes=spec.ignore_unknown_codes,
+        hackathon=cache.has_hackathon_labels,
+    )
+    mine = sorted({i // cache.images_per_chunk for b in batches for i in b} & pending)
+    if not mine:
+        return
+    workers = default_workers(device) if config.workers is None else config.workers
+    loader = make_loader(DecodedSamples(samples, opts), batches, workers, device)
+    assembler = _ChunkAssembler(cache, mine)
+    hflip = "hflip" in spec.views
+    todo = sum(cache.chunk_range(c)[1] - cache.chunk_range(c)[0] for c in mine)
+    rank = f" (rank {world.rank} of {world.size})" if world.enabled else ""
+    bar = tqdm(
+        total=todo,
+        unit="img",
+        desc=f"extract{rank}",
+        disable=None if config.progress and world.is_main else True,
+        smoothing=0.1,
+    )
+    dtype = {"float16": torch.float16, "float32": torch.float32}.get(spec.dtype)
+    in_flight = None
+
+    def finish(item) -> None:
+        """Hand a computed batch to the chunk writer once its copy to the host is done."""
+        (feats, scales), ready, batch = item
+        if ready is not None:
+            ready.synchronize()
+        feats = feats.numpy()
+        scales = None if scales is None else scales.numpy()
+        labels = batch["labels"].numpy()
+        hackathon = batch.get("hackathon")
+        new = sum(assembler.wanted(i) for i in batch["index"])
+        for j, index in enumerate(batch["index"]):
+            views = [labels[j], labels[j][:, ::-1]] if hflip else [labels[j]]
+            assembler.add(
+                index,
+                feats[j],
+                np.stack(views),
+                None if scales is None else scales[j],
+                None if hackathon is None else hackathon[j],
+            )
+        assembler.end_batch()
+        bar.update(new)
+
+    try:
+        for batch in loader:
+            if batch["error"] is not None:
+                raise DataError(batch["error"])
+            n = len(batch["index"])
+            feats = backbone.encode(batch["image"], prep, hflip=hflip)
+            # (V*n, C, h, w) -> (n, V, C, h, w): view-major from encode, image-major in the cache
+            feats = feats.view(len(spec.views), n, *feats.shape[1:]).transpose(0, 1)
+            scales = None
+            if spec.quantized:  # on the device: a quarter of the transfer
+                feats, scales = quantize_int8(feats, spec.backbone.layers)
+            else:
+                feats = feats.to(dtype)
+            # On CUDA the copy to pinned memory is asynchronous: the GPU computes this batch
+            # while the previous one is handed to the writer (no host sync in the loop).
+            item = (*_to_host(feats, scales), batch)
+            if in_flight is not None:
+                finish(in_flight)
+            in_flight = item
+        if in_flight is not None:
+            finish(in_flight)
+        assembler.drain()
+    except KeyboardInterrupt:
+        bar.close()
+        assembler.drain()
+        done = int(cache.done().sum())
+        raise Interrupted(
+            f"interrupted: {done} of {cache.num_images} images are safely in {config.cache}; "
+            "rerun the same command to resume"
+        ) from None
+    except BaseException:
+        bar.close()
+        with contextlib.suppress(Exception):  # the original error is the one to report
+            assembler.drain()
+        raise
+    bar.close()
+
+
+def _to_host(
+    *tensors: torch.Tensor | None,
+) -> tuple[tuple[torch.Tensor | None, ...], torch.cuda.Event | None]:
+    """Copies of the tensors in host memory, and on CUDA the event that marks the end of the
+    asynchronous copies (recorded on the stream of the tensors' own device: with
+    `--device cuda:1` the current stream of GPU 0 would mark nothing)."""
+    device = next(t.device for t in tensors if t is not None)
+    if device.type != "cuda":
+        return tuple(None if t is None else t.contiguous() for t in tensors), None
+    hosts = []
+    for t in tensors:
+        if t is None:
+            hosts.append(None)
+            continue
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        hosts.append(host)
+    ready = torch.cuda.Event()
+    ready.record(torch.cuda.current_stream(device))
+    return tuple(hosts), ready

@@ -1,0 +1,241 @@
+"""Frozen DINOv2 backbones: any of the eight official variants, one feature path.
+
+`Backbone(x)` maps normalised images (B, 3, rows, cols) to patch-token features
+(B, C, rows/14, cols/14): the tokens after the final norm (`layers=1`, the official
+`x_norm_patchtokens`) or the last `layers` blocks, each normed, concatenated in block order
+(`layers=4` is the official `get_intermediate_layers(n=4, norm=True)`, DINOv2's "+ms"
+protocol). Class and register tokens are dropped.
+
+The variants (`variants.py`) differ in width, depth, MLP, register tokens and how their
+position embeddings are resized to another token grid. The architecture itself is timm's; the
+forward pass is written here so that the resize, the float32 position embeddings and the token
+layout follow the official code exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from offroad_seg.config import DEFAULT_BACKBONE
+from offroad_seg.core.runtime import autocast
+from offroad_seg.errors import ConfigError
+from offroad_seg.models.preprocess import Preprocessing, normalize
+from offroad_seg.models.variants import (
+    BackboneVariant,
+    PosEmbedResize,
+    get_variant,
+    variant_for_arch,
+)
+from offroad_seg.models.weights import (
+    RANDOM,
+    find_weights,
+    load_weights_into,
+    read_state_dict,
+    state_dict_sha256,
+)
+
+log = logging.getLogger(__name__)
+
+_RANDOM_SEED = 0  # `--weights random` must give the same backbone in extract and evaluate
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What a cache or head was made with: enough to rebuild and to check compatibility."""
+
+    weights_sha256: str
+    weights_source: str
+    layers: int = 1
+    name: str = DEFAULT_BACKBONE
+
+    @property
+    def variant(self) -> BackboneVariant:
+        return get_variant(self.name)
+
+    @property
+    def arch(self) -> str:
+        return self.variant.timm_arch
+
+    @property
+    def embed_dim(self) -> int:
+        return self.variant.embed_dim
+
+    @property
+    def channels(self) -> int:
+        return self.variant.channels(self.layers)
+
+    def to_dict(self) -> dict:
+        return {
+            **asdict(self),
+            "arch": self.arch,
+            "embed_dim": self.embed_dim,
+            "channels": self.channels,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> BackboneSpec:
+        name = d.get("name") or variant_for_arch(d.get("arch", "vit_small_patch14_dinov2")).name
+        return cls(
+            weights_sha256=d["weights_sha256"],
+            weights_source=d["weights_source"],
+            layers=int(d["layers"]),
+            name=name,
+        )
+
+    def identity(self) -> dict:
+        """The fields that decide what the features are (the source path does not). The timm
+        architecture names the variant, as it did before the registry: old fingerprints hold."""
+        return {"arch": self.arch, "weights_sha256": self.weights_sha256, "layers": self.layers}
+
+    def describe(self) -> str:
+        return f"{self.name} (layers={self.layers}, {self.channels} channels)"
+
+
+def resize_pos_embed(
+    patch_pos: torch.Tensor, rows: int, cols: int, how: PosEmbedResize
+) -> torch.Tensor:
+    """Resize (1, M*M, C) patch position embeddings to (1, rows*cols, C) exactly as the
+    official code does for a variant (see `PosEmbedResize`), in float32; untouched at the
+    pretraining grid (M x M)."""
+    m = round(patch_pos.shape[1] ** 0.5)
+    if m * m != patch_pos.shape[1]:
+        raise ValueError(f"position embeddings of {patch_pos.shape[1]} patches are not square")
+    if rows == cols == m:
+        return patch_pos.float()
+    dim = patch_pos.shape[-1]
+    grid = patch_pos.float().reshape(1, m, m, dim).permute(0, 3, 1, 2)
+    if how.offset:
+        size = {"scale_factor": ((rows + how.offset) / m, (cols + how.offset) / m)}
+    else:
+        size = {"size": (rows, cols)}
+    grid = F.interpolate(grid, mode="bicubic", antialias=how.antialias, **size)
+    if grid.shape[-2:] != (rows, cols):
+        raise RuntimeError(f"position embedding resize gave {tuple(grid.shape[-2:])}")
+    return grid.permute(0, 2, 3, 1).reshape(1, rows * cols, dim)
+
+
+def create_vit(variant: BackboneVariant, depth: int | None = None) -> nn.Module:
+    """timm's architecture of a variant at its pretraining size, without a classifier.
+    `depth` truncates it (tests only: the full ViT-g has 1.1 B parameters)."""
+    import timm  # 2-3 s of imports (torchvision models) that training on a cache never needs
+
+    extra = {} if depth is None else {"depth": depth}
+    return timm.create_model(
+        variant.timm_arch,
+        pretrained=False,
+        img_size=variant.pretrain_grid * variant.patch_size,
+        num_classes=0,
+        dynamic_img_size=True,
+        **extra,
+    )
+
+
+class Backbone(nn.Module):
+    """A frozen DINOv2 variant -> (B, C, rows/14, cols/14) patch-token features."""
+
+    def __init__(self, vit: nn.Module, spec: BackboneSpec) -> None:
+        super().__init__()
+        self.vit = vit.eval().requires_grad_(False)
+        self.spec = spec
+        self.variant = spec.variant
+        if not 1 <= spec.layers <= len(vit.blocks):
+            raise ConfigError(f"layers {spec.layers}: expected 1 to {len(vit.blocks)}")
+        self._pos_cache: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+
+    def patch_pos_embed(self, rows: int, cols: int, device: torch.device) -> torch.Tensor:
+        """(1, rows*cols, C) float32 position embeddings of the patch tokens (cached)."""
+        key = (rows, cols, device)
+        if key not in self._pos_cache:
+            pos = self.vit.pos_embed.detach()
+            patch_pos = pos if self.variant.registers else pos[:, 1:]
+            resized = resize_pos_embed(patch_pos, rows, cols, self.variant.pos_resize)
+            self._pos_cache[key] = resized.to(device)
+        return self._pos_cache[key]
+
+    def _apply(self, fn, recurse: bool = True):  # moving the module invalidates cached embeddings
+        self._pos_cache = {}
+        return super()._apply(fn, recurse)
+
+    def prefix_tokens(self, batch: int) -> torch.Tensor:
+        """(B, 1 + registers, C) float32: the class token with its position embedding (timm's
+        register layout folds it in already), then the register tokens, which have none."""
+        vit = self.vit
+        cls = vit.cls_token.float()
+        if not self.variant.registers:
+            cls = cls + vit.pos_embed[:, :1].float()
+            return cls.expand(batch, -1, -1)
+        return torch.cat([cls, vit.reg_token.float()], dim=1).expand(batch, -1, -1)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        p = self.variant.patch_size
+        rows, cols = h // p, w // p
+        vit = self.vit
+        # Position embeddings are added in float32, as the official code and timm do (under
+        # autocast the patch projection comes out in bf16/fp16)
+        t = vit.patch_embed(x).reshape(b, rows * cols, -1).float()
+        t = t + self.patch_pos_embed(rows, cols, t.device)
+        t = torch.cat([self.prefix_tokens(b), t], dim=1)
+        t = vit.norm_pre(t)
+        first_kept = len(vit.blocks) - self.spec.layers
+        prefix = self.variant.prefix_tokens
+        outs = []
+        for i, block in enumerate(vit.blocks):
+            t = block(t)
+            if i >= first_kept:
+                outs.append(vit.norm(t)[:, prefix:])
+        feats = torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
+        return feats.transpose(1, 2).reshape(b, -1, rows, cols)
+
+    @torch.no_grad()
+    def encode(
+        self, images: torch.Tensor, prep: Preprocessing, hflip: bool = False
+    ) -> torch.Tensor:
+        """The one path from resized uint8 images (B, 3, rows, cols), as `resize_image` makes
+        them, to float32 features (B, C, h, w), for extract, evaluate and predict.
+        `hflip=True` appends the mirrored images' features: (2B, C, h, w)."""
+        device = self.vit.cls_token.device
+        x = normalize(images.to(device, non_blocking=True), prep)
+        if hflip:
+            x = torch.cat([x, x.flip(-1)])
+        with autocast(device):
+            return self(x).float()
+
+
+def load_backbone(
+    weights: str | None = None,
+    layers: int = 1,
+    device: str | torch.device = "cpu",
+    allow_download: bool = True,
+    name: str = DEFAULT_BACKBONE,
+) -> Backbone:
+    """Build a frozen backbone of variant `name` from resolved weights (see `weights.py` for
+    the order); weights of another variant are refused."""
+    variant = get_variant(name)
+    source = find_weights(weights, variant, allow_download=allow_download)
+    if source == RANDOM:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_RANDOM_SEED)
+            vit = create_vit(variant)
+        log.warning("using an UNTRAINED (random) %s: features carry no pretrained meaning", name)
+    else:
+        # built on the meta device and filled by the checkpoint: a random initialisation of
+        # every parameter (~30 s for ViT-g) that the weights replace anyway is skipped
+        with torch.device("meta"):
+            vit = create_vit(variant)
+        load_weights_into(vit, read_state_dict(Path(source)), source, variant)
+        log.info("loaded %s weights from %s", name, source)
+    spec = BackboneSpec(
+        weights_sha256=state_dict_sha256(vit.state_dict()),
+        weights_source=source,
+        layers=layers,
+        name=name,
+    )
+    return Backbone(vit, spec).to(device)

@@ -1,0 +1,124 @@
+"""Self-contained head checkpoints: writing and reading.
+
+A `segmentation_head.pth` is enough to use a head on its own: head config and weights, class
+map, backbone spec with the weights' sha256, preprocessing, training settings and metrics.
+`last.pth` adds the optimizer, RNG states and history that `--resume` needs. Every tensor is
+saved on the CPU, so a checkpoint written on a GPU loads anywhere with a plain `torch.load`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from offroad_seg.core.atomic import atomic_write
+from offroad_seg.data.dataset import ClassMap
+from offroad_seg.errors import OffroadSegError
+from offroad_seg.models.backbone import BackboneSpec
+from offroad_seg.models.fingerprint import compat_fingerprint
+from offroad_seg.models.heads import HeadConfig, build_head
+from offroad_seg.models.preprocess import Preprocessing
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes (a head checkpoint or an exported model), read in 1 MB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+FORMAT = "offroad-seg-head"
+VERSION = 1
+
+
+def to_cpu(obj: Any) -> Any:
+    """The same nested dicts, lists and tuples with every tensor moved to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+def head_payload(
+    head_config: HeadConfig,
+    class_map: ClassMap,
+    backbone: BackboneSpec,
+    preprocessing: Preprocessing,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The part of a checkpoint that describes a head and what it expects as input."""
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "head_config": head_config.to_dict(),
+        "class_map": class_map.to_dict(),
+        "backbone": backbone.to_dict(),
+        "preprocessing": preprocessing.to_dict(),
+        "compat_fingerprint": compat_fingerprint(backbone, preprocessing, class_map),
+        **extra,
+    }
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    """Write a checkpoint atomically, with every tensor on the CPU."""
+    payload = to_cpu(payload)
+    atomic_write(path, lambda f: torch.save(payload, f))
+
+
+@dataclass
+class HeadCheckpoint:
+    """A loaded head checkpoint: everything needed to rebuild and check a head."""
+
+    path: Path
+    head_config: HeadConfig
+    class_map: ClassMap
+    backbone: BackboneSpec
+    preprocessing: Preprocessing
+    payload: dict[str, Any]
+
+    @property
+    def compat_fingerprint(self) -> str:
+        return compat_fingerprint(self.backbone, self.preprocessing, self.class_map)
+
+    def build(self, device: torch.device | str = "cpu") -> nn.Module:
+        head = build_head(self.head_config)
+        head.load_state_dict(self.payload["state_dict"])
+        return head.to(device).eval()
+
+
+def load_checkpoint(path: str | Path) -> HeadCheckpoint:
+    path = Path(path)
+    if not path.is_file():
+        raise OffroadSegError(f"{path}: head checkpoint not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise OffroadSegError(f"{path}: cannot read head checkpoint ({type(e).__name__})") from e
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise OffroadSegError(f"{path}: not an offroad-seg head checkpoint")
+    if payload.get("version") != VERSION:
+        raise OffroadSegError(
+            f"{path}: head checkpoint version {payload.get('version')}; this tool reads {VERSION}"
+        )
+    try:
+        backbone = BackboneSpec.from_dict(payload["backbone"])
+    except OffroadSegError as e:
+        raise OffroadSegError(f"{path}: {e}") from e
+    return HeadCheckpoint(
+        path=path,
+        head_config=HeadConfig.from_dict(payload["head_config"]),
+        class_map=ClassMap.from_dict(payload["class_map"]),
+        backbone=backbone,
+        preprocessing=Preprocessing.from_dict(payload["preprocessing"]),
+        payload=payload,
+    )

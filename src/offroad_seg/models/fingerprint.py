@@ -1,0 +1,31 @@
+"""What makes features (and the heads trained on them) interchangeable: a digest of the
+backbone's identity, the preprocessing and the class map. Caches store it; checkpoints carry it;
+a head is used only on features with the same fingerprint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from offroad_seg.data.dataset import ClassMap
+from offroad_seg.models.backbone import BackboneSpec
+from offroad_seg.models.preprocess import Preprocessing
+
+
+def digest(obj: Any) -> str:
+    """sha256 of an object's canonical JSON."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def compat_fingerprint(
+    backbone: BackboneSpec, preprocessing: Preprocessing, class_map: ClassMap
+) -> str:
+    """Equal for caches (and heads) whose features and labels mean the same thing."""
+    return digest(
+        {
+            "backbone": backbone.identity(),
+            "preprocessing": preprocessing.to_dict(),
+            "class_map": class_map.to_dict(),
+        }
+    )

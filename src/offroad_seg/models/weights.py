@@ -1,0 +1,336 @@
+"""DINOv2 weight files: reading the accepted formats, naming their variant, finding them.
+
+Formats, all converted to timm's key layout (the one the backbone is built in):
+- the official `dinov2_*_pretrain.pth` (facebookresearch/dinov2): timm's names for the plain
+  blocks, plus a mask token, SwiGLU MLPs as `mlp.w12`/`mlp.w3` (ViT-g), register tokens as
+  `register_tokens` with the class token's position embedding still in `pos_embed`, and
+  optionally chunked blocks (`blocks.<chunk>.<i>.`);
+- timm's `.safetensors` (`timm/vit_*_patch14_*dinov2.lvd142m`): already in layout;
+- transformers' `Dinov2Model` / `Dinov2WithRegistersModel` (`facebook/dinov2-*`).
+
+Register variants are stored the way timm stores them: the class token's position embedding is
+folded into the class token and `pos_embed` holds the patch positions only (exactly timm's own
+conversion). The weights' identity is the sha256 of the tensors in that layout, so the same
+weights in any accepted format are the same backbone.
+
+Resolution of `--weights`, first found wins: an explicit path, `$OFFROAD_SEG_WEIGHTS`, the
+torch hub cache (the official file name), the Hugging Face cache (timm's, then transformers'
+repository), then a download of timm's repository when the hub answers (offline machines fail
+in milliseconds instead of sitting in the hub client's retries).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlparse
+
+import torch
+
+from offroad_seg.errors import WeightsError
+
+if TYPE_CHECKING:
+    from offroad_seg.models.variants import BackboneVariant
+
+log = logging.getLogger(__name__)
+
+RANDOM = "random"
+CONNECT_TIMEOUT_S = 3.0
+
+
+def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 over tensors in key order: name, shape and float32 bytes."""
+    h = hashlib.sha256()
+    for key in sorted(state_dict):
+        t = state_dict[key].detach().to("cpu", torch.float32).contiguous()
+        h.update(f"{key}:{tuple(t.shape)}\n".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- formats
+
+
+def _fold_registers(
+    out: dict[str, torch.Tensor], cls: torch.Tensor, pos: torch.Tensor, registers: torch.Tensor
+) -> None:
+    """timm's layout for register variants: neither the class nor the register tokens overlap
+    `pos_embed`; the class token carries its position embedding."""
+    out["reg_token"] = registers
+    out["cls_token"] = cls + pos[:, :1]
+    out["pos_embed"] = pos[:, 1:]
+
+
+def _transformers_to_timm(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' Dinov2(WithRegisters)Model layout -> timm layout (q, k, v fused)."""
+    out = {
+        "patch_embed.proj.weight": sd["embeddings.patch_embeddings.projection.weight"],
+        "patch_embed.proj.bias": sd["embeddings.patch_embeddings.projection.bias"],
+        "norm.weight": sd["layernorm.weight"],
+        "norm.bias": sd["layernorm.bias"],
+    }
+    cls, pos = sd["embeddings.cls_token"], sd["embeddings.position_embeddings"]
+    if "embeddings.register_tokens" in sd:
+        _fold_registers(out, cls, pos, sd["embeddings.register_tokens"])
+    else:
+        out["cls_token"], out["pos_embed"] = cls, pos
+    i = 0
+    while f"encoder.layer.{i}.norm1.weight" in sd:
+        src, dst = f"encoder.layer.{i}.", f"blocks.{i}."
+        att = src + "attention.attention."
+        swiglu = src + "mlp.weights_in.weight" in sd
+        for p in ("weight", "bias"):
+            out[dst + f"attn.qkv.{p}"] = torch.cat(
+                [sd[att + f"query.{p}"], sd[att + f"key.{p}"], sd[att + f"value.{p}"]]
+            )
+            out[dst + f"attn.proj.{p}"] = sd[src + f"attention.output.dense.{p}"]
+            for name in ("norm1", "norm2"):
+                out[dst + f"{name}.{p}"] = sd[src + f"{name}.{p}"]
+            if swiglu:  # transformers' packed SwiGLU is timm's GluMlp (fc1 packed, fc2)
+                out[dst + f"mlp.fc1.{p}"] = sd[src + f"mlp.weights_in.{p}"]
+                out[dst + f"mlp.fc2.{p}"] = sd[src + f"mlp.weights_out.{p}"]
+            else:
+                out[dst + f"mlp.fc1.{p}"] = sd[src + f"mlp.fc1.{p}"]
+                out[dst + f"mlp.fc2.{p}"] = sd[src + f"mlp.fc2.{p}"]
+        out[dst + "ls1.gamma"] = sd[src + "layer_scale1.lambda1"]
+        out[dst + "ls2.gamma"] = sd[src + "layer_scale2.lambda1"]
+        i += 1
+    return out
+
+
+_CHUNKED_BLOCK = re.compile(r"^blocks\.\d+\.(\d+)\.")
+_SWIGLU = (("mlp.w12.", "mlp.fc1."), ("mlp.w3.", "mlp.fc2."))
+
+
+def _official_to_timm(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """facebookresearch/dinov2 layout -> timm layout (as timm's own conversion does)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        if key == "mask_token" or key in ("register_tokens", "cls_token", "pos_embed"):
+            continue  # the mask token only serves the self-supervised objective
+        key = _CHUNKED_BLOCK.sub(r"blocks.\1.", key)  # FSDP block chunks: blocks.c.i -> i
+        for old, new in _SWIGLU:
+            key = key.replace(old, new)
+        out[key] = value
+    if "register_tokens" in sd:
+        _fold_registers(out, sd["cls_token"], sd["pos_embed"], sd["register_tokens"])
+    else:
+        out["cls_token"], out["pos_embed"] = sd["cls_token"], sd["pos_embed"]
+    return out
+
+
+def to_timm_layout(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official DINOv2, timm or transformers state dicts (of any variant) -> timm's layout."""
+    for wrapper in ("model", "state_dict", "teacher"):
+        if wrapper in sd and isinstance(sd[wrapper], dict):
+            sd = sd[wrapper]
+    sd = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in sd.items()}
+    if "embeddings.patch_embeddings.projection.weight" in sd:
+        return _transformers_to_timm(sd)
+    if "reg_token" in sd:  # timm's own register layout: already folded
+        return dict(sd)
+    return _official_to_timm(sd)
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read a .safetensors or a torch pickle (.pth/.pt/.bin) checkpoint, weights only."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise WeightsError(f"{path}: weights file not found") from e
+    except Exception as e:  # torch and safetensors raise many types for a bad file
+        raise WeightsError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from e
+    if not isinstance(sd, dict):
+        raise WeightsError(f"{path}: not a state dict (found {type(sd).__name__})")
+    return sd
+
+
+# ----------------------------------------------------------------------------- variants
+
+
+@dataclass(frozen=True)
+class WeightsShape:
+    """What a timm-layout state dict says about its architecture."""
+
+    embed_dim: int
+    depth: int
+    registers: int
+    ffn: str  # "mlp" or "swiglu"
+
+    def describe(self) -> str:
+        reg = f", {self.registers} registers" if self.registers else ""
+        return f"width {self.embed_dim}, {self.depth} blocks, {self.ffn} MLP{reg}"
+
+
+def weights_shape(sd: dict[str, torch.Tensor]) -> WeightsShape:
+    """Read the architecture off a timm-layout state dict (KeyError when it is not a ViT)."""
+    embed_dim = int(sd["cls_token"].shape[-1])
+    blocks = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
+    fc1, fc2 = sd["blocks.0.mlp.fc1.weight"], sd["blocks.0.mlp.fc2.weight"]
+    # a packed SwiGLU's fc1 is twice as wide as the fc2 input it feeds
+    ffn = "swiglu" if fc1.shape[0] == 2 * fc2.shape[1] else "mlp"
+    registers = int(sd["reg_token"].shape[1]) if "reg_token" in sd else 0
+    return WeightsShape(embed_dim, len(blocks), registers, ffn)
+
+
+def variant_of(shape: WeightsShape) -> BackboneVariant | None:
+    """The registered variant with this width, MLP and register count, if any (they name a
+    variant uniquely; a wrong depth is reported key by key)."""
+    from offroad_seg.models.variants import BACKBONES
+
+    for variant in BACKBONES.values():
+        if (variant.embed_dim, variant.registers, variant.ffn) == (
+            shape.embed_dim,
+            shape.registers,
+            shape.ffn,
+        ):
+            return variant
+    return None
+
+
+def check_variant(sd: dict[str, torch.Tensor], variant: BackboneVariant, source: str) -> None:
+    """Refuse weights of another variant with one line that names both."""
+    try:
+        shape = weights_shape(sd)
+    except (KeyError, IndexError) as e:
+        raise WeightsError(f"{source}: not a DINOv2 checkpoint (missing {e})") from e
+    found = variant_of(shape)
+    if found == variant:
+        return  # the depth is checked key by key (tests build truncated models)
+    if found is not None:
+        raise WeightsError(
+            f"{source}: weights of {found.name}, not {variant.name}; "
+            f"pass --backbone {found.name} (or weights of {variant.name})"
+        )
+    raise WeightsError(
+        f"{source}: not a {variant.name} checkpoint ({shape.describe()}; "
+        f"{variant.name} has width {variant.embed_dim}, {variant.depth} blocks)"
+    )
+
+
+def load_weights_into(
+    vit: torch.nn.Module, sd: dict[str, torch.Tensor], source: str, variant: BackboneVariant
+) -> None:
+    """Load a checkpoint of `variant` strictly; anything else is refused by name. `vit` may be
+    on the meta device: the checkpoint's tensors then become its parameters."""
+    try:
+        sd = to_timm_layout(sd)
+    except KeyError as e:
+        raise WeightsError(f"{source}: not a DINOv2 checkpoint (missing {e})") from e
+    check_variant(sd, variant, source)
+    own = vit.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    if missing or unexpected:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected keys {unexpected[:3]}"
+        raise WeightsError(f"{source}: not a {variant.name} checkpoint ({detail})")
+    for key, value in own.items():
+        if not isinstance(sd[key], torch.Tensor) or sd[key].shape != value.shape:
+            shape = tuple(getattr(sd[key], "shape", ()))
+            raise WeightsError(
+                f"{source}: not a {variant.name} checkpoint ({key} has shape {shape}, "
+                f"expected {tuple(value.shape)})"
+            )
+    vit.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True, assign=True)
+
+
+# ----------------------------------------------------------------------------- resolution
+
+
+def _hub_checkpoint(variant: BackboneVariant) -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / variant.official_file
+
+
+def _hf_cached(variant: BackboneVariant) -> Path | None:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    for repo in (variant.timm_repo, variant.transformers_repo):
+        found = try_to_load_from_cache(repo_id=repo, filename="model.safetensors")
+        if isinstance(found, str) and Path(found).is_file():
+            return Path(found)
+    return None
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def hub_reachable(timeout: float = CONNECT_TIMEOUT_S) -> bool:
+    """Can a TCP connection reach the Hugging Face hub (or the HTTPS proxy in between) within
+    `timeout`? The hub client retries for ~25 s before it gives up on an offline machine."""
+    proxy = next(
+        (
+            os.environ[k]
+            for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+            if os.environ.get(k)
+        ),
+        None,
+    )
+    url = urlparse(proxy or os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host = url.hostname
+    port = url.port or (443 if url.scheme in ("https", "") else 80)
+    if not host:
+        return True  # an endpoint we cannot parse: let the client try
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        log.info("the Hugging Face hub is not reachable (%s:%d: %s)", host, port, e)
+        return False
+    return True
+
+
+def _hf_download(variant: BackboneVariant) -> Path | None:
+    if _offline() or not hub_reachable():
+        return None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        log.info("downloading %s/model.safetensors from the Hugging Face hub", variant.timm_repo)
+        return Path(hf_hub_download(repo_id=variant.timm_repo, filename="model.safetensors"))
+    except Exception as e:  # proxy, auth, a vanished repository: "not available here"
+        log.warning("could not download %s weights (%s: %s)", variant.name, type(e).__name__, e)
+        return None
+
+
+def find_weights(weights: str | None, variant: BackboneVariant, allow_download: bool = True) -> str:
+    """Resolve `--weights` to a file path or 'random', in the documented order."""
+    if weights == RANDOM:
+        return RANDOM
+    if weights and weights != "auto":
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise WeightsError(f"{path}: weights file not found")
+        return str(path)
+    env = os.environ.get("OFFROAD_SEG_WEIGHTS")
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_file():
+            raise WeightsError(f"{path} (from $OFFROAD_SEG_WEIGHTS): weights file not found")
+        return str(path)
+    hub = _hub_checkpoint(variant)
+    if hub.is_file():
+        return str(hub)
+    cached = _hf_cached(variant)
+    if cached is not None:
+        return str(cached)
+    downloaded = _hf_download(variant) if allow_download else None
+    if downloaded is not None:
+        return str(downloaded)
+    raise WeightsError(
+        f"no {variant.name} weights found: pass --weights PATH ({variant.official_file} or a "
+        f"timm/transformers .safetensors), set $OFFROAD_SEG_WEIGHTS, put {variant.official_file} "
+        f"in {hub.parent}, or cache {variant.timm_repo} from the Hugging Face hub; "
+        "--weights random builds an untrained backbone for tests"
+    )

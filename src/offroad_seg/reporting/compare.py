@@ -1,0 +1,116 @@
+"""`offroad-seg compare`: runs side by side, the settings that differ and their metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from offroad_seg.errors import OffroadSegError
+from offroad_seg.models.checkpoint import load_checkpoint
+from offroad_seg.models.heads import get_head_spec
+from offroad_seg.reporting.info import find_head
+
+# Settings that say where things are or how a machine ran them, not what was trained.
+_NOT_COMPARED = ("out", "progress", "resume", "overwrite", "device", "memory_budget_gb", "stream")
+
+
+@dataclass
+class RunSummary:
+    name: str
+    path: Path
+    settings: dict[str, Any]
+    metrics: dict[str, float | None]  # best epoch's val mIoU, Dice, pixel accuracy, loss
+    class_iou: dict[str, float | None]
+
+
+def summarize(path: str | Path) -> RunSummary:
+    """A run folder or a head checkpoint: its settings (with the head as built and the
+    backbone) and its best validation metrics."""
+    head = find_head(path)
+    ckpt = load_checkpoint(head)
+    payload = ckpt.payload
+    settings = {k: v for k, v in payload.get("train_config", {}).items() if k not in _NOT_COMPARED}
+    head_settings = ckpt.head_config.to_dict()
+    spec = get_head_spec(head_settings.pop("name"))
+    for field in ("width", "depth"):
+        if not spec.has(field):
+            head_settings[field] = None
+    settings.update(
+        {f"head.{k}": v for k, v in head_settings.items()},
+        backbone=ckpt.backbone.name,
+        layers=ckpt.backbone.layers,
+        size="x".join(str(v) for v in ckpt.preprocessing.size),
+    )
+    best = payload.get("best") or {}
+    metrics = {
+        "val mIoU": best.get("val_miou"),
+        "val Dice": best.get("val_dice"),
+        "val pixel acc": best.get("val_pixel_acc"),
+        "val loss": best.get("val_loss"),
+        "best epoch": best.get("epoch"),
+    }
+    per_class = (payload.get("val_metrics") or {}).get("per_class", {})
+    name = head.parent.name if head.name == "segmentation_head.pth" else head.stem
+    return RunSummary(name, head, settings, metrics, {k: v["iou"] for k, v in per_class.items()})
+
+
+def differing_settings(runs: list[RunSummary]) -> list[str]:
+    keys = list(dict.fromkeys(k for r in runs for k in r.settings))
+    return [k for k in keys if len({repr(r.settings.get(k)) for r in runs}) > 1]
+
+
+def _cell(value: Any, metric: bool = False) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}" if metric else f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return ",".join(_cell(v) for v in value)
+    return str(value)
+
+
+def comparison_table(runs: list[RunSummary], markdown: bool = False) -> str:
+    """Settings that differ, then the metrics and per-class IoU, one column per run."""
+    if len(runs) < 2:
+        raise OffroadSegError("compare needs at least two runs")
+    names = [r.name for r in runs]
+    if len(set(names)) < len(names):
+        names = [str(r.path.parent) for r in runs]
+    sections: list[tuple[str, list[tuple[str, list[str]]]]] = []
+    diff = differing_settings(runs)
+    sections.append(
+        ("settings that differ", [(k, [_cell(r.settings.get(k)) for r in runs]) for k in diff])
+    )
+    sections.append(
+        (
+            "validation (best epoch)",
+            [(k, [_cell(r.metrics[k], True) for r in runs]) for k in runs[0].metrics],
+        )
+    )
+    classes = list(dict.fromkeys(c for r in runs for c in r.class_iou))
+    sections.append(
+        ("IoU per class", [(c, [_cell(r.class_iou.get(c), True) for r in runs]) for c in classes])
+    )
+    if markdown:
+        lines = ["| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        for title, rows in sections:
+            lines.append(f"| **{title}** |" + " |" * len(names))
+            if not rows:
+                lines.append("| (none) |" + " |" * len(names))
+            lines += [f"| {k} | " + " | ".join(vals) + " |" for k, vals in rows]
+        return "\n".join(lines)
+    width = max([len(k) for _, rows in sections for k, _ in rows] + [20])
+    cols = [max(len(n), 8) for n in names]
+    for _, rows in sections:
+        for _, vals in rows:
+            cols = [max(c, len(v)) for c, v in zip(cols, vals, strict=True)]
+    lines = [" " * width + "  " + "  ".join(n.rjust(c) for n, c in zip(names, cols, strict=True))]
+    for title, rows in sections:
+        lines.append(title)
+        if not rows:
+            lines.append("  (none)")
+        for key, vals in rows:
+            cells = "  ".join(v.rjust(c) for v, c in zip(vals, cols, strict=True))
+            lines.append(f"{key:<{width}}  {cells}")
+    return "\n".join(lines)

@@ -1,0 +1,362 @@
+"""Feature sources for head training: cached features in memory, or streamed from zarr.
+
+Both sources turn an epoch's global sample order (a pure function of seed and epoch) into
+global batches of `batch_size`; under DDP each rank takes its contiguous slice of every global
+batch. With the loss normalised by the global pixel weight (see `train_head.train_one_epoch`)
+K ranks then compute exactly the gradient one process computes for the global batch.
+
+A source is built once and can feed any number of trainings (a sweep trains many heads on
+the features it loaded). Features stay in the cache's storage type (float16, or int8 with
+per-token scales) until a batch is taken, and are made float32 on the training device.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from offroad_seg.core.distributed import SINGLE, World
+from offroad_seg.features.cache import FeatureCache, StoredFeatures
+from offroad_seg.features.quantize import dequantize
+
+log = logging.getLogger(__name__)
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The one source of an epoch's randomness in sample order and view choice."""
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
+def epoch_order(
+    num_views: torch.Tensor, seed: int, epoch: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images of an epoch in training order and the cached view used for each: a pure
+    function of (seed, epoch), shared by both feature sources, resume and tests."""
+    g = epoch_generator(seed, epoch)
+    perm = torch.randperm(len(num_views), generator=g)
+    views = (torch.rand(len(num_views), generator=g) * num_views[perm]).long()
+    return perm, views
+
+
+def rank_slices(n: int, batch_size: int, world: World) -> list[slice]:
+    """This rank's positions in the epoch order, one slice per global batch. Under DDP a last
+    batch smaller than the world is dropped (every rank must take a step)."""
+    out = []
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        if world.enabled and stop - start < world.size:
+            break
+        bounds = np.linspace(start, stop, world.size + 1).round().astype(int)
+        out.append(slice(bounds[world.rank], bounds[world.rank + 1]))
+    return out
+
+
+@dataclass
+class FeatureTensors:
+    """Features as stored, as tensors: float values, or int8 values with their scales."""
+
+    values: torch.Tensor  # (N, C, h, w)
+    scales: torch.Tensor | None = None  # (N, L, h, w) for int8
+
+    @classmethod
+    def from_stored(cls, stored: StoredFeatures) -> FeatureTensors:
+        scales = None if stored.scales is None else torch.from_numpy(stored.scales)
+        return cls(torch.from_numpy(stored.values), scales)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def map(self, fn) -> FeatureTensors:
+        """`fn` applied to the values and the scales alike (both lead with the image axis)."""
+        return FeatureTensors(fn(self.values), None if self.scales is None else fn(self.scales))
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> FeatureTensors:
+        return self.map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def take(self, index: torch.Tensor | slice) -> FeatureTensors:
+        return self.map(lambda t: t[index])
+
+    def float(self) -> torch.Tensor:
+        """float32 features where the tensors are (int8 values times their scales)."""
+        return dequantize(self.values, self.scales)
+
+
+class InMemorySource:
+    """Every cached view of every image in one tensor on the device (RAM or GPU)."""
+
+    kind = "memory"
+
+    def __init__(self, caches: Sequence[FeatureCache], device: torch.device, progress: bool):
+        parts, labels, views = [], [], []
+        for cache in caches:
+            stored, lab = cache.load_stored(progress=progress)
+            n, v = stored.values.shape[:2]
+            flat = stored.map(lambda a, n=n, v=v: a.reshape(n * v, *a.shape[2:]))
+            parts.append(FeatureTensors.from_stored(flat))
+            labels.append(torch.from_numpy(lab).reshape(n * v, *lab.shape[2:]))
+            views.append(torch.full((n,), v, dtype=torch.long))
+        self.num_views = torch.cat(views)
+        # entry index of (image i, view 0); view j of image i is offset[i] + j
+        self.offset = torch.cumsum(self.num_views, 0) - self.num_views
+        # (one cache: no concatenation copy, which would double the peak memory)
+        if len(parts) == 1:
+            features = parts[0]
+        else:
+            scales = None if parts[0].scales is None else torch.cat([p.scales for p in parts])
+            features = FeatureTensors(torch.cat([p.values for p in parts]), scales)
+        self.features = features.to(device)
+        self.labels = (labels[0] if len(labels) == 1 else torch.cat(labels)).to(device)
+        self.device = device
+
+    @property
+    def num_images(self) -> int:
+        return len(self.num_views)
+
+    def batches(
+        self, seed: int, epoch: int, batch_size: int, world: World = SINGLE
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        perm, views = epoch_order(self.num_views, seed, epoch)
+        entries = (self.offset[perm] + views).to(self.device)
+        for part in rank_slices(len(entries), batch_size, world):
+            idx = entries[part]
+            yield self.features.take(idx).float(), self.labels[idx]
+
+
+class StreamingSource:
+    """Features streamed from zarr with bounded memory. The epoch order shuffles the chunk
+    order, then the images within each window of `window` chunks (seed and epoch decide
+    both); a background thread reads this rank's images window by window (one zarr selection
+    per cache, decoded concurrently) while the previous window trains. Memory holds about
+    two windows."""
+
+    kind = "stream"
+
+    def __init__(self, caches: Sequence[FeatureCache], device: torch.device, window: int):
+        self.caches = list(caches)
+        self.chunks = [(ci, k) for ci, c in enumerate(self.caches) for k in range(c.num_chunks)]
+        self.device = device
+        self.window = max(1, window)
+
+    @property
+    def num_images(self) -> int:
+        return sum(c.num_images for c in self.caches)
+
+    def epoch_plan(self, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(cache, image, view) of every sample in epoch order, as an (N, 3) array, and where
+        each window starts in it."""
+        g = epoch_generator(seed, epoch)
+        order = torch.randperm(len(self.chunks), generator=g).tolist()
+        parts, starts, total = [], [], 0
+        for w in range(0, len(order), self.window):
+            rows = [
+                (ci, i)
+                for ci, k in (self.chunks[c] for c in order[w : w + self.window])
+                for i in range(*self.caches[ci].chunk_range(k))
+            ]
+            rows = np.array(rows, dtype=np.int64)[torch.randperm(len(rows), generator=g).numpy()]
+            n_views = np.array([self.caches[ci].num_views for ci in rows[:, 0]])
+            views = (torch.rand(len(rows), generator=g).numpy() * n_views).astype(np.int64)
+            parts.append(np.column_stack([rows, views]))
+            starts.append(total)
+            total += len(rows)
+        return np.concatenate(parts), np.array([*starts, total])
+
+    def _read(self, plan: np.ndarray) -> tuple[StoredFeatures, np.ndarray]:
+        """Features (as stored) and labels of the (cache, image, view) rows of `plan`, in its
+        order."""
+        first = self.caches[0]
+        values = np.empty((len(plan), *first.array("features").shape[2:]), first.spec.dtype)
+        scales = None
+        if first.spec.quantized:
+            scales = np.empty((len(plan), *first.array("scales").shape[2:]), np.float32)
+        labels = np.empty((len(plan), *first.array("labels").shape[2:]), dtype=np.uint8)
+        for ci, cache in enumerate(self.caches):
+            rows = np.flatnonzero(plan[:, 0] == ci)
+            if not len(rows):
+                continue
+            images, inverse = np.unique(plan[rows, 1], return_inverse=True)
+            stored, lab = cache.read_images_stored(images)
+            values[rows] = stored.values[inverse, plan[rows, 2]]
+            if scales is not None:
+                scales[rows] = stored.scales[inverse, plan[rows, 2]]
+            labels[rows] = lab[inverse, plan[rows, 2]]
+        return StoredFeatures(values, scales), labels
+
+    def _reader(self, segments: list[np.ndarray], out: queue.Queue, stop: threading.Event):
+        try:
+            for plan in segments:
+                if stop.is_set():
+                    return
+                out.put(self._read(plan))
+            out.put(None)
+        except BaseException as e:  # surfaced in the consumer
+            out.put(e)
+
+    def batches(
+        self, seed: int, epoch: int, batch_size: int, world: World = SINGLE
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        plan, window_starts = self.epoch_plan(seed, epoch)
+        slices = rank_slices(len(plan), batch_size, world)
+        mine = np.concatenate([np.arange(len(plan))[s] for s in slices]) if slices else []
+        sizes = [s.stop - s.start for s in slices]
+        # this rank's rows, cut at window boundaries: each segment is one read
+        window_of = np.searchsorted(window_starts, mine, side="right") - 1
+        cuts = np.flatnonzero(np.diff(window_of)) + 1
+        segments = [plan[part] for part in np.split(np.asarray(mine, dtype=np.int64), cuts)]
+        q: queue.Queue = queue.Queue(maxsize=1)
+        stop = threading.Event()
+        reader = threading.Thread(target=self._reader, args=(segments, q, stop), daemon=True)
+        reader.start()
+        buffered: list[tuple[StoredFeatures, np.ndarray]] = []
+        count = 0
+        try:
+            for size in sizes:
+                while count < size:
+                    item = q.get()
+                    if isinstance(item, BaseException):
+                        raise item
+                    buffered.append(item)
+                    count += len(item[1])
+                f, lab = _concat(buffered)
+                yield self._to_device(f.map(lambda a, n=size: a[:n]), lab[:size])
+                buffered = [(f.map(lambda a, n=size: a[n:]), lab[size:])]
+                count = len(lab) - size
+        finally:
+            stop.set()
+            while reader.is_alive():  # unblock a reader waiting on a full queue
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    reader.join(timeout=0.05)
+
+    def _to_device(self, f: StoredFeatures, lab: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        ft = FeatureTensors.from_stored(f.map(np.ascontiguousarray))
+        lt = torch.from_numpy(np.ascontiguousarray(lab))
+        if self.device.type == "cuda":
+            ft, lt = ft.map(torch.Tensor.pin_memory), lt.pin_memory()
+        return ft.to(self.device, non_blocking=True).float(), lt.to(self.device, non_blocking=True)
+
+
+def _concat(parts: list[tuple[StoredFeatures, np.ndarray]]) -> tuple[StoredFeatures, np.ndarray]:
+    if len(parts) == 1:
+        return parts[0]
+    scales = None
+    if parts[0][0].scales is not None:
+        scales = np.concatenate([p[0].scales for p in parts])
+    values = np.concatenate([p[0].values for p in parts])
+    return StoredFeatures(values, scales), np.concatenate([p[1] for p in parts])
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Bytes free on a device: GPU memory on CUDA, available RAM otherwise."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+@dataclass(frozen=True)
+class FreeMemory:
+    """What one process sees free: on its training device and in host RAM."""
+
+    device: int
+    host: int
+
+    @classmethod
+    def measure(cls, device: torch.device) -> FreeMemory:
+        host = free_memory_bytes(torch.device("cpu"))
+        return cls(free_memory_bytes(device) if device.type == "cuda" else host, host)
+
+
+# The in-memory source loads the caches on the host before moving them to the GPU: that
+# transient copy (one per process on the node) may take this much of the available RAM.
+HOST_STAGING_FRACTION = 0.8
+
+
+def decide_source(
+    needed: int,
+    free: FreeMemory,
+    on_gpu: bool,
+    memory_budget_gb: float | None,
+    stream: bool,
+    local_ranks: int = 1,
+) -> tuple[str, str]:
+    """'memory' or 'stream' for caches of `needed` bytes, and why. The budget is
+    `memory_budget_gb` per process, or half of what is free: of the GPU's memory on CUDA
+    (every rank has its own GPU), of the RAM shared by the node's `local_ranks` processes on
+    the CPU. On CUDA the host must also hold the staging copies while they load."""
+    if stream:
+        return "stream", "--stream"
+    if memory_budget_gb is not None:
+        budget = memory_budget_gb * 1e9
+    else:
+        budget = 0.5 * free.device / (1 if on_gpu else max(1, local_ranks))
+    where = "GPU" if on_gpu else "CPU"
+    if needed > budget:
+        return "stream", f"{needed / 1e9:.2f} GB > {where} budget {budget / 1e9:.2f} GB"
+    staging = needed * max(1, local_ranks)
+    if on_gpu and staging > HOST_STAGING_FRACTION * free.host:
+        return "stream", (
+            f"loading {staging / 1e9:.2f} GB through host RAM ({local_ranks} process(es)) "
+            f"> {HOST_STAGING_FRACTION:.0%} of the {free.host / 1e9:.2f} GB available"
+        )
+    return "memory", f"{needed / 1e9:.2f} GB <= {where} budget {budget / 1e9:.2f} GB"
+
+
+def cache_bytes(caches: Sequence[FeatureCache]) -> int:
+    """Bytes the caches take in memory as stored (features, scales, labels)."""
+    total = 0
+    for cache in caches:
+        names = ["features", "labels", *(["scales"] if cache.spec.quantized else [])]
+        total += sum(cache.array(name).nbytes for name in names)
+    return total
+
+
+def choose_source(
+    caches: Sequence[FeatureCache],
+    device: torch.device,
+    memory_budget_gb: float | None,
+    stream: bool,
+    window: int,
+    progress: bool,
+    world: World = SINGLE,
+):
+    """In memory when the caches fit the budget (see `decide_source`), else streamed. Under
+    DDP every rank reports what it has free and rank 0 decides for all from the tightest:
+    ranks that chose differently would order the samples differently, training some images
+    twice and others never."""
+    needed = cache_bytes(caches)
+    seen = world.gather(FreeMemory.measure(device))
+    tightest = FreeMemory(min(f.device for f in seen), min(f.host for f in seen))
+    decision = None
+    if world.is_main:
+        decision = decide_source(
+            needed, tightest, device.type == "cuda", memory_budget_gb, stream, world.local_size
+        )
+    kind, why = world.broadcast(decision)
+    if kind == "memory":
+        log.info("features in %s memory (%s)", device.type.upper(), why)
+        return InMemorySource(caches, device, progress)
+    log.info("streaming features from zarr (%s)", why)
+    return StreamingSource(caches, device, window)
+
+
+def view0_features(cache: FeatureCache) -> tuple[FeatureTensors, torch.Tensor]:
+    """A validation cache's plain-image (view 0) features (as stored) and labels, on the host."""
+    stored, labels = cache.load_stored(progress=False)
+    view0 = stored.map(lambda a: np.ascontiguousarray(a[:, 0]))
+    return FeatureTensors.from_stored(view0), torch.from_numpy(np.ascontiguousarray(labels[:, 0]))

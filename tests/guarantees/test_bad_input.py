@@ -1,0 +1,258 @@
+"""The bad-input matrix: every case ends with a non-zero exit and one line on stderr that names
+the file and the problem, no traceback, and nothing left behind that looks complete."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from click.testing import CliRunner
+from PIL import Image
+
+from offroad_seg.cli import cli
+from offroad_seg.data.dataset import write_mask
+from offroad_seg.features.extract import extract
+from offroad_seg.training.loop import TrainConfig, train
+from tests.conftest import extract_config
+
+H, W = 28, 42  # tiny images; working size 28x42 (2x3 tokens)
+SIZE = ["--size", "28x42", "--workers", "0", "--weights", "random"]
+
+
+def make_dataset(root: Path, n: int = 2) -> Path:
+    rng = np.random.default_rng(0)
+    (root / "Color_Images").mkdir(parents=True)
+    (root / "Segmentation").mkdir(parents=True)
+    for i in range(n):
+        name = f"cc{i:07d}.png"
+        Image.fromarray(rng.integers(0, 255, (H, W, 3), dtype=np.uint8)).save(
+            root / "Color_Images" / name
+        )
+        write_mask(root / "Segmentation" / name, rng.choice([100, 7100, 10000], (H, W)))
+    return root
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def assert_one_line_error(result, *needles: str) -> None:
+    assert result.exit_code != 0, result.output
+    lines = result.stderr.splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
+    assert "Traceback" not in result.output
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+
+
+def assert_not_complete(cache: Path) -> None:
+    if (cache / "zarr.json").exists():
+        assert zarr.open_group(str(cache), mode="r").attrs["complete"] is False
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+def _missing_seg(d):
+    shutil.rmtree(d / "Segmentation")
+    return "Segmentation", "no Segmentation/"
+
+
+def _missing_mask(d):
+    (d / "Segmentation" / "cc0000001.png").unlink()
+    return "cc0000001.png", "no mask"
+
+
+def _orphan_mask(d):
+    (d / "Color_Images" / "cc0000001.png").unlink()
+    return "cc0000001.png", "mask without an image"
+
+
+def _truncated_png(d):
+    p = d / "Color_Images" / "cc0000001.png"
+    p.write_bytes(p.read_bytes()[:-60])
+    return "cc0000001.png", "not a readable image"
+
+
+def _not_an_image(d):
+    (d / "Color_Images" / "cc0000001.png").write_text("hello")
+    return "cc0000001.png", "not a readable image"
+
+
+def _size_mismatch(d):
+    write_mask(d / "Segmentation" / "cc0000001.png", np.full((H, W + 2), 100))
+    return "cc0000001.png", "mask is 44x28 but its image is 42x28"
+
+
+def _rgb_mask(d):
+    Image.fromarray(np.zeros((H, W, 3), np.uint8)).save(d / "Segmentation" / "cc0000001.png")
+    return "cc0000001.png", "RGB mask"
+
+
+def _unknown_codes(d):
+    write_mask(d / "Segmentation" / "cc0000001.png", np.full((H, W), 4242))
+    return "cc0000001.png", "unknown class codes 4242"
+
+
+def _empty(d):
+    for p in (d / "Color_Images").iterdir():
+        p.unlink()
+    return "Color_Images", "no PNG images"
+
+
+def _jpeg_among_pngs(d):
+    Image.fromarray(np.zeros((H, W, 3), np.uint8)).save(d / "Color_Images" / "photo.jpg")
+    return "photo.jpg", "unexpected image"
+
+
+@pytest.mark.parametrize(
+    "breakage",
+    [
+        _missing_seg,
+        _missing_mask,
+        _orphan_mask,
+        _truncated_png,
+        _not_an_image,
+        _size_mismatch,
+        _rgb_mask,
+        _unknown_codes,
+        _empty,
+        _jpeg_among_pngs,
+    ],
+)
+def test_extract_bad_dataset(breakage, tmp_path):
+    data = make_dataset(tmp_path / "d")
+    culprit, problem = breakage(data)
+    result = run("extract", data, tmp_path / "c.zarr", *SIZE)
+    assert_one_line_error(result, culprit, problem)
+    assert_not_complete(tmp_path / "c.zarr")
+
+
+def test_stray_system_files_are_ignored(tmp_path):
+    data = make_dataset(tmp_path / "d")
+    for folder in ("Color_Images", "Segmentation"):
+        (data / folder / ".DS_Store").write_bytes(b"\0\0")
+        (data / folder / "Thumbs.db").write_bytes(b"\0\0")
+    result = run("extract", data, tmp_path / "c.zarr", *SIZE)
+    assert result.exit_code == 0, result.output
+    assert zarr.open_group(str(tmp_path / "c.zarr"), mode="r")["features"].shape[0] == 2
+
+
+def test_size_not_multiple_of_14(tmp_path):
+    data = make_dataset(tmp_path / "d")
+    result = run("extract", data, tmp_path / "c.zarr", "--size", "30x42", "--weights", "random")
+    assert_one_line_error(result, "30x42", "multiples of 14")
+    assert not (tmp_path / "c.zarr").exists()
+
+
+def test_weights_not_vits14(tmp_path):
+    data = make_dataset(tmp_path / "d")
+    torch.save({"conv.weight": torch.zeros(3, 3)}, tmp_path / "resnet.pth")
+    result = run("extract", data, tmp_path / "c.zarr", "--weights", tmp_path / "resnet.pth")
+    assert_one_line_error(result, "resnet.pth", "not a DINOv2 checkpoint")
+    assert not (tmp_path / "c.zarr").exists()
+    result = run("extract", data, tmp_path / "c.zarr", "--weights", tmp_path / "nope.pth")
+    assert_one_line_error(result, "nope.pth", "not found")
+
+
+# --------------------------------------------------------------------------- train / evaluate
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    data = make_dataset(root / "d", n=3)
+    extract(extract_config(data, root / "a.zarr", size=(H, W)))
+    extract(extract_config(data, root / "l4.zarr", size=(H, W), layers=4))
+    train(TrainConfig(caches=(root / "a.zarr",), out=root / "head", epochs=1, progress=False))
+    return root
+
+
+def test_train_on_disagreeing_caches(tiny, tmp_path):
+    result = run("train", tiny / "a.zarr", tiny / "l4.zarr", tmp_path / "h")
+    assert_one_line_error(result, "l4.zarr", "layers 1 vs 4")
+    assert not (tmp_path / "h" / "segmentation_head.pth").exists()
+
+
+def test_train_on_unfinished_cache(tiny, tmp_path):
+    partial = tmp_path / "p.zarr"
+    shutil.copytree(tiny / "a.zarr", partial)
+    g = zarr.open_group(str(partial), mode="r+")
+    g["done"][1] = False
+    g.attrs["complete"] = False
+    result = run("train", partial, tmp_path / "h")
+    assert_one_line_error(result, "p.zarr", "unfinished (2/3 images)", "rerun")
+
+
+def test_train_on_corrupt_chunk(tiny, tmp_path):
+    bad = tmp_path / "bad.zarr"
+    shutil.copytree(tiny / "a.zarr", bad)
+    chunk = bad / "features" / "c" / "0" / "0" / "0" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[40] ^= 0x55
+    chunk.write_bytes(bytes(data))
+    result = run("train", bad, tmp_path / "h")
+    assert_one_line_error(result, "bad.zarr", "features chunk (0, 0, 0, 0, 0)", "cache verify")
+
+
+def test_train_on_cache_with_missing_chunk(tiny, tmp_path):
+    bad = tmp_path / "gone.zarr"
+    shutil.copytree(tiny / "a.zarr", bad)
+    (bad / "labels" / "c" / "0" / "0" / "0" / "0").unlink()
+    result = run("train", bad, tmp_path / "h")
+    assert_one_line_error(result, "gone.zarr", "labels chunk (0, 0, 0, 0): missing")
+
+
+def test_evaluate_with_head_from_other_weights(tiny, tmp_path):
+    from safetensors.torch import save_file
+
+    from offroad_seg.models.backbone import load_backbone
+
+    sd = load_backbone("random").vit.state_dict()
+    sd = {k: (v + 0.01 if k == "norm.weight" else v).contiguous() for k, v in sd.items()}
+    save_file(sd, tmp_path / "other.safetensors")
+    head = tiny / "head" / "segmentation_head.pth"
+    result = run(
+        "evaluate",
+        head,
+        tiny / "d",
+        tmp_path / "e",
+        "--weights",
+        tmp_path / "other.safetensors",
+        "--workers",
+        "0",
+    )
+    assert_one_line_error(result, "segmentation_head.pth", "trained on other backbone weights")
+    assert not (tmp_path / "e" / "metrics.json").exists()
+
+
+def test_evaluate_with_other_class_map(tiny, tmp_path):
+    cmap = tmp_path / "classes.json"
+    cmap.write_text(json.dumps([{"code": 1, "name": "thing", "color": [1, 2, 3]}]))
+    head = tiny / "head" / "segmentation_head.pth"
+    result = run("evaluate", head, tiny / "d", tmp_path / "e", "--class-map", cmap)
+    assert_one_line_error(result, "segmentation_head.pth", "another class map")
+
+
+@pytest.mark.parametrize("command", ["evaluate", "predict", "train"])
+def test_output_folder_with_results_refused(command, tiny, tmp_path):
+    head = tiny / "head" / "segmentation_head.pth"
+    out = tmp_path / "out"
+    args = {
+        "evaluate": ["evaluate", head, tiny / "d", out, "--workers", "0"],
+        "predict": ["predict", head, tiny / "d", out, "--workers", "0"],
+        "train": ["train", tiny / "a.zarr", out, "--epochs", "1"],
+    }[command]
+    assert run(*args).exit_code == 0
+    # evaluate and predict resume the same command; another run into the folder is refused
+    other = ["--tta", "flip"] if command != "train" else []
+    again = run(*args, *other)
+    needle = "holds the results of another run" if command != "train" else "already holds"
+    assert_one_line_error(again, str(out), needle)
+    assert run(*args, *other, "--overwrite").exit_code == 0

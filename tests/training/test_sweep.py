@@ -1,0 +1,180 @@
+"""Sweeps on the cache: grids, sampled searches, resuming after kill -9, two processes on one
+study, and `compare`."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from offroad_seg.cli import cli
+from offroad_seg.errors import ConfigError
+from offroad_seg.training.sweep import parse_grid, parse_range, trial_slug
+
+GRID = ["--grid", "lr=1e-3,3e-3", "--grid", "head=convnext,linear"]
+
+
+def run(*args) -> CliRunner:
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def sweep_args(caches, out, *extra) -> list:
+    return ["sweep", caches["train"], out, "--val-cache", caches["val"], "--epochs", "2",
+            "--device", "cpu", *extra]  # fmt: skip
+
+
+def leaderboard(out: Path) -> list[dict]:
+    with open(out / "leaderboard.csv") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        row.pop("s_per_epoch")  # a time, not a result
+    return rows
+
+
+@pytest.fixture(scope="module")
+def grid_sweep(caches, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sweep") / "grid"
+    r = run(*sweep_args(caches, out, *GRID))
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_grid_sweep_writes_runs_leaderboard_and_best(grid_sweep):
+    runs = sorted(p.name for p in (grid_sweep / "trials").iterdir())
+    assert len(runs) == 4
+    for run_dir in runs:
+        assert (grid_sweep / "trials" / run_dir / "segmentation_head.pth").is_file()
+        assert (grid_sweep / "trials" / run_dir / "train_stats" / "config.json").is_file()
+    rows = leaderboard(grid_sweep)
+    assert sorted(r["run"] for r in rows) == runs
+    assert {(r["head"], r["lr"]) for r in rows} == {
+        (h, lr) for h in ("convnext", "linear") for lr in ("0.001", "0.003")
+    }
+    scores = [float(r["val_miou"]) for r in rows]
+    assert scores == sorted(scores, reverse=True)
+    assert "iou Sky" in rows[0] and float(rows[0]["val_dice"]) > 0
+    assert (grid_sweep / "best").resolve() == (grid_sweep / "trials" / rows[0]["run"]).resolve()
+    assert (grid_sweep / "leaderboard.png").stat().st_size > 10_000
+    assert "| rank |" in (grid_sweep / "leaderboard.md").read_text()
+
+
+def test_rerun_of_a_finished_sweep_trains_nothing(grid_sweep, caches):
+    before = leaderboard(grid_sweep)
+    r = run(*sweep_args(caches, grid_sweep, *GRID))
+    assert r.exit_code == 0, r.output
+    assert "0 trials trained by this process" in r.stdout
+    assert leaderboard(grid_sweep) == before
+    # another sweep into the same folder is refused
+    r = run(*sweep_args(caches, grid_sweep, "--grid", "lr=1e-2,1e-3"))
+    assert r.exit_code == 1 and "holds another sweep" in r.stderr
+
+
+def test_compare_prints_the_differing_settings(grid_sweep):
+    rows = leaderboard(grid_sweep)
+    a, b = (grid_sweep / "trials" / r["run"] for r in rows[:2])
+    r = run("compare", a, b, "--markdown", "--plot", grid_sweep.parent / "compare.png")
+    assert r.exit_code == 0, r.output
+    out = r.stdout
+    assert "settings that differ" in out and "val mIoU" in out and "| Sky |" in out
+    differing = {k for k in ("lr", "head") if rows[0][k] != rows[1][k]}
+    for key in differing:
+        assert f"| {key} |" in out
+    assert "| epochs |" not in out  # the same in both: not shown
+    assert (grid_sweep.parent / "compare.png").exists()
+
+
+def test_compare_shows_no_width_for_a_head_without_one(grid_sweep):
+    from offroad_seg.reporting.compare import comparison_table, summarize
+
+    rows = leaderboard(grid_sweep)
+    by_head = {r["head"]: grid_sweep / "trials" / r["run"] for r in rows}
+    runs = [summarize(by_head["convnext"]), summarize(by_head["linear"])]
+    assert runs[0].settings["head.width"] == 96 and runs[0].settings["head.depth"] == 2
+    assert runs[1].settings["head.width"] is None and runs[1].settings["head.depth"] is None
+    table = comparison_table(runs, markdown=True)
+    assert "| head.width | 96 | - |" in table and "| head.depth | 2 | - |" in table
+
+
+def sweep_command(caches, out, *extra) -> list[str]:
+    return [sys.executable, "-m", "offroad_seg", *map(str, sweep_args(caches, out, *extra))]
+
+
+def test_killed_sweep_resumes_to_the_same_leaderboard(grid_sweep, caches, tmp_path):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(sweep_command(caches, out, *GRID), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        runs = list((out / "trials").glob("*/train_stats/history.json"))
+        if len(runs) >= 2:  # the second trial has finished an epoch
+            break
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "leaderboard.csv").exists() or len(leaderboard(out)) < 4
+    r = run(*sweep_args(caches, out, *GRID))
+    assert r.exit_code == 0, r.output
+    assert leaderboard(out) == leaderboard(grid_sweep)
+
+
+def test_two_processes_share_a_study_without_running_a_trial_twice(caches, tmp_path):
+    import optuna
+
+    out = tmp_path / "shared"
+    grid = ["--grid", "lr=1e-3,2e-3,3e-3", "--grid", "head=linear,convnext"]
+    procs = [
+        subprocess.Popen(
+            sweep_command(caches, out, *grid),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err
+    study = optuna.load_study(
+        study_name="offroad-seg-sweep", storage=f"sqlite:///{out / 'study.db'}"
+    )
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(done) == 6
+    assert len({t.user_attrs["run"] for t in done}) == 6  # no setting twice
+    assert not [t for t in study.trials if t.state.name == "RUNNING"]
+    assert len(leaderboard(out)) == 6
+
+
+def test_sampled_search_runs_the_asked_number_of_trials(caches, tmp_path):
+    out = tmp_path / "tpe"
+    r = run(*sweep_args(caches, out, "--range", "lr=1e-4:1e-2:log", "--choice",
+                        "head=linear,convnext", "--trials", "3", "--prune"))  # fmt: skip
+    assert r.exit_code == 0, r.output
+    rows = leaderboard(out)
+    assert len(rows) == 3
+    assert all(1e-4 <= float(row["lr"]) <= 1e-2 for row in rows)
+
+
+def test_search_space_parsing():
+    assert parse_grid(("lr=1e-3,3e-3", "head=baseline,linear", "class_weights=auto;none")) == {
+        "lr": [1e-3, 3e-3],
+        "head": ["seed", "linear"],
+        "class_weights": ["auto", "none"],
+    }
+    assert parse_grid(("loss=ce,ce+0.5dice",))["loss"] == ["ce", "ce+0.5dice"]
+    with pytest.raises(ConfigError, match="cannot be swept"):
+        parse_grid(("caches=a,b",))
+    with pytest.raises(ConfigError, match="expected a number"):
+        parse_grid(("lr=fast",))
+    r = parse_range("width=32:256:int")
+    assert (r.low, r.high, r.scale) == (32, 256, "int")
+    with pytest.raises(ConfigError, match="LOW < HIGH"):
+        parse_range("lr=0:1e-2:log")
+    assert trial_slug({"lr": 1e-3, "head": "linear"}) == trial_slug({"head": "linear", "lr": 1e-3})
+    assert trial_slug({"lr": 1e-3}) != trial_slug({"lr": 3e-3})

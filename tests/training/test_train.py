@@ -1,0 +1,289 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from offroad_seg.cli import cli
+from offroad_seg.data.dataset import ClassMap, list_samples, read_image, read_labels
+from offroad_seg.errors import CacheError, OffroadSegError
+from offroad_seg.features.cache import FeatureCache
+from offroad_seg.features.extract import extract
+from offroad_seg.models.checkpoint import load_checkpoint
+from offroad_seg.models.heads import HeadConfig, build_head
+from offroad_seg.models.preprocess import Preprocessing, image_to_tensor, preprocess, resize_labels
+from offroad_seg.training.loop import (
+    TrainConfig,
+    evaluate_on_cache,
+    lr_at,
+    make_optimizer,
+    train,
+    warmup_steps,
+)
+from offroad_seg.training.losses import class_weights_from_pixels, segmentation_loss
+from offroad_seg.training.sources import StreamingSource, epoch_order
+from tests.conftest import SIZE, extract_config
+
+
+def train_config(caches, out, **kw) -> TrainConfig:
+    defaults = dict(epochs=2, batch_size=2, progress=False, device="cpu")
+    return TrainConfig(caches=tuple(caches), out=out, **{**defaults, **kw})
+
+
+@pytest.fixture(scope="module")
+def cache_fp32(dataset, tmp_path_factory):
+    path = tmp_path_factory.mktemp("fp32") / "train.zarr"
+    extract(extract_config(dataset / "train", path, views=("identity", "hflip"), dtype="float32"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cache_4layers(dataset, tmp_path_factory):
+    path = tmp_path_factory.mktemp("l4") / "train.zarr"
+    extract(extract_config(dataset / "train", path, layers=4))
+    return path
+
+
+def test_auto_class_weights_formula():
+    pixels = np.array([100, 0, 400, 1000, 10, 2_000_000])
+    w = class_weights_from_pixels(pixels)
+    present = pixels[pixels > 0]
+    freq = present / present.sum()
+    median = np.median(freq)
+    expected = np.zeros(6)
+    expected[pixels > 0] = np.clip(median / freq, 0.1, 10)
+    np.testing.assert_allclose(w, expected)
+    assert w[1] == 0 and w[4] == 10 and w[5] == pytest.approx(0.1)
+    # a hand-checked value: median of the five frequencies is 400/total, so class 2 has 1
+    assert w[2] == pytest.approx(1.0)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    assert lr_at(0, 100, 10, 1.0) == pytest.approx(0.1)
+    assert lr_at(9, 100, 10, 1.0) == pytest.approx(1.0)
+    assert lr_at(10, 100, 10, 1.0) == pytest.approx(1.0)
+    assert lr_at(55, 100, 10, 1.0) == pytest.approx(0.5)
+    assert lr_at(100, 100, 10, 1.0) == pytest.approx(0.0)
+
+
+def test_cached_training_equals_online_training(cache_fp32, dataset, backbone, tmp_path):
+    """The cache changes speed, never results: the same head trained online (decode ->
+    preprocess -> backbone -> head every step, same seed and order) gives the same losses
+    and weights."""
+    epochs, bs, seed = 2, 2, 7
+    result = train(
+        train_config([cache_fp32], tmp_path / "run", epochs=epochs, batch_size=bs, seed=seed)
+    )
+
+    samples = list_samples(dataset / "train")
+    prep, cm = Preprocessing(size=SIZE), ClassMap.default()
+    labels = [resize_labels(read_labels(s.mask, cm), SIZE) for s in samples]
+    counts = sum(np.bincount(lab.ravel(), minlength=256)[:11] for lab in labels)
+    weight = torch.tensor(class_weights_from_pixels(counts), dtype=torch.float32)
+
+    torch.manual_seed(seed)
+    head = build_head(HeadConfig(in_channels=384, num_classes=11))  # the default head
+    opt = make_optimizer(head, 3e-4, 0.01)
+    n = len(samples)
+    spe = math.ceil(n / bs)
+    total = epochs * spe
+    warm = warmup_steps(1.0, spe, total)
+    losses, step = [], 0
+    for epoch in range(1, epochs + 1):
+        perm, views = epoch_order(torch.full((n,), 2), seed, epoch)
+        for s in range(0, n, bs):
+            xs, ys = [], []
+            for i, v in zip(perm[s : s + bs].tolist(), views[s : s + bs].tolist(), strict=True):
+                x = preprocess(image_to_tensor(read_image(samples[i].image)), prep)
+                y = labels[i]
+                if v == 1:
+                    x, y = x.flip(-1), y[:, ::-1]
+                xs.append(x)
+                ys.append(torch.from_numpy(y.copy()))
+            with torch.no_grad():
+                feats = backbone(torch.cat(xs))
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, total, warm, 3e-4)
+            loss = segmentation_loss(head(feats), torch.stack(ys), weight)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            step += 1
+
+    np.testing.assert_allclose(result.step_losses, losses, rtol=1e-5)
+    trained = load_checkpoint(tmp_path / "run" / "segmentation_head.pth").build()
+    for (name, a), b in zip(trained.state_dict().items(), head.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("head", ["convnext", "seed"])
+@pytest.mark.parametrize("layers", [1, 4])
+def test_head_overfits_tiny_split(head, layers, caches, cache_4layers, tmp_path):
+    cache = caches["train"] if layers == 1 else cache_4layers
+    cfg = train_config(
+        [cache], tmp_path / "run", head=head, width=64, epochs=30, lr=3e-3, val_cache=cache
+    )
+    result = train(cfg)
+    ckpt = load_checkpoint(tmp_path / "run" / "segmentation_head.pth")
+    assert ckpt.head_config.in_channels == 384 * layers and ckpt.head_config.name == head
+    # training mIoU (the train cache as validation) against chance: always predicting the
+    # most frequent class
+    labels = FeatureCache.open(cache).load()[1][:, 0]
+    counts = np.bincount(labels[labels != 255], minlength=11)
+    majority_miou = counts.max() / labels[labels != 255].size / np.count_nonzero(counts)
+    assert majority_miou < 0.06
+    assert result.best["val_miou"] > max(0.25, 4 * majority_miou), result.best
+    assert result.history[-1]["train_loss"] < 0.6 * result.history[0]["train_loss"]
+
+
+def test_checkpoint_is_self_contained(caches, tmp_path):
+    train(train_config([caches["train"]], tmp_path / "run", val_cache=caches["val"]))
+    ckpt = load_checkpoint(tmp_path / "run" / "segmentation_head.pth")
+    spec = FeatureCache.open(caches["train"]).spec
+    assert ckpt.backbone == spec.backbone and ckpt.preprocessing == spec.preprocessing
+    assert ckpt.class_map == spec.class_map
+    p = ckpt.payload
+    assert p["train_config"]["epochs"] == 2 and p["metrics"]["val_miou"] is not None
+    assert set(p["val_metrics"]["per_class"]) == set(ckpt.class_map.names)
+    head = ckpt.build()
+    again = build_head(ckpt.head_config)
+    again.load_state_dict(
+        torch.load(tmp_path / "run" / "segmentation_head.pth", weights_only=True)["state_dict"]
+    )
+    x = torch.randn(2, 384, 4, 7)
+    torch.testing.assert_close(head(x), again.eval()(x), rtol=0, atol=0)
+    stats = tmp_path / "run" / "train_stats"
+    for name in ("history.csv", "history.json", "training_curves.png", "evaluation_metrics.txt"):
+        assert (stats / name).stat().st_size > 0
+    history = json.loads((stats / "history.json").read_text())["history"]
+    assert [r["epoch"] for r in history] == [1, 2]
+    csv_lines = (stats / "history.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("epoch,train_loss,val_loss,val_miou") and len(csv_lines) == 3
+    text = (stats / "evaluation_metrics.txt").read_text()
+    assert "Best val mIoU" in text and "Per-epoch history" in text
+    # the stats' final table is the best head's validation, computed afresh here
+    weight = torch.tensor(p["class_weights"], dtype=torch.float32)
+    fresh = evaluate_on_cache(head, FeatureCache.open(caches["val"]), torch.device("cpu"), weight)
+    assert fresh.table("Best checkpoint on the validation cache") in text
+
+
+def test_resume_reproduces_uninterrupted_run(caches, tmp_path, monkeypatch):
+    cfg = dict(epochs=3, val_cache=caches["val"])
+    full = train(train_config([caches["train"]], tmp_path / "full", **cfg))
+
+    import offroad_seg.training.loop as th
+
+    real_line = th._epoch_line
+
+    def crash_in_epoch_3(row, epochs):
+        if row["epoch"] == 3:
+            raise KeyboardInterrupt  # killed after epoch 3 computed, before it was saved
+        return real_line(row, epochs)
+
+    monkeypatch.setattr(th, "_epoch_line", crash_in_epoch_3)
+    with pytest.raises(th.Interrupted, match="holds epoch 2 of 3.*--resume"):
+        train(train_config([caches["train"]], tmp_path / "part", **cfg))
+    monkeypatch.setattr(th, "_epoch_line", real_line)
+    assert load_checkpoint(tmp_path / "part" / "last.pth").payload["epoch"] == 2
+
+    resumed = train(train_config([caches["train"]], tmp_path / "part", resume=True, **cfg))
+    n3 = len(full.step_losses) // 3
+    assert resumed.step_losses == full.step_losses[2 * n3 :]
+    assert [r["val_miou"] for r in resumed.history] == [r["val_miou"] for r in full.history]
+    a = load_checkpoint(tmp_path / "full" / "last.pth").payload["state_dict"]
+    b = load_checkpoint(tmp_path / "part" / "last.pth").payload["state_dict"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_streaming_matches_in_memory_samples(caches):
+    cache = FeatureCache.open(caches["train"])
+    feats, _ = cache.load()
+    source = StreamingSource([cache], torch.device("cpu"), window=1)
+    got = list(source.batches(seed=3, epoch=1, batch_size=4))
+    f = torch.cat([b[0] for b in got])
+    assert f.shape[0] == cache.num_images
+    # each streamed sample is one cached view of one image, each image exactly once
+    flat = torch.from_numpy(feats.astype(np.float32)).flatten(2)
+    used = set()
+    for row in f.flatten(1):
+        hits = [
+            (i, v) for i in range(flat.shape[0]) for v in range(2) if torch.equal(flat[i, v], row)
+        ]
+        assert len(hits) == 1
+        used.add(hits[0][0])
+    assert used == set(range(cache.num_images))
+    again = torch.cat([b[0] for b in source.batches(seed=3, epoch=1, batch_size=4)])
+    assert torch.equal(f, again)
+
+
+def test_streaming_training_learns(caches, tmp_path):
+    result = train(
+        train_config(
+            [caches["train"]], tmp_path / "s", stream=True, epochs=3, val_cache=caches["val"]
+        )
+    )
+    assert result.source == "stream"
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+
+
+def test_incompatible_caches_refused(caches, cache_4layers, dataset, tmp_path):
+    with pytest.raises(CacheError, match="cannot be used with.*layers 1 vs 4"):
+        train(train_config([caches["train"], cache_4layers], tmp_path / "a"))
+    other_size = tmp_path / "size.zarr"
+    extract(extract_config(dataset / "val", other_size, size=(42, 84)))
+    with pytest.raises(CacheError, match="size 56x98 vs 42x84"):
+        train(train_config([caches["train"]], tmp_path / "b", val_cache=other_size))
+
+
+def test_existing_results_and_resume_checks(caches, tmp_path):
+    train(train_config([caches["train"]], tmp_path / "r", epochs=1))
+    with pytest.raises(OffroadSegError, match="already holds a trained head"):
+        train(train_config([caches["train"]], tmp_path / "r", epochs=1))
+    with pytest.raises(CacheError, match="other caches"):
+        train(train_config([caches["val"]], tmp_path / "r", epochs=1, resume=True))
+    with pytest.raises(OffroadSegError, match="nothing to resume"):
+        train(train_config([caches["train"]], tmp_path / "empty", resume=True))
+
+
+def test_cli_train_prints_epochs(caches, tmp_path):
+    r = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            str(caches["train"]),
+            str(tmp_path / "h"),
+            "--val-cache",
+            str(caches["val"]),
+            "--epochs",
+            "2",
+            "--device",
+            "cpu",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert "epoch   1/2" in r.stderr and "val_mIoU" in r.stderr
+    assert "best val mIoU" in r.stdout
+    assert (tmp_path / "h" / "segmentation_head.pth").exists()
+
+
+def test_validation_metrics_equal_direct_computation(caches, tmp_path):
+    train(train_config([caches["train"]], tmp_path / "v", epochs=1))
+    ckpt = load_checkpoint(tmp_path / "v" / "segmentation_head.pth")
+    head = ckpt.build()
+    cache = FeatureCache.open(caches["val"])
+    m1 = evaluate_on_cache(head, cache, torch.device("cpu"), None, batch_size=1)
+    m3 = evaluate_on_cache(head, cache, torch.device("cpu"), None, batch_size=3)
+    np.testing.assert_array_equal(m1.confusion, m3.confusion)
+    assert m1.loss == pytest.approx(m3.loss, rel=1e-6)
+    feats, labels = cache.load()
+    with torch.no_grad():
+        logits = head(torch.from_numpy(feats[:, 0].astype(np.float32)))
+        up = torch.nn.functional.interpolate(
+            logits, size=SIZE, mode="bilinear", align_corners=False
+        )
+    pred = up.argmax(1).numpy()
+    assert m1.pixel_accuracy == pytest.approx(np.mean(pred == labels[:, 0]))
