@@ -29,7 +29,7 @@ from offroad_seg.core import storage
 from offroad_seg.data.dataset import ClassMap
 from offroad_seg.features.cache import CacheSpec, FeatureCache
 from offroad_seg.features.extract import ChunkWriter
-from offroad_seg.metrics.confusion import to_hackathon_ids
+from offroad_seg.metrics.hackathon import to_hackathon_ids
 from offroad_seg.models.backbone import BackboneSpec
 from offroad_seg.models.preprocess import Preprocessing
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from offroad_seg.errors import ConfigError
+
 if TYPE_CHECKING:  # annotations only: storage imports zarr, which --help need not load
     from offroad_seg.core.storage import CachePath
 
@@ -126,8 +128,6 @@ def apply_preset(cfg: TrainConfig) -> TrainConfig:
     if cfg.preset is None:
         return cfg
     if cfg.preset not in PRESETS:
-        from offroad_seg.errors import ConfigError
-
         raise ConfigError(f"preset {cfg.preset!r}: expected one of {', '.join(PRESETS)}")
     changes = {
         name: value
@@ -219,3 +219,37 @@ class SweepConfig:
     @property
     def out(self) -> Path:
         return self.train.out
+
+
+# Synthetic scenes (offroad-seg synth, the demo): the smallest size that fits every class.
+MIN_WIDTH = 64
+MIN_HEIGHT = 48
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """What `synthesize` writes: `out/train` and `out/val` with `train` and `val` scenes."""
+
+    out: Path
+    train: int = 24
+    val: int = 8
+    seed: int = 0
+    width: int = 960
+    height: int = 540
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out", Path(self.out))
+        if self.seed < 0:
+            raise ConfigError(f"synthetic data: seed {self.seed} is negative")
+        if self.train < 1 or self.val < 1:
+            raise ConfigError(
+                f"synthetic data: train={self.train} and val={self.val} must both be at least 1"
+            )
+        check_synth_size(self.width, self.height)
+
+
+def check_synth_size(width: int, height: int) -> None:
+    if width < MIN_WIDTH or height < MIN_HEIGHT:
+        raise ConfigError(
+            f"synthetic data: size {width}x{height} is too small; at least {MIN_WIDTH}x{MIN_HEIGHT}"
+        )

@@ -10,14 +10,9 @@ import pytest
 from PIL import Image
 
 from offroad_seg.data.dataset import IMAGES_DIR, MASKS_DIR, ClassMap, list_samples, read_labels
-from offroad_seg.data.synthetic import (
-    SynthConfig,
-    min_class_pixels,
-    render_scene,
-    split_names,
-    synthesize,
-    write_split,
-)
+from offroad_seg.data.synthetic import SynthConfig, split_names, synthesize, write_split
+from offroad_seg.data.synthetic.palette import min_class_pixels
+from offroad_seg.data.synthetic.render import render_scene
 from offroad_seg.errors import ConfigError, DataError
 
 SMALL = (196, 112)

@@ -15,11 +15,10 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from offroad_seg.data.dataset import ClassMap
-from offroad_seg.metrics.confusion import (
+from offroad_seg.metrics.confusion import SegMetrics, confusion_matrix
+from offroad_seg.metrics.hackathon import (
     HACKATHON_TITLE,
     HackathonMetrics,
-    SegMetrics,
-    confusion_matrix,
     hackathon_image_counts,
     hackathon_prediction,
     hackathon_scores,

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from offroad_seg.cli import cli
 from offroad_seg.data.dataset import ClassMap, list_samples, read_mask
 from offroad_seg.features.cache import FeatureCache
-from offroad_seg.metrics.confusion import hackathon_image_counts, hackathon_scores, hackathon_truth
+from offroad_seg.metrics.hackathon import hackathon_image_counts, hackathon_scores, hackathon_truth
 from offroad_seg.models.checkpoint import load_checkpoint
 from tests.conftest import SIZE
 

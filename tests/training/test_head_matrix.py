@@ -15,7 +15,7 @@ from offroad_seg.cli import cli
 from offroad_seg.data.dataset import ClassMap
 from offroad_seg.features.cache import CacheSpec, FeatureCache
 from offroad_seg.features.extract import extract
-from offroad_seg.metrics.confusion import to_hackathon_ids
+from offroad_seg.metrics.hackathon import to_hackathon_ids
 from offroad_seg.models.backbone import BackboneSpec
 from offroad_seg.models.checkpoint import load_checkpoint
 from offroad_seg.models.heads import head_names

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from offroad_seg.data.dataset import ClassMap, Sample, read_image, read_mask
 from offroad_seg.errors import DataError, OffroadSegError
-from offroad_seg.metrics.confusion import hackathon_truth
+from offroad_seg.metrics.hackathon import hackathon_truth
 from offroad_seg.models.preprocess import (
     Preprocessing,
     image_to_tensor,

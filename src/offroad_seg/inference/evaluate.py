@@ -63,10 +63,9 @@ from offroad_seg.features.loader import (
 )
 from offroad_seg.inference.engines import build_engine, check_engine_tta, load_head, resolve_engine
 from offroad_seg.inference.runfolder import RecordLog, prepare_run_folder, read_records
-from offroad_seg.metrics.confusion import (
+from offroad_seg.metrics.confusion import SegMetrics, confusion_matrix
+from offroad_seg.metrics.hackathon import (
     HackathonMetrics,
-    SegMetrics,
-    confusion_matrix,
     hackathon_image_counts,
     hackathon_prediction,
     hackathon_scores,

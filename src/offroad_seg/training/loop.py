@@ -32,10 +32,9 @@ from offroad_seg.core.distributed import SINGLE, World, rank_seed
 from offroad_seg.core.runtime import autocast, grad_scaler, resolve_device
 from offroad_seg.errors import CacheError, ConfigError, Interrupted, OffroadSegError
 from offroad_seg.features.cache import FeatureCache
-from offroad_seg.metrics.confusion import (
-    ConfusionAccumulator,
+from offroad_seg.metrics.confusion import ConfusionAccumulator, SegMetrics
+from offroad_seg.metrics.hackathon import (
     HackathonMetrics,
-    SegMetrics,
     hackathon_image_counts,
     hackathon_prediction,
     hackathon_scores,
