@@ -14,7 +14,6 @@ from offroad_seg.errors import ConfigError
 from offroad_seg.models.heads import (
     HEADS,
     HeadConfig,
-    PyramidHead,
     build_head,
     count_parameters,
     flops_per_image,
@@ -23,6 +22,7 @@ from offroad_seg.models.heads import (
     head_defaults_help,
     head_names,
 )
+from offroad_seg.models.heads.pyramid import PyramidHead
 from offroad_seg.training.losses import segmentation_loss
 
 NAMES = head_names()
