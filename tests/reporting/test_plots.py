@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from offroad_seg.data.dataset import ClassMap
-from offroad_seg.reporting import plots
+from offroad_seg.reporting import overlays, plots
 
 CLASS_MAP = ClassMap.default()
 K = CLASS_MAP.num_classes
@@ -135,8 +135,8 @@ def _inputs(h: int, w: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.n
 @pytest.mark.parametrize(("h", "w"), [(540, 960), (40, 60), (1, 1), (7, 300)])
 def test_comparison_panel_layout(h: int, w: int, title: str | None) -> None:
     image, truth, pred = _inputs(h, w)
-    panel = plots.comparison_panel(image, truth, pred, CLASS_MAP, title=title)
-    layout = plots.panel_layout(image.shape, CLASS_MAP, title)
+    panel = overlays.comparison_panel(image, truth, pred, CLASS_MAP, title=title)
+    layout = overlays.panel_layout(image.shape, CLASS_MAP, title)
 
     assert panel.dtype == np.uint8
     assert layout.header > 0 and layout.legend > 0
@@ -158,20 +158,20 @@ def test_comparison_panel_layout(h: int, w: int, title: str | None) -> None:
 
 
 def test_comparison_panel_header_and_legend_sizes() -> None:
-    big = plots.panel_layout((540, 960, 3), CLASS_MAP)
-    big_titled = plots.panel_layout((540, 960, 3), CLASS_MAP, "title")
-    small = plots.panel_layout((40, 60, 3), CLASS_MAP)
+    big = overlays.panel_layout((540, 960, 3), CLASS_MAP)
+    big_titled = overlays.panel_layout((540, 960, 3), CLASS_MAP, "title")
+    small = overlays.panel_layout((40, 60, 3), CLASS_MAP)
     assert big_titled.header == 2 * big.header  # the title bar is as tall as the captions
     assert big.header > small.header  # text scales with the image width
     assert small.legend > big.legend  # a narrow panel wraps the legend over more rows
-    assert plots.panel_layout((540, 960, 3), CLASS_MAP, "") == big
+    assert overlays.panel_layout((540, 960, 3), CLASS_MAP, "") == big
 
 
 def test_comparison_panel_is_deterministic_and_leaves_inputs_alone() -> None:
     image, truth, pred = _inputs(30, 50, seed=3)
     copies = [a.copy() for a in (image, truth, pred)]
-    first = plots.comparison_panel(image, truth, pred, CLASS_MAP, title="t")
-    second = plots.comparison_panel(image, truth, pred, CLASS_MAP, title="t")
+    first = overlays.comparison_panel(image, truth, pred, CLASS_MAP, title="t")
+    second = overlays.comparison_panel(image, truth, pred, CLASS_MAP, title="t")
     np.testing.assert_array_equal(first, second)
     assert first.flags.writeable
     for a, b in zip((image, truth, pred), copies, strict=True):
@@ -181,17 +181,17 @@ def test_comparison_panel_is_deterministic_and_leaves_inputs_alone() -> None:
 def test_comparison_panel_rejects_mismatched_inputs() -> None:
     image, truth, pred = _inputs(20, 30)
     with pytest.raises(ValueError, match="differ in size"):
-        plots.comparison_panel(image, truth[:10], pred, CLASS_MAP)
+        overlays.comparison_panel(image, truth[:10], pred, CLASS_MAP)
     with pytest.raises(ValueError, match="uint8"):
-        plots.comparison_panel(image.astype(np.float32), truth, pred, CLASS_MAP)
+        overlays.comparison_panel(image.astype(np.float32), truth, pred, CLASS_MAP)
     with pytest.raises(ValueError, match="uint8"):
-        plots.comparison_panel(image[..., 0], truth, pred, CLASS_MAP)
+        overlays.comparison_panel(image[..., 0], truth, pred, CLASS_MAP)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 0.5, 1.0])
 def test_overlay_blend(alpha: float) -> None:
     image, _, pred = _inputs(33, 47, seed=1)
-    out = plots.overlay(image, pred, alpha)
+    out = overlays.overlay(image, pred, alpha)
     expected = np.rint(
         (1.0 - alpha) * image.astype(np.float64) + alpha * pred.astype(np.float64)
     ).astype(np.uint8)
@@ -206,28 +206,28 @@ def test_overlay_blend(alpha: float) -> None:
 def test_overlay_known_values() -> None:
     image = np.array([[[0, 100, 255]]], dtype=np.uint8)
     pred = np.array([[[255, 0, 255]]], dtype=np.uint8)
-    np.testing.assert_array_equal(plots.overlay(image, pred, 0.5), [[[128, 50, 255]]])
-    np.testing.assert_array_equal(plots.overlay(image, pred, 0.25), [[[64, 75, 255]]])
+    np.testing.assert_array_equal(overlays.overlay(image, pred, 0.5), [[[128, 50, 255]]])
+    np.testing.assert_array_equal(overlays.overlay(image, pred, 0.25), [[[64, 75, 255]]])
 
 
 def test_overlay_rejects_bad_input() -> None:
     image, _, pred = _inputs(10, 10)
     with pytest.raises(ValueError, match="alpha"):
-        plots.overlay(image, pred, 1.5)
+        overlays.overlay(image, pred, 1.5)
     with pytest.raises(ValueError, match="differ"):
-        plots.overlay(image, pred[:5])
+        overlays.overlay(image, pred[:5])
 
 
 @pytest.mark.parametrize(("h", "w"), [(540, 960), (33, 47), (1, 1)])
 def test_overlay_with_legend(h: int, w: int) -> None:
     image, _, pred = _inputs(h, w, seed=4)
-    out = plots.overlay_with_legend(image, pred, CLASS_MAP, alpha=0.3)
+    out = overlays.overlay_with_legend(image, pred, CLASS_MAP, alpha=0.3)
     assert out.dtype == np.uint8 and out.shape[1:] == (w, 3) and out.shape[0] > h
-    np.testing.assert_array_equal(out[:h], plots.overlay(image, pred, 0.3))
+    np.testing.assert_array_equal(out[:h], overlays.overlay(image, pred, 0.3))
 
     # The legend does not depend on the image: another image of that size gets the same one.
     other, _, other_pred = _inputs(h, w, seed=5)
-    again = plots.overlay_with_legend(other, other_pred, CLASS_MAP)
+    again = overlays.overlay_with_legend(other, other_pred, CLASS_MAP)
     assert again.shape == out.shape
     np.testing.assert_array_equal(again[h:], out[h:])
     if w >= 60:  # every class colour and the ignore white appear in the legend
@@ -236,15 +236,15 @@ def test_overlay_with_legend(h: int, w: int) -> None:
             assert tuple(int(v) for v in colour) in colours
     # wrapped to the narrower width: taller than the legend of a 3-column comparison panel
     if w == 960:
-        assert out.shape[0] - h > plots.panel_layout(image.shape, CLASS_MAP).legend
+        assert out.shape[0] - h > overlays.panel_layout(image.shape, CLASS_MAP).legend
 
 
 def test_overlay_with_legend_rejects_bad_input() -> None:
     image, _, pred = _inputs(10, 10)
     with pytest.raises(ValueError, match="differ"):
-        plots.overlay_with_legend(image, pred[:5], CLASS_MAP)
+        overlays.overlay_with_legend(image, pred[:5], CLASS_MAP)
     with pytest.raises(ValueError, match="alpha"):
-        plots.overlay_with_legend(image, pred, CLASS_MAP, alpha=-0.1)
+        overlays.overlay_with_legend(image, pred, CLASS_MAP, alpha=-0.1)
 
 
 # --------------------------------------------------------------------------- save_png

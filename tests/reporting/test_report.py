@@ -19,7 +19,7 @@ from PIL import Image
 
 from offroad_seg.data.dataset import IGNORE_ID, ClassMap
 from offroad_seg.metrics.confusion import SegMetrics, confusion_matrix
-from offroad_seg.reporting import plots
+from offroad_seg.reporting import overlays, plots
 from offroad_seg.reporting.report import (
     THUMBNAIL_HEIGHT,
     ImageRow,
@@ -170,7 +170,7 @@ class _Report:
             comparison = None
             if i < 2:
                 comparison = Path("comparisons") / name
-                panel = plots.comparison_panel(
+                panel = overlays.comparison_panel(
                     image, CLASS_MAP.colorize(truth), CLASS_MAP.colorize(pred), CLASS_MAP
                 )
                 plots.save_png(root / comparison, panel)

@@ -325,7 +325,8 @@ def _write_eval_image(
         _save_mask(cfg.out / "masks" / name, class_map.ids_to_codes(pred))
         _save_color_mask(cfg.out / "masks_color" / name, pred, class_map)
     if original is not None:
-        from offroad_seg.reporting.plots import comparison_panel, save_png
+        from offroad_seg.reporting.overlays import comparison_panel
+        from offroad_seg.reporting.plots import save_png
 
         panel = comparison_panel(
             original, class_map.colorize(truth), class_map.colorize(pred), class_map, title=name
@@ -547,7 +548,8 @@ def _write_predicted_image(
     _save_mask(out / "masks" / name, class_map.ids_to_codes(pred))
     _save_color_mask(out / "masks_color" / name, pred, class_map)
     if original is not None:
-        from offroad_seg.reporting.plots import overlay_with_legend, save_png
+        from offroad_seg.reporting.overlays import overlay_with_legend
+        from offroad_seg.reporting.plots import save_png
 
         save_png(
             out / "overlays" / name,
@@ -622,7 +624,7 @@ class _OverlayMovie:
         if not self.enabled:
             return
         from offroad_seg.data.video import VideoWriter
-        from offroad_seg.reporting.plots import overlay_with_legend
+        from offroad_seg.reporting.overlays import overlay_with_legend
 
         picture = overlay_with_legend(rgb, class_map.colorize(pred), class_map)
         if self.writer is None:
