@@ -22,22 +22,23 @@ from offroad_seg.extract import extract
 
 from .conftest import ROOT, DocBlock, doc_blocks, doc_pages, doc_python, extract_config
 
-# (page, heading line, index among that heading's python blocks) -> the test that runs it
+# (page, heading line, index among that heading's python blocks) -> the test that runs it, as
+# "file name::function" (the file is looked for anywhere under tests/)
 RUN_BY = {
     ("README.md", "## Python API", 0): (
-        "tests/test_api.py::test_readme_python_example_runs_as_written"
+        "test_api.py::test_readme_python_example_runs_as_written"
     ),
     ("docs/python-api.md", "## Segmenter", 0): (
-        "tests/test_api.py::test_python_api_example_runs_as_written"
+        "test_api.py::test_python_api_example_runs_as_written"
     ),
     ("docs/deploy.md", "## Running an export with ONNX Runtime alone", 0): (
-        "tests/test_export.py::test_docs_onnx_runtime_example_runs_without_the_package"
+        "test_export.py::test_docs_onnx_runtime_example_runs_without_the_package"
     ),
     ("docs/data-and-cache.md", "### Reading a cache with plain zarr", 0): (
-        "tests/test_docs.py::test_cache_examples_read_what_the_tool_reads"
+        "test_docs.py::test_cache_examples_read_what_the_tool_reads"
     ),
     ("docs/data-and-cache.md", "## int8 caches", 0): (
-        "tests/test_docs.py::test_cache_examples_read_what_the_tool_reads"
+        "test_docs.py::test_cache_examples_read_what_the_tool_reads"
     ),
 }  # fmt: skip
 
@@ -76,7 +77,9 @@ def test_each_registered_block_is_read_by_its_test(block):
     """The named test exists and reads exactly that block (page and heading as literals)."""
     page, heading, index = block
     file, name = RUN_BY[block].split("::")
-    source = _function_source(ROOT / file, name)
+    found = sorted((ROOT / "tests").rglob(file))
+    assert len(found) == 1, f"{RUN_BY[block]}: {len(found)} files named {file} under tests/"
+    source = _function_source(found[0], name)
     call = f"doc_python({page!r}, {heading!r}".replace("'", '"')
     assert call in source, f"{RUN_BY[block]} does not run {page} {heading!r}"
     assert index == 0 or f"index={index}" in source
