@@ -22,7 +22,7 @@ for a real dataset) it measures and records:
   syncs       training, evaluation and extraction again under
               torch.cuda.set_sync_debug_mode("warn"): every remaining host sync, where it is
               (file:line in offroad_seg, function) and how often, per step or batch
-  targets     the README's GPU targets (on an H100) side by side with what was measured
+  targets     docs/performance.md's GPU targets (on an H100) beside what was measured
 
 Every section records its error instead of stopping the report; the exit status is 1 when any
 section failed. On a CPU the CUDA-only parts say why they were skipped.
@@ -88,7 +88,7 @@ SECTIONS = (
     "syncs",
     "targets",
 )
-# README's GPU targets, on an H100
+# docs/performance.md's GPU targets, on an H100
 TARGETS = {
     "extraction_images_per_s": 1000.0,  # from 960x540 PNGs
     "training_seconds": 30.0,  # 20 epochs on 2,857 cached images
@@ -626,7 +626,8 @@ def syncs(args, data: Path, device: torch.device, out: Path, eval_head: Path | N
 
 
 def targets(args, report: dict) -> list[dict]:
-    """The README's GPU targets next to this run's numbers (and the settings they assume)."""
+    """docs/performance.md's GPU targets next to this run's numbers (and the settings they
+    assume)."""
     rows = []
     ex = report.get("extraction", {})
     same_scene = tuple(args.scene) == TARGET_SCENE

@@ -7,6 +7,7 @@ two CPU cores while exercising every code path the real 960x540 -> 266x476 data 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -21,13 +22,60 @@ SIZE = (56, 98)  # working size: rows x cols, 4x7 tokens
 
 torch.set_num_threads(2)
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+FENCE = re.compile(r"^(`{3,})\s*([\w+-]*)")
+HEADING = re.compile(r"^(#{1,6}) +(.+?)\s*#*\s*$")
 
 
-def readme_python(heading: str) -> str:
-    """The first ```python block after README's `heading` (tests run README's examples)."""
-    text = README.read_text()
-    return re.search(r"```python\n(.*?)```", text[text.index(heading) :], re.S).group(1)
+@dataclass(frozen=True)
+class DocBlock:
+    """A fenced code block of a documentation page, named by the heading above it."""
+
+    page: str  # relative to the repository root: "README.md", "docs/deploy.md"
+    heading: str  # the nearest heading line above it, as written: "## Python API"
+    index: int  # its place among the blocks of its language under that heading
+    language: str  # the fence's info string: "python", "bash", "" ...
+    line: int  # where its code starts (1-based)
+    code: str
+
+
+def doc_pages() -> list[Path]:
+    """README.md and every docs/*.md: the pages whose examples and links are tested."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def doc_blocks(path: Path) -> list[DocBlock]:
+    """Every fenced block of a page, in order (headings inside blocks are code, not headings)."""
+    page, heading, counts = path.relative_to(ROOT).as_posix(), "", {}
+    blocks, fence, start, language = [], None, 0, ""
+    lines = path.read_text().splitlines()
+    for number, line in enumerate(lines, 1):
+        if fence is None:
+            opened = FENCE.match(line)
+            if opened:
+                fence, start, language = opened.group(1), number, opened.group(2)
+            elif HEADING.match(line):
+                heading = line.rstrip()
+            continue
+        closing = line.strip()
+        if closing.startswith(fence) and not closing.strip("`"):
+            index = counts.get((heading, language), 0)
+            counts[(heading, language)] = index + 1
+            code = "\n".join(lines[start : number - 1]) + "\n"
+            blocks.append(DocBlock(page, heading, index, language, start + 1, code))
+            fence = None
+    assert fence is None, f"{page}:{start}: a code block is never closed"
+    return blocks
+
+
+def doc_python(page: str, heading: str, index: int = 0) -> str:
+    """The code of a ```python block of a page (`README.md`, `docs/deploy.md`), the `index`-th
+    under its `heading` line as written (`## Deploy`): tests run the docs' examples. The
+    tests that do are listed in tests/test_docs.py's RUN_BY."""
+    for block in doc_blocks(ROOT / page):
+        if (block.language, block.heading, block.index) == ("python", heading, index):
+            return block.code
+    raise LookupError(f"{page}: no python block {index} under {heading!r}")
 
 
 @pytest.fixture(scope="session")

@@ -63,7 +63,8 @@ class TrainConfig:
     val_cache: CachePath | None = None
     preset: str | None = None  # a name in PRESETS: its values replace the defaults below
     # pyramid (width 96) at batch 2: the best mean val mIoU of bench/head_study.py's settings
-    # with the smallest spread (0.455 +- 0.002 against the seed preset's 0.388; README)
+    # with the smallest spread (0.455 +- 0.002 against the seed preset's 0.388; the head study
+    # in docs/heads-and-losses.md)
     head: str = "pyramid"  # a name in heads.HEADS
     width: int = 0  # 0: the head's default
     depth: int = 0

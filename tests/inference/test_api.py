@@ -1,5 +1,5 @@
-"""The Python API: `Segmenter` gives exactly the CLI's masks, and README's example runs as
-written."""
+"""The Python API: `Segmenter` gives exactly the CLI's masks, and the examples of README and
+docs/python-api.md run as written."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from offroad_seg import Segmenter
 from offroad_seg.cli import cli
 from offroad_seg.data.dataset import list_samples, read_mask
 from offroad_seg.training.loop import TrainConfig, train
-from tests.conftest import readme_python
+from tests.conftest import doc_python
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +58,27 @@ def test_public_surface_is_exported():
         offroad_seg.not_a_thing  # noqa: B018
 
 
-def test_readme_python_example_runs_as_written(tiny_demo, monkeypatch):
-    """README's API example, run after a (tiny) `offroad-seg demo`, as a new user would."""
-    code = readme_python("## Python API")
+def test_python_api_example_runs_as_written(tiny_demo, monkeypatch):
+    """docs/python-api.md's example, run after a (tiny) `offroad-seg demo`, as a new user
+    would: it asserts itself that its mask is the one the demo's evaluate wrote."""
+    code = doc_python("docs/python-api.md", "## Segmenter")
     monkeypatch.chdir(tiny_demo)
     namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)  # asserts the CLI's mask itself
+    exec(compile(code, "docs/python-api.md", "exec"), namespace)
     assert namespace["pred"].ids.shape == (112, 196)
+    assert namespace["pred"].logits.shape == (11, 112, 196)
+
+
+def test_readme_python_example_runs_as_written(tiny_demo, monkeypatch, tmp_path):
+    """README's ten lines of API, after the same demo: the prediction is the CLI's mask."""
+    code = doc_python("README.md", "## Python API")
+    demo = tiny_demo / "offroad-seg-demo"
+    (tmp_path / "offroad-seg-demo").symlink_to(demo)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    image = namespace["image"]
+    written = np.array(Image.open(demo / "predictions" / "masks" / image.name))
+    np.testing.assert_array_equal(namespace["pred"].codes, written)
+    saved = np.asarray(Image.open(tmp_path / "prediction.png").convert("RGB"))
+    np.testing.assert_array_equal(saved, namespace["pred"].colors)

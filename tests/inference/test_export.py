@@ -43,7 +43,7 @@ from offroad_seg.models.preprocess import Preprocessing, image_to_tensor, resize
 from offroad_seg.models.segmentation import TTA, SegmentationModel
 from offroad_seg.models.variants import get_variant
 from offroad_seg.models.weights import state_dict_sha256
-from tests.conftest import SIZE, readme_python
+from tests.conftest import SIZE, doc_python
 
 
 def _extra(module: str):
@@ -319,7 +319,7 @@ def test_quantize_dynamic_is_smaller_and_mostly_agrees(vits, images, tmp_path):
     assert engine.checkpoint.payload["quantization"] == "dynamic-int8"
     expected = upsample(OnnxEngine(vits["onnx"]).logits(images)).argmax(1)
     got = upsample(engine.logits(images)).argmax(1)
-    # int8 is an approximation: measured 0.98-0.99 on these random weights (see the README)
+    # int8 is an approximation: measured 0.98-0.99 on these random weights (see docs/performance.md)
     assert 0.9 <= agreement(expected, got) < 1.0
 
 
@@ -395,10 +395,10 @@ def test_refusals_are_one_line(vits, dataset, tmp_path):
         build_engine("torch", load_head(vits["onnx"]))
 
 
-def test_readme_deploy_example_runs_without_the_package(tiny_demo, tmp_path, monkeypatch):
-    """README's ten lines of ONNX Runtime, on the demo's head exported by the CLI: the mask
+def test_docs_onnx_runtime_example_runs_without_the_package(tiny_demo, tmp_path, monkeypatch):
+    """docs/deploy.md's ten lines of ONNX Runtime, on the demo's head exported by the CLI: the mask
     agrees with the one the demo's evaluate wrote (PIL's resize rounds differently)."""
-    code = readme_python("## Deploy")
+    code = doc_python("docs/deploy.md", "## Running an export with ONNX Runtime alone")
     assert "offroad_seg" not in code and "torch" not in code
     demo = tiny_demo / "offroad-seg-demo"
     head = demo / "head" / "segmentation_head.pth"
@@ -408,7 +408,7 @@ def test_readme_deploy_example_runs_without_the_package(tiny_demo, tmp_path, mon
     (tmp_path / "frame.png").write_bytes(image.read_bytes())
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)
+    exec(compile(code, "docs/deploy.md", "exec"), namespace)
     written = read_mask(demo / "predictions" / "masks" / image.name)
     assert namespace["mask"].shape == written.shape and namespace["mask"].dtype == np.uint16
     assert agreement(namespace["mask"], written) >= 0.99

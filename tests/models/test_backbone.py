@@ -223,7 +223,7 @@ def test_full_size_key_mapping_on_the_meta_device():
             variant.ffn,
         )
         params = sum(p.numel() for p in vit.parameters()) / 1e6
-        assert abs(params - variant.params_m) < 0.01  # README's table
+        assert abs(params - variant.params_m) < 0.01  # as `offroad-seg backbones` lists it
 
 
 def test_position_embeddings_are_resized_as_each_variant_does():
