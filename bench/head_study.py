@@ -1,16 +1,26 @@
-"""Head study: every head at a few widths and batch sizes, several seeds, val mIoU and time.
+"""Head study: heads at a few widths on two feature proxies, mIoU against training cost.
 
-    python bench/head_study.py [--train 24 --val 8] [--epochs 20] [--seeds 0,1,2]
-        [--grid "linear=0;seed=128;convnext=96,192;pyramid=32,64"] [--batches 2,8]
-        [--layers 1] [--data TRAIN --val-data VAL]
+    python bench/head_study.py [--train 16 --val 8] [--epochs 16] [--seeds 0,1,2]
+        [--grid "linear=0;seed=128;convnext=96,192;upnext=64,96,192;pyramid=32,96"] [--batch 2]
+        [--difficulty 0.5] [--jobs 2] [--plot docs/head-frontier.png]
+        [--data TRAIN --val-data VAL] [--weights random]
 
-Extracts a training and a validation split once (synthetic scenes of different seeds unless
-`--data`/`--val-data` are given; the backbone of `--weights`, untrained by default), then
-trains each (head, width, batch size) with each seed for `--epochs` epochs on the cached
-features, and prints per setting: validation mIoU (best epoch) mean and spread over the
-seeds, seconds per epoch, parameters. The reference row is `--preset seed` (the hackathon's
-head, batch 2, AdamW 3e-4, 20 epochs, weighted cross entropy). The features are loaded once
-per cache and shared by every run, as `sweep` does.
+Two proxies for DINOv2 features, the same scenes and labels:
+  semantic   tokens synthesised from the label maps the way a frozen, trained ViT behaves
+             (bench/semantic_proxy.py: per-class prototypes mixed by area over each patch,
+             within-class variation, nuisances, noise; `--difficulty`)
+  untrained  the backbone of `--weights` (untrained by default) on the synthetic scenes:
+             features of colour and texture, no semantics, which favours heavy heads
+Each (head, width) of `--grid` ("WIDTH" or "WIDTHxDEPTH"; 0 for heads without a width) is
+trained with each seed for `--epochs` epochs at batch `--batch` on each proxy's training cache
+(`--jobs` trainings at a time, one thread each) and scored by its best epoch's validation
+mIoU. Then every setting's training cost is measured side by side in one process (the
+training threads of this machine): seconds per image of a training step (forward, loss at the
+label size, backward, AdamW) at batch `--batch` on a 19x34 grid of 384 channels, the settings
+in turns, best of 5 rounds; it is the cached epoch's cost per image (bench/bench_train.py
+finds the cache's overhead on top 1.01-1.04x). GFLOP: `flops_per_image`, forward, at 19x34.
+
+Prints the frontier table (markdown) and writes the frontier plot (`--plot`).
 """
 
 from __future__ import annotations
@@ -18,86 +28,227 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from dataclasses import replace
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, replace
+from multiprocessing import get_context
+from pathlib import Path
 
-from common import base_parser, ensure_cache, machine, setup, table, validation_data
+import torch
+from common import base_parser, ensure_cache, machine, setup, validation_data
+from semantic_proxy import write_semantic_cache
 
 from offroad_seg.config import TrainConfig
-from offroad_seg.models.heads import HeadConfig, build_head, count_parameters
-from offroad_seg.training.loop import load_training_data, train
+from offroad_seg.models.heads import HeadConfig, build_head, count_parameters, flops_per_image
+from offroad_seg.training.loop import make_optimizer
+from offroad_seg.training.losses import segmentation_loss
+
+PROXIES = ("semantic", "untrained")
+GRID = (19, 34)  # the default working size's token grid
+SIZE = (266, 476)
+DEFAULT_GRID = "linear=0;seed=128;convnext=96,192;upnext=64,96,192;pyramid=32,96"
 
 
-def parse_grid(text: str) -> list[tuple[str, int]]:
-    """'linear=0;convnext=96,192' -> [('linear', 0), ('convnext', 96), ('convnext', 192)]"""
+@dataclass(frozen=True)
+class Setting:
+    head: str
+    width: int
+    depth: int = 0
+
+    @property
+    def label(self) -> str:
+        if self.head == "linear":
+            return "linear"
+        return f"{self.head} w{self.width}" + (f" d{self.depth}" if self.depth else "")
+
+    def config(self, channels: int = 384) -> HeadConfig:
+        return HeadConfig(name=self.head, in_channels=channels, width=self.width, depth=self.depth)
+
+
+def parse_grid(text: str) -> list[Setting]:
+    """'linear=0;upnext=96,96x1' -> [linear, upnext w96, upnext w96 d1]"""
     out = []
     for part in text.split(";"):
         head, widths = part.split("=")
-        out += [(head.strip(), int(w)) for w in widths.split(",")]
+        for w in widths.split(","):
+            width, _, depth = w.partition("x")
+            out.append(Setting(head.strip(), int(width), int(depth or 0)))
     return out
+
+
+def _train_one(task: tuple) -> float:
+    """One training in a worker process (one thread): its best validation mIoU."""
+    from offroad_seg.training.loop import train
+
+    torch.set_num_threads(1)
+    logging.getLogger("offroad_seg").setLevel(logging.WARNING)
+    cfg, setting = task
+    cfg = replace(cfg, head=setting.head, width=setting.width, depth=setting.depth)
+    return train(cfg).best["val_miou"]
+
+
+def train_all(caches: dict, settings, seeds, args) -> dict:
+    """{(proxy, setting): [mIoU per seed]}"""
+    tasks, keys = [], []
+    for proxy, (train_cache, val_cache) in caches.items():
+        for s in settings:
+            for seed in seeds:
+                out = args.workdir / "study-runs" / f"{proxy}-{s.label.replace(' ', '-')}-{seed}"
+                cfg = TrainConfig(
+                    caches=(train_cache,), out=out, val_cache=val_cache, epochs=args.epochs,
+                    batch_size=args.batch, seed=seed, device="cpu", progress=False,
+                    overwrite=True,
+                )  # fmt: skip
+                tasks.append((cfg, s))
+                keys.append((proxy, s))
+    # the costliest first, so that the jobs finish together
+    order = sorted(range(len(tasks)), key=lambda i: -flops_per_image(keys[i][1].config(), GRID))
+    tasks, keys = [tasks[i] for i in order], [keys[i] for i in order]
+    scores: dict = {}
+    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
+        for (proxy, s), score in zip(keys, pool.map(_train_one, tasks), strict=True):
+            scores.setdefault((proxy, s), []).append(score)
+            if len(scores[(proxy, s)]) == len(seeds):
+                runs = " ".join(f"{v:.4f}" for v in scores[(proxy, s)])
+                print(f"{proxy:9} {s.label:18} {runs}", flush=True)
+    return scores
+
+
+def step_seconds(settings, batch: int, rounds: int = 5, steps: int = 3) -> dict:
+    """Seconds per image of a training step of each setting, in turns, best of `rounds`."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 384, *GRID, generator=g)
+    y = torch.randint(0, 11, (batch, *SIZE), generator=g)
+    weight = torch.rand(11, generator=g) + 0.5
+    models = {}
+    for s in settings:
+        torch.manual_seed(0)
+        head = build_head(s.config())
+        models[s] = (head, make_optimizer(head, 3e-4, 0.01))
+    best = dict.fromkeys(settings, float("inf"))
+    for _ in range(rounds):
+        for s, (head, opt) in models.items():
+            t = time.perf_counter()
+            for _ in range(steps):
+                loss = segmentation_loss(head(x), y, weight)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            best[s] = min(best[s], (time.perf_counter() - t) / (steps * batch))
+    return best
+
+
+def pareto(points: list[tuple[float, float]]) -> list[bool]:
+    """Whether each (cost, quality) point is on the frontier: no other point is cheaper (or
+    as cheap) and better."""
+    return [
+        not any((c2 <= c and q2 > q) or (c2 < c and q2 >= q) for c2, q2 in points)
+        for c, q in points
+    ]
+
+
+def plot(path: Path, settings, cost: dict, scores: dict, reference: Setting | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.9), sharex=True)
+    colours = {}
+    for ax, proxy in zip(axes, PROXIES, strict=True):
+        pts = [(cost[s] * 1e3, statistics.mean(scores[(proxy, s)])) for s in settings]
+        on = pareto(pts)
+        for s, (c, q), front in zip(settings, pts, on, strict=True):
+            colour = colours.setdefault(s.head, f"C{len(colours)}")
+            sd = statistics.stdev(scores[(proxy, s)]) if len(scores[(proxy, s)]) > 1 else 0
+            ax.errorbar(c, q, yerr=sd, fmt="o" if front else "x", color=colour, capsize=2)
+            ax.annotate(s.label, (c, q), textcoords="offset points", xytext=(4, 3), fontsize=7)
+        front = sorted(p for p, f in zip(pts, on, strict=True) if f)
+        ax.plot(*zip(*front, strict=True), "--", color="grey", lw=0.8)
+        if reference is not None:
+            ax.axvline(cost[reference] * 1e3 / 4, color="grey", lw=0.6, ls=":")
+        ax.set_xscale("log")
+        ax.set_title(f"{proxy} proxy")
+        ax.set_xlabel("training ms per image (cached epoch, this CPU)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("val mIoU (mean ± std, 3 seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=72)
+    print(f"wrote {path}")
 
 
 def main() -> None:
     p = base_parser(__doc__)
-    p.add_argument("--train", type=int, default=24, help="synthetic training images")
+    p.add_argument("--train", type=int, default=16, help="synthetic training images")
     p.add_argument("--val", type=int, default=8, help="synthetic validation images")
     p.add_argument("--val-data", help="a validation dataset folder (with --data)")
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--epochs", type=int, default=16)
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--grid", default="linear=0;seed=64,128;convnext=96,192,256;pyramid=32,64,96")
-    p.add_argument("--batches", default="2,8")
-    p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--grid", default=DEFAULT_GRID)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--difficulty", type=float, default=0.5, help="of the semantic proxy")
+    p.add_argument("--jobs", type=int, default=2, help="trainings at a time (one thread each)")
+    p.add_argument("--plot", type=Path, help="write the frontier plot (PNG) here")
     args = p.parse_args()
     args.images = args.train
-    data, device = setup(args)
+    data, _ = setup(args)
     val_data = validation_data(args)
     logging.getLogger("offroad_seg").setLevel(logging.WARNING)
-    tag = f"L{args.layers}"
-    train_cache = ensure_cache(data, args.workdir / f"study-{tag}-train.zarr", args,
-                               layers=args.layers, views=("identity", "hflip"))  # fmt: skip
-    val_cache = ensure_cache(val_data, args.workdir / f"study-{tag}-val.zarr", args,
-                             layers=args.layers)  # fmt: skip
+    wd = args.workdir
+    train_u = ensure_cache(data, wd / f"study-{data.name}-train.zarr", args,
+                           views=("identity", "hflip"))  # fmt: skip
+    val_u = ensure_cache(val_data, wd / f"study-{val_data.name}-val.zarr", args)
+    d = args.difficulty
+    caches = {"semantic": [], "untrained": (train_u, val_u)}
+    for source in (train_u, val_u):
+        dest = source.with_name(source.name.replace(".zarr", f"-semantic{d:g}.zarr"))
+        if not (dest / "zarr.json").exists():
+            write_semantic_cache(source, dest, d)
+        caches["semantic"].append(dest)
+    caches["semantic"] = tuple(caches["semantic"])
+    settings = parse_grid(args.grid)
     seeds = [int(s) for s in args.seeds.split(",")]
-    base = TrainConfig(
-        caches=(train_cache,),
-        out=args.workdir / "study-run",
-        val_cache=val_cache,
-        epochs=args.epochs,
-        device=str(device),
-        progress=False,
-        overwrite=True,
+
+    started = time.perf_counter()
+    scores = train_all(caches, settings, seeds, args)
+    train_minutes = (time.perf_counter() - started) / 60
+    cost = step_seconds(settings, args.batch)
+    gflop = {s: flops_per_image(s.config(), GRID) / 1e9 for s in settings}
+    params = {s: count_parameters(build_head(s.config())) for s in settings}
+    reference = next((s for s in settings if (s.head, s.width) == ("pyramid", 96)), None)
+
+    fronts = {}
+    for proxy in PROXIES:
+        pts = [(cost[s], statistics.mean(scores[(proxy, s)])) for s in settings]
+        fronts[proxy] = dict(zip(settings, pareto(pts), strict=True))
+
+    def cell(proxy: str, s: Setting) -> str:
+        v = scores[(proxy, s)]
+        sd = statistics.stdev(v) if len(v) > 1 else 0.0
+        text = f"{statistics.mean(v):.3f} ± {sd:.3f}"
+        return f"**{text}**" if fronts[proxy][s] else text
+
+    header = ["setting", "params", "GFLOP/image", "train ms/image", "vs pyramid w96"]
+    header += [f"{p} mIoU" for p in PROXIES]
+    print(
+        f"\n{machine(torch.device('cpu'))}; train {data} ({args.train} x 2 views), val "
+        f"{val_data}; {args.epochs} epochs, batch {args.batch}, seeds {args.seeds}; semantic "
+        f"difficulty {d:g}; trainings {train_minutes:.1f} min with {args.jobs} jobs\n"
     )
-    data_once = load_training_data(base, device)
-    channels = data_once.caches[0].channels
-    settings = [("seed preset", "seed", 0, 2, "seed")]
-    for batch in (int(b) for b in args.batches.split(",")):
-        settings += [
-            (f"{h} w{w or '-'} b{batch}", h, w, batch, None) for h, w in parse_grid(args.grid)
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for s in sorted(settings, key=lambda s: cost[s]):
+        ratio = f"{cost[s] / cost[reference]:.2f}" if reference else "-"
+        row = [
+            s.label,
+            f"{params[s] / 1e3:.0f} k",
+            f"{gflop[s]:.2f}",
+            f"{cost[s] * 1e3:.1f}",
+            ratio,
         ]
-    rows = []
-    for label, head, width, batch, preset in settings:
-        scores, epoch_s = [], []
-        for seed in seeds:
-            cfg = replace(base, head=head, width=width, batch_size=batch, seed=seed, preset=preset)
-            started = time.perf_counter()
-            result = train(cfg, data=data_once)
-            scores.append(result.best["val_miou"])
-            epoch_s.append((time.perf_counter() - started) / args.epochs)
-        params = count_parameters(
-            build_head(HeadConfig(name=head, in_channels=channels, layers=args.layers,
-                                  width=width if head != "linear" else 0))
-        )  # fmt: skip
-        row = (
-            label,
-            " ".join(f"{s:.4f}" for s in scores),
-            f"{statistics.mean(scores):.4f}",
-            f"{statistics.stdev(scores) if len(scores) > 1 else 0:.4f}",
-            f"{statistics.mean(epoch_s):.2f}",
-            f"{params / 1e3:.0f} k",
-        )
-        rows.append(row)
-        print("  ".join(row), flush=True)
-    print(f"\n{machine(device)}; {args.epochs} epochs; train {data}, val {val_data}, {tag}\n")
-    print(table(rows, ("setting", "val mIoU per seed", "mean", "std", "s/epoch", "params")))
+        print("| " + " | ".join(row + [cell(p, s) for p in PROXIES]) + " |")
+    print("\n(bold: on the mIoU/cost frontier of that proxy)")
+    if args.plot:
+        plot(args.plot, settings, cost, scores, reference)
 
 
 if __name__ == "__main__":

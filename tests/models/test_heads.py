@@ -41,8 +41,8 @@ def tokens(layers: int, grid: tuple[int, int], batch: int = 2, seed: int = 0) ->
 # ----------------------------------------------------------------------------- registry
 
 
-def test_registry_lists_the_four_heads_and_the_old_name():
-    assert NAMES == ("linear", "seed", "convnext", "pyramid")
+def test_registry_lists_the_five_heads_and_the_old_name():
+    assert NAMES == ("linear", "seed", "convnext", "pyramid", "upnext")
     assert head_choices() == (*NAMES, "baseline")
     assert get_head_spec("baseline") is HEADS["seed"]
     assert {n: HEADS[n].output_scale for n in NAMES} == {
@@ -50,9 +50,13 @@ def test_registry_lists_the_four_heads_and_the_old_name():
         "seed": 1,
         "convnext": 1,
         "pyramid": 4,
+        "upnext": 4,
     }
-    assert head_defaults_help("width") == "seed 128, convnext 96, pyramid 96"
-    assert head_defaults_help("dropout") == "linear 0, seed 0, convnext 0.1, pyramid 0.1"
+    assert head_defaults_help("width") == "seed 128, convnext 96, pyramid 96, upnext 96"
+    assert head_defaults_help("depth") == "seed 1, convnext 2, upnext 2"
+    assert head_defaults_help("dropout") == (
+        "linear 0, seed 0, convnext 0.1, pyramid 0.1, upnext 0.1"
+    )
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -65,7 +69,10 @@ def test_config_takes_the_registry_defaults(name):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"name": "upernet"}, "head 'upernet': expected one of linear, seed, convnext, pyramid"),
+        (
+            {"name": "upernet"},
+            "head 'upernet': expected one of linear, seed, convnext, pyramid, upnext",
+        ),
         ({"in_channels": 384, "layers": 5}, "head in_channels 384: not divisible by layers 5"),
         ({"layers": 0}, "head layers 0: must be at least 1"),
         ({"name": "linear", "width": 64}, "head linear has no width setting (got 64)"),
@@ -173,6 +180,19 @@ def test_head_overfits_a_tiny_batch(name, learnable_batch):
         losses.append(loss.item())
     assert losses[0] > 1.0  # chance is log(5) = 1.6
     assert min(losses[-5:]) < 0.3 * losses[0], losses[::5]
+
+
+def test_upnext_starts_as_its_token_level_logits_upsampled_bilinearly():
+    """The sub-pixel correction starts at zero: the head begins as a token-level head."""
+    head = build_head(config("upnext")).eval()
+    x = tokens(1, (3, 5))
+    seen = {}
+    head.classifier.register_forward_hook(lambda m, i, out: seen.update(coarse=out))
+    with torch.no_grad():
+        out = head(x)
+    coarse = seen["coarse"].permute(0, 3, 1, 2)
+    expected = F.interpolate(coarse, scale_factor=4, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out, expected)
 
 
 # ----------------------------------------------------------------------------- compatibility
@@ -314,6 +334,11 @@ def test_exact_parameter_and_flop_counts(layers):
     convnext = HeadConfig(name="convnext", in_channels=c, layers=layers, num_classes=11)
     block = 96 * 49 + 2 * 96 * 384
     assert flops_per_image(convnext, (19, 34)) == 2 * hw * (c * 96 + 2 * block + 96 * 11)
+    upnext = HeadConfig(name="upnext", in_channels=c, layers=layers, num_classes=11)
+    # convnext's, the context (one token per image) and the sub-pixel logits (4x4 per token)
+    assert flops_per_image(upnext, (19, 34)) == (
+        2 * hw * (c * 96 + 2 * block + 96 * 11 + 96 * 11 * 16) + 2 * 96 * 96
+    )
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -30,6 +30,7 @@ from offroad_seg.models.heads.convnext import ConvNeXtHead
 from offroad_seg.models.heads.linear import LinearHead
 from offroad_seg.models.heads.pyramid import PyramidHead
 from offroad_seg.models.heads.seed import SeedHead
+from offroad_seg.models.heads.upnext import UpNextHead
 
 # ----------------------------------------------------------------------------- configuration
 
@@ -143,6 +144,10 @@ HEADS: Mapping[str, HeadSpec] = MappingProxyType(
             HeadSpec(
                 "pyramid", PyramidHead, width=96, depth=0, dropout=0.1, output_scale=4,
                 description="UPerNet/FPN decoder on a ViTDet feature pyramid, logits at x4",
+            ),
+            HeadSpec(
+                "upnext", UpNextHead, width=96, depth=2, dropout=0.1, output_scale=4,
+                description="convnext blocks + image context + learned x4 upsampler",
             ),
         )
     }
