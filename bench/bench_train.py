@@ -1,15 +1,17 @@
 """Head retraining: a cached epoch vs. the seed's online epoch vs. pure head compute.
 
-    python bench/bench_train.py [--images 32 | --data DIR] [--head NAME] [--device cpu]
+    python bench/bench_train.py [--images 32 | --data DIR] [--head NAME[,NAME...]]
+        [--online-head seed] [--device cpu]
 
-Three ways to run one epoch of the same head over the same images at the same batch size:
-  online   the seed's loop: decode + preprocess + backbone + head step, every step
-  cached   `offroad-seg train` on the feature cache (what users run)
+Three ways to run one epoch over the same images at the same batch size:
+  online   the seed's loop: decode + preprocess + backbone + head step, every step, with the
+           seed's head (`--online-head`): what stage 2 cost before the cache
+  cached   `offroad-seg train` on the feature cache (what users run), for each `--head`
   pure     the same steps on features and labels already in memory, as stored (float16 and
            uint8; on the GPU when they take at most a quarter of its free memory, else pinned
            host memory), made float32/long per batch as `train` does
-The key ratios: online / cached (the reason the cache exists) and cached / pure (the cache's
-own overhead; 1.0 means free).
+All in one run, side by side. The key ratios: online / cached (the reason the cache exists)
+and cached / pure (the cache's own overhead; 1.0 means free).
 """
 
 from __future__ import annotations
@@ -96,51 +98,69 @@ def pure_epoch(cache: FeatureCache, args, device, head_cfg, weight, epochs: int)
 
 def main() -> None:
     p = base_parser(__doc__)
-    p.add_argument("--head", default=default(TrainConfig, "head"), choices=head_choices())
+    p.add_argument("--head", default=default(TrainConfig, "head"), help="comma-separated heads")
+    p.add_argument("--online-head", default="seed", choices=head_choices())
     p.add_argument("--batch-size", type=int, default=2, help="the seed trained with batch 2")
     p.add_argument("--epochs", type=int, default=5, help="cached/pure epochs (median taken)")
     p.add_argument("--skip-online", action="store_true")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's; 1 is steadier "
+                   "on a machine shared with other work)")  # fmt: skip
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    heads = args.head.split(",")
+    for head in heads:
+        if head not in head_choices():
+            p.error(f"--head {head}: expected one of {', '.join(head_choices())}")
     data, device = setup(args)
     cache_path = ensure_cache(data, args.workdir / f"{data.name}-{args.size}.zarr", args)
     cache = FeatureCache.open(cache_path)
     n = cache.num_images
-    head_cfg = HeadConfig(name=args.head, in_channels=cache.channels, num_classes=11)
     weight = torch.tensor(class_weights_from_pixels(cache.class_pixels()), dtype=torch.float32)
     weight = weight.to(device)
 
-    out = args.workdir / "train-run"
-    shutil.rmtree(out, ignore_errors=True)
-    result = train(
-        TrainConfig(
-            caches=(cache_path,),
-            out=out,
-            head=args.head,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            device=str(device),
-            progress=False,
-        )
-    )
-    epoch_times = [r["seconds"] for r in result.history]
-    cached = statistics.median(epoch_times[1:] if len(epoch_times) > 1 else epoch_times)
-    pure = pure_epoch(cache, args, device, head_cfg, weight, args.epochs)
-    online = None if args.skip_online else online_epoch(data, args, device, head_cfg, weight)
+    def config(head: str) -> HeadConfig:
+        return HeadConfig(name=head, in_channels=cache.channels, num_classes=11)
 
+    online = None
+    if not args.skip_online:
+        online = online_epoch(data, args, device, config(args.online_head), weight)
     rows = []
     if online is not None:
-        rows.append(("online (seed loop)", f"{online:.3f}", f"{n / online:.1f}", "1.0x"))
+        rows.append((f"online (seed loop, {args.online_head} head)", f"{online:.3f}",
+                     f"{n / online:.1f}", "1.0x"))  # fmt: skip
     speed = (lambda s: f"{online / s:.1f}x") if online else (lambda s: "-")
-    rows.append((f"cached ({result.source})", f"{cached:.3f}", f"{n / cached:.1f}", speed(cached)))
-    rows.append(("pure head compute", f"{pure:.3f}", f"{n / pure:.1f}", speed(pure)))
-    print(f"head retraining, {n} images, head {args.head}, batch {args.batch_size}, {device}")
+    notes = []
+    for head in heads:
+        out = args.workdir / "train-run"
+        shutil.rmtree(out, ignore_errors=True)
+        result = train(
+            TrainConfig(
+                caches=(cache_path,),
+                out=out,
+                head=head,
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                device=str(device),
+                progress=False,
+            )
+        )
+        epoch_times = [r["seconds"] for r in result.history]
+        cached = statistics.median(epoch_times[1:] if len(epoch_times) > 1 else epoch_times)
+        pure = pure_epoch(cache, args, device, config(head), weight, args.epochs)
+        rows.append((f"{head}: cached ({result.source})", f"{cached:.3f}", f"{n / cached:.1f}",
+                     speed(cached)))  # fmt: skip
+        rows.append((f"{head}: pure head compute", f"{pure:.3f}", f"{n / pure:.1f}", speed(pure)))
+        notes.append(
+            f"{head}: cache overhead (cached / pure) {cached / pure:.2f}; cached epochs "
+            + ", ".join(f"{t:.3f}" for t in epoch_times)
+            + (f"; speed-up over online {online / cached:.1f}x" if online else "")
+        )
+    print(f"head retraining, {n} images, batch {args.batch_size}, {device}")
     print(f"machine: {machine(device)}")
     print(table(rows, ("epoch", "seconds", "images/s", "vs online")))
-    if online is not None:
-        print(f"cached epoch speed-up over online: {online / cached:.1f}x")
-    print(f"cache overhead (cached / pure): {cached / pure:.2f}")
-    steps = math.ceil(n / args.batch_size)
-    print(f"({steps} steps per epoch; cached epochs {', '.join(f'{t:.3f}' for t in epoch_times)})")
+    print(f"({math.ceil(n / args.batch_size)} steps per epoch)")
+    print("\n".join(notes))
 
 
 if __name__ == "__main__":

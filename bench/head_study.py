@@ -25,6 +25,7 @@ Prints the frontier table (markdown) and writes the frontier plot (`--plot`).
 
 from __future__ import annotations
 
+import json
 import logging
 import statistics
 import time
@@ -146,15 +147,15 @@ def pareto(points: list[tuple[float, float]]) -> list[bool]:
     ]
 
 
-def plot(path: Path, settings, cost: dict, scores: dict, reference: Setting | None) -> None:
+def plot(path: Path, settings, cost, scores, reference: Setting | None, proxies) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.9), sharex=True)
+    fig, axes = plt.subplots(1, len(proxies), figsize=(5 * len(proxies), 3.9), squeeze=False)
     colours = {}
-    for ax, proxy in zip(axes, PROXIES, strict=True):
+    for ax, proxy in zip(axes[0], proxies, strict=True):
         pts = [(cost[s] * 1e3, statistics.mean(scores[(proxy, s)])) for s in settings]
         on = pareto(pts)
         for s, (c, q), front in zip(settings, pts, on, strict=True):
@@ -170,7 +171,7 @@ def plot(path: Path, settings, cost: dict, scores: dict, reference: Setting | No
         ax.set_title(f"{proxy} proxy")
         ax.set_xlabel("training ms per image (cached epoch, this CPU)")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("val mIoU (mean ± std, 3 seeds)")
+    axes[0][0].set_ylabel("val mIoU (mean ± std, 3 seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=72)
     print(f"wrote {path}")
@@ -188,6 +189,12 @@ def main() -> None:
     p.add_argument("--difficulty", type=float, default=0.5, help="of the semantic proxy")
     p.add_argument("--jobs", type=int, default=2, help="trainings at a time (one thread each)")
     p.add_argument("--plot", type=Path, help="write the frontier plot (PNG) here")
+    p.add_argument("--proxies", default=",".join(PROXIES), help="semantic, untrained or both")
+    p.add_argument("--threads", type=int, help="threads of the timing pass (default: torch's)")
+    p.add_argument(
+        "--reuse-scores", action="store_true",
+        help="take the mIoUs of an earlier run (WORKDIR/head-study-scores.json) and only time",
+    )  # fmt: skip
     args = p.parse_args()
     args.images = args.train
     data, _ = setup(args)
@@ -198,26 +205,37 @@ def main() -> None:
                            views=("identity", "hflip"))  # fmt: skip
     val_u = ensure_cache(val_data, wd / f"study-{val_data.name}-val.zarr", args)
     d = args.difficulty
-    caches = {"semantic": [], "untrained": (train_u, val_u)}
+    semantic = []
     for source in (train_u, val_u):
         dest = source.with_name(source.name.replace(".zarr", f"-semantic{d:g}.zarr"))
         if not (dest / "zarr.json").exists():
             write_semantic_cache(source, dest, d)
-        caches["semantic"].append(dest)
-    caches["semantic"] = tuple(caches["semantic"])
+        semantic.append(dest)
+    proxies = args.proxies.split(",")
+    caches = {"semantic": tuple(semantic), "untrained": (train_u, val_u)}
+    caches = {p: caches[p] for p in proxies}
     settings = parse_grid(args.grid)
     seeds = [int(s) for s in args.seeds.split(",")]
 
     started = time.perf_counter()
-    scores = train_all(caches, settings, seeds, args)
+    saved = wd / "head-study-scores.json"
+    if args.reuse_scores:
+        stored = json.loads(saved.read_text())
+        scores = {(p, s): stored[p][s.label] for p in proxies for s in settings}
+    else:
+        scores = train_all(caches, settings, seeds, args)
+        stored = {p: {s.label: scores[(p, s)] for s in settings} for p in proxies}
+        saved.write_text(json.dumps(stored, indent=1))
     train_minutes = (time.perf_counter() - started) / 60
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cost = step_seconds(settings, args.batch)
     gflop = {s: flops_per_image(s.config(), GRID) / 1e9 for s in settings}
     params = {s: count_parameters(build_head(s.config())) for s in settings}
     reference = next((s for s in settings if (s.head, s.width) == ("pyramid", 96)), None)
 
     fronts = {}
-    for proxy in PROXIES:
+    for proxy in proxies:
         pts = [(cost[s], statistics.mean(scores[(proxy, s)])) for s in settings]
         fronts[proxy] = dict(zip(settings, pareto(pts), strict=True))
 
@@ -228,11 +246,17 @@ def main() -> None:
         return f"**{text}**" if fronts[proxy][s] else text
 
     header = ["setting", "params", "GFLOP/image", "train ms/image", "vs pyramid w96"]
-    header += [f"{p} mIoU" for p in PROXIES]
+    header += [f"{p} mIoU" for p in proxies]
     print(
         f"\n{machine(torch.device('cpu'))}; train {data} ({args.train} x 2 views), val "
         f"{val_data}; {args.epochs} epochs, batch {args.batch}, seeds {args.seeds}; semantic "
-        f"difficulty {d:g}; trainings {train_minutes:.1f} min with {args.jobs} jobs\n"
+        f"difficulty {d:g}; "
+        + (
+            "mIoUs of an earlier run"
+            if args.reuse_scores
+            else f"trainings {train_minutes:.1f} min with {args.jobs} jobs"
+        )
+        + "\n"
     )
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
@@ -245,10 +269,10 @@ def main() -> None:
             f"{cost[s] * 1e3:.1f}",
             ratio,
         ]
-        print("| " + " | ".join(row + [cell(p, s) for p in PROXIES]) + " |")
+        print("| " + " | ".join(row + [cell(p, s) for p in proxies]) + " |")
     print("\n(bold: on the mIoU/cost frontier of that proxy)")
     if args.plot:
-        plot(args.plot, settings, cost, scores, reference)
+        plot(args.plot, settings, cost, scores, reference, proxies)
 
 
 if __name__ == "__main__":

@@ -36,13 +36,13 @@ def test_run_records_its_settings(finished, caches):
     settings = config["settings"]
     assert settings["loss"] == "ce+0.5dice" and settings["lr"] == 1e-3
     assert settings["epochs"] == 2 and settings["batch_size"] == 2
-    assert config["head"]["name"] == "pyramid" and config["head"]["width"] == 96  # the defaults
+    assert config["head"]["name"] == "upnext" and config["head"]["width"] == 96  # the defaults
     assert config["backbone"]["name"] == "dinov2_vits14"
     assert config["train_caches"][0]["path"] == str(caches["train"])
     assert len(config["train_caches"][0]["fingerprint"]) == 64
     assert config["val_cache"]["path"] == str(caches["val"])
     text = (finished / "train_stats" / "evaluation_metrics.txt").read_text()
-    assert "loss: ce+0.5dice" in text and "head: pyramid" in text
+    assert "loss: ce+0.5dice" in text and "head: upnext" in text
     assert "lr 0.001" in text and f"val cache: {caches['val']}" in text
 
 
@@ -51,7 +51,7 @@ def test_info_prints_backbone_head_settings_and_best(finished):
     assert r.exit_code == 0, r.output
     out = r.stdout
     assert "dinov2_vits14 layers=1 channels=384" in out
-    assert "name pyramid" in out and "loss ce+0.5dice" in out
+    assert "name upnext" in out and "loss ce+0.5dice" in out
     best = load_checkpoint(finished / "segmentation_head.pth").payload["best"]
     assert f"val mIoU {best['val_miou']:.4f}" in out
     assert "class IoU" in out and "Sky" in out

@@ -388,8 +388,12 @@ _RUN_SETTING_OPTIONS = [
         type=LazyChoice(_head_choices),
         default=default(TrainConfig, "head"),
         show_default=True,
-        help="linear (DINOv2's linear protocol), seed (the hackathon's head; alias baseline), "
-        "convnext, pyramid (UPerNet-style, logits at 4x the token grid).",
+        help="Which head, and when to choose it:\n\n\b\n"
+        "linear    a linear probe: are the features enough?\n"
+        "seed      the hackathon's head (baseline): reproduce it\n"
+        "convnext  token-grid logits, cheap: quick CPU sweeps\n"
+        "upnext    convnext + x4 upsampler: CPU or GPU (default)\n"
+        "pyramid   UPerNet, 35x the cost: GPU, large inputs",
     ),
     click.option(
         "--width", default=default(TrainConfig, "width"), help="Head width [default: the head's]."
