@@ -1,7 +1,7 @@
 """Segmentation heads: backbone token features (B, C, h, w) -> class logits (B, K, h*s, w*s).
 
-Every head is a module of this package (linear, seed, convnext, pyramid; shared blocks in
-`layers`) and ONE entry of `HEADS` (a `HeadSpec`: name, module class, default width, depth and
+Every head is a module of this package (linear, seed, convnext, pyramid, upnext; shared blocks
+in `layers`) and ONE entry of `HEADS` (a `HeadSpec`: name, module class, default width, depth and
 dropout, output scale s, a one-line description, old names). `HeadConfig` validation and
 default resolution, `build_head`, the names a CLI offers (`head_choices`) and its help text
 (`head_defaults_help`) all read the registry, so a new head is a module class plus one entry,
