@@ -163,7 +163,8 @@ def _size_text(size: tuple[int, int]) -> str:
 
 
 WEIGHTS_HELP = (
-    "Backbone weights: the official .pth (e.g. dinov2_vits14_pretrain.pth) or a timm or "
+    "Backbone weights: the official .pth (e.g. dinov2_vits14_pretrain.pth, "
+    "dinov3_vits16_pretrain_lvd1689m-08c60483.pth) or a timm or "
     "transformers .safetensors of the --backbone variant, 'auto' ($OFFROAD_SEG_WEIGHTS, torch "
     "hub cache, Hugging Face cache, then download), or 'random' for an untrained backbone "
     "(tests and smoke runs only)."
@@ -204,7 +205,8 @@ def head_inference_options(fn):
             default=",".join(f"{s:g}" for s in default(EvalConfig, "tta_scales")),
             show_default=True,
             help="Working-size scales whose logits are averaged at each image's size, e.g. "
-            "0.75,1,1.25 (sizes rounded to multiples of 14; a pass costs ~scale^2 or more).",
+            "0.75,1,1.25 (sizes rounded to multiples of the backbone's patch, 14 or 16; a pass "
+            "costs ~scale^2 or more).",
         ),
         click.option(
             "--engine",
@@ -290,16 +292,18 @@ def synth(out: Path, n_train: int, n_val: int, seed: int, width: int, height: in
     type=click.Choice(_backbone_names()),
     default=default(ExtractConfig, "backbone"),
     show_default=True,
-    help="DINOv2 variant (`offroad-seg backbones` lists them).",
+    help="DINOv2 or DINOv3 variant (`offroad-seg backbones` lists them; DINOv3 weights are "
+    "under Meta's DINOv3 License, see docs/backbones.md).",
 )
 @click.option(
     "--weights", default=default(ExtractConfig, "weights"), show_default=True, help=WEIGHTS_HELP
 )
 @click.option(
     "--size",
-    default=_size_text(default(ExtractConfig, "size")),
-    show_default=True,
-    help="Working size ROWSxCOLS, multiples of 14 (960x540 images allow up to 532x952).",
+    default=None,
+    help="Working size ROWSxCOLS, multiples of the backbone's patch: 14 for DINOv2 (960x540 "
+    "images allow up to 532x952), 16 for DINOv3 [default: 266x476 for DINOv2, 272x480 for "
+    "DINOv3].",
 )
 @click.option(
     "--layers",
@@ -366,7 +370,7 @@ def extract(data_dir: Path, cache: str, **opts) -> None:
             cache=cache,
             layers=int(opts.pop("layers")),
             views=views,
-            size=parse_size(opts.pop("size")),
+            size=parse_size(size) if (size := opts.pop("size")) else None,
             **opts,
         )
     )
@@ -678,7 +682,8 @@ def _parse_batch(text: str) -> int | None:
 @click.option(
     "--size",
     default=None,
-    help="Input size ROWSxCOLS, multiples of 14 [default: the head's working size].",
+    help="Input size ROWSxCOLS, multiples of the backbone's patch (14 DINOv2, 16 DINOv3) "
+    "[default: the head's working size].",
 )
 @click.option(
     "--batch",
@@ -799,15 +804,23 @@ def demo(out: Path, n_train: int, n_val: int, epochs: int, width: int, height: i
 @cli.command("backbones")
 @stage
 def backbones() -> None:
-    """List the DINOv2 variants extract can use, with their weight files."""
+    """List the DINOv2 and DINOv3 variants extract can use, with their weight files."""
     from offroad_seg.models.variants import BACKBONES
 
-    click.echo(f"{'name':<20} {'params':>8} {'width':>5} {'blocks':>6} {'registers':>9}  weights")
+    click.echo(
+        f"{'name':<20} {'family':<6} {'patch':>5} {'size':>7} {'params':>8} {'width':>5} "
+        f"{'blocks':>6} {'registers':>9}  weights"
+    )
     for v in BACKBONES.values():
         click.echo(
-            f"{v.name:<20} {v.params_m:>7.0f}M {v.embed_dim:>5} {v.depth:>6} {v.registers:>9}  "
+            f"{v.name:<20} {v.family:<6} {v.patch_size:>5} {_size_text(v.default_size):>7} "
+            f"{v.params_m:>7.0f}M {v.embed_dim:>5} {v.depth:>6} {v.registers:>9}  "
             f"{v.official_file}, {v.timm_repo}, {v.transformers_repo}"
         )
+    click.echo(
+        "DINOv3 weights are under Meta's DINOv3 License, not Apache-2.0; its terms are yours to "
+        "accept with the weights (docs/backbones.md)."
+    )
 
 
 @cli.group("cache")

@@ -38,6 +38,7 @@ from offroad_seg.features.loader import (
 from offroad_seg.features.quantize import quantize_int8
 from offroad_seg.models.backbone import Backbone, load_backbone
 from offroad_seg.models.preprocess import Preprocessing
+from offroad_seg.models.variants import get_variant
 
 log = logging.getLogger(__name__)
 
@@ -202,10 +203,18 @@ def plan_batches(cache: FeatureCache, pending: list[int], batch_size: int) -> li
     return batches
 
 
+def working_preprocessing(config: ExtractConfig) -> Preprocessing:
+    """The cache's preprocessing: `config.size`, or the backbone family's default size (266x476
+    for DINOv2, 272x480 for DINOv3), cut into the backbone's patches."""
+    variant = get_variant(config.backbone)
+    size = tuple(config.size) if config.size else variant.default_size
+    return Preprocessing(size=size, patch_size=variant.patch_size)
+
+
 def build_spec(config: ExtractConfig, backbone: Backbone, samples, class_map: ClassMap):
     return CacheSpec(
         backbone=backbone.spec,
-        preprocessing=Preprocessing(size=tuple(config.size)),
+        preprocessing=working_preprocessing(config),
         class_map=class_map,
         names=tuple(s.name for s in samples),
         sources_digest=sources_digest([(s.name, s.image, s.mask) for s in samples]),
@@ -222,7 +231,7 @@ def extract(config: ExtractConfig) -> ExtractSummary:
     flags and takes every K-th batch (whole chunks, so no chunk has two writers), and rank 0
     finalizes once all are done; a cache started with K ranks resumes with any other number."""
     started = time.perf_counter()
-    Preprocessing(size=tuple(config.size))  # a bad size fails before any work starts
+    working_preprocessing(config)  # a bad size or backbone fails before any work starts
     class_map = resolve_class_map(config.class_map)
     samples = list_samples(config.data_dir)
     check_headers(samples)

@@ -3,7 +3,8 @@
 
 The graph is the whole inference path after the resize: uint8 RGB images at the working size,
 exactly what `preprocess.resize_image` makes, -> ImageNet normalisation -> the backbone (its
-position embeddings resized to that grid at export time, as constants) -> the head -> logits.
+position embeddings resized to that grid, or for DINOv3 its rotary sines and cosines computed
+for it, at export time, as constants) -> the head -> logits.
 
   input   images       (B, 3, rows, cols) uint8 RGB
   output  logits       (B, K, rows, cols) float32: the head's logits upsampled to the input size
@@ -97,19 +98,23 @@ def require(module: str, what: str) -> Any:
 
 
 class FixedGridBackbone(Backbone):
-    """The backbone with its position embeddings resized once, for one token grid, and held as
-    a buffer: exporters see shapes symbolically, so the per-grid cache of `Backbone` cannot be
-    looked up while tracing, and the antialiased bicubic resize of the register variants has
-    no ONNX equivalent. The forward pass is `Backbone.forward`, unchanged."""
+    """The backbone with its position information computed once, for one token grid, and held
+    as buffers (DINOv2: the resized position embeddings; DINOv3: the rotary sines and cosines):
+    exporters see shapes symbolically, so the per-grid cache of `Backbone` cannot be looked up
+    while tracing, and the antialiased bicubic resize of the DINOv2 register variants has no
+    ONNX equivalent. The forward pass is `Backbone.forward`, unchanged."""
 
     def __init__(self, backbone: Backbone, grid: tuple[int, int]) -> None:
         super().__init__(backbone.vit, backbone.spec)
         device = backbone.vit.cls_token.device
         self.grid = grid
-        self.register_buffer("fixed_pos", backbone.patch_pos_embed(*grid, device).clone())
+        fixed = backbone.positions(*grid, device)
+        self.fixed_names = tuple(f"fixed_pos_{i}" for i in range(len(fixed)))
+        for name, value in zip(self.fixed_names, fixed, strict=True):
+            self.register_buffer(name, value.clone())
 
-    def patch_pos_embed(self, rows: int, cols: int, device: torch.device) -> torch.Tensor:
-        return self.fixed_pos
+    def positions(self, rows: int, cols: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        return tuple(getattr(self, name) for name in self.fixed_names)
 
 
 class ExportGraph(nn.Module):
@@ -120,7 +125,8 @@ class ExportGraph(nn.Module):
         prep = model.preprocessing
         self.size = tuple(size)
         self.argmax = argmax
-        self.backbone = FixedGridBackbone(model.backbone, Preprocessing(size=self.size).grid)
+        grid = Preprocessing(size=self.size, patch_size=prep.patch_size).grid
+        self.backbone = FixedGridBackbone(model.backbone, grid)
         self.head = model.head.eval()
         # exactly `preprocess.normalize`: (x - 255 mean) / (255 std) in float32
         self.register_buffer("mean", torch.tensor(prep.mean).view(1, 3, 1, 1) * 255.0)
@@ -166,8 +172,11 @@ def metadata(
 ) -> dict[str, str]:
     """The metadata_props of an exported float32 model (see `METADATA`)."""
     prep = Preprocessing(
-        size=size, mean=ckpt.preprocessing.mean, std=ckpt.preprocessing.std
-    )  # the exported size; resize and normalisation as the head was trained
+        size=size,
+        mean=ckpt.preprocessing.mean,
+        std=ckpt.preprocessing.std,
+        patch_size=ckpt.preprocessing.patch_size,
+    )  # the exported size; resize, normalisation and patch as the head was trained
     source = Path(ckpt.path)
     props = {
         "format": FORMAT,
@@ -263,7 +272,7 @@ def export_model(
         raise ConfigError(f"batch {batch}: expected a positive number or dynamic")
     out = Path(out)
     size = tuple(size or model.preprocessing.size)
-    check_size(size)
+    check_size(size, model.preprocessing.patch_size)
     start = time.perf_counter()
     if model.device.type != "cpu":
         raise ConfigError("export runs on the CPU: build the model with device='cpu'")
