@@ -473,7 +473,10 @@ def train(caches: tuple[str, ...], out: Path, **opts) -> None:
     if not _is_main_rank():
         return
     epochs = result.config.epochs
-    if result.epochs_trained == 0:
+    if result.epochs_trained == 0 and result.completed:
+        written = ", ".join(result.completed)
+        line = f"{out}: all {epochs} epochs were already trained; wrote the missing {written}"
+    elif result.epochs_trained == 0:
         line = f"{out}: all {epochs} epochs were already trained; nothing to do"
     else:
         first = epochs - result.epochs_trained + 1
