@@ -244,6 +244,13 @@ def _check_folder(cfg: SweepConfig) -> dict | Unreadable | None:
             f"{cfg.out / SWEEP_FILE}: unreadable ({previous.cause}); rerun with --overwrite to "
             "start the sweep over, or use another folder"
         )
+    if isinstance(previous, Unreadable) and not _recorded_runs(cfg):
+        # only a study that records trials shows that the folder is a sweep's
+        raise OffroadSegError(
+            f"{cfg.out / SWEEP_FILE}: unreadable ({previous.cause}) and no study records "
+            f"trials there: nothing shows that {cfg.out} is a sweep; move what you want to "
+            "keep and delete the folder yourself, or use another folder"
+        )
     return previous
 
 
@@ -285,24 +292,18 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _start_over(cfg: SweepConfig, previous: dict | Unreadable) -> None:
+def _start_over(cfg: SweepConfig) -> None:
     """--overwrite: remove what the sweep wrote, in an order that a kill can interrupt (the
     study, which says which trial folders are the sweep's, goes after them; sweep.json, which
     says the folder is a sweep's, is replaced, never removed). User files stay."""
     out = cfg.out
     runs = _recorded_runs(cfg)
-    if runs is None:  # the study cannot say: only folders that look like its trials
-        if isinstance(previous, Unreadable):
-            raise OffroadSegError(
-                f"{out / SWEEP_FILE}: unreadable ({previous.cause}) and the study cannot be "
-                f"read either: nothing shows that {out} is a sweep's; move what you want to "
-                "keep and delete the folder yourself, or use another folder"
-            )
+    if runs:
+        folders = [out / TRIALS_DIR / run for run in runs if _SLUG.match(run)]  # no ".."
+    else:  # the study cannot say (damaged, emptied): only folders named and laid out as trials
         folders = _trial_like_folders(out)
-    else:
-        folders = [out / TRIALS_DIR / run for run in runs if run]
     for folder in folders:
-        if folder.parent == out / TRIALS_DIR and (folder.exists() or folder.is_symlink()):
+        if folder.exists() or folder.is_symlink():
             _remove(folder)
     with contextlib.suppress(OSError):
         (out / TRIALS_DIR).rmdir()  # only when empty: a user's file in it stays
@@ -638,7 +639,7 @@ def sweep(cfg: SweepConfig) -> SweepResult:
         if removed:
             log.info("removed %s left by killed writers", plural(len(removed), "temporary file"))
         if cfg.overwrite and previous is not None:
-            _start_over(cfg, previous)
+            _start_over(cfg)
             previous = None
         if previous is None:
             _write_record(cfg.out, identity)  # first: it marks the folder as a sweep's
