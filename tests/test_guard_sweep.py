@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -212,12 +213,32 @@ def test_a_killed_sampled_sweep_resumes_to_the_samples_of_an_uninterrupted_one(
     assert len(leaderboard(out)) < 3, "the sweep finished before the kill"
     r = run(*sweep_args(caches, out, *RANGE))
     assert r.exit_code == 0, r.output
-    assert sampled_lrs(out) == expected
     rows = leaderboard(out)
     assert rows == leaderboard(sampled)  # the same runs, the same scores
     assert len({row["run"] for row in rows}) == 3
+    assert sampled_lrs(out) == expected
     assert sorted(p.name for p in (out / "trials").iterdir()) == sorted(r["run"] for r in rows)
     assert sorted(row["run"][:4] for row in rows) == ["000-", "001-", "002-"]
+
+
+def test_two_processes_on_a_sampled_search_draw_the_samples_of_one(sampled, caches, tmp_path):
+    """The sample index, not the process, picks the random stream: two processes started
+    at once neither repeat each other's samples nor draw others than one process does (the
+    first samples of TPE are random draws, independent of the trials finished before)."""
+    out = tmp_path / "two"
+    procs = [
+        subprocess.Popen(sweep_command(caches, out, *RANGE), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]  # fmt: skip
+    trained = 0
+    for proc in procs:
+        stdout, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err
+        trained += int(re.search(r"(\d+) trials? trained by this process", stdout)[1])
+    assert trained == 3  # no trial twice
+    assert sampled_lrs(out) == sampled_lrs(sampled)
+    assert leaderboard(out) == leaderboard(sampled)
 
 
 # ----------------------------------------------------------------------------- item 12
@@ -327,6 +348,7 @@ def test_an_emptied_study_db_is_not_a_new_sweep(finished, caches, tmp_path):
     r = run(*sweep_args(caches, out, *GRID))
     assert_one_line_error(r, str(out / "study.db"), "record is lost", "2 trial folders",
                           "--overwrite")  # fmt: skip
+    assert (out / "study.db").stat().st_size == 0  # refused before sqlite wrote in it
     r = run(*sweep_args(caches, out, *GRID, "--overwrite"))
     assert r.exit_code == 0, r.output
     assert leaderboard(out) == leaderboard(finished)

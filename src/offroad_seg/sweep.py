@@ -185,7 +185,7 @@ def _identity(cfg: SweepConfig) -> dict[str, Any]:
     }
 
 
-class Unreadable:
+class _Unreadable:
     """sweep.json exists but cannot be read: `cause` says why."""
 
     def __init__(self, cause: str) -> None:
@@ -207,9 +207,9 @@ def _only_our_start(out: Path, names: list[str]) -> bool:
     return all(name == LOCK_FILE or first.match(name) for name in names)
 
 
-def _inspect(out: Path) -> dict | Unreadable | None:
+def _inspect(out: Path) -> dict | _Unreadable | None:
     """What `out` holds, touching nothing: None for a new sweep (missing, empty, or only a
-    start that was killed), the earlier sweep's record, or Unreadable. Any other folder is
+    start that was killed), the earlier sweep's record, or _Unreadable. Any other folder is
     refused: it is not a sweep of ours, and --overwrite does not change that."""
     if not out.exists():
         return None
@@ -227,7 +227,7 @@ def _inspect(out: Path) -> dict | Unreadable | None:
     try:
         record = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        return Unreadable(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return _Unreadable(str(e).splitlines()[0] if str(e) else type(e).__name__)
     if not _is_sweep_record(record):
         raise OffroadSegError(
             f"{path}: not an offroad-seg sweep record; {out} is not a sweep folder, use another "
@@ -236,15 +236,15 @@ def _inspect(out: Path) -> dict | Unreadable | None:
     return {k: v for k, v in record.items() if k != "kind"}
 
 
-def _check_folder(cfg: SweepConfig) -> dict | Unreadable | None:
+def _check_folder(cfg: SweepConfig) -> dict | _Unreadable | None:
     """`_inspect`, refusing an unreadable sweep.json unless --overwrite."""
     previous = _inspect(cfg.out)
-    if isinstance(previous, Unreadable) and not cfg.overwrite:
+    if isinstance(previous, _Unreadable) and not cfg.overwrite:
         raise OffroadSegError(
             f"{cfg.out / SWEEP_FILE}: unreadable ({previous.cause}); rerun with --overwrite to "
             "start the sweep over, or use another folder"
         )
-    if isinstance(previous, Unreadable) and not _recorded_runs(cfg):
+    if isinstance(previous, _Unreadable) and not _recorded_runs(cfg):
         # only a study that records trials shows that the folder is a sweep's
         raise OffroadSegError(
             f"{cfg.out / SWEEP_FILE}: unreadable ({previous.cause}) and no study records "
@@ -273,12 +273,12 @@ def _trial_like_folders(out: Path) -> list[Path]:
     trials = out / TRIALS_DIR
     if not trials.is_dir() or trials.is_symlink():
         return []
+    from offroad_seg.train_head import HEAD_FILE, LAST_FILE, STATS_DIR
+
     found = []
     for run in sorted(trials.iterdir()):
         if run.is_symlink() or not run.is_dir() or not _SLUG.match(run.name):
             continue
-        from offroad_seg.train_head import HEAD_FILE, LAST_FILE, STATS_DIR
-
         contents = {p.name for p in run.iterdir()}
         if not contents or contents & {HEAD_FILE, LAST_FILE, STATS_DIR}:
             found.append(run)
@@ -330,11 +330,12 @@ def _where(cfg: SweepConfig) -> str:
     """The study's place, for messages: the file, or the URL without its password."""
     if _sqlite_default(cfg):
         return str(cfg.out / STUDY_DB)
-    try:
-        from sqlalchemy.engine import make_url
+    import sqlalchemy.exc
+    from sqlalchemy.engine import make_url
 
+    try:
         return f"--storage {make_url(cfg.storage).render_as_string(hide_password=True)}"
-    except Exception:  # not even a URL: say it as given
+    except (sqlalchemy.exc.ArgumentError, ValueError):  # not even a URL: as given
         return f"--storage {cfg.storage}"
 
 
@@ -347,17 +348,21 @@ def _cause(e: BaseException) -> str:
     return text
 
 
-def _storage_errors() -> tuple[type[BaseException], ...]:
-    """What a broken, unreachable or unknown database raises while it is opened or read."""
+def _database_errors() -> tuple[type[BaseException], ...]:
+    """What only a database raises: a broken or unreachable one, while the sweep runs."""
     import sqlite3
 
     import optuna
     import sqlalchemy.exc
 
+    return (sqlite3.Error, sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError)
+
+
+def _storage_errors() -> tuple[type[BaseException], ...]:
+    """What a broken, unreachable or unknown database raises while it is opened and read
+    through (nothing else runs then, so a ValueError is the database's)."""
     return (
-        sqlite3.Error,
-        sqlalchemy.exc.SQLAlchemyError,
-        optuna.exceptions.StorageInternalError,
+        *_database_errors(),
         ImportError,  # a URL whose driver is not installed
         ValueError,  # undecodable text or JSON in a damaged database
         KeyError,
@@ -382,7 +387,7 @@ def _check_sqlite(path: Path) -> None:
 
     if not path.is_file() or path.stat().st_size == 0:
         return
-    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    con = _read_only(path)
     try:
         problems = con.execute("PRAGMA integrity_check").fetchall()
     finally:
@@ -405,42 +410,47 @@ def _open_storage(cfg: SweepConfig):
         raise _study_fault(cfg, e) from None
 
 
+def _read_only(path: Path):
+    import sqlite3
+
+    return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+
+
 def _recorded_runs(cfg: SweepConfig) -> list[str] | None:
     """The trial folders the sweep's study records, [] when there is no study, None when it
     cannot be read. Reads the default study.db read-only (it may not be ours yet)."""
     import sqlite3
 
-    if _sqlite_default(cfg):
-        path = cfg.out / STUDY_DB
-        if not path.is_file() or path.stat().st_size == 0:
-            return []
-        try:
-            _check_sqlite(path)
-            con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-            try:
-                rows = con.execute(
-                    "SELECT a.value_json FROM trial_user_attributes a JOIN trials t "
-                    "ON a.trial_id = t.trial_id JOIN studies s ON t.study_id = s.study_id "
-                    "WHERE s.study_name = ? AND a.key = 'run'",
-                    (STUDY_NAME,),
-                ).fetchall()
-            finally:
-                con.close()
-            return sorted({json.loads(value) for (value,) in rows})
-        except (sqlite3.Error, ValueError):
-            return None
-    import optuna
+    if not _sqlite_default(cfg):
+        import optuna
 
+        try:
+            storage = _open_storage(cfg)
+            if STUDY_NAME not in optuna.get_all_study_names(storage=storage):
+                return []
+            trials = optuna.load_study(study_name=STUDY_NAME, storage=storage).get_trials()
+        except _storage_errors():
+            return None
+        return sorted({t.user_attrs.get("run", "") for t in trials} - {""})
+    path = cfg.out / STUDY_DB
+    if not path.is_file() or path.stat().st_size == 0:
+        return []
     try:
-        summaries = optuna.get_all_study_names(storage=_open_storage(cfg))
-        if STUDY_NAME not in summaries:
-            return []
-        study = optuna.load_study(study_name=STUDY_NAME, storage=_open_storage(cfg))
-        return sorted({t.user_attrs.get("run", "") for t in study.get_trials(deepcopy=False)})
-    except OffroadSegError:
-        raise
-    except _storage_errors():
+        _check_sqlite(path)
+        con = _read_only(path)
+        try:
+            rows = con.execute(
+                "SELECT a.value_json FROM trial_user_attributes a JOIN trials t "
+                "ON a.trial_id = t.trial_id JOIN studies s ON t.study_id = s.study_id "
+                "WHERE s.study_name = ? AND a.key = 'run'",
+                (STUDY_NAME,),
+            ).fetchall()
+        finally:
+            con.close()
+        runs = {json.loads(value) for (value,) in rows}
+    except (sqlite3.Error, ValueError):
         return None
+    return sorted(run for run in runs if isinstance(run, str))
 
 
 def _delete_study(cfg: SweepConfig) -> None:
@@ -476,12 +486,10 @@ def _load_study(cfg: SweepConfig, storage, sampler, pruner):
     return study
 
 
-def _check_record_kept(cfg: SweepConfig, study) -> None:
+def _check_record_kept(cfg: SweepConfig, has_trials: bool) -> None:
     """A study without trials beside trial folders lost its record (emptied or replaced):
     running on would train every trial again beside the old ones."""
-    if study.get_trials(deepcopy=False):
-        return
-    folders = _trial_like_folders(cfg.out)
+    folders = [] if has_trials else _trial_like_folders(cfg.out)
     if folders:
         raise OffroadSegError(
             f"{_where(cfg)}: holds no trials, but {cfg.out / TRIALS_DIR} holds "
@@ -492,10 +500,11 @@ def _check_record_kept(cfg: SweepConfig, study) -> None:
 
 @contextlib.contextmanager
 def _reading_study(cfg: SweepConfig) -> Iterator[None]:
-    """Database errors while the sweep runs, as one line naming the study."""
+    """Database errors while the sweep runs, as one line naming the study (training's own
+    errors pass: they are not the database's)."""
     try:
         yield
-    except _storage_errors() as e:
+    except _database_errors() as e:
         raise _study_fault(cfg, e) from None
 
 
@@ -651,8 +660,11 @@ def sweep(cfg: SweepConfig) -> SweepResult:
             if cfg.prune
             else optuna.pruners.NopPruner()
         )
+        if _sqlite_default(cfg):  # an emptied or missing study.db: refused before it is made
+            db = cfg.out / STUDY_DB
+            _check_record_kept(cfg, db.is_file() and db.stat().st_size > 0)
         study = _load_study(cfg, _open_storage(cfg), _sampler(cfg.sampler_seed), pruner)
-        _check_record_kept(cfg, study)
+        _check_record_kept(cfg, bool(study.get_trials(deepcopy=False)))
         with _reading_study(cfg):
             recovered = _recover_interrupted(study)
             if recovered:
