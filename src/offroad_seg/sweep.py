@@ -572,13 +572,15 @@ def _sampler(seed: int):
 
     class SampleSeededTPE(optuna.samplers.BaseSampler):
         def __init__(self) -> None:
-            self._by_index: dict[int, optuna.samplers.TPESampler] = {}
+            self._by_trial: dict[int, optuna.samplers.TPESampler] = {}
 
         def _tpe(self, trial) -> optuna.samplers.TPESampler:
-            index = int(trial.user_attrs.get(SAMPLE, trial.number))
-            if index not in self._by_index:
-                self._by_index[index] = optuna.samplers.TPESampler(seed=_sample_seed(seed, index))
-            return self._by_index[index]
+            """The trial's TPE (one stream for all its settings), seeded by its index."""
+            if trial.number not in self._by_trial:
+                index = int(trial.user_attrs.get(SAMPLE, trial.number))
+                tpe = optuna.samplers.TPESampler(seed=_sample_seed(seed, index))
+                self._by_trial[trial.number] = tpe
+            return self._by_trial[trial.number]
 
         def infer_relative_search_space(self, study, trial) -> dict:
             return {}  # independent sampling, as TPE's default
