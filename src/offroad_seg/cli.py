@@ -543,8 +543,8 @@ def sweep(caches: tuple[str, ...], out: Path, **opts) -> None:
 
     click.echo((out / "leaderboard.md").read_text() if result.rows else "no finished trials")
     line = f"{plural(result.trained, 'trial')} trained by this process in {result.seconds:.1f} s"
-    if result.rows:
-        best = result.rows[0]
+    best = result.rows[0] if result.rows and result.rows[0]["state"] == "complete" else None
+    if best is not None:  # failed and pruned trials are never the best
         line += f"; best val mIoU {best['val_miou']:.4f}: {out / 'best'} -> {best['run']}"
     click.echo(line)
     for failure in result.failed:
