@@ -111,18 +111,21 @@ def prepare_run_folder(
             f"{out}: holds the results of another run ({shown}); use another folder, or "
             "--overwrite to replace them"
         )
-    if previous is not None:
-        remove_run(out, previous)
-    _remove_stale_temps(out, plan.folders)
-    clashes = plan.clashes(out)
-    if clashes:
+    replaced = run_files(out, previous) if previous is not None else set()
+    clashes = [name for name in plan.clashes(out) if name not in replaced]
+    if clashes:  # refused before anything is touched
         more = f" (and {len(clashes) - 1} more)" if len(clashes) > 1 else ""
         raise OffroadSegError(
             f"{out / clashes[0]}{more}: not written by offroad-seg (no run record lists it), "
             "and this run would replace it; move it away or use another output folder"
         )
-    folders = (*plan.folders, RECORDS_DIR)
-    created = [f for f in dict.fromkeys(folders) if not (out / f).is_dir()]
+    made_before: list[str] = []  # folders an earlier run created: still the tool's
+    if previous is not None:
+        made_before = list(_ledger(previous).get("folders", []))
+        remove_run(out, previous)
+    _remove_stale_temps(out, plan.folders)
+    folders = dict.fromkeys((*plan.folders, RECORDS_DIR))
+    created = [f for f in folders if f in made_before or not (out / f).is_dir()]
     out.mkdir(parents=True, exist_ok=True)
     # the ledger first: whatever happens next, --overwrite knows what this run may leave
     ledger = {"folders": created, "files": list(plan.files)}
@@ -154,10 +157,8 @@ def remove_run(out: Path, previous: dict[str, Any]) -> None:
     its records announce, its run-level files, its records, the folders it created if they are
     empty then, and the run file last (so that an interrupted removal is redone by the next
     --overwrite). Anything else in `out` stays."""
-    ledger = previous.get(LEDGER)
-    if not isinstance(ledger, dict):  # an older version's run file: its command's files
-        ledger = {"files": _LEGACY_RUN_FILES.get(previous.get("command"), [])}
-    for relative in sorted(recorded_files(out)) + list(ledger.get("files", [])):
+    ledger = _ledger(previous)
+    for relative in sorted(run_files(out, previous)):
         _remove_file(out, relative)
     records = out / RECORDS_DIR
     for path in sorted(records.glob("rank-*.jsonl")) if records.is_dir() else []:
@@ -168,6 +169,20 @@ def remove_run(out: Path, previous: dict[str, Any]) -> None:
             with contextlib.suppress(OSError):  # not empty (a user's file), or gone already
                 (out / folder).rmdir()
     (out / RUN_FILE).unlink(missing_ok=True)
+
+
+def _ledger(previous: dict[str, Any]) -> dict[str, Any]:
+    ledger = previous.get(LEDGER)
+    if not isinstance(ledger, dict):  # an older version's run file: its command's files
+        ledger = {"files": _LEGACY_RUN_FILES.get(previous.get("command"), [])}
+    return ledger
+
+
+def run_files(out: Path, previous: dict[str, Any]) -> set[str]:
+    """The files (relative paths) that the run of the run file `previous` recorded writing in
+    `out`: every image's, and its run-level files."""
+    files = [f for f in _ledger(previous).get("files", []) if isinstance(f, str)]
+    return {f for f in (*recorded_files(out), *files) if _inside(f)}
 
 
 def _inside(relative: Any) -> bool:
