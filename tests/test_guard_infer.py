@@ -217,7 +217,10 @@ def exported(tmp_path_factory) -> Path:
 
     folder = tmp_path_factory.mktemp("guard-onnx")
     model = truncated_model(folder, "dinov2_vits14", depth=1, head="linear")
+    killed = stale_temp(folder / "model.onnx", dead_pid())  # a killed export's scratch file
     export_model(model, folder / "model.onnx", batch=None)
+    assert not killed.exists()
+    assert sorted(p.name for p in folder.iterdir()) == ["head.pth", "model.onnx"]
     return folder / "model.onnx"
 
 

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from offroad_seg import __version__
-from offroad_seg.atomic import temp_path
+from offroad_seg.atomic import remove_stale_temps, temp_path
 from offroad_seg.backbone import Backbone, BackboneSpec
 from offroad_seg.checkpoint import HeadCheckpoint, file_sha256, load_checkpoint
 from offroad_seg.config import ExportConfig
@@ -274,6 +274,8 @@ def export_model(
     graph = ExportGraph(model, size, argmax).eval()
     program = _to_onnx_program(graph, batch, outputs)
     program.model.metadata_props.update(metadata(model.checkpoint, size, batch, outputs))
+    for stale in remove_stale_temps(out.parent):  # a killed export's scratch folder
+        log.info("removed %s, left by a killed export", stale)
     scratch = _scratch(out)
     try:
         fp32 = scratch / (out.name if quantize == "none" else f"fp32-{out.name}")
