@@ -109,7 +109,16 @@ class HeadCheckpoint:
 
     def build(self, device: torch.device | str = "cpu") -> nn.Module:
         head = build_head(self.head_config)
-        head.load_state_dict(self.payload["state_dict"])
+        try:
+            head.load_state_dict(self.payload["state_dict"])
+        except (KeyError, RuntimeError) as e:  # torch lists every mismatch, one per line
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            detail = lines[1] if len(lines) > 1 else lines[0] if lines else repr(e)
+            detail = detail if len(detail) <= 200 else detail[:200] + "..."
+            raise OffroadSegError(
+                f"{self.path}: its weights do not fit its head config "
+                f"({self.head_config.name}): {detail}"
+            ) from e
         return head.to(device).eval()
 
 
