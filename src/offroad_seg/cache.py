@@ -307,6 +307,7 @@ class Target:
     kind: str
     reason: str = ""
     marker: bool = False
+    unreadable: str = ""  # "PATH/zarr.json: invalid JSON (...)" when it is
 
 
 def _scratch(name: str) -> bool:
@@ -348,6 +349,7 @@ def inspect_target(path: CachePath) -> Target:
             "foreign",
             f"{problem}; cannot tell whether this is an offroad-seg cache, so it is left "
             "alone: choose another folder, or delete this one yourself",
+            unreadable=problem,
         )
     if isinstance(attributes, dict) and attributes.get("format") == FORMAT:
         return Target("cache", marker=marker)
@@ -523,6 +525,8 @@ class FeatureCache:
                 f"{target.reason}; the cache's metadata is damaged: re-extract it "
                 "(`offroad-seg extract ... --overwrite`)"
             )
+        if target.unreadable:
+            raise CacheError(f"{target.unreadable}; cannot read it as a feature cache")
         if target.kind == "foreign" and storage.exists(path):
             raise CacheError(f"{path}: not an offroad-seg feature cache")
         if target.kind == "foreign":
