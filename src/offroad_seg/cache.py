@@ -525,12 +525,14 @@ class FeatureCache:
                 f"{target.reason}; the cache's metadata is damaged: re-extract it "
                 "(`offroad-seg extract ... --overwrite`)"
             )
-        if target.unreadable:
-            raise CacheError(f"{target.unreadable}; cannot read it as a feature cache")
-        if target.kind == "foreign" and storage.exists(path):
-            raise CacheError(f"{path}: not an offroad-seg feature cache")
         if target.kind == "foreign":
-            raise CacheError(f"{path}: no feature cache here (run `offroad-seg extract` first)")
+            raise CacheError(
+                f"{target.unreadable}; cannot read it as a feature cache"
+                if target.unreadable
+                else f"{path}: not an offroad-seg feature cache"
+                if storage.exists(path)
+                else f"{path}: no feature cache here (run `offroad-seg extract` first)"
+            )
         try:
             group = storage.open_group(path, mode=mode)
             attrs = dict(group.attrs)
