@@ -39,6 +39,7 @@ def test_cache_layout_readable_with_plain_zarr(caches, dataset):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert sorted(g.array_keys()) == [
+            "chunk_checksums",
             "class_pixels",
             "done",
             "features",

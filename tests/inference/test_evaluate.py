@@ -156,7 +156,8 @@ def test_existing_results_refused_unless_overwrite(head_path, dataset, tmp_path)
         evaluate(eval_config(head_path, dataset / "val", tmp_path / "e"))
     (tmp_path / "e" / "masks" / "stale.png").write_bytes(b"x")
     evaluate(eval_config(head_path, dataset / "val", tmp_path / "e", overwrite=True, comparisons=0))
-    assert not (tmp_path / "e" / "masks" / "stale.png").exists()
+    # a file the run did not write stays (#21): only what the run record lists is removed
+    assert (tmp_path / "e" / "masks" / "stale.png").read_bytes() == b"x"
 
 
 def test_predict_writes_masks_and_overlays(head_path, dataset, backbone, tmp_path):

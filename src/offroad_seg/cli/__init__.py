@@ -477,7 +477,10 @@ def train(caches: tuple[str, ...], out: Path, **opts) -> None:
     if not _is_main_rank():
         return
     epochs = result.config.epochs
-    if result.epochs_trained == 0:
+    if result.epochs_trained == 0 and result.completed:
+        written = ", ".join(result.completed)
+        line = f"{out}: all {epochs} epochs were already trained; wrote the missing {written}"
+    elif result.epochs_trained == 0:
         line = f"{out}: all {epochs} epochs were already trained; nothing to do"
     else:
         first = epochs - result.epochs_trained + 1
@@ -544,8 +547,8 @@ def sweep(caches: tuple[str, ...], out: Path, **opts) -> None:
 
     click.echo((out / "leaderboard.md").read_text() if result.rows else "no finished trials")
     line = f"{plural(result.trained, 'trial')} trained by this process in {result.seconds:.1f} s"
-    if result.rows:
-        best = result.rows[0]
+    best = result.rows[0] if result.rows and result.rows[0]["state"] == "complete" else None
+    if best is not None:  # failed and pruned trials are never the best
         line += f"; best val mIoU {best['val_miou']:.4f}: {out / 'best'} -> {best['run']}"
     click.echo(line)
     for failure in result.failed:

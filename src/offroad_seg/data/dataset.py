@@ -11,6 +11,8 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import re
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,12 @@ VIDEO_SUFFIXES = {".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v"}
 # Files that operating systems drop into folders; never part of a dataset.
 _SYSTEM_FILES = {"thumbs.db", "desktop.ini"}
 _OTHER_IMAGE_SUFFIXES = {".bmp", ".tif", ".tiff", ".webp", ".gif"}
+# The largest image read, in pixels: 4.3 times an 8K frame (7680x4320) and above 100-megapixel
+# cameras, far below a decompression bomb (a 24 KB PNG can declare 20000x10000, which would take
+# 600 MB decoded, times the copies that resizing makes, in every worker). Checked from the
+# header, before any pixel is decoded. Pillow's own checks (a warning over 89.5 Mpx, an error
+# over 179 Mpx) give way to this one message; it cannot be raised above 179 Mpx.
+MAX_PIXELS = 144_000_000
 
 
 @dataclass(frozen=True)
@@ -262,8 +270,31 @@ def _image_format(path: Path) -> str | None:
 
 
 def _files(folder: Path) -> list[Path]:
-    """The files of a folder, sorted by name, without sub-folders, hidden and OS files."""
-    return [p for p in sorted(folder.iterdir()) if not (_is_system_file(p) or p.is_dir())]
+    """The files of a folder, sorted by name, without sub-folders, hidden and OS files. Entries
+    that are not regular files (FIFOs, sockets, devices: opening a FIFO waits for a writer,
+    forever) are skipped, with one logged line."""
+    entries = [p for p in sorted(folder.iterdir()) if not (_is_system_file(p) or p.is_dir())]
+    special = [p for p in entries if _is_special(p)]
+    _log_not_regular(special)
+    return [p for p in entries if p not in special]
+
+
+def _is_special(path: Path) -> bool:
+    """Present but not a regular file or folder (a broken link is not special: reading it
+    reports the missing file)."""
+    return path.exists() and not (path.is_file() or path.is_dir())
+
+
+def _log_not_regular(paths: Sequence[Path]) -> None:
+    if paths:
+        names = ", ".join(str(p) for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
+        log.warning(
+            "skipped %d %s that %s not a regular file (a FIFO, socket or device): %s",
+            len(paths),
+            "entry" if len(paths) == 1 else "entries",
+            "is" if len(paths) == 1 else "are",
+            names,
+        )
 
 
 def _unexpected(path: Path, allowed: str) -> DataError:
@@ -429,10 +460,12 @@ def list_inputs(inputs: Iterable[str | Path]) -> InputFiles:
             matches = [Path(m) for m in sorted(glob.glob(str(item), recursive=True))]
             if not matches:
                 raise DataError(f"{item}: no files match this pattern")
+            special = [p for p in matches if _is_special(p)]
+            _log_not_regular([p for p in special if not _is_system_file(p)])
             for path in matches:
                 if path.is_dir():
                     add_folder(path)
-                elif not _is_system_file(path):
+                elif not (_is_system_file(path) or path in special):
                     add(path, explicit=False)
             continue
         path = Path(item)
@@ -440,6 +473,8 @@ def list_inputs(inputs: Iterable[str | Path]) -> InputFiles:
             add_folder(path)
         elif path.is_file():
             add(path, explicit=True)
+        elif path.exists():
+            raise DataError(f"{path}: not a regular file (a FIFO, socket or device)")
         else:
             raise DataError(f"{path}: no such file or folder")
     if not images and not videos:
@@ -496,7 +531,7 @@ def _read_header(path: Path, check_format: bool = True) -> _Header:
     """The file header, without decoding the pixels. `check_format`: the content must be the
     format its extension names (a JPEG called .png is an error)."""
     try:
-        with Image.open(path) as img:
+        with open_header(path) as img:
             expected = _image_format(path)
             # cameras' multi-picture JPEGs open as MPO; their first picture is a plain JPEG
             fmt = "JPEG" if img.format == "MPO" else img.format
@@ -629,9 +664,35 @@ def input_warnings(
 # ----------------------------------------------------------------------------- decoding
 
 
+def open_header(path: Path) -> Image.Image:
+    """`Image.open` (reads the header only), refusing an image over `MAX_PIXELS` in one line
+    before any pixel is decoded."""
+    with warnings.catch_warnings():
+        # Pillow warns over 89.5 Mpx and fails over 179 Mpx: MAX_PIXELS decides, in one message
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(path)
+        except Image.DecompressionBombError as e:
+            pixels = re.search(r"\((\d+) pixels\)", str(e))
+            size = f"{pixels[1]} pixels" if pixels else f"over {MAX_PIXELS} pixels"
+            raise DataError(_too_large(path, size)) from e
+    width, height = img.size
+    if width * height > MAX_PIXELS:
+        img.close()
+        raise DataError(_too_large(path, f"{width}x{height} = {width * height} pixels"))
+    return img
+
+
+def _too_large(path: Path, size: str) -> str:
+    return (
+        f"{path}: image too large ({size}; the limit is {MAX_PIXELS}, 4.3 times an 8K "
+        "frame): not decoded (a decompression bomb?)"
+    )
+
+
 def _open_image(path: Path) -> Image.Image:
     try:
-        img = Image.open(path)
+        img = open_header(path)
         img.load()
     except FileNotFoundError as e:
         raise DataError(f"{path}: file not found") from e

@@ -7,6 +7,7 @@ Arrays (N images, V views, C channels, h x w tokens, H x W working size, K class
     hackathon_labels (N, H, W)     uint8 (0.2 on)          chunks (k, H, W)  hackathon protocol ids
     labels        (N, V, H, W)     uint8, 255 = ignore    chunks (k, 1, H, W)
     done          (N,)             bool                   chunks (k,)   set after a chunk's data
+    chunk_checksums (N/k, S)       uint32 (0.3 on)        chunks (1, S) each data chunk's crc32c
     names         (N,)             string                 file names, in order
     class_pixels  (K,)             int64                  view-0 label histogram (when complete)
 
@@ -20,11 +21,12 @@ decide whether features from two caches can be mixed (backbone, preprocessing, c
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,7 @@ from zarr.core.sync import sync
 
 from offroad_seg import __version__
 from offroad_seg.core import storage
+from offroad_seg.core.atomic import remove_stale_temps
 from offroad_seg.core.lock import LOCK_NAME
 from offroad_seg.core.storage import CachePath
 from offroad_seg.core.text import plural
@@ -60,6 +63,21 @@ SCALES = "scales"  # int8 caches only: the per-token, per-layer scales (see quan
 # View 0's labels as the hackathon protocol scores them (metrics.hackathon_truth), so training's
 # validation can report it too; caches written before 0.2 lack it.
 HACKATHON = "hackathon_labels"
+# Written first when a cache is created and removed once its metadata is whole (the group's
+# attributes are written last): a folder holding it is provably an unfinished cache of ours,
+# which a rerun may redo. (A finished cache holds only zarr's own files.)
+MARKER = ".offroad-seg-cache"
+# Per data chunk, the crc32c that ends each of its stored chunks (features, labels, scales of
+# every view, hackathon labels; `FeatureCache.chunk_coords` order), recorded when it is
+# committed: a chunk's own checksum proves its bytes whole, this row proves they are the ones
+# written at that position (two chunks swapped on disk each still pass their own checksum).
+# Caches written before 0.3 lack it.
+CHECKSUMS = "chunk_checksums"
+# How the sources digest is made (see `sources_digest`); "size": caches written before 0.3.
+SOURCES_METHOD = "size+mtime_ns"
+SOURCES_METHODS = ("size", SOURCES_METHOD)
+# Everything a cache stores at its top level: the only entries `create` ever deletes.
+OWN_ENTRIES = ("zarr.json", *ARRAYS, SCALES, HACKATHON, CHECKSUMS)
 
 
 def compressors(dtype: np.dtype | str, features: bool = False) -> list:
@@ -90,11 +108,14 @@ class CacheSpec:
     preprocessing: Preprocessing
     class_map: ClassMap
     names: tuple[str, ...]
-    sources_digest: str  # sha256 over (name, image bytes, mask bytes): catches edited datasets
+    sources_digest: str  # see `sources_digest`: catches edited datasets
     views: tuple[str, ...] = ("identity",)
     dtype: str = "float16"
     images_per_chunk: int = 0  # 0: chosen for ~1 MiB feature chunks
     ignore_unknown_codes: bool = False
+    # how `sources_digest` was computed: caches before 0.3 hashed sizes only ("size"); not
+    # part of the fingerprint, so that theirs stay valid
+    sources_method: str = SOURCES_METHOD
 
     def __post_init__(self) -> None:
         if not self.views or self.views[0] != "identity" or not set(self.views) <= set(VIEWS):
@@ -145,6 +166,7 @@ class CacheSpec:
             "images_per_chunk": self.images_per_chunk,
             "ignore_unknown_codes": self.ignore_unknown_codes,
             "sources_digest": self.sources_digest,
+            "sources_method": self.sources_method,
             "compat_fingerprint": self.compat_fingerprint,
             "fingerprint": self.fingerprint,
         }
@@ -161,6 +183,7 @@ class CacheSpec:
             dtype=attrs["dtype"],
             images_per_chunk=int(attrs["images_per_chunk"]),
             ignore_unknown_codes=bool(attrs["ignore_unknown_codes"]),
+            sources_method=attrs.get("sources_method", "size"),
         )
 
     def differences(self, other: CacheSpec, compat_only: bool = False) -> list[str]:
@@ -235,6 +258,15 @@ class VerifyReport:
         return not self.problems and not self.unfinished and not self.unfinalized
 
 
+def _bad_metadata(path: str, array: str, error: Exception) -> CacheError:
+    """An array's zarr.json cannot be read: name the file and the problem in one line."""
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return CacheError(
+        f"{path}/{array}/zarr.json: unreadable array metadata ({type(error).__name__}: "
+        f"{reason}); re-extract the cache (`offroad-seg extract ... --overwrite`)"
+    )
+
+
 def _unreadable(cache: FeatureCache, error: Exception) -> CacheError:
     """A read failed: name the damaged chunk (found by a full verify) in one line."""
     try:
@@ -248,6 +280,75 @@ def _unreadable(cache: FeatureCache, error: Exception) -> CacheError:
     )
 
 
+@dataclass(frozen=True)
+class Target:
+    """What a path holds, as far as writing a cache there goes. `kind`: "empty" (missing, or
+    holding only a writer lock), "creating" (a creation of ours that did not finish), "cache"
+    (an offroad-seg cache), "damaged" (ours, but its zarr.json is unreadable) or "foreign"
+    (anything else: never written to, never cleared). `reason` says why, for the last two."""
+
+    kind: str
+    reason: str = ""
+    marker: bool = False
+    unreadable: str = ""  # "PATH/zarr.json: invalid JSON (...)" when it is
+
+
+def _scratch(name: str) -> bool:
+    """Files a writer of ours leaves at a cache's top level while it works: the writer lock,
+    the marker's temporary file, zarr's root metadata being written."""
+    return (
+        name == LOCK_NAME
+        or (name.startswith(f".{MARKER}.") and name.endswith(".tmp"))  # atomic_write's
+        or bool(storage.ZARR_PARTIAL.match(name) and name.startswith("zarr."))
+    )
+
+
+def inspect_target(path: CachePath) -> Target:
+    """Classify what is stored at `path` (reads its listing and its zarr.json only)."""
+    path = storage.normalize(path)
+    names = [n for n in storage.entries(path) if not _scratch(n)]
+    if not names:
+        return Target("empty")
+    marker = MARKER in names
+    raw = storage.read_key(path, "zarr.json") if "zarr.json" in names else None
+    if raw is None:
+        if marker:
+            return Target("creating", marker=True)
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        return Target(
+            "foreign",
+            f"{path}: folder is not empty ({shown}) and is not an offroad-seg feature cache; "
+            "it is left alone, even with --overwrite: choose a new or empty folder",
+        )
+    try:
+        meta = json.loads(raw)
+        attributes = meta.get("attributes", {}) if isinstance(meta, dict) else {}
+    except ValueError as e:  # invalid JSON or not UTF-8
+        problem = f"{path}/zarr.json: invalid JSON ({str(e).splitlines()[0]})"
+        # ours if the marker says so, or if it holds nothing but a cache's own entries
+        if marker or (set(ARRAYS) <= set(names) and set(names) <= {*OWN_ENTRIES, MARKER}):
+            return Target("damaged", problem, marker=marker)
+        return Target(
+            "foreign",
+            f"{problem}; cannot tell whether this is an offroad-seg cache, so it is left "
+            "alone: choose another folder, or delete this one yourself",
+            unreadable=problem,
+        )
+    if isinstance(attributes, dict) and attributes.get("format") == FORMAT:
+        return Target("cache", marker=marker)
+    if marker:
+        return Target("creating", marker=True)
+    return Target(
+        "foreign",
+        f"{path}: holds a zarr store that is not an offroad-seg feature cache; it is left "
+        "alone, even with --overwrite: choose another folder",
+    )
+
+
+def _marker_bytes() -> bytes:
+    return (json.dumps({"format": FORMAT, "version": VERSION, "state": "creating"}) + "\n").encode()
+
+
 class FeatureCache:
     """A zarr v3 feature cache; see the module docstring for the format."""
 
@@ -257,27 +358,64 @@ class FeatureCache:
         self.spec = spec
         self._arrays: dict[str, zarr.Array] = {}
 
+    def _holds(self, name: str) -> bool:
+        """Whether the cache stores this (optional) array; its metadata must be readable."""
+        try:
+            return name in self.group
+        except Exception as e:
+            raise _bad_metadata(self.path, name, e) from e
+
     def array(self, name: str) -> zarr.Array:
         """One of the cache's arrays, opened once (each open reads its metadata, a round trip
         on object stores)."""
         if name not in self._arrays:
-            self._arrays[name] = self.group[name]
+            try:
+                self._arrays[name] = self.group[name]
+            except Exception as e:
+                raise _bad_metadata(self.path, name, e) from e
         return self._arrays[name]
 
     # ------------------------------------------------------------------ create / open
 
     @classmethod
     def create(cls, path: CachePath, spec: CacheSpec, overwrite: bool = False) -> FeatureCache:
+        """Create an empty cache at `path`: a missing or empty folder, an unfinished creation
+        of ours, or (with `overwrite`) a cache of ours. The marker goes first, the group's
+        attributes last, so a crash at any step in between leaves a folder that a rerun
+        recognises and redoes; only the cache's own entries are ever deleted."""
         path = storage.normalize(path)
-        if storage.exists(path) and not overwrite:
+        target = inspect_target(path)
+        if target.kind == "foreign":
+            raise CacheError(target.reason)
+        if target.kind in ("cache", "damaged") and not overwrite:
             raise CacheError(f"{path}: a cache already exists here (use --overwrite to replace)")
-        # emptied by hand: zarr's mode "w" would delete the writer lock out from under its holder
-        storage.clear(path, keep=LOCK_NAME)
+        storage.write_key(path, MARKER, _marker_bytes())
+        # zarr.json first: from then on the folder no longer looks like a finished cache.
+        # Emptied by hand: zarr's mode "w" would delete the writer lock under its holder.
+        present = set(storage.entries(path))
+        storage.delete_entries(path, [e for e in OWN_ENTRIES if e in present])
+        group = storage.open_group(path, mode="a")
+        cache = cls._create_arrays(group, path, spec)
+        cache._sync_layout()
+        # the creation is complete once the format is in the group's zarr.json (one whole write)
+        group.update_attributes({**spec.attributes(), "complete": False})
+        storage.sync_files(path, [cache._metadata_key()])
+        storage.delete_entries(path, [MARKER])
+        log.info(
+            "created cache %s (%s, %s, %d per chunk)",
+            path,
+            plural(len(spec.names), "image"),
+            plural(len(spec.views), "view"),
+            spec.images_per_chunk,
+        )
+        return cache
+
+    @classmethod
+    def _create_arrays(cls, group: zarr.Group, path: str, spec: CacheSpec) -> FeatureCache:
+        """Every array of a new cache, with its names and its `done` flags written."""
         n, v, k = len(spec.names), len(spec.views), spec.images_per_chunk
         c = spec.backbone.channels
         (h, w), (rows, cols) = spec.preprocessing.grid, spec.preprocessing.size
-        group = storage.open_group(path, mode="a")
-        group.attrs.update({**spec.attributes(), "complete": False})
         group.create_array(
             "features",
             shape=(n, v, c, h, w),
@@ -339,27 +477,50 @@ class FeatureCache:
             compressors=compressors("int64"),
             fill_value=0,
         )
+        stored_per_chunk = v * (3 if spec.quantized else 2) + 1  # + the hackathon labels
+        group.create_array(
+            CHECKSUMS,
+            shape=(math.ceil(n / k), stored_per_chunk),
+            chunks=(1, stored_per_chunk),
+            dtype="uint32",
+            compressors=compressors("uint32"),
+            fill_value=0,
+            dimension_names=("chunk", "stored"),
+            config={"write_empty_chunks": True},
+        )
         # Write every `done` chunk now so that a missing one later means damage, not "not yet".
         group["done"][:] = False
-        cache = cls(group, path, spec)
-        cache._sync_layout()
-        log.info(
-            "created cache %s (%s, %s, %d per chunk)",
-            path,
-            plural(n, "image"),
-            plural(v, "view"),
-            k,
-        )
-        return cache
+        return cls(group, path, spec)
 
     @classmethod
     def open(cls, path: CachePath, mode: str = "r") -> FeatureCache:
         path = storage.normalize(path)
-        if not storage.exists(path):
+        target = inspect_target(path)
+        if target.kind == "empty":
             raise CacheError(f"{path}: no feature cache here (run `offroad-seg extract` first)")
+        if target.kind == "creating":
+            raise CacheError(
+                f"{path}: the cache's creation was interrupted; rerun the same "
+                "`offroad-seg extract` command to redo it"
+            )
+        if target.kind == "damaged":
+            raise CacheError(
+                f"{target.reason}; the cache's metadata is damaged: re-extract it "
+                "(`offroad-seg extract ... --overwrite`)"
+            )
+        if target.kind == "foreign":
+            raise CacheError(
+                f"{target.unreadable}; cannot read it as a feature cache"
+                if target.unreadable
+                else f"{path}: not an offroad-seg feature cache"
+                if storage.exists(path)
+                else f"{path}: no feature cache here (run `offroad-seg extract` first)"
+            )
         try:
             group = storage.open_group(path, mode=mode)
             attrs = dict(group.attrs)
+        except CacheError:
+            raise
         except Exception as e:
             raise CacheError(f"{path}: cannot open cache ({type(e).__name__}: {e})") from e
         if attrs.get("format") != FORMAT:
@@ -368,27 +529,58 @@ class FeatureCache:
             raise CacheError(
                 f"{path}: cache format version {attrs.get('version')}; this tool reads {VERSION}"
             )
-        missing = [a for a in ARRAYS if a not in group]
+        missing = [a for a in ARRAYS if not storage.read_key(path, f"{a}/zarr.json")]
         if missing:
-            raise CacheError(f"{path}: cache is missing arrays {missing}")
+            raise CacheError(
+                f"{path}: cache is missing arrays {missing}; re-extract it "
+                "(`offroad-seg extract ... --overwrite`)"
+            )
         try:
-            names = [str(s) for s in group["names"][:]]
+            names_array = group["names"]
+        except Exception as e:
+            raise _bad_metadata(path, "names", e) from e
+        try:
+            names = [str(s) for s in names_array[:]]
             spec = CacheSpec.from_attributes(attrs, names)
         except Exception as e:
             raise CacheError(f"{path}: damaged cache metadata ({type(e).__name__}: {e})") from e
-        if spec.quantized and SCALES not in group:
+        cache = cls(group, path, spec)
+        if spec.quantized and not cache._holds(SCALES):
             raise CacheError(f"{path}: int8 cache is missing its {SCALES!r} array")
-        return cls(group, path, spec)
+        return cache
 
     @classmethod
     def open_for_writing(
-        cls, path: CachePath, spec: CacheSpec, overwrite: bool = False
+        cls,
+        path: CachePath,
+        spec: CacheSpec,
+        overwrite: bool = False,
+        sources: Sequence[tuple[str, Path, Path | None]] | None = None,
     ) -> FeatureCache:
-        """Create a cache, or reopen one made with the same spec to resume it."""
-        if overwrite or not storage.exists(path):
-            return cls.create(path, spec, overwrite=overwrite)
-        storage.remove_partial_writes(path)
+        """Create a cache, redo an interrupted creation, or reopen a cache made with the same
+        spec to resume it. A folder that is not ours is refused, even with `overwrite`.
+        `sources` (the samples' files) lets a cache whose sources digest was made another
+        way (an older version's) be compared by its own method."""
+        path = storage.normalize(path)
+        target = inspect_target(path)
+        if target.kind == "foreign":
+            raise CacheError(target.reason)
+        if not storage.is_remote(path):  # what a killed writer of ours left behind
+            remove_stale_temps(path)
+            storage.remove_partial_writes(path, OWN_ENTRIES)
+        if target.kind == "damaged" and not overwrite:
+            raise CacheError(f"{target.reason}; use --overwrite to re-extract it")
+        if overwrite or target.kind in ("empty", "creating"):
+            if target.kind == "creating":
+                log.info("%s: redoing the cache's interrupted creation", path)
+            return cls.create(path, spec, overwrite=True)
+        if target.marker:  # the creation finished; only removing the marker did not
+            storage.delete_entries(path, [MARKER])
         cache = cls.open(path, mode="r+")
+        if sources is not None and cache.spec.sources_method != spec.sources_method:
+            method = cache.spec.sources_method
+            digest_then = sources_digest(sources, method) if method in SOURCES_METHODS else ""
+            spec = replace(spec, sources_digest=digest_then, sources_method=method)
         if cache.spec.fingerprint != spec.fingerprint:
             diff = "; ".join(cache.spec.differences(spec)) or "fingerprint"
             raise CacheError(
@@ -434,7 +626,16 @@ class FeatureCache:
     # ------------------------------------------------------------------ writing
 
     def done(self) -> np.ndarray:
-        return np.asarray(self.array("done")[:], dtype=bool)
+        try:
+            return np.asarray(self.array("done")[:], dtype=bool)
+        except CacheError:
+            raise
+        except Exception as e:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CacheError(
+                f"{self.path}: damaged cache (done flags unreadable: {reason}); re-extract it "
+                f"(`offroad-seg cache verify {self.path}` lists every problem)"
+            ) from e
 
     def pending_chunks(self) -> list[int]:
         """Chunks not yet marked done (a chunk is done only when all its images are)."""
@@ -484,15 +685,73 @@ class FeatureCache:
             self.array(HACKATHON)[start:stop] = hackathon
         self.array("labels")[start:stop] = labels
 
-    def chunk_keys(self, chunk: int) -> list[str]:
-        """The store keys of a chunk's data: features, labels (and scales) of every view."""
-        keys = []
+    def chunk_coords(self, chunk: int) -> list[tuple[str, tuple[int, ...]]]:
+        """(array, chunk coordinates) of a data chunk's stored chunks: features, labels (and
+        scales) of every view, then the hackathon labels."""
+        out = []
         for name in ["features", "labels", *([SCALES] if self.spec.quantized else [])]:
             rest = (0,) * (self.array(name).ndim - 2)  # whole chunks along the other axes
-            keys += [self._chunk_key(name, (chunk, v, *rest)) for v in range(self.num_views)]
+            out += [(name, (chunk, v, *rest)) for v in range(self.num_views)]
         if self.has_hackathon_labels:  # (image, row, col): no view axis
-            keys.append(self._chunk_key(HACKATHON, (chunk, 0, 0)))
-        return keys
+            out.append((HACKATHON, (chunk, 0, 0)))
+        return out
+
+    def chunk_keys(self, chunk: int) -> list[str]:
+        """The store keys of a chunk's data: features, labels (and scales) of every view."""
+        return [self._chunk_key(name, coords) for name, coords in self.chunk_coords(chunk)]
+
+    @property
+    def has_checksums(self) -> bool:
+        """Whether the cache records its chunks' checksums by position (caches from 0.3 on)."""
+        if "_has_checksums" not in self.__dict__:
+            self._has_checksums = self._holds(CHECKSUMS)
+        return self._has_checksums
+
+    def _record_checksums(self, chunks: Sequence[int]) -> list[str]:
+        """Record the checksums that end the chunks' stored data, by position; the keys of
+        the records written."""
+        arr = self.array(CHECKSUMS)
+        keys = [self.chunk_keys(c) for c in chunks]
+        tails = storage.read_checksums(self.group.store, [k for ks in keys for k in ks])
+        per = len(keys[0]) if keys else 0
+        for i, chunk in enumerate(chunks):
+            arr[chunk] = np.asarray(tails[i * per : (i + 1) * per], dtype=np.uint32)
+        return [self._chunk_key(CHECKSUMS, (c, 0)) for c in chunks]
+
+    def position_problems(self, chunks: Sequence[int], skip: set[str] = frozenset()) -> list[str]:
+        """Stored chunks of these data chunks that are not the ones written there: each one's
+        checksum is compared with the one recorded for its position (`skip`: keys already
+        known to be damaged). A chunk holding another position's data names it."""
+        if not self.has_checksums or not chunks:
+            return []
+        try:
+            recorded = np.asarray(self.array(CHECKSUMS)[:], dtype=np.uint32)
+        except Exception as e:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            return [f"{CHECKSUMS}: unreadable ({reason})"]
+        coords = [self.chunk_coords(c) for c in chunks]
+        keys = [[self._chunk_key(n, xy) for n, xy in cs] for cs in coords]
+        actual = storage.read_checksums(self.group.store, [k for ks in keys for k in ks])
+        problems = []
+        per = recorded.shape[1]
+        for i, chunk in enumerate(chunks):
+            for j, ((name, xy), key) in enumerate(zip(coords[i], keys[i], strict=True)):
+                want, got = int(recorded[chunk, j]), actual[i * per + j]
+                if key in skip or not want or not got or want == got:
+                    continue  # unrecorded, missing (reported elsewhere) or right
+                owners = np.argwhere(recorded == got)
+                if len(owners):
+                    other, other_xy = self.chunk_coords(int(owners[0][0]))[int(owners[0][1])]
+                    problems.append(
+                        f"{name} chunk {xy}: holds the data of {other} chunk {other_xy} ({key}); "
+                        "chunks were swapped or moved"
+                    )
+                else:
+                    problems.append(
+                        f"{name} chunk {xy}: not the data written there ({key}); its "
+                        "checksum differs from the one recorded"
+                    )
+        return problems
 
     def commit_chunks(self, chunks: Sequence[int]) -> None:
         """Make written chunks durable, then mark them done. On a local disk their files and
@@ -501,7 +760,10 @@ class FeatureCache:
         chunks shares the cost (see bench/bench_fsync.py)."""
         if not chunks:
             return
-        storage.sync_files(self.path, [k for c in chunks for k in self.chunk_keys(c)])
+        keys = [k for c in chunks for k in self.chunk_keys(c)]
+        if self.has_checksums:
+            keys += self._record_checksums(chunks)
+        storage.sync_files(self.path, keys)
         done = self.array("done")
         for chunk in chunks:
             done[slice(*self.chunk_range(chunk))] = True
@@ -514,7 +776,7 @@ class FeatureCache:
         self.array("class_pixels")[:] = self.count_class_pixels()
         # `complete` must not reach the disk before what it vouches for
         self._sync_layout(finished=True)
-        self.group.attrs.update(
+        self.group.update_attributes(
             {
                 "complete": True,
                 "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -536,8 +798,12 @@ class FeatureCache:
     # ------------------------------------------------------------------ reading
 
     def require_complete(self) -> None:
-        """Refuse an unfinished cache, or one whose chunk files went missing (zarr would
-        silently read a missing chunk as zeros)."""
+        """Refuse an unfinished cache, one whose chunk files went missing (zarr would silently
+        read a missing chunk as zeros) or sit at another position, and one whose attributes
+        contradict its stored fingerprint (edited by hand). Checked once per open cache."""
+        if self.__dict__.get("_checked"):
+            return
+        self.check_metadata()
         done = int(self.done().sum())
         if not self.complete or done < self.num_images:
             raise CacheError(
@@ -548,17 +814,43 @@ class FeatureCache:
             arr = self.array(name)
             if arr.nchunks_initialized < arr.nchunks:
                 raise _unreadable(self, CacheError(f"{name}: chunks missing"))
+        misplaced = self.position_problems(range(self.num_chunks))
+        if misplaced:
+            more = f"; {len(misplaced) - 2} more" if len(misplaced) > 2 else ""
+            raise CacheError(
+                f"{self.path}: damaged cache ({'; '.join(misplaced[:2])}{more}); re-extract it "
+                f"(`offroad-seg cache verify {self.path}` lists every problem)"
+            )
+        self._checked = True
+
+    def check_metadata(self) -> None:
+        """Refuse a cache whose attributes (backbone, preprocessing, class names, files, ...)
+        do not match the fingerprint stored with them: edited after extraction, they no longer
+        describe the features and labels."""
+        attrs = self.attrs
+        if attrs.get("fingerprint") == self.spec.fingerprint:
+            return
+        what = (
+            "backbone, preprocessing or class map"
+            if attrs.get("compat_fingerprint") != self.spec.compat_fingerprint
+            else "views, files or storage settings"
+        )
+        raise CacheError(
+            f"{self.path}/zarr.json: the cache's attributes do not match their stored "
+            f"fingerprint (its {what} were edited); re-extract it"
+        )
 
     @property
     def has_hackathon_labels(self) -> bool:
         if "_has_hackathon" not in self.__dict__:
-            self._has_hackathon = HACKATHON in self.group
+            self._has_hackathon = self._holds(HACKATHON)
         return self._has_hackathon
 
     def _optional_arrays(self) -> list[str]:
         return [
             *([SCALES] if self.spec.quantized else []),
             *([HACKATHON] if self.has_hackathon_labels else []),
+            *([CHECKSUMS] if self.has_checksums else []),
         ]
 
     def hackathon_labels(self) -> np.ndarray | None:
@@ -573,7 +865,10 @@ class FeatureCache:
 
     def class_pixels(self) -> np.ndarray:
         self.require_complete()
-        return np.asarray(self.array("class_pixels")[:], dtype=np.int64)
+        try:
+            return np.asarray(self.array("class_pixels")[:], dtype=np.int64)
+        except Exception as e:
+            raise _unreadable(self, e) from e
 
     def _read(self, selection, oindex: bool = False) -> tuple[StoredFeatures, np.ndarray]:
         """Features (as stored) and labels of a selection of images, in one zarr read per
@@ -710,6 +1005,7 @@ class FeatureCache:
                 "attributes: stored fingerprint does not match the cache's settings"
             )
         store = self.group.store
+        damaged: set[str] = set()
         done = np.zeros(self.num_images, dtype=bool)
         arrays = ("done", "names", "class_pixels", "features", "labels", *self._optional_arrays())
         total = sum(math.prod(self.array(a).cdata_shape) for a in arrays)
@@ -721,7 +1017,7 @@ class FeatureCache:
                 bar.update(1)
                 report.chunks_checked += 1
                 needed = (
-                    name not in ("features", "labels", SCALES, HACKATHON)
+                    name not in ("features", "labels", SCALES, HACKATHON, CHECKSUMS)
                     or done[slice(*self.chunk_range(coords[0]))].all()
                 )
                 if name == "class_pixels" and not self.complete:
@@ -731,17 +1027,24 @@ class FeatureCache:
                 if not sync(store.exists(key)):
                     if needed:
                         report.problems.append(f"{name} chunk {coords}: missing ({key})")
+                        damaged.add(key)
                     continue
                 try:
                     block = arr.get_block_selection(coords)
                 except Exception as e:
                     reason = str(e).splitlines()[0] if str(e) else type(e).__name__
                     report.problems.append(f"{name} chunk {coords}: unreadable ({key}): {reason}")
+                    damaged.add(key)
                     continue
                 if name == "done":
                     k = self.images_per_chunk
                     done[coords[0] * k : coords[0] * k + len(block)] = block
         bar.close()
+        if not any(p.startswith(CHECKSUMS) for p in report.problems):
+            finished = [
+                c for c in range(self.num_chunks) if done[slice(*self.chunk_range(c))].all()
+            ]
+            report.problems += self.position_problems(finished, skip=damaged)
         report.images = self.num_images
         report.unfinished = int((~done).sum())
         if self.complete and report.unfinished:
@@ -759,9 +1062,23 @@ class FeatureCache:
         return report
 
 
-def sources_digest(entries: Sequence[tuple[str, Path, Path | None]]) -> str:
-    """sha256 over (name, image size, mask size) of each sample: cheap staleness check."""
-    rows = []
-    for name, image, mask in entries:
-        rows.append([name, os.path.getsize(image), os.path.getsize(mask) if mask else None])
-    return digest(rows)
+def sources_digest(
+    entries: Sequence[tuple[str, Path, Path | None]], method: str = SOURCES_METHOD
+) -> str:
+    """sha256 over each sample's name and its image's and mask's size and modification time
+    (ns): a staleness check that costs one stat per file and reads no content (0.05 s
+    for 3000 samples; hashing their bytes would read the whole dataset on every resume). Any
+    edit through the file system changes the mtime, even one that keeps the size; not noticed:
+    new content given back its old mtime on purpose (`touch -r`). A copy that keeps mtimes
+    (`cp -p`, `rsync -a`) matches; a plain `cp -r` does not (a resume then asks for
+    --overwrite). `method="size"` computes the digest of caches before 0.3 (sizes only)."""
+    if method not in SOURCES_METHODS:
+        raise CacheError(f"sources digest method {method!r}: expected one of {SOURCES_METHODS}")
+
+    def stamp(path: Path | None) -> list[int] | int | None:
+        if path is None:
+            return None
+        st = os.stat(path)
+        return st.st_size if method == "size" else [st.st_size, st.st_mtime_ns]
+
+    return digest([[name, stamp(image), stamp(mask)] for name, image, mask in entries])

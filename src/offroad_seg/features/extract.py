@@ -14,20 +14,21 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from offroad_seg.config import ExtractConfig
-from offroad_seg.core import distributed
+from offroad_seg.core import distributed, storage
 from offroad_seg.core.background import BoundedPool
 from offroad_seg.core.runtime import resolve_device
-from offroad_seg.core.storage import writer_lock
+from offroad_seg.core.storage import CachePath, writer_lock
 from offroad_seg.core.text import plural
 from offroad_seg.data.dataset import ClassMap, check_headers, list_samples, resolve_class_map
 from offroad_seg.errors import CacheError, DataError, Interrupted
-from offroad_seg.features.cache import CacheSpec, FeatureCache, sources_digest
+from offroad_seg.features.cache import CacheSpec, FeatureCache, inspect_target, sources_digest
 from offroad_seg.features.loader import (
     DecodedSamples,
     DecodeOptions,
@@ -211,18 +212,60 @@ def working_preprocessing(config: ExtractConfig) -> Preprocessing:
     return Preprocessing(size=size, patch_size=variant.patch_size)
 
 
+def _entries(samples) -> list:
+    """(name, image, mask) of each sample: what the sources digest covers."""
+    return [(s.name, s.image, s.mask) for s in samples]
+
+
 def build_spec(config: ExtractConfig, backbone: Backbone, samples, class_map: ClassMap):
     return CacheSpec(
         backbone=backbone.spec,
         preprocessing=working_preprocessing(config),
         class_map=class_map,
         names=tuple(s.name for s in samples),
-        sources_digest=sources_digest([(s.name, s.image, s.mask) for s in samples]),
+        sources_digest=sources_digest(_entries(samples)),
         views=tuple(config.views),
         dtype=config.dtype,
         images_per_chunk=config.images_per_chunk,
         ignore_unknown_codes=config.ignore_unknown_codes,
     )
+
+
+def check_target(cache: CachePath, data_dir: Path) -> None:
+    """Refuse, before anything is written (the writer lock included), an output that is the
+    data folder, lies inside it or holds it, and a non-empty folder that is not a cache of
+    ours (`FeatureCache.open_for_writing` checks again under the lock)."""
+    path = storage.normalize(cache)
+    if not storage.is_remote(path):
+        out, data = Path(path).resolve(), Path(data_dir).resolve()
+        if out == data or data in out.parents or out in data.parents:
+            where = (
+                "is the data folder"
+                if out == data
+                else "is inside the data folder"
+                if data in out.parents
+                else "holds the data folder"
+            )
+            raise CacheError(
+                f"{path}: the cache folder {where} {data_dir}; choose a folder outside it"
+            )
+    with storage.remote_errors(path):
+        target = inspect_target(path)
+    if target.kind == "foreign":
+        raise CacheError(target.reason)
+
+
+def _open_for_writing(config: ExtractConfig, spec: CacheSpec, sources) -> FeatureCache:
+    """Create or reopen the cache; a full disk or a vanished mount while creating it is one
+    line (a rerun redoes an interrupted creation)."""
+    try:
+        return FeatureCache.open_for_writing(config.cache, spec, config.overwrite, sources)
+    except OSError as e:
+        where = e.filename or config.cache
+        raise CacheError(
+            f"{where}: cannot create the cache ({e.strerror or e}); fix that and rerun the "
+            "same command"
+        ) from e
 
 
 def extract(config: ExtractConfig) -> ExtractSummary:
@@ -234,6 +277,7 @@ def extract(config: ExtractConfig) -> ExtractSummary:
     working_preprocessing(config)  # a bad size or backbone fails before any work starts
     class_map = resolve_class_map(config.class_map)
     samples = list_samples(config.data_dir)
+    check_target(config.cache, config.data_dir)
     check_headers(samples)
     device = resolve_device(config.device)
     with distributed.launched(device) as world:
@@ -245,7 +289,7 @@ def extract(config: ExtractConfig) -> ExtractSummary:
         lock = writer_lock(config.cache) if world.is_main else contextlib.nullcontext()
         with lock:
             if world.is_main:
-                cache = FeatureCache.open_for_writing(config.cache, spec, config.overwrite)
+                cache = _open_for_writing(config, spec, _entries(samples))
             world.barrier()
             if not world.is_main:
                 cache = FeatureCache.open(config.cache, mode="r+")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -50,6 +51,7 @@ from offroad_seg.data.dataset import (
     list_inputs,
     list_samples,
     mask_image,
+    output_name,
     resolve_class_map,
 )
 from offroad_seg.errors import DataError, OffroadSegError
@@ -62,7 +64,7 @@ from offroad_seg.features.loader import (
     make_loader,
 )
 from offroad_seg.inference.engines import build_engine, check_engine_tta, load_head, resolve_engine
-from offroad_seg.inference.runfolder import RecordLog, prepare_run_folder, read_records
+from offroad_seg.inference.runfolder import RecordLog, RunPlan, prepare_run_folder, read_records
 from offroad_seg.metrics.confusion import SegMetrics, confusion_matrix
 from offroad_seg.metrics.hackathon import (
     HackathonMetrics,
@@ -79,6 +81,10 @@ from offroad_seg.reporting.report import THUMBNAIL_HEIGHT, ImageRow, make_thumbn
 log = logging.getLogger(__name__)
 
 THUMBNAILS = "thumbnails"
+# evaluate's run-level files, in the order written: metrics.json last marks a complete run
+EVAL_FILES = ("per_class_metrics.png", "confusion_matrix.png", "evaluation_metrics.txt",
+              "report.html", "metrics.json")  # fmt: skip
+PREDICT_FILES = ("predictions.json",)
 
 
 @dataclass
@@ -102,12 +108,17 @@ class EvalResult:
 
 
 def _start_run(
-    cfg: EvalConfig | PredictConfig, identity: dict, n: int, batch_size: int, world
+    cfg: EvalConfig | PredictConfig,
+    identity: dict,
+    plan: RunPlan,
+    n: int,
+    batch_size: int,
+    world,
 ) -> tuple[dict, list[list[int]], list[list[int]]]:
-    """Open (or resume) the run folder of `identity` on rank 0, then read what is done:
-    (the records, the batches of images still to do, this rank's share of them)."""
+    """Open (or resume) the run folder of `identity`, which will hold `plan`, on rank 0, then
+    read what is done: (the records, the batches of images still to do, this rank's share)."""
     if world.is_main:
-        prepare_run_folder(cfg.out, identity, cfg.overwrite)
+        prepare_run_folder(cfg.out, identity, cfg.overwrite, plan)
     world.barrier()
     records = read_records(cfg.out)
     done = {r["i"] for r in records.values() if "i" in r}  # videos' records have no index
@@ -132,6 +143,22 @@ def _save_mask(path: Path, codes: np.ndarray) -> None:
 def _save_color_mask(path: Path, ids: np.ndarray, class_map: ClassMap) -> None:
     """A paletted PNG: viewers show the class colours, and it encodes ~10x faster than RGB."""
     write_png_atomic(path, class_map.color_image(ids))
+
+
+@contextlib.contextmanager
+def _named_write_errors(out: Path):
+    """An OSError while computing and writing (disk full, a vanished mount, ...) as one line
+    naming the file (`atomic_write` and `RecordLog` name it) and what to do: whatever is done
+    is kept, and the same command resumes."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno is None:
+            raise
+        raise OffroadSegError(
+            f"{e.filename or out}: {e.strerror}; the images done so far are kept: fix that and "
+            "rerun the same command to resume"
+        ) from e
 
 
 def _writer_threads() -> int:
@@ -236,20 +263,39 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
         device = world.device(device)
         batch_size = cfg.batch_size or default_batch_size(device)
         identity = _eval_identity(cfg, ckpt, samples, batch_size, device, tta, engine)
-        records, todo, mine = _start_run(cfg, identity, len(samples), batch_size, world)
+        # the whole model loads before any output exists: one that cannot is refused first
+        model = build_engine(engine, ckpt, cfg.weights, device, tta)
+        plan = _eval_plan(cfg, samples)
+        records, todo, mine = _start_run(cfg, identity, plan, len(samples), batch_size, world)
         if world.is_main and records and todo:
             log.info("resuming %s: %s left", cfg.out, plural(sum(map(len, todo)), "image"))
         seconds = 0.0
-        if mine:
-            model = build_engine(engine, ckpt, cfg.weights, device, tta)
-            seconds = _evaluate_batches(cfg, samples, mine, model, tta, device, world)
-        world.barrier()
-        result = EvalResult(cfg.out, None, len(samples), seconds, computed=sum(map(len, todo)))
-        if world.is_main:
-            result.metrics, result.hackathon = split_metrics(cfg.out, samples, class_map)
-            result.files = write_eval_outputs(cfg, ckpt, samples, result, identity)
+        with _named_write_errors(cfg.out):
+            if mine:
+                seconds = _evaluate_batches(cfg, samples, mine, model, tta, device, world)
+            world.barrier()
+            done = sum(map(len, todo))
+            result = EvalResult(cfg.out, None, len(samples), seconds, computed=done)
+            if world.is_main:
+                result.metrics, result.hackathon = split_metrics(cfg.out, samples, class_map)
+                result.files = write_eval_outputs(cfg, ckpt, samples, result, identity)
         world.barrier()
     return result
+
+
+def _eval_files(cfg: EvalConfig, sample: Sample, comparison: bool) -> list[str]:
+    """One image's files in an evaluate folder (relative paths)."""
+    name = sample.output_name
+    files = [f"masks/{name}", f"masks_color/{name}"] if cfg.write_masks else []
+    files += [f"comparisons/{name}"] if comparison else []
+    return [*files, f"{THUMBNAILS}/{_thumbnail_name(name)}"]
+
+
+def _eval_plan(cfg: EvalConfig, samples: list[Sample]) -> RunPlan:
+    folders = ("masks", "masks_color") if cfg.write_masks else ()
+    folders += ("comparisons",) if cfg.comparisons > 0 else ()
+    files = (f for i, s in enumerate(samples) for f in _eval_files(cfg, s, i < cfg.comparisons))
+    return RunPlan((*folders, THUMBNAILS), EVAL_FILES, frozenset(files))
 
 
 def _evaluate_batches(cfg, samples, batches, model, tta, device, world) -> float:
@@ -265,8 +311,6 @@ def _evaluate_batches(cfg, samples, batches, model, tta, device, world) -> float
         preview_height=THUMBNAIL_HEIGHT,
         hackathon=True,
     )
-    for sub in (("masks", "masks_color") if cfg.write_masks else ()) + (THUMBNAILS,):
-        (cfg.out / sub).mkdir(parents=True, exist_ok=True)
     k = class_map.num_classes
 
     def handle(batch, logits, writer, records) -> None:
@@ -319,7 +363,9 @@ def _write_eval_image(
     records: RecordLog,
     record: dict,
 ) -> None:
-    """One image's files, then its record (the image is done only when all are written)."""
+    """One image's files, announced first, then its record (the image is done only when all
+    are written)."""
+    records.intend(sample.name, _eval_files(cfg, sample, original is not None))
     name = sample.output_name
     if cfg.write_masks:
         _save_mask(cfg.out / "masks" / name, class_map.ids_to_codes(pred))
@@ -394,7 +440,7 @@ def write_eval_outputs(
     }
     header = "".join(f"{k}: {v}\n" for k, v in settings.items())
     text = header + "\n" + metrics.table() + "\n\n" + hackathon.table() + "\n"
-    write_text_atomic(out / "evaluation_metrics.txt", text)
+    write_text_atomic(out / "evaluation_metrics.txt", text)  # every name here is in EVAL_FILES
     records = read_records(out)
     rows = [
         ImageRow(
@@ -425,9 +471,7 @@ def write_eval_outputs(
         "preprocessing": ckpt.preprocessing.to_dict(),
     }
     write_json_atomic(out / "metrics.json", report)  # last: its presence marks a complete run
-    names = ("masks", "masks_color", "comparisons", THUMBNAILS, "report.html",
-             "evaluation_metrics.txt", "per_class_metrics.png", "confusion_matrix.png",
-             "metrics.json")  # fmt: skip
+    names = ("masks", "masks_color", "comparisons", THUMBNAILS, *EVAL_FILES)
     return [out / n for n in names if (out / n).exists()]
 
 
@@ -471,12 +515,14 @@ def predict(cfg: PredictConfig) -> EvalResult:
         device = world.device(device)
         batch_size = cfg.batch_size or default_batch_size(device)
         identity = _predict_identity(cfg, inputs, batch_size, device, tta, prep, engine)
-        records, todo, mine = _start_run(cfg, identity, len(samples), batch_size, world)
+        # the whole model loads before any output exists: one that cannot is refused first
+        model = build_engine(engine, ckpt, cfg.weights, device, tta)
+        plan = _predict_plan(cfg, inputs)
+        records, todo, mine = _start_run(cfg, identity, plan, len(samples), batch_size, world)
         videos = [v for v in inputs.videos if _video_key(v) not in records]
         my_videos = videos[world.rank :: world.size]
         seconds, frames = 0.0, 0
-        if mine or my_videos:
-            model = build_engine(engine, ckpt, cfg.weights, device, tta)
+        with _named_write_errors(cfg.out):
             seconds = _predict_batches(cfg, samples, mine, model, tta, device, world)
             for video in my_videos:
                 started = time.perf_counter()
@@ -489,7 +535,7 @@ def predict(cfg: PredictConfig) -> EvalResult:
         result = EvalResult(cfg.out, None, len(samples), seconds, computed=computed)
         result.videos, result.frames = len(inputs.videos), frames
         if world.is_main:
-            write_json_atomic(
+            write_json_atomic(  # in PREDICT_FILES
                 cfg.out / "predictions.json",
                 {
                     "head": str(ckpt.path),
@@ -506,6 +552,23 @@ def predict(cfg: PredictConfig) -> EvalResult:
     return result
 
 
+def _predict_files(name: str, overlays: bool) -> list[str]:
+    """One image's (or video frame's) files in a predict folder (relative paths)."""
+    return [f"masks/{name}", f"masks_color/{name}"] + ([f"overlays/{name}"] if overlays else [])
+
+
+def _predict_plan(cfg: PredictConfig, inputs) -> RunPlan:
+    folders = ("masks", "masks_color") + (("overlays",) if cfg.overlays else ())
+    files = {f for p in inputs.images for f in _predict_files(output_name(p), cfg.overlays)}
+    files |= {f"overlays/{v.stem}.mp4" for v in inputs.videos if cfg.overlays}
+    frames = tuple(  # video.frame_name: STEM_f000123.png
+        rf"{folder}/{re.escape(v.stem)}_f\d{{6,}}\.png"
+        for v in inputs.videos
+        for folder in ("masks", "masks_color")
+    )
+    return RunPlan(folders, PREDICT_FILES, frozenset(files), frames)
+
+
 def _predict_batches(cfg, samples, batches, model, tta, device, world) -> float:
     class_map, prep = model.class_map, model.preprocessing
     opts = DecodeOptions(
@@ -514,8 +577,6 @@ def _predict_batches(cfg, samples, batches, model, tta, device, world) -> float:
         keep_original=cfg.overlays,
         extra_sizes=tta.extra_sizes(prep),
     )
-    for sub in ("masks", "masks_color") + (("overlays",) if cfg.overlays else ()):
-        (cfg.out / sub).mkdir(parents=True, exist_ok=True)
 
     def handle(batch, logits, writer, records) -> None:
         for j, index in enumerate(batch["index"]):
@@ -545,6 +606,10 @@ def _write_predicted_image(
     records: RecordLog | None,
     record: dict | None,
 ) -> None:
+    """An image's files, announced first, then its record (a video frame: no announcement or
+    record here, `_predict_video` makes them)."""
+    if records is not None:
+        records.intend(record["key"], _predict_files(name, original is not None))
     _save_mask(out / "masks" / name, class_map.ids_to_codes(pred))
     _save_color_mask(out / "masks_color" / name, pred, class_map)
     if original is not None:
@@ -570,8 +635,7 @@ def _predict_video(cfg, video: Path, model, tta, device, world, batch_size: int)
 
     class_map, prep = model.class_map, model.preprocessing
     info = video_info(video)
-    for sub in ("masks", "masks_color") + (("overlays",) if cfg.overlays else ()):
-        (cfg.out / sub).mkdir(parents=True, exist_ok=True)
+    key = _video_key(video)
     frames = 0
     bar = tqdm(
         total=max(1, -(-info.frames // cfg.frame_stride)),
@@ -580,8 +644,12 @@ def _predict_video(cfg, video: Path, model, tta, device, world, batch_size: int)
         disable=None if cfg.progress and world.is_main else True,
     )
     writer = BoundedPool(threads=_writer_threads(), max_pending=64, name="png-writer")
+    records = RecordLog(cfg.out, world.rank)
     with contextlib.ExitStack() as stack:
+        stack.callback(records.close)
         stack.callback(bar.close)
+        if cfg.overlays:
+            records.intend(key, [f"overlays/{video.stem}.mp4"])
         movie = _OverlayMovie(cfg.out / "overlays" / f"{video.stem}.mp4", info.fps, cfg, stack)
         try:
             for chunk in _chunks(iter_frames(video, cfg.frame_stride), batch_size):
@@ -592,21 +660,22 @@ def _predict_video(cfg, video: Path, model, tta, device, world, batch_size: int)
                     for size in tta.extra_sizes(prep)
                 ]
                 logits = model.tta_logits(resized, scaled, tta)
+                names = [frame_name(video, f.index, info.frames) for f in chunk]
+                records.intend(key, [f for n in names for f in _predict_files(n, False)])
                 for j, f in enumerate(chunk):
                     mine = [part[j : j + 1] for part in logits]
                     pred = predict_and_score(mine, None, f.rgb.shape[:2])[0][0]
                     pred = pred.to(torch.uint8).cpu().numpy()
-                    name = frame_name(video, f.index, info.frames)
                     writer.submit(
-                        _write_predicted_image, cfg.out, name, pred, None, class_map, None, None
+                        _write_predicted_image, cfg.out, names[j], pred, None, class_map, None, None
                     )
                     movie.add(f.rgb, pred, class_map)
                     frames += 1
                     bar.update(1)
         finally:
             writer.drain()
-    records = RecordLog(cfg.out, world.rank)
-    records.append({"key": _video_key(video), "frames": frames})
+    records = RecordLog(cfg.out, world.rank)  # after the movie is in place (the stack's end)
+    records.append({"key": key, "frames": frames})
     records.close()
     return frames
 

@@ -45,7 +45,7 @@ from torch import nn
 
 from offroad_seg import __version__
 from offroad_seg.config import ExportConfig
-from offroad_seg.core.atomic import temp_path
+from offroad_seg.core.atomic import remove_stale_temps, temp_path
 from offroad_seg.data.dataset import ClassMap
 from offroad_seg.errors import ConfigError, OffroadSegError
 from offroad_seg.models.backbone import Backbone, BackboneSpec
@@ -81,7 +81,10 @@ METADATA = {
     "source_sha256": "sha256 of that file",
     "tool_version": "offroad-seg version",
     "torch_version": "PyTorch version that exported it",
+    "weights_sha256": "sha256 of the model without this entry (graph, weights, every other "
+    "entry) and of its external data files: checked when the model is loaded",
 }
+DIGEST = "weights_sha256"
 
 
 def require(module: str, what: str) -> Any:
@@ -280,6 +283,8 @@ def export_model(
     graph = ExportGraph(model, size, argmax).eval()
     program = _to_onnx_program(graph, batch, outputs)
     program.model.metadata_props.update(metadata(model.checkpoint, size, batch, outputs))
+    for stale in remove_stale_temps(out.parent):  # a killed export's scratch folder
+        log.info("removed %s, left by a killed export", stale)
     scratch = _scratch(out)
     try:
         fp32 = scratch / (out.name if quantize == "none" else f"fp32-{out.name}")
@@ -288,6 +293,7 @@ def export_model(
             quantize_dynamic_int8(fp32, scratch / out.name)
             for f in scratch.glob("fp32-*"):  # the float model and its external data
                 f.unlink()
+        seal(scratch / out.name)
         check_onnx(scratch / out.name)
         nbytes = _move_into_place(scratch, out)
     finally:
@@ -330,6 +336,82 @@ def quantize_dynamic_int8(src: str | Path, dst: str | Path) -> None:
         if prop.key == "quantization":
             prop.value = "dynamic-int8"
     onnx.save(model, str(dst))
+    seal(dst)  # new weights: a new digest
+
+
+# ----------------------------------------------------------------------------- integrity
+
+
+def _digest(model, folder: Path) -> str:
+    """sha256 of `model` (an onnx ModelProto, external data not loaded) without its digest
+    entry, then of each external data file it names (its bytes are not in the proto).
+    Removes the digest entry from `model`."""
+    import hashlib
+
+    from onnx import TensorProto
+
+    kept = [p for p in model.metadata_props if p.key != DIGEST]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    h = hashlib.sha256(model.SerializeToString(deterministic=True))
+    locations = sorted(
+        {
+            entry.value
+            for tensor in model.graph.initializer
+            if tensor.data_location == TensorProto.EXTERNAL
+            for entry in tensor.external_data
+            if entry.key == "location"
+        }
+    )
+    for location in locations:
+        h.update(location.encode())
+        with open(folder / location, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _load_proto(path: Path):
+    onnx = require("onnx", "an exported .onnx head")
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as e:
+        raise OffroadSegError(f"{path}: cannot read ONNX model ({type(e).__name__})") from e
+
+
+def seal(path: str | Path) -> None:
+    """Store the model's digest (see `METADATA['weights_sha256']`) in its metadata."""
+    onnx = require("onnx", "export")
+    path = Path(path)
+    model = _load_proto(path)
+    digest = _digest(model, path.parent)
+    model.metadata_props.add(key=DIGEST, value=digest)
+    onnx.save(model, str(path))
+
+
+def verify_weights(path: str | Path) -> None:
+    """Refuse, in one line, an exported model whose graph, weights or metadata changed after
+    export (the digest `seal` stored no longer matches). A model exported before digests
+    existed loads with a warning."""
+    path = Path(path)
+    model = _load_proto(path)
+    stored = next((p.value for p in model.metadata_props if p.key == DIGEST), None)
+    if stored is None:
+        log.warning(
+            "%s: holds no weights digest (exported by an older offroad-seg), so its weights "
+            "cannot be checked; export it again to add one",
+            path,
+        )
+        return
+    try:
+        actual = _digest(model, path.parent)
+    except OSError as e:
+        raise OffroadSegError(f"{path}: cannot read its external data ({e})") from e
+    if actual != stored:
+        raise OffroadSegError(
+            f"{path}: its graph, weights or metadata do not match the digest stored at export (the "
+            "file was modified or corrupted); export the head again"
+        )
 
 
 def export(cfg: ExportConfig) -> ExportResult:

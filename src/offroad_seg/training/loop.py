@@ -16,7 +16,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +25,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from offroad_seg import __version__
-from offroad_seg.config import RUN_SETTINGS, TrainConfig, apply_preset, default
+from offroad_seg.config import TrainConfig, apply_preset
 from offroad_seg.core import distributed
 from offroad_seg.core.atomic import write_json_atomic, write_text_atomic
 from offroad_seg.core.distributed import SINGLE, World, rank_seed
 from offroad_seg.core.runtime import autocast, grad_scaler, resolve_device
-from offroad_seg.errors import CacheError, ConfigError, Interrupted, OffroadSegError
+from offroad_seg.errors import (
+    CacheError,
+    ConfigError,
+    Interrupted,
+    OffroadSegError,
+    TrainingDiverged,
+)
 from offroad_seg.features.cache import FeatureCache
 from offroad_seg.metrics.confusion import ConfusionAccumulator, SegMetrics
 from offroad_seg.metrics.hackathon import (
@@ -39,10 +45,24 @@ from offroad_seg.metrics.hackathon import (
     hackathon_prediction,
     hackathon_scores,
 )
-from offroad_seg.models.checkpoint import head_payload, load_checkpoint, save_checkpoint
+from offroad_seg.models.checkpoint import DIGEST_KEY, head_payload, load_checkpoint, save_checkpoint
 from offroad_seg.models.heads import HeadConfig, build_head
 from offroad_seg.models.upsampling import predict_and_score
+from offroad_seg.training.holdout import check_holdout
 from offroad_seg.training.losses import Criterion, LossSpec, loss_terms, parse_class_weights
+from offroad_seg.training.run_folder import (
+    CONFIG_FILE,
+    FINISHED,
+    HEAD_FILE,
+    HISTORY_FILE,
+    LAST_FILE,
+    STATS_DIR,
+    RunPlan,
+    config_dict,
+    missing_outputs,
+    output_lock,
+    plan_run,
+)
 from offroad_seg.training.sources import (
     FeatureTensors,
     InMemorySource,
@@ -53,10 +73,6 @@ from offroad_seg.training.sources import (
 )
 
 log = logging.getLogger(__name__)
-
-HEAD_FILE = "segmentation_head.pth"
-LAST_FILE = "last.pth"
-STATS_DIR = "train_stats"
 
 
 @dataclass
@@ -69,6 +85,7 @@ class TrainResult:
     step_losses: list[float] = field(default_factory=list)  # this session's steps, in order
     epochs_trained: int = 0  # by this session (0: a resumed run that was already finished)
     config: TrainConfig | None = None  # the settings the run used (preset and resume applied)
+    completed: list[str] = field(default_factory=list)  # outputs of a trained run written late
 
 
 @dataclass
@@ -227,17 +244,8 @@ def open_train_caches(cfg: TrainConfig) -> tuple[list[FeatureCache], FeatureCach
             raise CacheError(
                 f"{other.path}: cannot be used with {first.path}: its features differ ({diff})"
             )
+    check_holdout(caches, val)
     return caches, val
-
-
-def check_output_dir(cfg: TrainConfig) -> None:
-    out = cfg.out
-    existing = [p for p in (out / HEAD_FILE, out / LAST_FILE) if p.exists()]
-    if existing and not (cfg.resume or cfg.overwrite):
-        raise OffroadSegError(
-            f"{out}: already holds a trained head ({existing[0].name}); "
-            "use --resume to continue it or --overwrite to start over"
-        )
 
 
 # ----------------------------------------------------------------------------- stats
@@ -308,7 +316,6 @@ def write_stats(
     stats = out / STATS_DIR
     stats.mkdir(parents=True, exist_ok=True)
     write_text_atomic(stats / "history.csv", history_csv(history))
-    write_json_atomic(stats / "history.json", {"history": history, "best": best})
     write_text_atomic(stats / "evaluation_metrics.txt", stats_text(history, best, final, run))
     name = run_name(out)
     plot_training_curves(history, stats / "training_curves.png", title=name)
@@ -317,6 +324,8 @@ def write_stats(
         plot_per_class_metrics(
             final.names, final.iou, final.dice, stats / "per_class_metrics.png", title=title
         )
+    # last: its mark says that every output above is written (a run killed before is not done)
+    write_json_atomic(stats / HISTORY_FILE, {"history": history, "best": best, FINISHED: True})
 
 
 def run_name(out: Path) -> str:
@@ -416,41 +425,6 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def config_dict(cfg: TrainConfig) -> dict:
-    """A run's settings as JSON-ready values."""
-    d = asdict(cfg)
-    d["caches"] = [str(p) for p in cfg.caches]
-    d["out"] = str(cfg.out)
-    d["val_cache"] = str(cfg.val_cache) if cfg.val_cache else None
-    return d
-
-
-def resumed_config(cfg: TrainConfig) -> TrainConfig:
-    """The settings of the run in `cfg.out` (its last.pth), for `--resume`: a setting left at
-    its default takes the run's value; one given with another value is refused by name, since
-    it would make the run something else than it was."""
-    path = cfg.out / LAST_FILE
-    if not path.exists():
-        raise OffroadSegError(f"{path}: nothing to resume")
-    saved = load_checkpoint(path).payload["train_config"]
-    changes: dict = {}
-    for name in RUN_SETTINGS:
-        if name not in saved:  # written by an older version: it ran with the default
-            continue
-        ours, theirs = getattr(cfg, name), saved[name]
-        if ours != default(TrainConfig, name) and ours != theirs:
-            option = "--" + name.replace("_", "-")
-            raise ConfigError(
-                f"{path}: the run was trained with {option} {theirs}; --resume continues it "
-                f"as it was, so {option} {ours} is refused (train into another folder, or "
-                "--overwrite, to change it)"
-            )
-        changes[name] = theirs
-    if cfg.val_cache is None and saved.get("val_cache"):
-        changes["val_cache"] = saved["val_cache"]
-    return replace(cfg, **changes)
-
-
 def check_config(cfg: TrainConfig) -> None:
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
         raise ConfigError("epochs and batch size must be >= 1 and the learning rate > 0")
@@ -470,27 +444,34 @@ def train(
     reduced over ranks, and only rank 0 writes checkpoints and stats; `world=SINGLE` trains
     in this process alone even under torchrun (a sweep's ranks run trials of their own)."""
     started = time.perf_counter()
-    if cfg.resume:
-        cfg = resumed_config(cfg)
-    cfg = apply_preset(cfg)
-    check_config(cfg)
-    check_output_dir(cfg)
+    if not cfg.resume:
+        check_config(apply_preset(cfg))  # bad settings fail before the folder is touched
     device = resolve_device(cfg.device)
     launch = distributed.launched(device) if world is None else contextlib.nullcontext(world)
-    with launch as world:
+    with launch as world, output_lock(cfg.out, world):
+        plan = plan_run(cfg)  # every rank reads the folder before rank 0 changes it
+        cfg = plan.cfg
+        check_config(cfg)
         if world.enabled and cfg.batch_size < world.size:
             raise ConfigError(f"batch size {cfg.batch_size} is smaller than {world.size} ranks")
         if data is None:
             data = load_training_data(cfg, world.device(device), world)
         elif [str(c.path) for c in data.caches] != [str(p) for p in cfg.caches]:
             raise ConfigError("the loaded training data is for other caches than the config's")
-        result = _train(cfg, data, world, on_epoch)
+        world.barrier()
+        if world.is_main:
+            plan.clean()
+        result = _train(cfg, data, world, on_epoch, plan)
     result.seconds = time.perf_counter() - started
     return result
 
 
 def _train(
-    cfg: TrainConfig, data: TrainingData, world: World, on_epoch: Callable[[dict], None] | None
+    cfg: TrainConfig,
+    data: TrainingData,
+    world: World,
+    on_epoch: Callable[[dict], None] | None,
+    plan: RunPlan,
 ) -> TrainResult:
     caches, val, source, device = data.caches, data.val, data.source, data.device
     spec = caches[0].spec
@@ -543,8 +524,9 @@ def _train(
     step_losses: list[float] = []
     best: dict | None = None
     start_epoch = 1
+    completing: list[str] = []  # a trained run's outputs that this session writes
+    last = plan.last
     if cfg.resume:
-        last = load_checkpoint(cfg.out / LAST_FILE).payload
         if last["train_caches"] != train_fps:
             raise CacheError(
                 f"{cfg.out / LAST_FILE}: was trained on other caches than "
@@ -558,19 +540,27 @@ def _train(
         history, best = last["history"], last["best"]
         start_epoch = last["epoch"] + 1
         if start_epoch > cfg.epochs:
+            completing = missing_outputs(cfg.out, val is not None)
+            if not completing:
+                if world.is_main:
+                    log.info("%s: all %d epochs trained; nothing to do", cfg.out, cfg.epochs)
+                return TrainResult(cfg.out, history, best, 0.0, source.kind, [], 0, cfg)
             if world.is_main:
-                log.info("%s: all %d epochs already trained; nothing to do", cfg.out, cfg.epochs)
-            return TrainResult(cfg.out, history, best, 0.0, source.kind, [], 0, cfg)
-        head.load_state_dict(last["state_dict"])
-        optimizer.load_state_dict(last["optimizer"])
-        if last.get("scaler"):  # fp16 runs (a disabled scaler saves nothing)
-            scaler.load_state_dict(last["scaler"])
-        _set_rng_state(_rng_for_rank(last["rng"], world), device)
-        if world.is_main:
-            log.info("resuming %s at epoch %d of %d", cfg.out, start_epoch, cfg.epochs)
-    if world.is_main:
+                log.info(
+                    "%s: all %d epochs are trained; writing what is missing (%s)",
+                    cfg.out, cfg.epochs, ", ".join(completing),
+                )  # fmt: skip
+        else:
+            head.load_state_dict(last["state_dict"])
+            optimizer.load_state_dict(last["optimizer"])
+            if last.get("scaler"):  # fp16 runs (a disabled scaler saves nothing)
+                scaler.load_state_dict(last["scaler"])
+            _set_rng_state(_rng_for_rank(last["rng"], world), device)
+            if world.is_main:
+                log.info("resuming %s at epoch %d of %d", cfg.out, start_epoch, cfg.epochs)
+    if world.is_main and not (completing and (cfg.out / STATS_DIR / CONFIG_FILE).is_file()):
         (cfg.out / STATS_DIR).mkdir(parents=True, exist_ok=True)
-        write_json_atomic(cfg.out / STATS_DIR / "config.json", run)
+        write_json_atomic(cfg.out / STATS_DIR / CONFIG_FILE, run)
 
     saved_epoch = start_epoch - 1
     try:
@@ -605,6 +595,7 @@ def _train(
                 )
             row["lr"] = lr
             row["seconds"] = time.perf_counter() - t0
+            check_finite(cfg, epoch, saved_epoch, epoch_losses, row, head)
             history.append(row)
             if metrics is not None and (best is None or row["val_miou"] > best["val_miou"]):
                 best = {"epoch": epoch, **{k: v for k, v in row.items() if k.startswith("val_")}}
@@ -632,7 +623,7 @@ def _train(
                     cfg.out / LAST_FILE, {**payload, "history": history, **resume_state}
                 )
                 write_json_atomic(
-                    cfg.out / STATS_DIR / "history.json", {"history": history, "best": best}
+                    cfg.out / STATS_DIR / HISTORY_FILE, {"history": history, "best": best}
                 )
             saved_epoch = epoch
             world.barrier()
@@ -648,6 +639,8 @@ def _train(
 
     if world.is_main:
         final = None
+        if completing and not (cfg.out / HEAD_FILE).is_file():
+            rebuild_head(cfg.out, last, with_val=val is not None)
         if val is not None:  # the best epoch's validation, saved with its head (maybe by an
             # earlier run that this one resumed): no second pass over the val cache
             saved = load_checkpoint(cfg.out / HEAD_FILE).payload
@@ -657,7 +650,58 @@ def _train(
         write_stats(cfg.out, history, best, final, run)
     world.barrier()
     trained = cfg.epochs - start_epoch + 1
-    return TrainResult(cfg.out, history, best, 0.0, source.kind, step_losses, trained, cfg)
+    return TrainResult(
+        cfg.out, history, best, 0.0, source.kind, step_losses, trained, cfg, completing
+    )
+
+
+def check_finite(
+    cfg: TrainConfig,
+    epoch: int,
+    saved_epoch: int,
+    losses: list[float],
+    row: dict,
+    head: nn.Module,
+) -> None:
+    """Stop a diverged run before it saves anything of this epoch: its losses, validation
+    numbers and weights must all be finite (one device sync, for the weights, per epoch)."""
+    if not all(math.isfinite(v) for v in losses):
+        what = "the loss"
+    elif not all(math.isfinite(v) for v in row.values() if isinstance(v, float)):
+        what = "the validation metrics"
+    elif not _weights_finite(head):
+        what = "the weights"
+    else:
+        return
+    if saved_epoch:
+        kept = f"the last good checkpoint (epoch {saved_epoch}) is kept in {cfg.out / LAST_FILE}"
+        again = "train again into another folder, or into this one with --overwrite"
+    else:
+        kept = "no epoch had been saved"
+        again = "train again"
+    raise TrainingDiverged(
+        f"training diverged: {what} became NaN/inf at epoch {epoch}; {kept}; "
+        f"lower --lr (it was {cfg.lr:g}) and {again}",
+        epoch,
+    )
+
+
+def _weights_finite(head: nn.Module) -> bool:
+    floats = [t for t in head.state_dict().values() if t.is_floating_point()]
+    return bool(torch.stack([torch.isfinite(t).all() for t in floats]).all())
+
+
+def rebuild_head(out: Path, last: dict, with_val: bool) -> None:
+    """segmentation_head.pth of a trained run, from its last.pth when that is the same head
+    (no validation: the head is the last epoch's); with validation the best epoch's weights
+    are gone with the file."""
+    if with_val:
+        raise OffroadSegError(
+            f"{out / HEAD_FILE}: missing, and the best epoch's head cannot be rebuilt without "
+            "training; use --overwrite to train again"
+        )
+    resume_only = ("history", "optimizer", "rng", "scaler", DIGEST_KEY)
+    save_checkpoint(out / HEAD_FILE, {k: v for k, v in last.items() if k not in resume_only})
 
 
 def run_record(
