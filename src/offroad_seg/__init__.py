@@ -20,7 +20,7 @@ _EXPORTS = {
     "BACKBONES": "offroad_seg.models.variants",
     "BackboneVariant": "offroad_seg.models.variants",
     "load_backbone": "offroad_seg.models.backbone",
-    "ClassMap": "offroad_seg.data.dataset",
+    "ClassMap": "offroad_seg.data.classes",
     # the stages, each one function taking one config
     "ExtractConfig": "offroad_seg.features.extract",
     "extract": "offroad_seg.features.extract",
@@ -70,7 +70,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from offroad_seg.api import Prediction, Segmenter
-    from offroad_seg.data.dataset import ClassMap
+    from offroad_seg.data.classes import ClassMap
     from offroad_seg.features.cache import FeatureCache
     from offroad_seg.features.extract import ExtractConfig, extract
     from offroad_seg.inference.evaluate import EvalConfig, PredictConfig, evaluate, predict

@@ -9,7 +9,9 @@ import zarr
 from click.testing import CliRunner
 
 from offroad_seg.cli import cli
-from offroad_seg.data.dataset import ClassMap, list_samples, read_image, read_mask
+from offroad_seg.data.classes import ClassMap
+from offroad_seg.data.dataset import list_samples
+from offroad_seg.data.images import read_image, read_mask
 from offroad_seg.errors import CacheError
 from offroad_seg.features.cache import FORMAT, FeatureCache
 from offroad_seg.features.extract import extract

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from offroad_seg.cli import cli
-from offroad_seg.data.dataset import write_mask
+from offroad_seg.data.images import write_mask
 from offroad_seg.features.extract import extract
 from offroad_seg.training.loop import TrainConfig, train
 from tests.conftest import extract_config

@@ -26,7 +26,7 @@ from click.testing import CliRunner
 import offroad_seg.inference.evaluate as evaluate_module
 from offroad_seg.cli import cli
 from offroad_seg.core.atomic import atomic_write, temp_path
-from offroad_seg.data.dataset import ClassMap
+from offroad_seg.data.classes import ClassMap
 from offroad_seg.data.synthetic import write_split
 from offroad_seg.errors import OffroadSegError
 from offroad_seg.inference.engines import SCRATCH_PREFIX, OnnxEngine, _host
@@ -212,7 +212,6 @@ def test_onnxruntime_run_leaves_no_export_folder(head, split, tmp_path, monkeypa
 def exported(tmp_path_factory) -> Path:
     """A small exported model (a 1-block backbone), sealed with its weights digest."""
     from offroad_seg.inference.export import export_model
-
     from tests.inference.test_export import truncated_model
 
     folder = tmp_path_factory.mktemp("guard-onnx")

@@ -23,7 +23,8 @@ import offroad_seg.training.loop as th
 from offroad_seg.cli import cli
 from offroad_seg.core.atomic import temp_path
 from offroad_seg.core.lock import LOCK_NAME
-from offroad_seg.data.dataset import ClassMap, list_samples
+from offroad_seg.data.classes import ClassMap
+from offroad_seg.data.dataset import list_samples
 from offroad_seg.errors import CacheError, OffroadSegError, TrainingDiverged
 from offroad_seg.features.cache import FeatureCache
 from offroad_seg.features.extract import extract

@@ -21,7 +21,9 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from offroad_seg.cli import cli
-from offroad_seg.data.dataset import ClassMap, list_samples, read_image, read_mask
+from offroad_seg.data.classes import ClassMap
+from offroad_seg.data.dataset import list_samples
+from offroad_seg.data.images import read_image, read_mask
 from offroad_seg.errors import ConfigError, OffroadSegError
 from offroad_seg.inference.engines import LOGIT_TOLERANCE, OnnxEngine, build_engine, load_head
 from offroad_seg.inference.evaluate import EvalConfig, evaluate

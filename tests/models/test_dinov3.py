@@ -22,7 +22,8 @@ from safetensors.torch import save_file
 from timm.models.eva import checkpoint_filter_fn
 
 from offroad_seg.cli import cli
-from offroad_seg.data.dataset import list_samples, read_image, read_mask
+from offroad_seg.data.dataset import list_samples
+from offroad_seg.data.images import read_image, read_mask
 from offroad_seg.errors import WeightsError
 from offroad_seg.features.cache import FeatureCache
 from offroad_seg.models.backbone import Backbone, BackboneSpec, create_vit, load_backbone

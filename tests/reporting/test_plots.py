@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from offroad_seg.data.dataset import ClassMap
+from offroad_seg.data.classes import ClassMap
 from offroad_seg.reporting import overlays, plots
 
 CLASS_MAP = ClassMap.default()

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from offroad_seg.data.dataset import IGNORE_ID, ClassMap
+from offroad_seg.data.classes import IGNORE_ID, ClassMap
 from offroad_seg.metrics.confusion import SegMetrics, confusion_matrix
 from offroad_seg.reporting import overlays, plots
 from offroad_seg.reporting.report import (

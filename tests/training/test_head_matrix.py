@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from offroad_seg.cli import cli
-from offroad_seg.data.dataset import ClassMap
+from offroad_seg.data.classes import ClassMap
 from offroad_seg.features.cache import CacheSpec, FeatureCache
 from offroad_seg.features.extract import extract
 from offroad_seg.metrics.hackathon import to_hackathon_ids

@@ -7,7 +7,9 @@ import torch
 from click.testing import CliRunner
 
 from offroad_seg.cli import cli
-from offroad_seg.data.dataset import ClassMap, list_samples, read_image, read_labels
+from offroad_seg.data.classes import ClassMap
+from offroad_seg.data.dataset import list_samples
+from offroad_seg.data.images import read_image, read_labels
 from offroad_seg.errors import CacheError, OffroadSegError
 from offroad_seg.features.cache import FeatureCache
 from offroad_seg.features.extract import extract

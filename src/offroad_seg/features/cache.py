@@ -44,7 +44,7 @@ from offroad_seg.core.atomic import remove_stale_temps
 from offroad_seg.core.lock import LOCK_NAME
 from offroad_seg.core.storage import CachePath
 from offroad_seg.core.text import plural
-from offroad_seg.data.dataset import IGNORE_ID, ClassMap
+from offroad_seg.data.classes import IGNORE_ID, ClassMap
 from offroad_seg.errors import CacheError
 from offroad_seg.features.quantize import dequantize
 from offroad_seg.models.backbone import BackboneSpec

@@ -23,7 +23,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from offroad_seg.data.dataset import ClassMap, Sample, open_header, read_image, read_mask
+from offroad_seg.data.classes import ClassMap
+from offroad_seg.data.dataset import Sample
+from offroad_seg.data.images import open_header, read_image, read_mask
 from offroad_seg.errors import DataError, OffroadSegError
 from offroad_seg.metrics.hackathon import hackathon_truth
 from offroad_seg.models.preprocess import (

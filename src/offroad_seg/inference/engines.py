@@ -34,7 +34,7 @@ import torch
 
 from offroad_seg.config import ENGINES
 from offroad_seg.core.atomic import pid_alive
-from offroad_seg.data.dataset import ClassMap
+from offroad_seg.data.classes import ClassMap
 from offroad_seg.errors import ConfigError, OffroadSegError
 from offroad_seg.models.checkpoint import HeadCheckpoint, load_checkpoint
 from offroad_seg.models.preprocess import Preprocessing

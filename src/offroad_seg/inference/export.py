@@ -46,7 +46,7 @@ from torch import nn
 from offroad_seg import __version__
 from offroad_seg.config import ExportConfig
 from offroad_seg.core.atomic import remove_stale_temps, temp_path
-from offroad_seg.data.dataset import ClassMap
+from offroad_seg.data.classes import ClassMap
 from offroad_seg.errors import ConfigError, OffroadSegError
 from offroad_seg.models.backbone import Backbone, BackboneSpec
 from offroad_seg.models.checkpoint import HeadCheckpoint, file_sha256, load_checkpoint

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from offroad_seg.core.atomic import atomic_write
-from offroad_seg.data.dataset import ClassMap
+from offroad_seg.data.classes import ClassMap
 from offroad_seg.errors import OffroadSegError
 from offroad_seg.models.backbone import BackboneSpec
 from offroad_seg.models.fingerprint import compat_fingerprint

@@ -8,7 +8,7 @@ import hashlib
 import json
 from typing import Any
 
-from offroad_seg.data.dataset import ClassMap
+from offroad_seg.data.classes import ClassMap
 from offroad_seg.models.backbone import BackboneSpec
 from offroad_seg.models.preprocess import Preprocessing
 

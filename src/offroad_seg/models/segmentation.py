@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from offroad_seg.core.runtime import autocast, resolve_device
-from offroad_seg.data.dataset import ClassMap
+from offroad_seg.data.classes import ClassMap
 from offroad_seg.errors import ConfigError, WeightsError
 from offroad_seg.models.backbone import Backbone, load_backbone
 from offroad_seg.models.checkpoint import HeadCheckpoint, load_checkpoint

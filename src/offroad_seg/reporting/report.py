@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from offroad_seg.core.atomic import atomic_write, write_text_atomic
-from offroad_seg.data.dataset import IGNORE_ID, ClassMap
+from offroad_seg.data.classes import IGNORE_ID, ClassMap
 from offroad_seg.metrics.confusion import SegMetrics
 
 log = logging.getLogger(__name__)
