@@ -7,10 +7,10 @@ from PIL import Image
 
 from offroad_seg.data.classes import BUILTIN_CLASS_MAPS, IGNORE_ID, ClassMap, resolve_class_map
 from offroad_seg.data.dataset import check_headers, list_samples, output_name
+from offroad_seg.data.digest import digest
 from offroad_seg.data.images import read_image, read_labels, read_mask, write_mask
 from offroad_seg.data.inputs import input_warnings, list_images, list_inputs
 from offroad_seg.errors import DataError
-from offroad_seg.models.fingerprint import digest
 
 
 def make_pair(root, name, codes, rgb=None):

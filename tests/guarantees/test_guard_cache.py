@@ -388,7 +388,8 @@ def test_a_mask_edited_to_the_same_size_is_noticed_on_resume(data, reference, tm
 
 def test_a_cache_with_the_old_size_only_digest_still_resumes(data, reference, tmp_path):
     from offroad_seg.data.dataset import list_samples
-    from offroad_seg.features.cache import CacheSpec, sources_digest
+    from offroad_seg.data.digest import sources_digest
+    from offroad_seg.features.cache import CacheSpec
 
     cache = unfinished_copy(reference, tmp_path)
     g = zarr.open_group(str(cache), mode="r+")

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -45,10 +44,11 @@ from offroad_seg.core.lock import LOCK_NAME
 from offroad_seg.core.storage import CachePath
 from offroad_seg.core.text import plural
 from offroad_seg.data.classes import IGNORE_ID, ClassMap
+from offroad_seg.data.digest import SOURCES_METHOD, SOURCES_METHODS, digest, sources_digest
 from offroad_seg.errors import CacheError
 from offroad_seg.features.quantize import dequantize
 from offroad_seg.models.backbone import BackboneSpec
-from offroad_seg.models.fingerprint import compat_fingerprint, digest
+from offroad_seg.models.fingerprint import compat_fingerprint
 from offroad_seg.models.preprocess import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -73,9 +73,6 @@ MARKER = ".offroad-seg-cache"
 # written at that position (two chunks swapped on disk each still pass their own checksum).
 # Caches written before 0.3 lack it.
 CHECKSUMS = "chunk_checksums"
-# How the sources digest is made (see `sources_digest`); "size": caches written before 0.3.
-SOURCES_METHOD = "size+mtime_ns"
-SOURCES_METHODS = ("size", SOURCES_METHOD)
 # Everything a cache stores at its top level: the only entries `create` ever deletes.
 OWN_ENTRIES = ("zarr.json", *ARRAYS, SCALES, HACKATHON, CHECKSUMS)
 
@@ -1060,25 +1057,3 @@ class FeatureCache:
             if not np.array_equal(stored, self.count_class_pixels()):
                 report.problems.append("class_pixels: does not match the stored labels")
         return report
-
-
-def sources_digest(
-    entries: Sequence[tuple[str, Path, Path | None]], method: str = SOURCES_METHOD
-) -> str:
-    """sha256 over each sample's name and its image's and mask's size and modification time
-    (ns): a staleness check that costs one stat per file and reads no content (0.05 s
-    for 3000 samples; hashing their bytes would read the whole dataset on every resume). Any
-    edit through the file system changes the mtime, even one that keeps the size; not noticed:
-    new content given back its old mtime on purpose (`touch -r`). A copy that keeps mtimes
-    (`cp -p`, `rsync -a`) matches; a plain `cp -r` does not (a resume then asks for
-    --overwrite). `method="size"` computes the digest of caches before 0.3 (sizes only)."""
-    if method not in SOURCES_METHODS:
-        raise CacheError(f"sources digest method {method!r}: expected one of {SOURCES_METHODS}")
-
-    def stamp(path: Path | None) -> list[int] | int | None:
-        if path is None:
-            return None
-        st = os.stat(path)
-        return st.st_size if method == "size" else [st.st_size, st.st_mtime_ns]
-
-    return digest([[name, stamp(image), stamp(mask)] for name, image, mask in entries])

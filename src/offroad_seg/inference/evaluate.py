@@ -45,10 +45,10 @@ from offroad_seg.core.runtime import resolve_device
 from offroad_seg.core.text import plural
 from offroad_seg.data.classes import ClassMap, resolve_class_map
 from offroad_seg.data.dataset import Sample, check_headers, list_samples, output_name
+from offroad_seg.data.digest import sources_digest
 from offroad_seg.data.images import mask_image
 from offroad_seg.data.inputs import input_warnings, list_inputs
 from offroad_seg.errors import DataError, OffroadSegError
-from offroad_seg.features.cache import sources_digest
 from offroad_seg.features.loader import (
     DecodedSamples,
     DecodeOptions,
