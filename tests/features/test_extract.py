@@ -13,7 +13,8 @@ from offroad_seg.data.classes import ClassMap
 from offroad_seg.data.dataset import list_samples
 from offroad_seg.data.images import read_image, read_mask
 from offroad_seg.errors import CacheError
-from offroad_seg.features.cache import FORMAT, FeatureCache
+from offroad_seg.features.cache import FeatureCache
+from offroad_seg.features.cache_format import FORMAT
 from offroad_seg.features.extract import extract
 from offroad_seg.models.preprocess import Preprocessing, image_to_tensor, preprocess
 from tests.conftest import SIZE, extract_config

@@ -18,7 +18,8 @@ import pytest
 import zarr
 
 from offroad_seg.errors import CacheError
-from offroad_seg.features.cache import MARKER, FeatureCache
+from offroad_seg.features.cache import FeatureCache
+from offroad_seg.features.cache_folder import MARKER
 from offroad_seg.features.extract import extract
 from tests.conftest import extract_config
 
@@ -389,7 +390,7 @@ def test_a_mask_edited_to_the_same_size_is_noticed_on_resume(data, reference, tm
 def test_a_cache_with_the_old_size_only_digest_still_resumes(data, reference, tmp_path):
     from offroad_seg.data.dataset import list_samples
     from offroad_seg.data.digest import sources_digest
-    from offroad_seg.features.cache import CacheSpec
+    from offroad_seg.features.cache_format import CacheSpec
 
     cache = unfinished_copy(reference, tmp_path)
     g = zarr.open_group(str(cache), mode="r+")

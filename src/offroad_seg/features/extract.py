@@ -30,7 +30,9 @@ from offroad_seg.data.classes import ClassMap, resolve_class_map
 from offroad_seg.data.dataset import check_headers, list_samples
 from offroad_seg.data.digest import sources_digest
 from offroad_seg.errors import CacheError, DataError, Interrupted
-from offroad_seg.features.cache import CacheSpec, FeatureCache, inspect_target
+from offroad_seg.features.cache import FeatureCache
+from offroad_seg.features.cache_folder import inspect_target
+from offroad_seg.features.cache_format import CacheSpec
 from offroad_seg.features.loader import (
     DecodedSamples,
     DecodeOptions,
