@@ -1,7 +1,8 @@
 """`FeatureCache`: create a feature cache, open it (or reopen it to resume), write and commit
 whole chunks, finalize it, and read it back (chunk by chunk, by image, or whole), refusing
 unfinished, damaged or edited caches in one line. The format is described in `cache_format`,
-who owns a cache folder in `cache_folder`, the full check in `verify`.
+who owns a cache folder in `cache_folder`, the full check in `verify`. (About 530 lines: one
+class, whose create, write and read methods share its open group and lazily opened arrays.)
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,6 @@ from typing import Any
 import numpy as np
 import zarr
 from tqdm.auto import tqdm
-from zarr.core.sync import sync
 
 from offroad_seg import __version__
 from offroad_seg.core import storage
@@ -43,24 +43,11 @@ from offroad_seg.features.cache_format import (
     StoredFeatures,
     create_arrays,
 )
+from offroad_seg.features.cache_info import cache_info
+from offroad_seg.features.chunk_positions import position_problems, record_checksums
+from offroad_seg.features.verify import VerifyReport, verify_cache
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class VerifyReport:
-    """What `verify` found: problems (damage) name the array, chunk and stored key; an
-    interrupted extraction is not damage, only unfinished."""
-
-    chunks_checked: int = 0
-    problems: list[str] = field(default_factory=list)
-    images: int = 0
-    unfinished: int = 0  # images not extracted yet (rerun extract to resume)
-    unfinalized: bool = False  # every chunk done, but extract did not get to finalize
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems and not self.unfinished and not self.unfinalized
 
 
 def _bad_metadata(path: str, array: str, error: Exception) -> CacheError:
@@ -86,7 +73,7 @@ def _unreadable(cache: FeatureCache, error: Exception) -> CacheError:
 
 
 class FeatureCache:
-    """A zarr v3 feature cache; see the module docstring for the format."""
+    """A zarr v3 feature cache; see `cache_format` for the format."""
 
     def __init__(self, group: zarr.Group, path: str, spec: CacheSpec) -> None:
         self.group = group
@@ -322,7 +309,7 @@ class FeatureCache:
 
     def chunk_keys(self, chunk: int) -> list[str]:
         """The store keys of a chunk's data: features, labels (and scales) of every view."""
-        return [self._chunk_key(name, coords) for name, coords in self.chunk_coords(chunk)]
+        return [self.chunk_key(name, coords) for name, coords in self.chunk_coords(chunk)]
 
     @property
     def has_checksums(self) -> bool:
@@ -330,52 +317,6 @@ class FeatureCache:
         if "_has_checksums" not in self.__dict__:
             self._has_checksums = self._holds(CHECKSUMS)
         return self._has_checksums
-
-    def _record_checksums(self, chunks: Sequence[int]) -> list[str]:
-        """Record the checksums that end the chunks' stored data, by position; the keys of
-        the records written."""
-        arr = self.array(CHECKSUMS)
-        keys = [self.chunk_keys(c) for c in chunks]
-        tails = storage.read_checksums(self.group.store, [k for ks in keys for k in ks])
-        per = len(keys[0]) if keys else 0
-        for i, chunk in enumerate(chunks):
-            arr[chunk] = np.asarray(tails[i * per : (i + 1) * per], dtype=np.uint32)
-        return [self._chunk_key(CHECKSUMS, (c, 0)) for c in chunks]
-
-    def position_problems(self, chunks: Sequence[int], skip: set[str] = frozenset()) -> list[str]:
-        """Stored chunks of these data chunks that are not the ones written there: each one's
-        checksum is compared with the one recorded for its position (`skip`: keys already
-        known to be damaged). A chunk holding another position's data names it."""
-        if not self.has_checksums or not chunks:
-            return []
-        try:
-            recorded = np.asarray(self.array(CHECKSUMS)[:], dtype=np.uint32)
-        except Exception as e:
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            return [f"{CHECKSUMS}: unreadable ({reason})"]
-        coords = [self.chunk_coords(c) for c in chunks]
-        keys = [[self._chunk_key(n, xy) for n, xy in cs] for cs in coords]
-        actual = storage.read_checksums(self.group.store, [k for ks in keys for k in ks])
-        problems = []
-        per = recorded.shape[1]
-        for i, chunk in enumerate(chunks):
-            for j, ((name, xy), key) in enumerate(zip(coords[i], keys[i], strict=True)):
-                want, got = int(recorded[chunk, j]), actual[i * per + j]
-                if key in skip or not want or not got or want == got:
-                    continue  # unrecorded, missing (reported elsewhere) or right
-                owners = np.argwhere(recorded == got)
-                if len(owners):
-                    other, other_xy = self.chunk_coords(int(owners[0][0]))[int(owners[0][1])]
-                    problems.append(
-                        f"{name} chunk {xy}: holds the data of {other} chunk {other_xy} ({key}); "
-                        "chunks were swapped or moved"
-                    )
-                else:
-                    problems.append(
-                        f"{name} chunk {xy}: not the data written there ({key}); its "
-                        "checksum differs from the one recorded"
-                    )
-        return problems
 
     def commit_chunks(self, chunks: Sequence[int]) -> None:
         """Make written chunks durable, then mark them done. On a local disk their files and
@@ -386,7 +327,7 @@ class FeatureCache:
             return
         keys = [k for c in chunks for k in self.chunk_keys(c)]
         if self.has_checksums:
-            keys += self._record_checksums(chunks)
+            keys += record_checksums(self, chunks)
         storage.sync_files(self.path, keys)
         done = self.array("done")
         for chunk in chunks:
@@ -434,11 +375,11 @@ class FeatureCache:
                 f"{self.path}: cache is unfinished ({done}/{self.num_images} images); "
                 "rerun the same `offroad-seg extract` command to finish it"
             )
-        for name in ("features", "labels", *self._optional_arrays()):
+        for name in ("features", "labels", *self.optional_arrays()):
             arr = self.array(name)
             if arr.nchunks_initialized < arr.nchunks:
                 raise _unreadable(self, CacheError(f"{name}: chunks missing"))
-        misplaced = self.position_problems(range(self.num_chunks))
+        misplaced = position_problems(self, range(self.num_chunks))
         if misplaced:
             more = f"; {len(misplaced) - 2} more" if len(misplaced) > 2 else ""
             raise CacheError(
@@ -470,7 +411,7 @@ class FeatureCache:
             self._has_hackathon = self._holds(HACKATHON)
         return self._has_hackathon
 
-    def _optional_arrays(self) -> list[str]:
+    def optional_arrays(self) -> list[str]:
         return [
             *([SCALES] if self.spec.quantized else []),
             *([HACKATHON] if self.has_hackathon_labels else []),
@@ -566,37 +507,8 @@ class FeatureCache:
         return storage.bytes_stored(self.path, self.group)
 
     def info(self) -> dict[str, Any]:
-        """Summary of a cache for `cache info` (JSON-serialisable)."""
-        done = int(self.done().sum())
-        features = self.array("features")
-        stored = self.bytes_on_disk()
-        raw = features.nbytes + self.array("labels").nbytes
-        if self.spec.quantized:
-            raw += self.array(SCALES).nbytes
-        prep = self.spec.preprocessing
-        return {
-            "path": self.path,
-            "complete": self.complete,
-            "images": self.num_images,
-            "done": done,
-            "views": list(self.spec.views),
-            "features": {
-                "shape": list(features.shape),
-                "dtype": self.spec.dtype,
-                "chunks": list(features.chunks),
-                **({"scales": list(self.array(SCALES).shape)} if self.spec.quantized else {}),
-            },
-            "labels": {"shape": list(self.array("labels").shape), "dtype": "uint8"},
-            "images_per_chunk": self.images_per_chunk,
-            "bytes_on_disk": stored,
-            "bytes_per_image": stored / max(1, done) if done else None,
-            "compression_ratio": raw * done / self.num_images / stored if done else None,
-            "backbone": self.spec.backbone.to_dict(),
-            "preprocessing": {"size": list(prep.size), "grid": list(prep.grid)},
-            "classes": self.spec.class_map.names,
-            "compat_fingerprint": self.spec.compat_fingerprint,
-            "fingerprint": self.spec.fingerprint,
-        }
+        """Summary of a cache for `cache info` (see `cache_info`)."""
+        return cache_info(self)
 
     def _metadata_key(self, array: str | None = None) -> str:
         prefix = f"{self.group.path}/" if self.group.path else ""
@@ -609,78 +521,16 @@ class FeatureCache:
         may not exist). Data chunks are synced by `commit_chunks`."""
         arrays = [*ARRAYS, *([SCALES] if self.spec.quantized else [])]
         keys = [self._metadata_key(), *(self._metadata_key(a) for a in arrays)]
-        keys.append(self._chunk_key("names", (0,)))
+        keys.append(self.chunk_key("names", (0,)))
         if finished:
-            keys += [self._chunk_key("done", (c,)) for c in range(self.num_chunks)]
-            keys.append(self._chunk_key("class_pixels", (0,)))
+            keys += [self.chunk_key("done", (c,)) for c in range(self.num_chunks)]
+            keys.append(self.chunk_key("class_pixels", (0,)))
         storage.sync_files(self.path, keys)
 
-    def _chunk_key(self, array: str, coords: tuple[int, ...]) -> str:
+    def chunk_key(self, array: str, coords: tuple[int, ...]) -> str:
         prefix = f"{self.group.path}/" if self.group.path else ""
         return f"{prefix}{array}/c/" + "/".join(str(c) for c in coords)
 
     def verify(self, progress: bool = True) -> VerifyReport:
-        """Read every chunk of every array: checksums, presence, done flags, fingerprint and the
-        class histogram. Problems name the array, the chunk and its key in the store."""
-        report = VerifyReport()
-        attrs = self.attrs
-        if attrs.get("fingerprint") != self.spec.fingerprint:
-            report.problems.append(
-                "attributes: stored fingerprint does not match the cache's settings"
-            )
-        store = self.group.store
-        damaged: set[str] = set()
-        done = np.zeros(self.num_images, dtype=bool)
-        arrays = ("done", "names", "class_pixels", "features", "labels", *self._optional_arrays())
-        total = sum(math.prod(self.array(a).cdata_shape) for a in arrays)
-        bar = tqdm(total=total, unit="chunk", desc="verify", disable=None if progress else True)
-        for name in arrays:
-            arr = self.array(name)
-            for coords in np.ndindex(*arr.cdata_shape):
-                key = self._chunk_key(name, coords)
-                bar.update(1)
-                report.chunks_checked += 1
-                needed = (
-                    name not in ("features", "labels", SCALES, HACKATHON, CHECKSUMS)
-                    or done[slice(*self.chunk_range(coords[0]))].all()
-                )
-                if name == "class_pixels" and not self.complete:
-                    needed = False
-                if name == "done" and not self.complete:
-                    needed = False  # caches written before 0.2 stored no chunk of False flags
-                if not sync(store.exists(key)):
-                    if needed:
-                        report.problems.append(f"{name} chunk {coords}: missing ({key})")
-                        damaged.add(key)
-                    continue
-                try:
-                    block = arr.get_block_selection(coords)
-                except Exception as e:
-                    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-                    report.problems.append(f"{name} chunk {coords}: unreadable ({key}): {reason}")
-                    damaged.add(key)
-                    continue
-                if name == "done":
-                    k = self.images_per_chunk
-                    done[coords[0] * k : coords[0] * k + len(block)] = block
-        bar.close()
-        if not any(p.startswith(CHECKSUMS) for p in report.problems):
-            finished = [
-                c for c in range(self.num_chunks) if done[slice(*self.chunk_range(c))].all()
-            ]
-            report.problems += self.position_problems(finished, skip=damaged)
-        report.images = self.num_images
-        report.unfinished = int((~done).sum())
-        if self.complete and report.unfinished:
-            report.problems.append(
-                f"done: {report.unfinished} of {self.num_images} images are not marked done in a "
-                "cache marked complete"
-            )
-        report.unfinalized = not self.complete and not report.unfinished
-        if self.complete and not any(
-            p.startswith(("labels", "class_pixels")) for p in report.problems
-        ):
-            stored = np.asarray(self.array("class_pixels")[:])
-            if not np.array_equal(stored, self.count_class_pixels()):
-                report.problems.append("class_pixels: does not match the stored labels")
-        return report
+        """Read every chunk of every array (see `verify_cache`)."""
+        return verify_cache(self, progress)
