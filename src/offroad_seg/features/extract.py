@@ -342,9 +342,8 @@ def _run(
 ) -> None:
     """The extraction loop over this rank's batches, writing their pending chunks."""
     spec = cache.spec
-    prep = spec.preprocessing
     opts = DecodeOptions(
-        prep=prep,
+        prep=spec.preprocessing,
         class_map=spec.class_map,
         ignore_unknown_codes=spec.ignore_unknown_codes,
         hackathon=cache.has_hackathon_labels,
@@ -355,7 +354,6 @@ def _run(
     workers = default_workers(device) if config.workers is None else config.workers
     loader = make_loader(DecodedSamples(samples, opts), batches, workers, device)
     assembler = _ChunkAssembler(cache, mine)
-    hflip = "hflip" in spec.views
     todo = sum(cache.chunk_range(c)[1] - cache.chunk_range(c)[0] for c in mine)
     rank = f" (rank {world.rank} of {world.size})" if world.enabled else ""
     bar = tqdm(
@@ -365,52 +363,8 @@ def _run(
         disable=None if config.progress and world.is_main else True,
         smoothing=0.1,
     )
-    dtype = {"float16": torch.float16, "float32": torch.float32}.get(spec.dtype)
-    in_flight = None
-
-    def finish(item) -> None:
-        """Hand a computed batch to the chunk writer once its copy to the host is done."""
-        (feats, scales), ready, batch = item
-        if ready is not None:
-            ready.synchronize()
-        feats = feats.numpy()
-        scales = None if scales is None else scales.numpy()
-        labels = batch["labels"].numpy()
-        hackathon = batch.get("hackathon")
-        new = sum(assembler.wanted(i) for i in batch["index"])
-        for j, index in enumerate(batch["index"]):
-            views = [labels[j], labels[j][:, ::-1]] if hflip else [labels[j]]
-            assembler.add(
-                index,
-                feats[j],
-                np.stack(views),
-                None if scales is None else scales[j],
-                None if hackathon is None else hackathon[j],
-            )
-        assembler.end_batch()
-        bar.update(new)
-
     try:
-        for batch in loader:
-            if batch["error"] is not None:
-                raise DataError(batch["error"])
-            n = len(batch["index"])
-            feats = backbone.encode(batch["image"], prep, hflip=hflip)
-            # (V*n, C, h, w) -> (n, V, C, h, w): view-major from encode, image-major in the cache
-            feats = feats.view(len(spec.views), n, *feats.shape[1:]).transpose(0, 1)
-            scales = None
-            if spec.quantized:  # on the device: a quarter of the transfer
-                feats, scales = quantize_int8(feats, spec.backbone.layers)
-            else:
-                feats = feats.to(dtype)
-            # On CUDA the copy to pinned memory is asynchronous: the GPU computes this batch
-            # while the previous one is handed to the writer (no host sync in the loop).
-            item = (*_to_host(feats, scales), batch)
-            if in_flight is not None:
-                finish(in_flight)
-            in_flight = item
-        if in_flight is not None:
-            finish(in_flight)
+        _encode_and_write(loader, backbone, spec, assembler, bar)
         assembler.drain()
     except KeyboardInterrupt:
         bar.close()
@@ -426,6 +380,67 @@ def _run(
             assembler.drain()
         raise
     bar.close()
+
+
+def _encode_and_write(
+    loader, backbone: Backbone, spec: CacheSpec, assembler: _ChunkAssembler, bar: tqdm
+) -> None:
+    """Encode each batch, then hand the one before it to the chunk writer."""
+    hflip = "hflip" in spec.views
+    dtype = {"float16": torch.float16, "float32": torch.float32}.get(spec.dtype)
+    in_flight = None
+    for batch in loader:
+        if batch["error"] is not None:
+            raise DataError(batch["error"])
+        feats, scales = _encode(backbone, batch, spec, hflip, dtype)
+        # On CUDA the copy to pinned memory is asynchronous: the GPU computes this batch
+        # while the previous one is handed to the writer (no host sync in the loop).
+        item = (*_to_host(feats, scales), batch)
+        if in_flight is not None:
+            _hand_over(in_flight, assembler, hflip, bar)
+        in_flight = item
+    if in_flight is not None:
+        _hand_over(in_flight, assembler, hflip, bar)
+
+
+def _encode(
+    backbone: Backbone, batch: dict, spec: CacheSpec, hflip: bool, dtype: torch.dtype | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A batch's features (n, V, C, h, w) as the cache stores them, on the device, with their
+    scales for an int8 cache."""
+    n = len(batch["index"])
+    feats = backbone.encode(batch["image"], spec.preprocessing, hflip=hflip)
+    # (V*n, C, h, w) -> (n, V, C, h, w): view-major from encode, image-major in the cache
+    feats = feats.view(len(spec.views), n, *feats.shape[1:]).transpose(0, 1)
+    scales = None
+    if spec.quantized:  # on the device: a quarter of the transfer
+        feats, scales = quantize_int8(feats, spec.backbone.layers)
+    else:
+        feats = feats.to(dtype)
+    return feats, scales
+
+
+def _hand_over(item, assembler: _ChunkAssembler, hflip: bool, bar: tqdm) -> None:
+    """Hand a computed batch to the chunk writer once its copy to the host is done."""
+    (feats, scales), ready, batch = item
+    if ready is not None:
+        ready.synchronize()
+    feats = feats.numpy()
+    scales = None if scales is None else scales.numpy()
+    labels = batch["labels"].numpy()
+    hackathon = batch.get("hackathon")
+    new = sum(assembler.wanted(i) for i in batch["index"])
+    for j, index in enumerate(batch["index"]):
+        views = [labels[j], labels[j][:, ::-1]] if hflip else [labels[j]]
+        assembler.add(
+            index,
+            feats[j],
+            np.stack(views),
+            None if scales is None else scales[j],
+            None if hackathon is None else hackathon[j],
+        )
+    assembler.end_batch()
+    bar.update(new)
 
 
 def _to_host(
