@@ -212,7 +212,6 @@ def test_onnxruntime_run_leaves_no_export_folder(head, split, tmp_path, monkeypa
 def exported(tmp_path_factory) -> Path:
     """A small exported model (a 1-block backbone), sealed with its weights digest."""
     from offroad_seg.inference.export import export_model
-
     from tests.inference.test_export import truncated_model
 
     folder = tmp_path_factory.mktemp("guard-onnx")
