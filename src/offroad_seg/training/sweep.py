@@ -683,7 +683,7 @@ def sweep(cfg: SweepConfig) -> SweepResult:
 def _run_trials(cfg, study, world, distributions, grid: bool, total: int, started: float):
     """This process's share of the trials, then the leaderboard."""
     from offroad_seg.core.runtime import resolve_device
-    from offroad_seg.training.loop import load_training_data
+    from offroad_seg.training.inputs import load_training_data
 
     device = resolve_device(cfg.train.device)
     if device.type == "cuda" and world.enabled:
@@ -902,7 +902,7 @@ def write_leaderboard(out: Path, study) -> list[dict]:
     rows = leaderboard_rows(out, study)
     if not rows:
         return rows
-    from offroad_seg.training.loop import history_csv
+    from offroad_seg.training.stats import history_csv
 
     keys = list(dict.fromkeys(k for row in rows for k in row))
     write_text_atomic(out / "leaderboard.csv", history_csv(rows))
