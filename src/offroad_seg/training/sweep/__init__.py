@@ -22,4 +22,9 @@ The folder is known as a sweep's by `sweep.json` (written before anything else, 
 `kind` marker). Any other non-empty folder is refused before anything in it is touched, with
 or without --overwrite; --overwrite removes only what the sweep wrote: the trial folders its
 study records, the study, the leaderboards and the `best` link.
+
+The package: `space` (what is searched: settings, distributions, the sampler, trial names),
+`study` (the Optuna study and its storage), `folder` (the output folder: sweep.json, the
+checks, --overwrite, the lock), `leaderboard` (its rows and files) and `run` (`sweep()`, the
+trials this process runs).
 """
