@@ -1,8 +1,11 @@
 """Stage 2: train a segmentation head on cached features.
 
-Read top to bottom: open and check the caches, pick the feature source (in memory or on the
-GPU when the cache fits the budget, streamed chunk by chunk otherwise), build the head, then
-the epoch loop: train steps, validation from one confusion matrix, checkpoints and stats.
+Read top to bottom: the schedule and optimizer, one epoch's steps, then `train` (lock and plan
+the run folder, open the caches and pick the feature source: in memory or on the GPU when the
+cache fits the budget, streamed chunk by chunk otherwise) and `_train`, the epoch loop: set up
+the head, continue a resumed run, then train, validate, check and save each epoch, and write
+the final stats. The pieces it calls live beside it: inputs (caches and features), resume,
+validation, stats and run_folder.
 The sample order is a pure function of (seed, epoch), so `--resume` continues exactly where an
 uninterrupted run would be, and an online loop with the same order gives the same losses.
 """

@@ -27,15 +27,114 @@ from offroad_seg.training.run_folder import (
 )
 
 
-def history_csv(history: list[dict]) -> str:
-    """Rows of dicts as CSV, the union of their keys as columns (None: empty)."""
-    keys = list(dict.fromkeys(k for row in history for k in row))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
-    writer.writeheader()
-    for row in history:
-        writer.writerow({k: "" if row.get(k) is None else row[k] for k in keys})
-    return buf.getvalue()
+def run_record(
+    cfg: TrainConfig,
+    head_cfg: HeadConfig,
+    spec,
+    train_fps: list[str],
+    val_fp: str | None,
+    weights_np,
+    world: World,
+) -> dict:
+    """train_stats/config.json: everything the run was (settings with the preset and resume
+    applied, the head as built, caches and their fingerprints, backbone, preprocessing)."""
+    return {
+        "tool_version": __version__,
+        "settings": config_dict(cfg),
+        "head": head_cfg.to_dict(),
+        "backbone": spec.backbone.to_dict(),
+        "preprocessing": spec.preprocessing.to_dict(),
+        "class_map": spec.class_map.names,
+        "train_caches": [
+            {"path": str(p), "fingerprint": fp} for p, fp in zip(cfg.caches, train_fps, strict=True)
+        ],
+        "val_cache": {"path": str(cfg.val_cache), "fingerprint": val_fp} if val_fp else None,
+        "class_weights": weights_np.tolist() if weights_np is not None else None,
+        "world_size": world.size,
+    }
+
+
+def write_run_record(out: Path, run: dict) -> None:
+    """train_stats/config.json, the first thing a run writes."""
+    (out / STATS_DIR).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / STATS_DIR / CONFIG_FILE, run)
+
+
+def settings_lines(run: dict) -> list[str]:
+    """A run's settings, for the header of evaluation_metrics.txt and `offroad-seg info`."""
+    s, head, bb = run["settings"], run["head"], run["backbone"]
+    shape = []
+    if head.get("width"):
+        shape.append(f"width {head['width']}")
+    if head.get("depth"):
+        shape.append(f"depth {head['depth']}")
+    shape.append(f"dropout {head['dropout']:g}")
+    lines = [
+        f"run: {s['out']}" + (f" (preset {s['preset']})" if s.get("preset") else ""),
+        f"head: {head['name']} ({', '.join(shape)})",
+        f"backbone: {bb['name']} layers={bb['layers']} ({bb['channels']} channels), "
+        f"weights {bb['weights_source']}",
+        f"size: {'x'.join(str(v) for v in run['preprocessing']['size'])}",
+        f"loss: {s['loss']}"
+        + (f" (focal gamma {s['focal_gamma']:g})" if "focal" in s["loss"] else "")
+        + f", class weights {s['class_weights']}",
+        f"optimizer: AdamW lr {s['lr']:g}, weight decay {s['weight_decay']:g}, "
+        f"batch {s['batch_size']}, {s['epochs']} epochs, warmup {s['warmup_epochs']:g}, "
+        f"seed {s['seed']}",
+        f"train caches: {', '.join(c['path'] for c in run['train_caches'])}",
+        f"val cache: {run['val_cache']['path'] if run['val_cache'] else 'none'}",
+    ]
+    return lines
+
+
+def write_final_stats(
+    out: Path, history: list[dict], best: dict | None, run: dict, with_val: bool, last: dict | None
+) -> None:
+    """The stats of a run whose epochs are all trained. `last`: a trained run's last.pth, when
+    this session only writes its missing outputs (the head among them is rebuilt from it)."""
+    final = None
+    if last is not None and not (out / HEAD_FILE).is_file():
+        rebuild_head(out, last, with_val=with_val)
+    if with_val:  # the best epoch's validation, saved with its head (maybe by an earlier run
+        # that this one resumed): no second pass over the val cache
+        saved = load_checkpoint(out / HEAD_FILE).payload
+        final = SegMetrics.from_dict(saved["val_metrics"])
+        if "val_hackathon" in saved:
+            run = {**run, "val_hackathon": saved["val_hackathon"]}
+    write_stats(out, history, best, final, run)
+
+
+def rebuild_head(out: Path, last: dict, with_val: bool) -> None:
+    """segmentation_head.pth of a trained run, from its last.pth when that is the same head
+    (no validation: the head is the last epoch's); with validation the best epoch's weights
+    are gone with the file."""
+    if with_val:
+        raise OffroadSegError(
+            f"{out / HEAD_FILE}: missing, and the best epoch's head cannot be rebuilt without "
+            "training; use --overwrite to train again"
+        )
+    resume_only = ("history", "optimizer", "rng", "scaler", DIGEST_KEY)
+    save_checkpoint(out / HEAD_FILE, {k: v for k, v in last.items() if k not in resume_only})
+
+
+def write_stats(
+    out: Path, history: list[dict], best: dict | None, final: SegMetrics | None, run: dict
+) -> None:
+    from offroad_seg.reporting.plots import plot_per_class_metrics, plot_training_curves
+
+    stats = out / STATS_DIR
+    stats.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(stats / "history.csv", history_csv(history))
+    write_text_atomic(stats / "evaluation_metrics.txt", stats_text(history, best, final, run))
+    name = run_name(out)
+    plot_training_curves(history, stats / "training_curves.png", title=name)
+    if final is not None:
+        title = f"{name}: per-class metrics (best epoch, validation cache)"
+        plot_per_class_metrics(
+            final.names, final.iou, final.dice, stats / "per_class_metrics.png", title=title
+        )
+    # last: its mark says that every output above is written (a run killed before is not done)
+    write_json_atomic(stats / HISTORY_FILE, {"history": history, "best": best, FINISHED: True})
 
 
 def stats_text(
@@ -84,117 +183,18 @@ def stats_text(
     return "\n".join(lines) + "\n"
 
 
-def write_stats(
-    out: Path, history: list[dict], best: dict | None, final: SegMetrics | None, run: dict
-) -> None:
-    from offroad_seg.reporting.plots import plot_per_class_metrics, plot_training_curves
-
-    stats = out / STATS_DIR
-    stats.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(stats / "history.csv", history_csv(history))
-    write_text_atomic(stats / "evaluation_metrics.txt", stats_text(history, best, final, run))
-    name = run_name(out)
-    plot_training_curves(history, stats / "training_curves.png", title=name)
-    if final is not None:
-        title = f"{name}: per-class metrics (best epoch, validation cache)"
-        plot_per_class_metrics(
-            final.names, final.iou, final.dice, stats / "per_class_metrics.png", title=title
-        )
-    # last: its mark says that every output above is written (a run killed before is not done)
-    write_json_atomic(stats / HISTORY_FILE, {"history": history, "best": best, FINISHED: True})
+def history_csv(history: list[dict]) -> str:
+    """Rows of dicts as CSV, the union of their keys as columns (None: empty)."""
+    keys = list(dict.fromkeys(k for row in history for k in row))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: "" if row.get(k) is None else row[k] for k in keys})
+    return buf.getvalue()
 
 
 def run_name(out: Path) -> str:
     """How plots name a run: its folder, with the parent for context (runs/h1)."""
     out = Path(out).resolve()
     return f"{out.parent.name}/{out.name}" if out.parent.name else out.name
-
-
-def run_record(
-    cfg: TrainConfig,
-    head_cfg: HeadConfig,
-    spec,
-    train_fps: list[str],
-    val_fp: str | None,
-    weights_np,
-    world: World,
-) -> dict:
-    """train_stats/config.json: everything the run was (settings with the preset and resume
-    applied, the head as built, caches and their fingerprints, backbone, preprocessing)."""
-    return {
-        "tool_version": __version__,
-        "settings": config_dict(cfg),
-        "head": head_cfg.to_dict(),
-        "backbone": spec.backbone.to_dict(),
-        "preprocessing": spec.preprocessing.to_dict(),
-        "class_map": spec.class_map.names,
-        "train_caches": [
-            {"path": str(p), "fingerprint": fp} for p, fp in zip(cfg.caches, train_fps, strict=True)
-        ],
-        "val_cache": {"path": str(cfg.val_cache), "fingerprint": val_fp} if val_fp else None,
-        "class_weights": weights_np.tolist() if weights_np is not None else None,
-        "world_size": world.size,
-    }
-
-
-def settings_lines(run: dict) -> list[str]:
-    """A run's settings, for the header of evaluation_metrics.txt and `offroad-seg info`."""
-    s, head, bb = run["settings"], run["head"], run["backbone"]
-    shape = []
-    if head.get("width"):
-        shape.append(f"width {head['width']}")
-    if head.get("depth"):
-        shape.append(f"depth {head['depth']}")
-    shape.append(f"dropout {head['dropout']:g}")
-    lines = [
-        f"run: {s['out']}" + (f" (preset {s['preset']})" if s.get("preset") else ""),
-        f"head: {head['name']} ({', '.join(shape)})",
-        f"backbone: {bb['name']} layers={bb['layers']} ({bb['channels']} channels), "
-        f"weights {bb['weights_source']}",
-        f"size: {'x'.join(str(v) for v in run['preprocessing']['size'])}",
-        f"loss: {s['loss']}"
-        + (f" (focal gamma {s['focal_gamma']:g})" if "focal" in s["loss"] else "")
-        + f", class weights {s['class_weights']}",
-        f"optimizer: AdamW lr {s['lr']:g}, weight decay {s['weight_decay']:g}, "
-        f"batch {s['batch_size']}, {s['epochs']} epochs, warmup {s['warmup_epochs']:g}, "
-        f"seed {s['seed']}",
-        f"train caches: {', '.join(c['path'] for c in run['train_caches'])}",
-        f"val cache: {run['val_cache']['path'] if run['val_cache'] else 'none'}",
-    ]
-    return lines
-
-
-def rebuild_head(out: Path, last: dict, with_val: bool) -> None:
-    """segmentation_head.pth of a trained run, from its last.pth when that is the same head
-    (no validation: the head is the last epoch's); with validation the best epoch's weights
-    are gone with the file."""
-    if with_val:
-        raise OffroadSegError(
-            f"{out / HEAD_FILE}: missing, and the best epoch's head cannot be rebuilt without "
-            "training; use --overwrite to train again"
-        )
-    resume_only = ("history", "optimizer", "rng", "scaler", DIGEST_KEY)
-    save_checkpoint(out / HEAD_FILE, {k: v for k, v in last.items() if k not in resume_only})
-
-
-def write_run_record(out: Path, run: dict) -> None:
-    """train_stats/config.json, the first thing a run writes."""
-    (out / STATS_DIR).mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / STATS_DIR / CONFIG_FILE, run)
-
-
-def write_final_stats(
-    out: Path, history: list[dict], best: dict | None, run: dict, with_val: bool, last: dict | None
-) -> None:
-    """The stats of a run whose epochs are all trained. `last`: a trained run's last.pth, when
-    this session only writes its missing outputs (the head among them is rebuilt from it)."""
-    final = None
-    if last is not None and not (out / HEAD_FILE).is_file():
-        rebuild_head(out, last, with_val=with_val)
-    if with_val:  # the best epoch's validation, saved with its head (maybe by an earlier run
-        # that this one resumed): no second pass over the val cache
-        saved = load_checkpoint(out / HEAD_FILE).payload
-        final = SegMetrics.from_dict(saved["val_metrics"])
-        if "val_hackathon" in saved:
-            run = {**run, "val_hackathon": saved["val_hackathon"]}
-    write_stats(out, history, best, final, run)
