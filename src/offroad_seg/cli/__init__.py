@@ -535,7 +535,7 @@ def sweep(caches: tuple[str, ...], out: Path, **opts) -> None:
     sweep; starting it again (on another GPU, or under torchrun) adds a process that takes the
     trials nobody has taken.
     """
-    from offroad_seg.training.sweep import sweep
+    from offroad_seg.training.sweep.run import sweep
 
     search = {k: opts.pop(k) for k in ("grid", "ranges", "choices", "trials", "prune",
                                         "storage", "sampler_seed", "overwrite")}  # fmt: skip
