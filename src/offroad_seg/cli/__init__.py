@@ -664,7 +664,7 @@ def predict(head: Path, inputs: tuple[Path, ...], out: Path, **opts) -> None:
     Writes OUT/masks (raw class codes, 16-bit), masks_color, overlays (with a legend; an .mp4
     per video) and, last, predictions.json. Rerunning the same command resumes.
     """
-    from offroad_seg.inference.evaluate import predict
+    from offroad_seg.inference.predict import predict
 
     result = predict(PredictConfig(head=head, inputs=inputs, out=out, **opts))
     if _is_main_rank():
