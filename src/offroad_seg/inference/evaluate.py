@@ -48,7 +48,8 @@ from offroad_seg.metrics.hackathon import (
 from offroad_seg.models.checkpoint import HeadCheckpoint, file_sha256
 from offroad_seg.models.segmentation import TTA
 from offroad_seg.models.upsampling import predict_and_score
-from offroad_seg.reporting.report import THUMBNAIL_HEIGHT, ImageRow, make_thumbnail, save_thumbnail
+from offroad_seg.reporting.report import ImageRow
+from offroad_seg.reporting.thumbnails import THUMBNAIL_HEIGHT, make_thumbnail, save_thumbnail
 
 log = logging.getLogger(__name__)
 
