@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 from offroad_seg.cli import cli
 from offroad_seg.data.dataset import ClassMap, list_samples, read_image, read_mask
 from offroad_seg.errors import OffroadSegError, WeightsError
-from offroad_seg.inference.evaluate import EvalConfig, PredictConfig, evaluate, predict
+from offroad_seg.inference.evaluate import EvalConfig, evaluate
+from offroad_seg.inference.predict import PredictConfig, predict
 from offroad_seg.models.checkpoint import load_checkpoint, save_checkpoint
 from offroad_seg.models.preprocess import image_to_tensor, preprocess
 from offroad_seg.training.loop import TrainConfig, train
