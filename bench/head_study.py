@@ -24,7 +24,8 @@ from common import base_parser, ensure_cache, machine, setup, table, validation_
 
 from offroad_seg.config import TrainConfig
 from offroad_seg.models.heads import HeadConfig, build_head, count_parameters
-from offroad_seg.training.loop import load_training_data, train
+from offroad_seg.training.inputs import load_training_data
+from offroad_seg.training.loop import train
 
 
 def parse_grid(text: str) -> list[tuple[str, int]]:

@@ -23,7 +23,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import offroad_seg.inference.evaluate as evaluate_module
+import offroad_seg.inference.image_outputs as image_outputs
 from offroad_seg.cli import cli
 from offroad_seg.core.atomic import atomic_write, temp_path
 from offroad_seg.data.classes import ClassMap
@@ -343,7 +343,7 @@ def test_decompression_bomb_refused_in_extract_and_predict(head, split, tmp_path
 def test_disk_full_names_the_file_and_the_rerun_recovers(
     head, split, predicted, tmp_path, monkeypatch
 ):
-    real = evaluate_module._save_color_mask
+    real = image_outputs.save_color_mask
     calls = []
 
     def disk_full_at_the_third(path, ids, class_map):
@@ -356,14 +356,14 @@ def test_disk_full_names_the_file_and_the_rerun_recovers(
             atomic_write(path, fill)
         real(path, ids, class_map)
 
-    monkeypatch.setattr(evaluate_module, "_save_color_mask", disk_full_at_the_third)
+    monkeypatch.setattr(image_outputs, "save_color_mask", disk_full_at_the_third)
     out = tmp_path / "out"
     r = run("predict", head, split / "Color_Images", out, *PREDICT[:-1], "1")
     assert_one_line_error(
         r, str(out / "masks_color" / calls[2].name), "No space left on device",
         "rerun the same command",
     )  # fmt: skip
-    monkeypatch.setattr(evaluate_module, "_save_color_mask", real)
+    monkeypatch.setattr(image_outputs, "save_color_mask", real)
     r = run("predict", head, split / "Color_Images", out, *PREDICT[:-1], "1")
     assert r.exit_code == 0, r.output
     assert contents(out, "masks", "masks_color", "overlays") == contents(

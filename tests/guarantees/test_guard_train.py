@@ -20,6 +20,7 @@ import torch
 from click.testing import CliRunner
 
 import offroad_seg.training.loop as th
+import offroad_seg.training.stats as run_stats
 from offroad_seg.cli import cli
 from offroad_seg.core.atomic import temp_path
 from offroad_seg.core.lock import LOCK_NAME
@@ -32,7 +33,8 @@ from offroad_seg.models.checkpoint import DIGEST_KEY, head_payload, load_checkpo
 from offroad_seg.models.heads import HeadConfig, build_head
 from offroad_seg.models.preprocess import Preprocessing
 from offroad_seg.training.holdout import validation_word
-from offroad_seg.training.loop import TrainConfig, open_train_caches, train
+from offroad_seg.training.inputs import open_train_caches
+from offroad_seg.training.loop import TrainConfig, train
 from tests.conftest import SIZE, extract_config
 
 STATS = ("history.csv", "evaluation_metrics.txt", "training_curves.png", "per_class_metrics.png")
@@ -378,7 +380,7 @@ def test_killed_while_writing_the_stats_then_resume_writes_them(
     def killed(history):
         raise Killed
 
-    monkeypatch.setattr(th, "history_csv", killed)  # the first of the final stats writes
+    monkeypatch.setattr(run_stats, "history_csv", killed)  # the first of the final stats writes
     with pytest.raises(Killed):
         train(cfg)
     monkeypatch.undo()

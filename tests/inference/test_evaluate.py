@@ -13,7 +13,8 @@ from offroad_seg.data.classes import ClassMap
 from offroad_seg.data.dataset import list_samples
 from offroad_seg.data.images import read_image, read_mask
 from offroad_seg.errors import OffroadSegError, WeightsError
-from offroad_seg.inference.evaluate import EvalConfig, PredictConfig, evaluate, predict
+from offroad_seg.inference.evaluate import EvalConfig, evaluate
+from offroad_seg.inference.predict import PredictConfig, predict
 from offroad_seg.models.checkpoint import load_checkpoint, save_checkpoint
 from offroad_seg.models.preprocess import image_to_tensor, preprocess
 from offroad_seg.training.loop import TrainConfig, train

@@ -64,6 +64,21 @@ def test_training_curves_png(tmp_path: Path, with_val: bool, strict_warnings) ->
     _only_file(tmp_path, "curves.png")
 
 
+def test_training_curves_are_titled_with_the_run_and_panels_with_their_metric() -> None:
+    """The figure's title is the run's name (it was the last panel's, "Validation pixel
+    accuracy", whatever the run); each panel keeps its own."""
+    fig = plots.training_curves_figure(_history(True), title="runs/h1")
+    assert fig._suptitle.get_text() == "runs/h1"
+    titles = [ax.get_title().split(" (best")[0] for ax in fig.axes]
+    assert titles == [
+        "Loss",
+        "Validation mIoU",
+        "Validation mean Dice",
+        "Validation pixel accuracy",
+    ]
+    assert plots.training_curves_figure(_history(True))._suptitle is None
+
+
 def test_training_curves_odd_histories(tmp_path: Path, strict_warnings) -> None:
     plots.plot_training_curves([], tmp_path / "empty.png")
     plots.plot_training_curves([{"epoch": 1, "train_loss": 0.7}], tmp_path / "one.png")

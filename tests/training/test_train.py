@@ -16,16 +16,10 @@ from offroad_seg.features.extract import extract
 from offroad_seg.models.checkpoint import load_checkpoint
 from offroad_seg.models.heads import HeadConfig, build_head
 from offroad_seg.models.preprocess import Preprocessing, image_to_tensor, preprocess, resize_labels
-from offroad_seg.training.loop import (
-    TrainConfig,
-    evaluate_on_cache,
-    lr_at,
-    make_optimizer,
-    train,
-    warmup_steps,
-)
+from offroad_seg.training.loop import TrainConfig, lr_at, make_optimizer, train, warmup_steps
 from offroad_seg.training.losses import class_weights_from_pixels, segmentation_loss
 from offroad_seg.training.sources import StreamingSource, epoch_order
+from offroad_seg.training.validation import evaluate_on_cache
 from tests.conftest import SIZE, extract_config
 
 

@@ -34,7 +34,7 @@ from offroad_seg.models.preprocess import (
     resize_image,
     resize_labels,
 )
-from offroad_seg.reporting.report import preview
+from offroad_seg.reporting.thumbnails import preview
 
 log = logging.getLogger(__name__)
 

@@ -7,12 +7,13 @@ Every engine offers what those callers use of a `SegmentationModel`:
                        -> float32 logits (B, K, h, w) on the head's grid, on `device`
   preprocessing, class_map, checkpoint (a `HeadCheckpoint` describing the model), device
 
-`torch` is `SegmentationModel` itself. `onnxruntime` runs an exported graph (`export.py`) with
-ONNX Runtime: on the CPU, or with the CUDA provider when the device is CUDA and the installed
-onnxruntime has it. A head is either a checkpoint (.pth: the onnxruntime engine exports it to a
-temporary .onnx first) or an exported .onnx (its metadata gives the class map, preprocessing and
-backbone; the torch engine cannot run it). Both engines see the same uint8 images and compute
-the same function; their logits differ by float32 rounding (see `LOGIT_TOLERANCE`).
+`torch` is `SegmentationModel` itself. `onnxruntime` runs an exported graph (`export.py`; the
+model's names, metadata and digest: `onnx_model.py`) with ONNX Runtime: on the CPU, or with the
+CUDA provider when the device is CUDA and the installed onnxruntime has it. A head is either a
+checkpoint (.pth: the onnxruntime engine exports it to a temporary .onnx first) or an exported
+.onnx (its metadata gives the class map, preprocessing and backbone; the torch engine cannot run
+it). Both engines see the same uint8 images and compute the same function; their logits differ
+by float32 rounding (see `LOGIT_TOLERANCE`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,13 @@ from offroad_seg.config import ENGINES
 from offroad_seg.core.atomic import pid_alive
 from offroad_seg.data.classes import ClassMap
 from offroad_seg.errors import ConfigError, OffroadSegError
+from offroad_seg.inference.onnx_model import (
+    HEAD_LOGITS,
+    INPUT,
+    checkpoint_from_onnx,
+    require,
+    verify_weights,
+)
 from offroad_seg.models.checkpoint import HeadCheckpoint, load_checkpoint
 from offroad_seg.models.preprocess import Preprocessing
 from offroad_seg.models.segmentation import TTA, SegmentationModel, check_tta
@@ -84,8 +92,6 @@ def load_head(path: str | Path) -> HeadCheckpoint:
     """A head checkpoint (.pth), or the description of an exported model (.onnx) read from its
     metadata (without weights: they are in the graph)."""
     if is_exported(path):
-        from offroad_seg.inference.export import checkpoint_from_onnx
-
         return checkpoint_from_onnx(path)
     return load_checkpoint(path)
 
@@ -172,8 +178,6 @@ class OnnxEngine:
         """`path`: an exported .onnx; `checkpoint`: its `load_head` description (read from the
         file when None); `threads`: ONNX Runtime's intra-op threads (default: torch's, so both
         engines use the same cores); `verify`: check its weights digest first."""
-        from offroad_seg.inference.export import checkpoint_from_onnx
-
         self.path = Path(path)
         self.checkpoint = checkpoint or checkpoint_from_onnx(self.path)
         self.device = torch.device(device)
@@ -186,8 +190,6 @@ class OnnxEngine:
         """Load an exported model of this head (at its own input size) into a session, after
         checking its weights digest (`verify`; a file this process just exported needs none).
         A file ONNX Runtime cannot load is one line naming it."""
-        from offroad_seg.inference.export import checkpoint_from_onnx, require, verify_weights
-
         ort = require("onnxruntime", "--engine onnxruntime")
         if verify:
             verify_weights(path)
@@ -232,6 +234,8 @@ class OnnxEngine:
         """A head checkpoint (.pth) on its backbone, exported to temporary .onnx files (dynamic
         batch; the working size and each of `sizes`) and loaded; `weights` as for
         `SegmentationModel.from_checkpoint`."""
+        # lazy: only a .pth head run with onnxruntime needs the exporter (export.py never imports
+        # this module: the contract both use is onnx_model.py)
         from offroad_seg.inference.export import export_model
 
         ckpt = checkpoint if isinstance(checkpoint, HeadCheckpoint) else load_checkpoint(checkpoint)
@@ -284,8 +288,6 @@ class OnnxEngine:
     def _run(self, images: np.ndarray) -> np.ndarray:
         """Head logits of uint8 images at one of the sessions' sizes; a fixed-batch model gets
         full batches (the last one padded with zero images, whose outputs are dropped)."""
-        from offroad_seg.inference.export import HEAD_LOGITS, INPUT
-
         size = tuple(images.shape[-2:])
         session, step = self.sessions[size], self.batches[size] or len(images)
         n = len(images)
