@@ -21,9 +21,9 @@ from offroad_seg.core import distributed
 from offroad_seg.core.atomic import write_json_atomic
 from offroad_seg.core.runtime import resolve_device
 from offroad_seg.data.dataset import Sample, output_name
+from offroad_seg.data.digest import sources_digest
 from offroad_seg.data.inputs import input_warnings, list_inputs
 from offroad_seg.errors import OffroadSegError
-from offroad_seg.features.cache import sources_digest
 from offroad_seg.features.loader import DecodeOptions, default_batch_size
 from offroad_seg.inference.batches import EvalResult, named_write_errors, run_batches, start_run
 from offroad_seg.inference.engines import build_engine, check_engine_tta, load_head, resolve_engine
