@@ -1,14 +1,16 @@
 """Backbone x input size: compute, cache size and measured speed, to choose before spending GPU
 hours.
 
-    python bench/bench_backbones.py [--sizes 266x476,378x672,532x952] [--device cpu]
+    python bench/bench_backbones.py [--sizes 266x476,378x672,532x952]
+        [--sizes-dinov3 272x480,384x672,528x960] [--family dinov2,dinov3] [--device cpu]
         [--speed dinov2_vits14,dinov2_vitb14,dinov2_vitl14] [--images 2]
 
-For each variant (the plain and register variants cost the same, to 0.1%) and working size it
-prints: the token grid, GFLOP per image (a multiply-add counts two, torch's FlopCounterMode on
-the meta device, attention included), the cache's feature bytes per image before compression
-for `--layers 1` and `--layers 4` in float16 and int8 (scales included), and the measured
-images/s of the backbone alone (random weights: speed does not depend on them) for the variants
+For each variant (the DINOv2 plain and register variants cost the same, to 0.1%) and working
+size of its family (multiples of its patch: 14 for DINOv2, 16 for DINOv3) it prints: the token
+grid, GFLOP per image (a multiply-add counts two, torch's FlopCounterMode on the meta device,
+attention included), the cache's feature bytes per image before compression for `--layers 1`
+and `--layers 4` in float16 and int8 (scales included), and the measured images/s of the
+backbone alone (random weights: speed does not depend on them) for the variants
 named in `--speed`. The rest print '-': ViT-g at 532x952 takes minutes per image on a laptop CPU.
 """
 
@@ -38,7 +40,7 @@ def gflops(variant, size: tuple[int, int]) -> float:
 
 
 def cache_mb(variant, size: tuple[int, int], layers: int, dtype: str) -> float:
-    h, w = size[0] // 14, size[1] // 14
+    h, w = size[0] // variant.patch_size, size[1] // variant.patch_size
     c = variant.embed_dim * layers
     if dtype == "int8":
         return (c * h * w + 4 * layers * h * w) / 1e6
@@ -64,28 +66,35 @@ def images_per_s(variant, size, device, images: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--sizes", default="266x476,378x672,532x952")
+    p.add_argument("--sizes", default="266x476,378x672,532x952", help="DINOv2 sizes")
+    p.add_argument("--sizes-dinov3", default="272x480,384x672,528x960", help="DINOv3 sizes")
+    p.add_argument("--family", default="dinov2,dinov3", help="families to list")
     p.add_argument("--speed", default="dinov2_vits14,dinov2_vitb14,dinov2_vitl14")
     p.add_argument("--device", default="cpu")
     p.add_argument("--images", type=int, default=2, help="timed images per measurement")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     device = resolve_device(args.device)
-    sizes = [parse_size(s) for s in args.sizes.split(",")]
+    sizes = {
+        "dinov2": [parse_size(s) for s in args.sizes.split(",")],
+        "dinov3": [parse_size(s) for s in args.sizes_dinov3.split(",")],
+    }
+    families = set(args.family.split(","))
     timed = set(args.speed.split(",")) if args.speed else set()
     rows = []
     for variant in BACKBONES.values():
-        if variant.registers:
-            continue  # same cost as the plain variant
-        for size in sizes:
+        if variant.family not in families or (variant.family == "dinov2" and variant.registers):
+            continue  # DINOv2's register variants cost the same as the plain ones
+        p = variant.patch_size
+        for size in sizes[variant.family]:
             speed = "-"
             if variant.name in timed:
                 speed = f"{images_per_s(variant, size, device, args.images):.2f}"
             rows.append(
                 (
-                    variant.name.removeprefix("dinov2_"),
+                    variant.name,
                     f"{size[0]}x{size[1]}",
-                    f"{size[0] // 14}x{size[1] // 14}",
+                    f"{size[0] // p}x{size[1] // p}",
                     f"{gflops(variant, size):.0f}",
                     f"{cache_mb(variant, size, 1, 'float16'):.2f}",
                     f"{cache_mb(variant, size, 1, 'int8'):.2f}",

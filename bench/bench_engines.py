@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from common import base_parser, ensure_cache, machine, setup, table
 from safetensors.torch import save_file
 
-from offroad_seg.data.dataset import list_samples, read_image
+from offroad_seg.data.dataset import list_samples
+from offroad_seg.data.images import read_image
 from offroad_seg.inference.engines import OnnxEngine
 from offroad_seg.inference.evaluate import EvalConfig, evaluate
 from offroad_seg.inference.export import export_model, quantize_dynamic_int8

@@ -18,7 +18,8 @@ import torch
 from common import base_parser, ensure_cache, machine, resident, setup, sync, table
 
 from offroad_seg.core.runtime import autocast
-from offroad_seg.data.dataset import list_samples, read_image
+from offroad_seg.data.dataset import list_samples
+from offroad_seg.data.images import read_image
 from offroad_seg.features.loader import default_batch_size
 from offroad_seg.inference.evaluate import EvalConfig, evaluate
 from offroad_seg.models.backbone import load_backbone

@@ -20,7 +20,8 @@ import torch
 import zarr
 from common import base_parser, machine, resident, setup, sync, table
 
-from offroad_seg.data.dataset import list_samples, read_image
+from offroad_seg.data.dataset import list_samples
+from offroad_seg.data.images import read_image
 from offroad_seg.features.extract import ExtractConfig, extract
 from offroad_seg.features.loader import default_batch_size
 from offroad_seg.models.backbone import load_backbone

@@ -26,8 +26,9 @@ import numpy as np
 from common import table
 
 from offroad_seg.core import storage
-from offroad_seg.data.dataset import ClassMap
-from offroad_seg.features.cache import CacheSpec, FeatureCache
+from offroad_seg.data.classes import ClassMap
+from offroad_seg.features.cache import FeatureCache
+from offroad_seg.features.cache_format import CacheSpec
 from offroad_seg.features.extract import ChunkWriter
 from offroad_seg.metrics.hackathon import to_hackathon_ids
 from offroad_seg.models.backbone import BackboneSpec

@@ -26,7 +26,8 @@ from common import base_parser, ensure_cache, machine, resident, setup, sync, ta
 
 from offroad_seg.config import default
 from offroad_seg.core.runtime import autocast
-from offroad_seg.data.dataset import ClassMap, list_samples
+from offroad_seg.data.classes import ClassMap
+from offroad_seg.data.dataset import list_samples
 from offroad_seg.features.cache import FeatureCache
 from offroad_seg.features.loader import DecodedSamples, DecodeOptions, default_workers, make_loader
 from offroad_seg.models.backbone import load_backbone

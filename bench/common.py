@@ -85,8 +85,9 @@ def random_cache(path: Path, n: int, size: tuple[int, int] = (266, 476), seed: i
     pass per group, as extract's batches do."""
     import numpy as np
 
-    from offroad_seg.data.dataset import ClassMap
-    from offroad_seg.features.cache import CacheSpec, FeatureCache
+    from offroad_seg.data.classes import ClassMap
+    from offroad_seg.features.cache import FeatureCache
+    from offroad_seg.features.cache_format import CacheSpec
     from offroad_seg.metrics.hackathon import to_hackathon_ids
     from offroad_seg.models.backbone import BackboneSpec
     from offroad_seg.models.preprocess import Preprocessing

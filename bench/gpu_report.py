@@ -52,7 +52,9 @@ from common import random_cache, sync, table
 
 import offroad_seg
 from offroad_seg.core.runtime import amp_dtype, resolve_device
-from offroad_seg.data.dataset import ClassMap, list_samples, read_image
+from offroad_seg.data.classes import ClassMap
+from offroad_seg.data.dataset import list_samples
+from offroad_seg.data.images import read_image
 from offroad_seg.data.synthetic import write_split
 from offroad_seg.features.cache import FeatureCache
 from offroad_seg.features.extract import ExtractConfig, extract

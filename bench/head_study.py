@@ -40,7 +40,7 @@ from semantic_proxy import write_semantic_cache
 
 from offroad_seg.config import TrainConfig
 from offroad_seg.models.heads import HeadConfig, build_head, count_parameters, flops_per_image
-from offroad_seg.training.loop import make_optimizer
+from offroad_seg.training.loop import make_optimizer, train
 from offroad_seg.training.losses import segmentation_loss
 
 PROXIES = ("semantic", "untrained")
@@ -78,7 +78,6 @@ def parse_grid(text: str) -> list[Setting]:
 
 def _train_one(task: tuple) -> float:
     """One training in a worker process (one thread): its best validation mIoU."""
-    from offroad_seg.training.loop import train
 
     torch.set_num_threads(1)
     logging.getLogger("offroad_seg").setLevel(logging.WARNING)

@@ -20,7 +20,7 @@ _EXPORTS = {
     "BACKBONES": "offroad_seg.models.variants",
     "BackboneVariant": "offroad_seg.models.variants",
     "load_backbone": "offroad_seg.models.backbone",
-    "ClassMap": "offroad_seg.data.dataset",
+    "ClassMap": "offroad_seg.data.classes",
     # the stages, each one function taking one config
     "ExtractConfig": "offroad_seg.features.extract",
     "extract": "offroad_seg.features.extract",
@@ -28,8 +28,8 @@ _EXPORTS = {
     "train": "offroad_seg.training.loop",
     "EvalConfig": "offroad_seg.inference.evaluate",
     "evaluate": "offroad_seg.inference.evaluate",
-    "PredictConfig": "offroad_seg.inference.evaluate",
-    "predict": "offroad_seg.inference.evaluate",
+    "PredictConfig": "offroad_seg.inference.predict",
+    "predict": "offroad_seg.inference.predict",
     # the cache and checkpoints
     "FeatureCache": "offroad_seg.features.cache",
     "load_checkpoint": "offroad_seg.models.checkpoint",
@@ -70,10 +70,11 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from offroad_seg.api import Prediction, Segmenter
-    from offroad_seg.data.dataset import ClassMap
+    from offroad_seg.data.classes import ClassMap
     from offroad_seg.features.cache import FeatureCache
     from offroad_seg.features.extract import ExtractConfig, extract
-    from offroad_seg.inference.evaluate import EvalConfig, PredictConfig, evaluate, predict
+    from offroad_seg.inference.evaluate import EvalConfig, evaluate
+    from offroad_seg.inference.predict import PredictConfig, predict
     from offroad_seg.models.backbone import load_backbone
     from offroad_seg.models.checkpoint import load_checkpoint
     from offroad_seg.models.segmentation import SegmentationModel

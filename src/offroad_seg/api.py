@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from offroad_seg.data.dataset import ClassMap, read_image
+from offroad_seg.data.classes import ClassMap
+from offroad_seg.data.images import read_image
 from offroad_seg.errors import DataError
 from offroad_seg.models.preprocess import image_to_tensor, resize_image
 from offroad_seg.models.segmentation import TTA, SegmentationModel

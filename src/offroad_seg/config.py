@@ -17,7 +17,8 @@ if TYPE_CHECKING:  # annotations only: storage imports zarr, which --help need n
     from offroad_seg.core.storage import CachePath
 
 
-# The seed's working size: (540/2)//14*14 x (960/2)//14*14, a 19x34 token grid.
+# The seed's working size: (540/2)//14*14 x (960/2)//14*14, a 19x34 token grid of DINOv2's
+# 14-pixel patches (DINOv3's 16-pixel patches default to 272x480: models.variants.DEFAULT_SIZES).
 DEFAULT_SIZE = (266, 476)
 
 # The seed's backbone (a name in models.variants.BACKBONES)
@@ -42,7 +43,9 @@ class ExtractConfig:
     cache: CachePath
     weights: str | None = "auto"  # a file, 'auto' (the documented search order) or 'random'
     backbone: str = DEFAULT_BACKBONE  # a name in variants.BACKBONES
-    size: tuple[int, int] = DEFAULT_SIZE
+    # None: the backbone family's default (variants.DEFAULT_SIZES: DEFAULT_SIZE for DINOv2,
+    # 272x480 for DINOv3); any size must be a multiple of the backbone's patch (14 or 16)
+    size: tuple[int, int] | None = None
     layers: int = 1
     views: tuple[str, ...] = ("identity",)
     device: str = "auto"

@@ -18,7 +18,8 @@ from offroad_seg.config import DEFAULT_BACKBONE, DemoConfig, EvalConfig, Extract
 from offroad_seg.data.synthetic import SynthConfig, synthesize
 from offroad_seg.errors import OffroadSegError, WeightsError
 from offroad_seg.features.extract import extract
-from offroad_seg.inference.evaluate import EvalResult, evaluate
+from offroad_seg.inference.batches import EvalResult
+from offroad_seg.inference.evaluate import evaluate
 from offroad_seg.models.variants import get_variant
 from offroad_seg.models.weights import RANDOM, find_weights
 from offroad_seg.training.loop import train

@@ -16,11 +16,11 @@ class CacheError(OffroadSegError):
 
 
 class WeightsError(OffroadSegError):
-    """Backbone weights cannot be found or are not a DINOv2 ViT-S/14 checkpoint."""
+    """Backbone weights cannot be found or are not a checkpoint of the asked variant."""
 
 
 class ConfigError(OffroadSegError):
-    """A setting is invalid (a size that is not a multiple of 14, an unknown head, ...)."""
+    """A setting is invalid (a size that is not a multiple of the patch, an unknown head, ...)."""
 
 
 class Interrupted(OffroadSegError):

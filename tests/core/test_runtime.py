@@ -12,7 +12,8 @@ import torch
 from offroad_seg.core import runtime
 from offroad_seg.core.distributed import SINGLE, World, rank_seed
 from offroad_seg.core.runtime import amp_dtype, amp_dtype_for, grad_scaler, parse_device
-from offroad_seg.data.dataset import ClassMap, list_samples
+from offroad_seg.data.classes import ClassMap
+from offroad_seg.data.dataset import list_samples
 from offroad_seg.errors import ConfigError
 from offroad_seg.features.cache import FeatureCache
 from offroad_seg.features.loader import (

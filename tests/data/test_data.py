@@ -5,24 +5,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from offroad_seg.data.dataset import (
-    BUILTIN_CLASS_MAPS,
-    IGNORE_ID,
-    ClassMap,
-    check_headers,
-    input_warnings,
-    list_images,
-    list_inputs,
-    list_samples,
-    output_name,
-    read_image,
-    read_labels,
-    read_mask,
-    resolve_class_map,
-    write_mask,
-)
+from offroad_seg.data.classes import BUILTIN_CLASS_MAPS, IGNORE_ID, ClassMap, resolve_class_map
+from offroad_seg.data.dataset import check_headers, list_samples, output_name
+from offroad_seg.data.digest import digest
+from offroad_seg.data.images import read_image, read_labels, read_mask, write_mask
+from offroad_seg.data.inputs import input_warnings, list_images, list_inputs
 from offroad_seg.errors import DataError
-from offroad_seg.models.fingerprint import digest
 
 
 def make_pair(root, name, codes, rgb=None):
@@ -356,7 +344,7 @@ def test_predict_folder_of_jpegs_skips_and_counts_other_files(tmp_path):
 def test_list_images_logs_what_it_skipped(tmp_path, caplog):
     save_image(tmp_path / "a.jpg")
     (tmp_path / "notes.txt").write_text("x")
-    with caplog.at_level("WARNING", logger="offroad_seg.data.dataset"):
+    with caplog.at_level("WARNING", logger="offroad_seg.data.inputs"):
         assert list_images([tmp_path]) == [tmp_path / "a.jpg"]
     assert "skipped 1 file that is not a PNG/JPEG image or a video (notes.txt)" in caplog.text
     (tmp_path / "d.mp4").write_bytes(b"x")

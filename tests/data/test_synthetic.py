@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from offroad_seg.data.dataset import IMAGES_DIR, MASKS_DIR, ClassMap, list_samples, read_labels
+from offroad_seg.data.classes import ClassMap
+from offroad_seg.data.dataset import IMAGES_DIR, MASKS_DIR, list_samples
+from offroad_seg.data.images import read_labels
 from offroad_seg.data.synthetic import SynthConfig, split_names, synthesize, write_split
 from offroad_seg.data.synthetic.palette import min_class_pixels
 from offroad_seg.data.synthetic.render import render_scene

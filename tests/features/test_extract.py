@@ -9,9 +9,12 @@ import zarr
 from click.testing import CliRunner
 
 from offroad_seg.cli import cli
-from offroad_seg.data.dataset import ClassMap, list_samples, read_image, read_mask
+from offroad_seg.data.classes import ClassMap
+from offroad_seg.data.dataset import list_samples
+from offroad_seg.data.images import read_image, read_mask
 from offroad_seg.errors import CacheError
-from offroad_seg.features.cache import FORMAT, FeatureCache
+from offroad_seg.features.cache import FeatureCache
+from offroad_seg.features.cache_format import FORMAT
 from offroad_seg.features.extract import extract
 from offroad_seg.models.preprocess import Preprocessing, image_to_tensor, preprocess
 from tests.conftest import SIZE, extract_config
@@ -39,6 +42,7 @@ def test_cache_layout_readable_with_plain_zarr(caches, dataset):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert sorted(g.array_keys()) == [
+            "chunk_checksums",
             "class_pixels",
             "done",
             "features",

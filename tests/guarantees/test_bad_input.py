@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from offroad_seg.cli import cli
-from offroad_seg.data.dataset import write_mask
+from offroad_seg.data.images import write_mask
 from offroad_seg.features.extract import extract
 from offroad_seg.training.loop import TrainConfig, train
 from tests.conftest import extract_config
@@ -155,7 +155,7 @@ def test_weights_not_vits14(tmp_path):
     data = make_dataset(tmp_path / "d")
     torch.save({"conv.weight": torch.zeros(3, 3)}, tmp_path / "resnet.pth")
     result = run("extract", data, tmp_path / "c.zarr", "--weights", tmp_path / "resnet.pth")
-    assert_one_line_error(result, "resnet.pth", "not a DINOv2 checkpoint")
+    assert_one_line_error(result, "resnet.pth", "not a DINOv2 or DINOv3 checkpoint")
     assert not (tmp_path / "c.zarr").exists()
     result = run("extract", data, tmp_path / "c.zarr", "--weights", tmp_path / "nope.pth")
     assert_one_line_error(result, "nope.pth", "not found")

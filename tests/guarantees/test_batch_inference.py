@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from offroad_seg.cli import cli
-from offroad_seg.data.dataset import read_mask
+from offroad_seg.data.images import read_mask
 from offroad_seg.data.synthetic import write_split
 from offroad_seg.inference.runfolder import RECORDS_DIR, read_records
 from offroad_seg.training.loop import TrainConfig, train

@@ -249,7 +249,7 @@ def test_extract_train_verify_on_s3(data, single, s3, tmp_path):
     np.testing.assert_array_equal(remote["features"][:], g["features"][:])
     r = runner.invoke(cli, ["cache", "verify", url])
     assert r.exit_code == 0 and r.stdout.startswith("ok:"), r.output
-    r = runner.invoke(cli, ["train", url, str(tmp_path / "h"), "--epochs", "2", "--val-cache", url])
+    r = runner.invoke(cli, ["train", url, str(tmp_path / "h"), "--epochs", "2"])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "h" / "segmentation_head.pth").exists()
     # damage one object: verify names it

@@ -11,7 +11,8 @@ from PIL import Image
 import offroad_seg
 from offroad_seg import Segmenter
 from offroad_seg.cli import cli
-from offroad_seg.data.dataset import list_samples, read_mask
+from offroad_seg.data.dataset import list_samples
+from offroad_seg.data.images import read_mask
 from offroad_seg.training.loop import TrainConfig, train
 from tests.conftest import doc_python
 

@@ -9,9 +9,12 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from offroad_seg.cli import cli
-from offroad_seg.data.dataset import ClassMap, list_samples, read_image, read_mask
+from offroad_seg.data.classes import ClassMap
+from offroad_seg.data.dataset import list_samples
+from offroad_seg.data.images import read_image, read_mask
 from offroad_seg.errors import OffroadSegError, WeightsError
-from offroad_seg.inference.evaluate import EvalConfig, PredictConfig, evaluate, predict
+from offroad_seg.inference.evaluate import EvalConfig, evaluate
+from offroad_seg.inference.predict import PredictConfig, predict
 from offroad_seg.models.checkpoint import load_checkpoint, save_checkpoint
 from offroad_seg.models.preprocess import image_to_tensor, preprocess
 from offroad_seg.training.loop import TrainConfig, train
@@ -156,7 +159,8 @@ def test_existing_results_refused_unless_overwrite(head_path, dataset, tmp_path)
         evaluate(eval_config(head_path, dataset / "val", tmp_path / "e"))
     (tmp_path / "e" / "masks" / "stale.png").write_bytes(b"x")
     evaluate(eval_config(head_path, dataset / "val", tmp_path / "e", overwrite=True, comparisons=0))
-    assert not (tmp_path / "e" / "masks" / "stale.png").exists()
+    # a file the run did not write stays (#21): only what the run record lists is removed
+    assert (tmp_path / "e" / "masks" / "stale.png").read_bytes() == b"x"
 
 
 def test_predict_writes_masks_and_overlays(head_path, dataset, backbone, tmp_path):

@@ -21,16 +21,14 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from offroad_seg.cli import cli
-from offroad_seg.data.dataset import ClassMap, list_samples, read_image, read_mask
+from offroad_seg.data.classes import ClassMap
+from offroad_seg.data.dataset import list_samples
+from offroad_seg.data.images import read_image, read_mask
 from offroad_seg.errors import ConfigError, OffroadSegError
 from offroad_seg.inference.engines import LOGIT_TOLERANCE, OnnxEngine, build_engine, load_head
 from offroad_seg.inference.evaluate import EvalConfig, evaluate
-from offroad_seg.inference.export import (
-    METADATA,
-    checkpoint_from_onnx,
-    export_model,
-    quantize_dynamic_int8,
-)
+from offroad_seg.inference.export import export_model, quantize_dynamic_int8
+from offroad_seg.inference.onnx_model import METADATA, checkpoint_from_onnx
 from offroad_seg.models.backbone import Backbone, BackboneSpec, create_vit, load_backbone
 from offroad_seg.models.checkpoint import (
     HeadCheckpoint,

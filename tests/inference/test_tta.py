@@ -12,7 +12,8 @@ from click.testing import CliRunner
 
 from offroad_seg.api import Segmenter
 from offroad_seg.cli import cli
-from offroad_seg.data.dataset import list_samples, read_image, read_mask
+from offroad_seg.data.dataset import list_samples
+from offroad_seg.data.images import read_image, read_mask
 from offroad_seg.errors import ConfigError
 from offroad_seg.models.preprocess import Preprocessing, image_to_tensor, preprocess
 from offroad_seg.models.segmentation import TTA

@@ -14,7 +14,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from offroad_seg.data.dataset import ClassMap
+from offroad_seg.data.classes import ClassMap
 from offroad_seg.metrics.confusion import SegMetrics, confusion_matrix
 from offroad_seg.metrics.hackathon import (
     HACKATHON_TITLE,

@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 from offroad_seg.cli import cli
-from offroad_seg.data.dataset import ClassMap, list_samples, read_mask
+from offroad_seg.data.classes import ClassMap
+from offroad_seg.data.dataset import list_samples
+from offroad_seg.data.images import read_mask
 from offroad_seg.features.cache import FeatureCache
 from offroad_seg.metrics.hackathon import hackathon_image_counts, hackathon_scores, hackathon_truth
 from offroad_seg.models.checkpoint import load_checkpoint

@@ -11,7 +11,8 @@ import torch
 from click.testing import CliRunner
 
 from offroad_seg.cli import cli
-from offroad_seg.data.dataset import list_samples, read_image
+from offroad_seg.data.dataset import list_samples
+from offroad_seg.data.images import read_image
 from offroad_seg.features.cache import FeatureCache
 from offroad_seg.models.checkpoint import load_checkpoint
 from offroad_seg.models.preprocess import Preprocessing, image_to_tensor, preprocess

@@ -15,15 +15,30 @@ from offroad_seg.models.preprocess import (
 )
 
 
-def test_size_must_be_multiple_of_14():
+def test_size_must_be_a_multiple_of_the_patch():
     assert parse_size("266x476") == (266, 476)
     assert Preprocessing().grid == (19, 34)
     with pytest.raises(ConfigError, match="multiples of 14"):
-        parse_size("270x480")
+        Preprocessing(size=parse_size("270x480"))
     with pytest.raises(ConfigError, match="ROWSxCOLS"):
         parse_size("big")
+    with pytest.raises(ConfigError, match="must be positive"):
+        parse_size("0x480")
     with pytest.raises(ConfigError):
         Preprocessing(size=(100, 98))
+    # DINOv3's 16-pixel patches
+    prep = Preprocessing(size=(272, 480), patch_size=16)
+    assert prep.grid == (17, 30)
+    assert Preprocessing.from_dict(prep.to_dict()) == prep
+    with pytest.raises(
+        ConfigError, match=r"multiples of 16, the backbone's patch size \(e.g. 272x480\)"
+    ):
+        Preprocessing(size=(266, 476), patch_size=16)
+    # caches and heads written before DINOv3 record patch 14 (or nothing): read as DINOv2's
+    old = Preprocessing().to_dict()
+    assert old["patch_size"] == 14
+    del old["patch_size"]
+    assert Preprocessing.from_dict(old) == Preprocessing()
 
 
 def test_preprocess_matches_pil_resize_then_normalize():

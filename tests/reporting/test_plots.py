@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from offroad_seg.data.dataset import ClassMap
+from offroad_seg.data.classes import ClassMap
 from offroad_seg.reporting import overlays, plots
 
 CLASS_MAP = ClassMap.default()
@@ -62,6 +62,21 @@ def test_training_curves_png(tmp_path: Path, with_val: bool, strict_warnings) ->
     plots.plot_training_curves(_history(with_val), path)
     assert _png_size(path) == (1100, 770)  # 10 x 7 inches at 110 dpi
     _only_file(tmp_path, "curves.png")
+
+
+def test_training_curves_are_titled_with_the_run_and_panels_with_their_metric() -> None:
+    """The figure's title is the run's name (it was the last panel's, "Validation pixel
+    accuracy", whatever the run); each panel keeps its own."""
+    fig = plots.training_curves_figure(_history(True), title="runs/h1")
+    assert fig._suptitle.get_text() == "runs/h1"
+    titles = [ax.get_title().split(" (best")[0] for ax in fig.axes]
+    assert titles == [
+        "Loss",
+        "Validation mIoU",
+        "Validation mean Dice",
+        "Validation pixel accuracy",
+    ]
+    assert plots.training_curves_figure(_history(True))._suptitle is None
 
 
 def test_training_curves_odd_histories(tmp_path: Path, strict_warnings) -> None:

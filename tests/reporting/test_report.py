@@ -17,16 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
-from offroad_seg.data.dataset import IGNORE_ID, ClassMap
+from offroad_seg.data.classes import IGNORE_ID, ClassMap
 from offroad_seg.metrics.confusion import SegMetrics, confusion_matrix
 from offroad_seg.reporting import overlays, plots
-from offroad_seg.reporting.report import (
-    THUMBNAIL_HEIGHT,
-    ImageRow,
-    make_thumbnail,
-    save_thumbnail,
-    write_report,
-)
+from offroad_seg.reporting.report import ImageRow, write_report
+from offroad_seg.reporting.thumbnails import THUMBNAIL_HEIGHT, make_thumbnail, save_thumbnail
 
 CLASS_MAP = ClassMap.default()
 K = CLASS_MAP.num_classes

@@ -12,8 +12,9 @@ import pytest
 from click.testing import CliRunner
 
 from offroad_seg.cli import cli
-from offroad_seg.data.dataset import ClassMap
-from offroad_seg.features.cache import CacheSpec, FeatureCache
+from offroad_seg.data.classes import ClassMap
+from offroad_seg.features.cache import FeatureCache
+from offroad_seg.features.cache_format import CacheSpec
 from offroad_seg.features.extract import extract
 from offroad_seg.metrics.hackathon import to_hackathon_ids
 from offroad_seg.models.backbone import BackboneSpec

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from offroad_seg.cli import cli
 from offroad_seg.errors import ConfigError
-from offroad_seg.training.sweep import parse_grid, parse_range, trial_slug
+from offroad_seg.training.sweep.space import parse_grid, parse_range, trial_slug
 
 GRID = ["--grid", "lr=1e-3,3e-3", "--grid", "head=convnext,linear"]
 

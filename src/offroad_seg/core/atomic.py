@@ -38,8 +38,11 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], durable: b
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno is not None:
+            # a write through a file object (disk full, ...) names no file: name the output
+            raise OSError(e.errno, e.strerror, str(path)) from e
         raise
 
 

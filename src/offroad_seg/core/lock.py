@@ -78,9 +78,13 @@ def _acquire(path: Path, folder: Path) -> int:
 def _describe_owner(fd: int) -> str:
     try:
         owner = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        what = owner.get("what", "extract")
         return (
-            f"another `offroad-seg {owner.get('what', 'extract')}` is writing this cache "
+            f"another `offroad-seg {what}` is writing this {_FOLDER_OF.get(what, 'folder')} "
             f"(pid {owner['pid']} on {owner['host']}, since {owner['since']})"
         )
     except (ValueError, KeyError, OSError):
-        return "another process is writing this cache"
+        return "another process is writing this folder"
+
+
+_FOLDER_OF = {"extract": "cache", "train": "run folder"}  # what each command's lock guards

@@ -8,10 +8,12 @@ may add fsspec options as JSON (e.g. '{"anon": true}').
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -25,6 +27,9 @@ from offroad_seg.errors import CacheError
 CachePath = str | Path  # a folder or an fsspec URL (s3://bucket/train.zarr)
 
 log = logging.getLogger(__name__)
+
+# zarr's LocalStore writes NAME to NAME-without-suffix.<uuid4 hex>.partial, then renames it
+ZARR_PARTIAL = re.compile(r"^[^.]+(\.[^.]+)*\.[0-9a-f]{32}\.partial$")
 
 
 def is_remote(path: CachePath) -> bool:
@@ -54,42 +59,159 @@ def storage_options(path: CachePath) -> dict[str, Any] | None:
 
 def open_group(path: CachePath, mode: str) -> zarr.Group:
     path = normalize(path)
+    with remote_errors(path):
+        try:
+            return zarr.open_group(path, mode=mode, storage_options=storage_options(path))
+        except ImportError as e:
+            raise CacheError(
+                f"{path}: remote caches need fsspec's driver for this URL ({e}); for S3: "
+                'pip install "offroad-seg[s3]"'
+            ) from e
+
+
+@contextlib.contextmanager
+def remote_errors(path: CachePath) -> Iterator[None]:
+    """Turn a remote storage's failure (no credentials, an unreachable endpoint, an unknown
+    protocol, a bad storage option, ...) into one line naming the URL and the cause. Local
+    paths pass their errors through: the CLI names an OSError's file itself."""
+    path = normalize(path)
+    if not is_remote(path):
+        yield
+        return
     try:
-        return zarr.open_group(path, mode=mode, storage_options=storage_options(path))
-    except ImportError as e:
-        raise CacheError(
-            f"{path}: remote caches need fsspec's driver for this URL ({e}); for S3: "
-            'pip install "offroad-seg[s3]"'
-        ) from e
+        yield
+    except CacheError:
+        raise
+    except Exception as e:
+        raise CacheError(f"{path}: cannot use this storage ({_cause(e)})") from e
+
+
+def _cause(error: Exception) -> str:
+    name = type(error).__name__
+    text = str(error).splitlines()[0] if str(error) else ""
+    hint = ""
+    if name == "NoCredentialsError":
+        hint = "; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
+    elif name in ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError"):
+        hint = "; check AWS_ENDPOINT_URL and the network"
+    elif isinstance(error, TypeError):
+        hint = "; check $OFFROAD_SEG_STORAGE_OPTIONS"
+    return f"{name}: {text}{hint}" if text else f"{name}{hint}"
+
+
+def _store(path: str) -> zarr.abc.store.Store:
+    """The zarr store at a remote URL (no group needed: creation starts before there is one)."""
+    from zarr.storage import FsspecStore
+
+    with remote_errors(path):
+        try:
+            return FsspecStore.from_url(
+                path, storage_options=storage_options(path), read_only=False
+            )
+        except ImportError as e:
+            raise CacheError(
+                f"{path}: remote caches need fsspec's driver for this URL ({e}); for S3: "
+                'pip install "offroad-seg[s3]"'
+            ) from e
 
 
 def exists(path: CachePath) -> bool:
     """Whether a zarr group (a cache, finished or not) is stored at `path`."""
-    path = normalize(path)
-    if not is_remote(path):
-        return (Path(path) / "zarr.json").is_file()
-    try:
-        store = open_group(path, mode="r").store
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
-        return False
-    return bool(sync(store.exists("zarr.json")))
+    return read_key(path, "zarr.json") is not None
 
 
-def clear(path: CachePath, keep: str | None = None) -> None:
-    """Delete everything stored under `path` (except the local file named `keep`)."""
+def entries(path: CachePath) -> list[str]:
+    """The names directly under `path` (files and folders; for object stores the first level
+    of keys under the prefix). A missing folder has none; a file is refused."""
     path = normalize(path)
     if is_remote(path):
-        if exists(path):
-            store = open_group(path, mode="r+").store
-            sync(store.delete_dir(""))
+        store = _store(path)
+
+        async def names() -> list[str]:
+            return [name async for name in store.list_dir("")]
+
+        with remote_errors(path):
+            return sorted(sync(names()))
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise CacheError(f"{path}: is a file, not a folder; choose a folder for the cache")
+    return sorted(e.name for e in folder.iterdir()) if folder.is_dir() else []
+
+
+def read_key(path: CachePath, key: str) -> bytes | None:
+    """The bytes stored under `key` in the cache at `path`, or None when there are none."""
+    path = normalize(path)
+    if not is_remote(path):
+        try:
+            return (Path(path) / key).read_bytes()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+    from zarr.core.buffer import default_buffer_prototype
+
+    store = _store(path)
+    with remote_errors(path):
+        buf = sync(store.get(key, prototype=default_buffer_prototype()))
+    return None if buf is None else buf.to_bytes()
+
+
+def write_key(path: CachePath, key: str, data: bytes) -> None:
+    """Store `data` under `key`, whole or not at all, durably (local: atomic_write, then the
+    folder is synced so that the new name survives a power loss)."""
+    path = normalize(path)
+    if not is_remote(path):
+        from offroad_seg.core.atomic import atomic_write
+
+        atomic_write(Path(path) / key, lambda f: f.write(data))
+        _fsync(Path(path), directory=True)
+        return
+    from zarr.core.buffer import default_buffer_prototype
+
+    store = _store(path)
+    with remote_errors(path):
+        sync(store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
+
+
+def delete_entries(path: CachePath, names: Iterable[str]) -> None:
+    """Delete these entries directly under `path` (a file or a whole folder each), in order,
+    and nothing else."""
+    path = normalize(path)
+    names = list(names)
+    if is_remote(path):
+        store = _store(path)
+        with remote_errors(path):
+            for name in names:
+                sync(store.delete_dir(name))
+                sync(store.delete(name))
         return
     folder = Path(path)
-    if not folder.is_dir():
-        return
-    for entry in folder.iterdir():
-        if entry.name == keep:
-            continue
-        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    for name in names:
+        entry = folder / name
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink(missing_ok=True)
+    if names and folder.is_dir():
+        _fsync(folder, directory=True)
+
+
+def read_checksums(store: zarr.abc.store.Store, keys: list[str]) -> list[int]:
+    """The crc32c that ends each of these stored chunks (zarr's crc32c codec appends it to the
+    chunk's bytes), read concurrently, 4 bytes each; 0 for a chunk that is not stored."""
+    from zarr.abc.store import SuffixByteRequest
+    from zarr.core.buffer import default_buffer_prototype
+
+    prototype = default_buffer_prototype()
+
+    async def tails() -> list:
+        return await asyncio.gather(
+            *(store.get(k, prototype=prototype, byte_range=SuffixByteRequest(4)) for k in keys)
+        )
+
+    out = []
+    for buf in sync(tails()):
+        raw = b"" if buf is None else buf.to_bytes()
+        out.append(int.from_bytes(raw, "little") if len(raw) == 4 else 0)
+    return out
 
 
 def bytes_stored(path: CachePath, group: zarr.Group) -> int:
@@ -140,13 +262,22 @@ def _fsync(path: Path, directory: bool) -> None:
         os.close(fd)
 
 
-def remove_partial_writes(path: CachePath) -> None:
+def remove_partial_writes(path: CachePath, folders: Iterable[str]) -> None:
     """zarr writes a local chunk to NAME.<uuid>.partial and renames it; a killed writer leaves
-    these behind. They are never read, only wasted space. (Object stores write whole objects.)"""
+    these behind. They are never read, only wasted space. Only the cache's own `folders` (and
+    its top level) are searched: a file of the user's is never touched. (Object stores write
+    whole objects.)"""
     path = normalize(path)
-    if not is_remote(path):
-        for tmp in Path(path).rglob("*.partial"):
+    if is_remote(path):
+        return
+    root = Path(path)
+    for tmp in root.glob("*.partial"):
+        if ZARR_PARTIAL.match(tmp.name):
             tmp.unlink(missing_ok=True)
+    for folder in folders:
+        for tmp in (root / folder).rglob("*.partial"):
+            if ZARR_PARTIAL.match(tmp.name):
+                tmp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

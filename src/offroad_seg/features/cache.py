@@ -1,238 +1,62 @@
-"""The feature cache: one zarr v3 group per dataset split (format version 1).
-
-Arrays (N images, V views, C channels, h x w tokens, H x W working size, K classes):
-
-    features      (N, V, C, h, w)  float16, float32 or int8  chunks (k, 1, C, h, w)
-    scales        (N, V, L, h, w)  float32 (int8 only)     chunks (k, 1, L, h, w)  per token, layer
-    hackathon_labels (N, H, W)     uint8 (0.2 on)          chunks (k, H, W)  hackathon protocol ids
-    labels        (N, V, H, W)     uint8, 255 = ignore    chunks (k, 1, H, W)
-    done          (N,)             bool                   chunks (k,)   set after a chunk's data
-    names         (N,)             string                 file names, in order
-    class_pixels  (K,)             int64                  view-0 label histogram (when complete)
-
-Every chunk is Blosc-compressed (features lz4 + bit shuffle, labels zstd) and carries a crc32c
-checksum. A writer
-owns whole chunks (k images of every view), which is what makes resume and concurrent writers
-safe. The group's attributes describe the backbone, preprocessing, class map and views, with a
-`fingerprint` over all of it plus the file list, and `compat_fingerprint` over the parts that
-decide whether features from two caches can be mixed (backbone, preprocessing, class map).
+"""`FeatureCache`: create a feature cache, open it (or reopen it to resume), write and commit
+whole chunks, finalize it, and read it back (chunk by chunk, by image, or whole), refusing
+unfinished, damaged or edited caches in one line. The format is described in `cache_format`,
+who owns a cache folder in `cache_folder`, the full check in `verify`. (About 530 lines: one
+class, whose create, write and read methods share its open group and lazily opened arrays.)
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import zarr
-import zarr.codecs
 from tqdm.auto import tqdm
-from zarr.core.sync import sync
 
 from offroad_seg import __version__
 from offroad_seg.core import storage
-from offroad_seg.core.lock import LOCK_NAME
 from offroad_seg.core.storage import CachePath
 from offroad_seg.core.text import plural
-from offroad_seg.data.dataset import IGNORE_ID, ClassMap
+from offroad_seg.data.digest import SOURCES_METHODS, sources_digest
 from offroad_seg.errors import CacheError
-from offroad_seg.features.quantize import dequantize
-from offroad_seg.models.backbone import BackboneSpec
-from offroad_seg.models.fingerprint import compat_fingerprint, digest
-from offroad_seg.models.preprocess import Preprocessing
+from offroad_seg.features.cache_folder import (
+    claim_for_creation,
+    inspect_target,
+    refuse_unless_cache,
+    remove_marker,
+    remove_writer_leftovers,
+)
+from offroad_seg.features.cache_format import (
+    ARRAYS,
+    CHECKSUMS,
+    FORMAT,
+    HACKATHON,
+    SCALES,
+    VERSION,
+    CacheSpec,
+    StoredFeatures,
+    create_arrays,
+)
+from offroad_seg.features.cache_info import cache_info
+from offroad_seg.features.chunk_positions import position_problems, record_checksums
+from offroad_seg.features.verify import VerifyReport, verify_cache
 
 log = logging.getLogger(__name__)
 
-FORMAT = "offroad-seg-cache"
-VERSION = 1
-VIEWS = ("identity", "hflip")
-FEATURE_DTYPES = ("float16", "float32", "int8")
-TARGET_CHUNK_BYTES = 1 << 20
-ARRAYS = ("features", "labels", "done", "names", "class_pixels")
-SCALES = "scales"  # int8 caches only: the per-token, per-layer scales (see quantize.py)
-# View 0's labels as the hackathon protocol scores them (metrics.hackathon_truth), so training's
-# validation can report it too; caches written before 0.2 lack it.
-HACKATHON = "hackathon_labels"
 
-
-def compressors(dtype: np.dtype | str, features: bool = False) -> list:
-    """Blosc, then a crc32c checksum on every chunk. Chosen by measurement (bench_cache.py and
-    bench_int8.py, on DINOv2 features): for features lz4 with bit shuffle stores fp16 tokens at
-    0.87 of their size, encoding at ~650 MB/s and decoding at ~1.1 GB/s per core; zstd-3 with
-    byte shuffle (the first candidate) saved 3% more space at 1/8 the encoding speed, which a
-    GPU extracting 1000+ images/s (~500 MB/s of features) cannot afford. int8 features: lz4
-    with bit shuffle, ratio 1.11 at ~1 GB/s, against zstd-1's 1.09 at 0.35 GB/s. Labels are
-    blocky uint8 maps: zstd-1 stores them at 1/16 of their size at 500+ MB/s."""
-    dtype = np.dtype(dtype)
-    if features or dtype.kind == "f":
-        codec = zarr.codecs.BloscCodec(
-            cname="lz4", clevel=5, shuffle="bitshuffle", typesize=dtype.itemsize
-        )
-    else:
-        codec = zarr.codecs.BloscCodec(
-            cname="zstd", clevel=1, shuffle="noshuffle", typesize=dtype.itemsize
-        )
-    return [codec, zarr.codecs.Crc32cCodec()]
-
-
-@dataclass(frozen=True)
-class CacheSpec:
-    """Everything that determines a cache's content."""
-
-    backbone: BackboneSpec
-    preprocessing: Preprocessing
-    class_map: ClassMap
-    names: tuple[str, ...]
-    sources_digest: str  # sha256 over (name, image bytes, mask bytes): catches edited datasets
-    views: tuple[str, ...] = ("identity",)
-    dtype: str = "float16"
-    images_per_chunk: int = 0  # 0: chosen for ~1 MiB feature chunks
-    ignore_unknown_codes: bool = False
-
-    def __post_init__(self) -> None:
-        if not self.views or self.views[0] != "identity" or not set(self.views) <= set(VIEWS):
-            raise CacheError(f"views {self.views}: the first must be identity, others in {VIEWS}")
-        if self.dtype not in FEATURE_DTYPES:
-            raise CacheError(f"feature dtype {self.dtype!r}: expected one of {FEATURE_DTYPES}")
-        if not self.names:
-            raise CacheError("a cache needs at least one image")
-        if self.images_per_chunk == 0:
-            grid = self.preprocessing.grid
-            per_image = self.backbone.channels * grid[0] * grid[1] * np.dtype(self.dtype).itemsize
-            object.__setattr__(
-                self, "images_per_chunk", max(1, round(TARGET_CHUNK_BYTES / per_image))
-            )
-
-    @property
-    def compat_fingerprint(self) -> str:
-        return compat_fingerprint(self.backbone, self.preprocessing, self.class_map)
-
-    @property
-    def quantized(self) -> bool:
-        """int8 features with per-token scales (see quantize.py)."""
-        return self.dtype == "int8"
-
-    @property
-    def fingerprint(self) -> str:
-        return digest(
-            {
-                "compat": self.compat_fingerprint,
-                "names": list(self.names),
-                "sources": self.sources_digest,
-                "views": list(self.views),
-                "dtype": self.dtype,
-                "images_per_chunk": self.images_per_chunk,
-                "ignore_unknown_codes": self.ignore_unknown_codes,
-            }
-        )
-
-    def attributes(self) -> dict[str, Any]:
-        return {
-            "format": FORMAT,
-            "version": VERSION,
-            "backbone": self.backbone.to_dict(),
-            "preprocessing": self.preprocessing.to_dict(),
-            "class_map": self.class_map.to_dict(),
-            "views": list(self.views),
-            "dtype": self.dtype,
-            "images_per_chunk": self.images_per_chunk,
-            "ignore_unknown_codes": self.ignore_unknown_codes,
-            "sources_digest": self.sources_digest,
-            "compat_fingerprint": self.compat_fingerprint,
-            "fingerprint": self.fingerprint,
-        }
-
-    @classmethod
-    def from_attributes(cls, attrs: dict[str, Any], names: Sequence[str]) -> CacheSpec:
-        return cls(
-            backbone=BackboneSpec.from_dict(attrs["backbone"]),
-            preprocessing=Preprocessing.from_dict(attrs["preprocessing"]),
-            class_map=ClassMap.from_dict(attrs["class_map"]),
-            names=tuple(names),
-            sources_digest=attrs["sources_digest"],
-            views=tuple(attrs["views"]),
-            dtype=attrs["dtype"],
-            images_per_chunk=int(attrs["images_per_chunk"]),
-            ignore_unknown_codes=bool(attrs["ignore_unknown_codes"]),
-        )
-
-    def differences(self, other: CacheSpec, compat_only: bool = False) -> list[str]:
-        """Human-readable list of what differs between two specs; `compat_only`: only what
-        stops their features being used together (backbone, layers, preprocessing, classes),
-        not what a training and a validation cache differ in anyway (views, files, dtype)."""
-        out = []
-        a, b = self.backbone, other.backbone
-        if a.name != b.name:
-            out.append(f"backbone {a.name} vs {b.name}")
-        elif a.weights_sha256 != b.weights_sha256:
-            out.append(f"backbone weights {a.weights_sha256[:12]} vs {b.weights_sha256[:12]}")
-        if a.layers != b.layers:
-            out.append(f"layers {a.layers} vs {b.layers}")
-        if self.preprocessing != other.preprocessing:
-            s, o = self.preprocessing.size, other.preprocessing.size
-            out.append(f"preprocessing (size {s[0]}x{s[1]} vs {o[0]}x{o[1]})")
-        if self.class_map != other.class_map:
-            out.append("class map")
-        if compat_only:
-            return out
-        if self.views != other.views:
-            out.append(f"views {','.join(self.views)} vs {','.join(other.views)}")
-        if self.names != other.names or self.sources_digest != other.sources_digest:
-            out.append("image files")
-        if self.dtype != other.dtype:
-            out.append(f"dtype {self.dtype} vs {other.dtype}")
-        if self.images_per_chunk != other.images_per_chunk:
-            out.append(f"images per chunk {self.images_per_chunk} vs {other.images_per_chunk}")
-        if self.ignore_unknown_codes != other.ignore_unknown_codes:
-            out.append("ignore-unknown-codes setting")
-        return out
-
-
-@dataclass
-class StoredFeatures:
-    """Features as a cache stores them: float values, or int8 values with their per-token,
-    per-layer scales (see quantize.py)."""
-
-    values: np.ndarray  # (..., C, h, w)
-    scales: np.ndarray | None = None  # (..., L, h, w) for int8
-
-    def __len__(self) -> int:
-        return len(self.values)
-
-    def map(self, fn) -> StoredFeatures:
-        """`fn` applied to the values and the scales alike (indexing, reshaping, copying: both
-        lead with the same image and view axes)."""
-        return StoredFeatures(fn(self.values), None if self.scales is None else fn(self.scales))
-
-    def dequantized(self) -> np.ndarray:
-        """Float features: as stored, or int8 values times their scales (float32)."""
-        if self.scales is None:
-            return self.values
-        values, scales = torch.from_numpy(self.values), torch.from_numpy(self.scales)
-        return dequantize(values, scales).numpy()
-
-
-@dataclass
-class VerifyReport:
-    """What `verify` found: problems (damage) name the array, chunk and stored key; an
-    interrupted extraction is not damage, only unfinished."""
-
-    chunks_checked: int = 0
-    problems: list[str] = field(default_factory=list)
-    images: int = 0
-    unfinished: int = 0  # images not extracted yet (rerun extract to resume)
-    unfinalized: bool = False  # every chunk done, but extract did not get to finalize
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems and not self.unfinished and not self.unfinalized
+def _bad_metadata(path: str, array: str, error: Exception) -> CacheError:
+    """An array's zarr.json cannot be read: name the file and the problem in one line."""
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return CacheError(
+        f"{path}/{array}/zarr.json: unreadable array metadata ({type(error).__name__}: "
+        f"{reason}); re-extract the cache (`offroad-seg extract ... --overwrite`)"
+    )
 
 
 def _unreadable(cache: FeatureCache, error: Exception) -> CacheError:
@@ -249,7 +73,7 @@ def _unreadable(cache: FeatureCache, error: Exception) -> CacheError:
 
 
 class FeatureCache:
-    """A zarr v3 feature cache; see the module docstring for the format."""
+    """A zarr v3 feature cache; see `cache_format` for the format."""
 
     def __init__(self, group: zarr.Group, path: str, spec: CacheSpec) -> None:
         self.group = group
@@ -257,109 +81,59 @@ class FeatureCache:
         self.spec = spec
         self._arrays: dict[str, zarr.Array] = {}
 
+    def _holds(self, name: str) -> bool:
+        """Whether the cache stores this (optional) array; its metadata must be readable."""
+        try:
+            return name in self.group
+        except Exception as e:
+            raise _bad_metadata(self.path, name, e) from e
+
     def array(self, name: str) -> zarr.Array:
         """One of the cache's arrays, opened once (each open reads its metadata, a round trip
         on object stores)."""
         if name not in self._arrays:
-            self._arrays[name] = self.group[name]
+            try:
+                self._arrays[name] = self.group[name]
+            except Exception as e:
+                raise _bad_metadata(self.path, name, e) from e
         return self._arrays[name]
 
     # ------------------------------------------------------------------ create / open
 
     @classmethod
     def create(cls, path: CachePath, spec: CacheSpec, overwrite: bool = False) -> FeatureCache:
+        """Create an empty cache at `path`: a missing or empty folder, an unfinished creation
+        of ours, or (with `overwrite`) a cache of ours. The marker goes first, the group's
+        attributes last, so a crash at any step in between leaves a folder that a rerun
+        recognises and redoes; only the cache's own entries are ever deleted."""
         path = storage.normalize(path)
-        if storage.exists(path) and not overwrite:
-            raise CacheError(f"{path}: a cache already exists here (use --overwrite to replace)")
-        # emptied by hand: zarr's mode "w" would delete the writer lock out from under its holder
-        storage.clear(path, keep=LOCK_NAME)
-        n, v, k = len(spec.names), len(spec.views), spec.images_per_chunk
-        c = spec.backbone.channels
-        (h, w), (rows, cols) = spec.preprocessing.grid, spec.preprocessing.size
+        claim_for_creation(path, overwrite)
         group = storage.open_group(path, mode="a")
-        group.attrs.update({**spec.attributes(), "complete": False})
-        group.create_array(
-            "features",
-            shape=(n, v, c, h, w),
-            chunks=(k, 1, c, h, w),
-            dtype=spec.dtype,
-            compressors=compressors(spec.dtype, features=True),
-            fill_value=0,
-            dimension_names=("image", "view", "channel", "row", "col"),
-        )
-        if spec.quantized:
-            layers = spec.backbone.layers
-            group.create_array(
-                SCALES,
-                shape=(n, v, layers, h, w),
-                chunks=(k, 1, layers, h, w),
-                dtype="float32",
-                compressors=compressors("float32"),
-                fill_value=0,
-                dimension_names=("image", "view", "layer", "row", "col"),
-            )
-        group.create_array(
-            HACKATHON,
-            shape=(n, rows, cols),
-            chunks=(k, rows, cols),
-            dtype="uint8",
-            compressors=compressors("uint8"),
-            fill_value=0,
-            dimension_names=("image", "row", "col"),
-        )
-        group.create_array(
-            "labels",
-            shape=(n, v, rows, cols),
-            chunks=(k, 1, rows, cols),
-            dtype="uint8",
-            compressors=compressors("uint8"),
-            fill_value=IGNORE_ID,
-            dimension_names=("image", "view", "row", "col"),
-        )
-        group.create_array(
-            "done",
-            shape=(n,),
-            chunks=(k,),
-            dtype="bool",
-            compressors=compressors("bool"),
-            fill_value=False,
-            # zarr skips chunks equal to the fill value: these must exist, so that a missing
-            # one means damage, not "not yet"
-            config={"write_empty_chunks": True},
-        )
-        names = group.create_array(
-            "names", shape=(n,), chunks=(n,), dtype=str, compressors=compressors("uint8")
-        )
-        names[:] = np.array(spec.names, dtype=object)
-        group.create_array(
-            "class_pixels",
-            shape=(spec.class_map.num_classes,),
-            chunks=(spec.class_map.num_classes,),
-            dtype="int64",
-            compressors=compressors("int64"),
-            fill_value=0,
-        )
-        # Write every `done` chunk now so that a missing one later means damage, not "not yet".
-        group["done"][:] = False
+        create_arrays(group, spec)
         cache = cls(group, path, spec)
         cache._sync_layout()
+        # the creation is complete once the format is in the group's zarr.json (one whole write)
+        group.update_attributes({**spec.attributes(), "complete": False})
+        storage.sync_files(path, [cache._metadata_key()])
+        remove_marker(path)
         log.info(
             "created cache %s (%s, %s, %d per chunk)",
             path,
-            plural(n, "image"),
-            plural(v, "view"),
-            k,
+            plural(len(spec.names), "image"),
+            plural(len(spec.views), "view"),
+            spec.images_per_chunk,
         )
         return cache
 
     @classmethod
     def open(cls, path: CachePath, mode: str = "r") -> FeatureCache:
         path = storage.normalize(path)
-        if not storage.exists(path):
-            raise CacheError(f"{path}: no feature cache here (run `offroad-seg extract` first)")
+        refuse_unless_cache(path)
         try:
             group = storage.open_group(path, mode=mode)
             attrs = dict(group.attrs)
+        except CacheError:
+            raise
         except Exception as e:
             raise CacheError(f"{path}: cannot open cache ({type(e).__name__}: {e})") from e
         if attrs.get("format") != FORMAT:
@@ -368,27 +142,56 @@ class FeatureCache:
             raise CacheError(
                 f"{path}: cache format version {attrs.get('version')}; this tool reads {VERSION}"
             )
-        missing = [a for a in ARRAYS if a not in group]
+        missing = [a for a in ARRAYS if not storage.read_key(path, f"{a}/zarr.json")]
         if missing:
-            raise CacheError(f"{path}: cache is missing arrays {missing}")
+            raise CacheError(
+                f"{path}: cache is missing arrays {missing}; re-extract it "
+                "(`offroad-seg extract ... --overwrite`)"
+            )
         try:
-            names = [str(s) for s in group["names"][:]]
+            names_array = group["names"]
+        except Exception as e:
+            raise _bad_metadata(path, "names", e) from e
+        try:
+            names = [str(s) for s in names_array[:]]
             spec = CacheSpec.from_attributes(attrs, names)
         except Exception as e:
             raise CacheError(f"{path}: damaged cache metadata ({type(e).__name__}: {e})") from e
-        if spec.quantized and SCALES not in group:
+        cache = cls(group, path, spec)
+        if spec.quantized and not cache._holds(SCALES):
             raise CacheError(f"{path}: int8 cache is missing its {SCALES!r} array")
-        return cls(group, path, spec)
+        return cache
 
     @classmethod
     def open_for_writing(
-        cls, path: CachePath, spec: CacheSpec, overwrite: bool = False
+        cls,
+        path: CachePath,
+        spec: CacheSpec,
+        overwrite: bool = False,
+        sources: Sequence[tuple[str, Path, Path | None]] | None = None,
     ) -> FeatureCache:
-        """Create a cache, or reopen one made with the same spec to resume it."""
-        if overwrite or not storage.exists(path):
-            return cls.create(path, spec, overwrite=overwrite)
-        storage.remove_partial_writes(path)
+        """Create a cache, redo an interrupted creation, or reopen a cache made with the same
+        spec to resume it. A folder that is not ours is refused, even with `overwrite`.
+        `sources` (the samples' files) lets a cache whose sources digest was made another
+        way (an older version's) be compared by its own method."""
+        path = storage.normalize(path)
+        target = inspect_target(path)
+        if target.kind == "foreign":
+            raise CacheError(target.reason)
+        remove_writer_leftovers(path)
+        if target.kind == "damaged" and not overwrite:
+            raise CacheError(f"{target.reason}; use --overwrite to re-extract it")
+        if overwrite or target.kind in ("empty", "creating"):
+            if target.kind == "creating":
+                log.info("%s: redoing the cache's interrupted creation", path)
+            return cls.create(path, spec, overwrite=True)
+        if target.marker:  # the creation finished; only removing the marker did not
+            remove_marker(path)
         cache = cls.open(path, mode="r+")
+        if sources is not None and cache.spec.sources_method != spec.sources_method:
+            method = cache.spec.sources_method
+            digest_then = sources_digest(sources, method) if method in SOURCES_METHODS else ""
+            spec = replace(spec, sources_digest=digest_then, sources_method=method)
         if cache.spec.fingerprint != spec.fingerprint:
             diff = "; ".join(cache.spec.differences(spec)) or "fingerprint"
             raise CacheError(
@@ -434,7 +237,16 @@ class FeatureCache:
     # ------------------------------------------------------------------ writing
 
     def done(self) -> np.ndarray:
-        return np.asarray(self.array("done")[:], dtype=bool)
+        try:
+            return np.asarray(self.array("done")[:], dtype=bool)
+        except CacheError:
+            raise
+        except Exception as e:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CacheError(
+                f"{self.path}: damaged cache (done flags unreadable: {reason}); re-extract it "
+                f"(`offroad-seg cache verify {self.path}` lists every problem)"
+            ) from e
 
     def pending_chunks(self) -> list[int]:
         """Chunks not yet marked done (a chunk is done only when all its images are)."""
@@ -484,15 +296,27 @@ class FeatureCache:
             self.array(HACKATHON)[start:stop] = hackathon
         self.array("labels")[start:stop] = labels
 
-    def chunk_keys(self, chunk: int) -> list[str]:
-        """The store keys of a chunk's data: features, labels (and scales) of every view."""
-        keys = []
+    def chunk_coords(self, chunk: int) -> list[tuple[str, tuple[int, ...]]]:
+        """(array, chunk coordinates) of a data chunk's stored chunks: features, labels (and
+        scales) of every view, then the hackathon labels."""
+        out = []
         for name in ["features", "labels", *([SCALES] if self.spec.quantized else [])]:
             rest = (0,) * (self.array(name).ndim - 2)  # whole chunks along the other axes
-            keys += [self._chunk_key(name, (chunk, v, *rest)) for v in range(self.num_views)]
+            out += [(name, (chunk, v, *rest)) for v in range(self.num_views)]
         if self.has_hackathon_labels:  # (image, row, col): no view axis
-            keys.append(self._chunk_key(HACKATHON, (chunk, 0, 0)))
-        return keys
+            out.append((HACKATHON, (chunk, 0, 0)))
+        return out
+
+    def chunk_keys(self, chunk: int) -> list[str]:
+        """The store keys of a chunk's data: features, labels (and scales) of every view."""
+        return [self.chunk_key(name, coords) for name, coords in self.chunk_coords(chunk)]
+
+    @property
+    def has_checksums(self) -> bool:
+        """Whether the cache records its chunks' checksums by position (caches from 0.3 on)."""
+        if "_has_checksums" not in self.__dict__:
+            self._has_checksums = self._holds(CHECKSUMS)
+        return self._has_checksums
 
     def commit_chunks(self, chunks: Sequence[int]) -> None:
         """Make written chunks durable, then mark them done. On a local disk their files and
@@ -501,7 +325,10 @@ class FeatureCache:
         chunks shares the cost (see bench/bench_fsync.py)."""
         if not chunks:
             return
-        storage.sync_files(self.path, [k for c in chunks for k in self.chunk_keys(c)])
+        keys = [k for c in chunks for k in self.chunk_keys(c)]
+        if self.has_checksums:
+            keys += record_checksums(self, chunks)
+        storage.sync_files(self.path, keys)
         done = self.array("done")
         for chunk in chunks:
             done[slice(*self.chunk_range(chunk))] = True
@@ -514,7 +341,7 @@ class FeatureCache:
         self.array("class_pixels")[:] = self.count_class_pixels()
         # `complete` must not reach the disk before what it vouches for
         self._sync_layout(finished=True)
-        self.group.attrs.update(
+        self.group.update_attributes(
             {
                 "complete": True,
                 "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -536,29 +363,59 @@ class FeatureCache:
     # ------------------------------------------------------------------ reading
 
     def require_complete(self) -> None:
-        """Refuse an unfinished cache, or one whose chunk files went missing (zarr would
-        silently read a missing chunk as zeros)."""
+        """Refuse an unfinished cache, one whose chunk files went missing (zarr would silently
+        read a missing chunk as zeros) or sit at another position, and one whose attributes
+        contradict its stored fingerprint (edited by hand). Checked once per open cache."""
+        if self.__dict__.get("_checked"):
+            return
+        self.check_metadata()
         done = int(self.done().sum())
         if not self.complete or done < self.num_images:
             raise CacheError(
                 f"{self.path}: cache is unfinished ({done}/{self.num_images} images); "
                 "rerun the same `offroad-seg extract` command to finish it"
             )
-        for name in ("features", "labels", *self._optional_arrays()):
+        for name in ("features", "labels", *self.optional_arrays()):
             arr = self.array(name)
             if arr.nchunks_initialized < arr.nchunks:
                 raise _unreadable(self, CacheError(f"{name}: chunks missing"))
+        misplaced = position_problems(self, range(self.num_chunks))
+        if misplaced:
+            more = f"; {len(misplaced) - 2} more" if len(misplaced) > 2 else ""
+            raise CacheError(
+                f"{self.path}: damaged cache ({'; '.join(misplaced[:2])}{more}); re-extract it "
+                f"(`offroad-seg cache verify {self.path}` lists every problem)"
+            )
+        self._checked = True
+
+    def check_metadata(self) -> None:
+        """Refuse a cache whose attributes (backbone, preprocessing, class names, files, ...)
+        do not match the fingerprint stored with them: edited after extraction, they no longer
+        describe the features and labels."""
+        attrs = self.attrs
+        if attrs.get("fingerprint") == self.spec.fingerprint:
+            return
+        what = (
+            "backbone, preprocessing or class map"
+            if attrs.get("compat_fingerprint") != self.spec.compat_fingerprint
+            else "views, files or storage settings"
+        )
+        raise CacheError(
+            f"{self.path}/zarr.json: the cache's attributes do not match their stored "
+            f"fingerprint (its {what} were edited); re-extract it"
+        )
 
     @property
     def has_hackathon_labels(self) -> bool:
         if "_has_hackathon" not in self.__dict__:
-            self._has_hackathon = HACKATHON in self.group
+            self._has_hackathon = self._holds(HACKATHON)
         return self._has_hackathon
 
-    def _optional_arrays(self) -> list[str]:
+    def optional_arrays(self) -> list[str]:
         return [
             *([SCALES] if self.spec.quantized else []),
             *([HACKATHON] if self.has_hackathon_labels else []),
+            *([CHECKSUMS] if self.has_checksums else []),
         ]
 
     def hackathon_labels(self) -> np.ndarray | None:
@@ -573,7 +430,10 @@ class FeatureCache:
 
     def class_pixels(self) -> np.ndarray:
         self.require_complete()
-        return np.asarray(self.array("class_pixels")[:], dtype=np.int64)
+        try:
+            return np.asarray(self.array("class_pixels")[:], dtype=np.int64)
+        except Exception as e:
+            raise _unreadable(self, e) from e
 
     def _read(self, selection, oindex: bool = False) -> tuple[StoredFeatures, np.ndarray]:
         """Features (as stored) and labels of a selection of images, in one zarr read per
@@ -647,37 +507,8 @@ class FeatureCache:
         return storage.bytes_stored(self.path, self.group)
 
     def info(self) -> dict[str, Any]:
-        """Summary of a cache for `cache info` (JSON-serialisable)."""
-        done = int(self.done().sum())
-        features = self.array("features")
-        stored = self.bytes_on_disk()
-        raw = features.nbytes + self.array("labels").nbytes
-        if self.spec.quantized:
-            raw += self.array(SCALES).nbytes
-        prep = self.spec.preprocessing
-        return {
-            "path": self.path,
-            "complete": self.complete,
-            "images": self.num_images,
-            "done": done,
-            "views": list(self.spec.views),
-            "features": {
-                "shape": list(features.shape),
-                "dtype": self.spec.dtype,
-                "chunks": list(features.chunks),
-                **({"scales": list(self.array(SCALES).shape)} if self.spec.quantized else {}),
-            },
-            "labels": {"shape": list(self.array("labels").shape), "dtype": "uint8"},
-            "images_per_chunk": self.images_per_chunk,
-            "bytes_on_disk": stored,
-            "bytes_per_image": stored / max(1, done) if done else None,
-            "compression_ratio": raw * done / self.num_images / stored if done else None,
-            "backbone": self.spec.backbone.to_dict(),
-            "preprocessing": {"size": list(prep.size), "grid": list(prep.grid)},
-            "classes": self.spec.class_map.names,
-            "compat_fingerprint": self.spec.compat_fingerprint,
-            "fingerprint": self.spec.fingerprint,
-        }
+        """Summary of a cache for `cache info` (see `cache_info`)."""
+        return cache_info(self)
 
     def _metadata_key(self, array: str | None = None) -> str:
         prefix = f"{self.group.path}/" if self.group.path else ""
@@ -690,78 +521,16 @@ class FeatureCache:
         may not exist). Data chunks are synced by `commit_chunks`."""
         arrays = [*ARRAYS, *([SCALES] if self.spec.quantized else [])]
         keys = [self._metadata_key(), *(self._metadata_key(a) for a in arrays)]
-        keys.append(self._chunk_key("names", (0,)))
+        keys.append(self.chunk_key("names", (0,)))
         if finished:
-            keys += [self._chunk_key("done", (c,)) for c in range(self.num_chunks)]
-            keys.append(self._chunk_key("class_pixels", (0,)))
+            keys += [self.chunk_key("done", (c,)) for c in range(self.num_chunks)]
+            keys.append(self.chunk_key("class_pixels", (0,)))
         storage.sync_files(self.path, keys)
 
-    def _chunk_key(self, array: str, coords: tuple[int, ...]) -> str:
+    def chunk_key(self, array: str, coords: tuple[int, ...]) -> str:
         prefix = f"{self.group.path}/" if self.group.path else ""
         return f"{prefix}{array}/c/" + "/".join(str(c) for c in coords)
 
     def verify(self, progress: bool = True) -> VerifyReport:
-        """Read every chunk of every array: checksums, presence, done flags, fingerprint and the
-        class histogram. Problems name the array, the chunk and its key in the store."""
-        report = VerifyReport()
-        attrs = self.attrs
-        if attrs.get("fingerprint") != self.spec.fingerprint:
-            report.problems.append(
-                "attributes: stored fingerprint does not match the cache's settings"
-            )
-        store = self.group.store
-        done = np.zeros(self.num_images, dtype=bool)
-        arrays = ("done", "names", "class_pixels", "features", "labels", *self._optional_arrays())
-        total = sum(math.prod(self.array(a).cdata_shape) for a in arrays)
-        bar = tqdm(total=total, unit="chunk", desc="verify", disable=None if progress else True)
-        for name in arrays:
-            arr = self.array(name)
-            for coords in np.ndindex(*arr.cdata_shape):
-                key = self._chunk_key(name, coords)
-                bar.update(1)
-                report.chunks_checked += 1
-                needed = (
-                    name not in ("features", "labels", SCALES, HACKATHON)
-                    or done[slice(*self.chunk_range(coords[0]))].all()
-                )
-                if name == "class_pixels" and not self.complete:
-                    needed = False
-                if name == "done" and not self.complete:
-                    needed = False  # caches written before 0.2 stored no chunk of False flags
-                if not sync(store.exists(key)):
-                    if needed:
-                        report.problems.append(f"{name} chunk {coords}: missing ({key})")
-                    continue
-                try:
-                    block = arr.get_block_selection(coords)
-                except Exception as e:
-                    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-                    report.problems.append(f"{name} chunk {coords}: unreadable ({key}): {reason}")
-                    continue
-                if name == "done":
-                    k = self.images_per_chunk
-                    done[coords[0] * k : coords[0] * k + len(block)] = block
-        bar.close()
-        report.images = self.num_images
-        report.unfinished = int((~done).sum())
-        if self.complete and report.unfinished:
-            report.problems.append(
-                f"done: {report.unfinished} of {self.num_images} images are not marked done in a "
-                "cache marked complete"
-            )
-        report.unfinalized = not self.complete and not report.unfinished
-        if self.complete and not any(
-            p.startswith(("labels", "class_pixels")) for p in report.problems
-        ):
-            stored = np.asarray(self.array("class_pixels")[:])
-            if not np.array_equal(stored, self.count_class_pixels()):
-                report.problems.append("class_pixels: does not match the stored labels")
-        return report
-
-
-def sources_digest(entries: Sequence[tuple[str, Path, Path | None]]) -> str:
-    """sha256 over (name, image size, mask size) of each sample: cheap staleness check."""
-    rows = []
-    for name, image, mask in entries:
-        rows.append([name, os.path.getsize(image), os.path.getsize(mask) if mask else None])
-    return digest(rows)
+        """Read every chunk of every array (see `verify_cache`)."""
+        return verify_cache(self, progress)

@@ -14,20 +14,25 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from offroad_seg.config import ExtractConfig
-from offroad_seg.core import distributed
+from offroad_seg.core import distributed, storage
 from offroad_seg.core.background import BoundedPool
 from offroad_seg.core.runtime import resolve_device
-from offroad_seg.core.storage import writer_lock
+from offroad_seg.core.storage import CachePath, writer_lock
 from offroad_seg.core.text import plural
-from offroad_seg.data.dataset import ClassMap, check_headers, list_samples, resolve_class_map
+from offroad_seg.data.classes import ClassMap, resolve_class_map
+from offroad_seg.data.dataset import check_headers, list_samples
+from offroad_seg.data.digest import sources_digest
 from offroad_seg.errors import CacheError, DataError, Interrupted
-from offroad_seg.features.cache import CacheSpec, FeatureCache, sources_digest
+from offroad_seg.features.cache import FeatureCache
+from offroad_seg.features.cache_folder import inspect_target
+from offroad_seg.features.cache_format import CacheSpec
 from offroad_seg.features.loader import (
     DecodedSamples,
     DecodeOptions,
@@ -38,6 +43,7 @@ from offroad_seg.features.loader import (
 from offroad_seg.features.quantize import quantize_int8
 from offroad_seg.models.backbone import Backbone, load_backbone
 from offroad_seg.models.preprocess import Preprocessing
+from offroad_seg.models.variants import get_variant
 
 log = logging.getLogger(__name__)
 
@@ -202,18 +208,68 @@ def plan_batches(cache: FeatureCache, pending: list[int], batch_size: int) -> li
     return batches
 
 
+def working_preprocessing(config: ExtractConfig) -> Preprocessing:
+    """The cache's preprocessing: `config.size`, or the backbone family's default size (266x476
+    for DINOv2, 272x480 for DINOv3), cut into the backbone's patches."""
+    variant = get_variant(config.backbone)
+    size = tuple(config.size) if config.size else variant.default_size
+    return Preprocessing(size=size, patch_size=variant.patch_size)
+
+
+def _entries(samples) -> list:
+    """(name, image, mask) of each sample: what the sources digest covers."""
+    return [(s.name, s.image, s.mask) for s in samples]
+
+
 def build_spec(config: ExtractConfig, backbone: Backbone, samples, class_map: ClassMap):
     return CacheSpec(
         backbone=backbone.spec,
-        preprocessing=Preprocessing(size=tuple(config.size)),
+        preprocessing=working_preprocessing(config),
         class_map=class_map,
         names=tuple(s.name for s in samples),
-        sources_digest=sources_digest([(s.name, s.image, s.mask) for s in samples]),
+        sources_digest=sources_digest(_entries(samples)),
         views=tuple(config.views),
         dtype=config.dtype,
         images_per_chunk=config.images_per_chunk,
         ignore_unknown_codes=config.ignore_unknown_codes,
     )
+
+
+def check_target(cache: CachePath, data_dir: Path) -> None:
+    """Refuse, before anything is written (the writer lock included), an output that is the
+    data folder, lies inside it or holds it, and a non-empty folder that is not a cache of
+    ours (`FeatureCache.open_for_writing` checks again under the lock)."""
+    path = storage.normalize(cache)
+    if not storage.is_remote(path):
+        out, data = Path(path).resolve(), Path(data_dir).resolve()
+        if out == data or data in out.parents or out in data.parents:
+            where = (
+                "is the data folder"
+                if out == data
+                else "is inside the data folder"
+                if data in out.parents
+                else "holds the data folder"
+            )
+            raise CacheError(
+                f"{path}: the cache folder {where} {data_dir}; choose a folder outside it"
+            )
+    with storage.remote_errors(path):
+        target = inspect_target(path)
+    if target.kind == "foreign":
+        raise CacheError(target.reason)
+
+
+def _open_for_writing(config: ExtractConfig, spec: CacheSpec, sources) -> FeatureCache:
+    """Create or reopen the cache; a full disk or a vanished mount while creating it is one
+    line (a rerun redoes an interrupted creation)."""
+    try:
+        return FeatureCache.open_for_writing(config.cache, spec, config.overwrite, sources)
+    except OSError as e:
+        where = e.filename or config.cache
+        raise CacheError(
+            f"{where}: cannot create the cache ({e.strerror or e}); fix that and rerun the "
+            "same command"
+        ) from e
 
 
 def extract(config: ExtractConfig) -> ExtractSummary:
@@ -222,9 +278,10 @@ def extract(config: ExtractConfig) -> ExtractSummary:
     flags and takes every K-th batch (whole chunks, so no chunk has two writers), and rank 0
     finalizes once all are done; a cache started with K ranks resumes with any other number."""
     started = time.perf_counter()
-    Preprocessing(size=tuple(config.size))  # a bad size fails before any work starts
+    working_preprocessing(config)  # a bad size or backbone fails before any work starts
     class_map = resolve_class_map(config.class_map)
     samples = list_samples(config.data_dir)
+    check_target(config.cache, config.data_dir)
     check_headers(samples)
     device = resolve_device(config.device)
     with distributed.launched(device) as world:
@@ -236,7 +293,7 @@ def extract(config: ExtractConfig) -> ExtractSummary:
         lock = writer_lock(config.cache) if world.is_main else contextlib.nullcontext()
         with lock:
             if world.is_main:
-                cache = FeatureCache.open_for_writing(config.cache, spec, config.overwrite)
+                cache = _open_for_writing(config, spec, _entries(samples))
             world.barrier()
             if not world.is_main:
                 cache = FeatureCache.open(config.cache, mode="r+")
@@ -285,9 +342,8 @@ def _run(
 ) -> None:
     """The extraction loop over this rank's batches, writing their pending chunks."""
     spec = cache.spec
-    prep = spec.preprocessing
     opts = DecodeOptions(
-        prep=prep,
+        prep=spec.preprocessing,
         class_map=spec.class_map,
         ignore_unknown_codes=spec.ignore_unknown_codes,
         hackathon=cache.has_hackathon_labels,
@@ -298,7 +354,6 @@ def _run(
     workers = default_workers(device) if config.workers is None else config.workers
     loader = make_loader(DecodedSamples(samples, opts), batches, workers, device)
     assembler = _ChunkAssembler(cache, mine)
-    hflip = "hflip" in spec.views
     todo = sum(cache.chunk_range(c)[1] - cache.chunk_range(c)[0] for c in mine)
     rank = f" (rank {world.rank} of {world.size})" if world.enabled else ""
     bar = tqdm(
@@ -308,52 +363,8 @@ def _run(
         disable=None if config.progress and world.is_main else True,
         smoothing=0.1,
     )
-    dtype = {"float16": torch.float16, "float32": torch.float32}.get(spec.dtype)
-    in_flight = None
-
-    def finish(item) -> None:
-        """Hand a computed batch to the chunk writer once its copy to the host is done."""
-        (feats, scales), ready, batch = item
-        if ready is not None:
-            ready.synchronize()
-        feats = feats.numpy()
-        scales = None if scales is None else scales.numpy()
-        labels = batch["labels"].numpy()
-        hackathon = batch.get("hackathon")
-        new = sum(assembler.wanted(i) for i in batch["index"])
-        for j, index in enumerate(batch["index"]):
-            views = [labels[j], labels[j][:, ::-1]] if hflip else [labels[j]]
-            assembler.add(
-                index,
-                feats[j],
-                np.stack(views),
-                None if scales is None else scales[j],
-                None if hackathon is None else hackathon[j],
-            )
-        assembler.end_batch()
-        bar.update(new)
-
     try:
-        for batch in loader:
-            if batch["error"] is not None:
-                raise DataError(batch["error"])
-            n = len(batch["index"])
-            feats = backbone.encode(batch["image"], prep, hflip=hflip)
-            # (V*n, C, h, w) -> (n, V, C, h, w): view-major from encode, image-major in the cache
-            feats = feats.view(len(spec.views), n, *feats.shape[1:]).transpose(0, 1)
-            scales = None
-            if spec.quantized:  # on the device: a quarter of the transfer
-                feats, scales = quantize_int8(feats, spec.backbone.layers)
-            else:
-                feats = feats.to(dtype)
-            # On CUDA the copy to pinned memory is asynchronous: the GPU computes this batch
-            # while the previous one is handed to the writer (no host sync in the loop).
-            item = (*_to_host(feats, scales), batch)
-            if in_flight is not None:
-                finish(in_flight)
-            in_flight = item
-        if in_flight is not None:
-            finish(in_flight)
+        _encode_and_write(loader, backbone, spec, assembler, bar)
         assembler.drain()
     except KeyboardInterrupt:
         bar.close()
@@ -369,6 +380,67 @@ def _run(
             assembler.drain()
         raise
     bar.close()
+
+
+def _encode_and_write(
+    loader, backbone: Backbone, spec: CacheSpec, assembler: _ChunkAssembler, bar: tqdm
+) -> None:
+    """Encode each batch, then hand the one before it to the chunk writer."""
+    hflip = "hflip" in spec.views
+    dtype = {"float16": torch.float16, "float32": torch.float32}.get(spec.dtype)
+    in_flight = None
+    for batch in loader:
+        if batch["error"] is not None:
+            raise DataError(batch["error"])
+        feats, scales = _encode(backbone, batch, spec, hflip, dtype)
+        # On CUDA the copy to pinned memory is asynchronous: the GPU computes this batch
+        # while the previous one is handed to the writer (no host sync in the loop).
+        item = (*_to_host(feats, scales), batch)
+        if in_flight is not None:
+            _hand_over(in_flight, assembler, hflip, bar)
+        in_flight = item
+    if in_flight is not None:
+        _hand_over(in_flight, assembler, hflip, bar)
+
+
+def _encode(
+    backbone: Backbone, batch: dict, spec: CacheSpec, hflip: bool, dtype: torch.dtype | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A batch's features (n, V, C, h, w) as the cache stores them, on the device, with their
+    scales for an int8 cache."""
+    n = len(batch["index"])
+    feats = backbone.encode(batch["image"], spec.preprocessing, hflip=hflip)
+    # (V*n, C, h, w) -> (n, V, C, h, w): view-major from encode, image-major in the cache
+    feats = feats.view(len(spec.views), n, *feats.shape[1:]).transpose(0, 1)
+    scales = None
+    if spec.quantized:  # on the device: a quarter of the transfer
+        feats, scales = quantize_int8(feats, spec.backbone.layers)
+    else:
+        feats = feats.to(dtype)
+    return feats, scales
+
+
+def _hand_over(item, assembler: _ChunkAssembler, hflip: bool, bar: tqdm) -> None:
+    """Hand a computed batch to the chunk writer once its copy to the host is done."""
+    (feats, scales), ready, batch = item
+    if ready is not None:
+        ready.synchronize()
+    feats = feats.numpy()
+    scales = None if scales is None else scales.numpy()
+    labels = batch["labels"].numpy()
+    hackathon = batch.get("hackathon")
+    new = sum(assembler.wanted(i) for i in batch["index"])
+    for j, index in enumerate(batch["index"]):
+        views = [labels[j], labels[j][:, ::-1]] if hflip else [labels[j]]
+        assembler.add(
+            index,
+            feats[j],
+            np.stack(views),
+            None if scales is None else scales[j],
+            None if hackathon is None else hackathon[j],
+        )
+    assembler.end_batch()
+    bar.update(new)
 
 
 def _to_host(

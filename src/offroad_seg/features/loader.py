@@ -9,8 +9,12 @@ the message.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import os
+import signal
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -19,7 +23,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from offroad_seg.data.dataset import ClassMap, Sample, read_image, read_mask
+from offroad_seg.data.classes import ClassMap
+from offroad_seg.data.dataset import Sample
+from offroad_seg.data.images import open_header, read_image, read_mask
 from offroad_seg.errors import DataError, OffroadSegError
 from offroad_seg.metrics.hackathon import hackathon_truth
 from offroad_seg.models.preprocess import (
@@ -28,7 +34,7 @@ from offroad_seg.models.preprocess import (
     resize_image,
     resize_labels,
 )
-from offroad_seg.reporting.report import preview
+from offroad_seg.reporting.thumbnails import preview
 
 log = logging.getLogger(__name__)
 
@@ -184,14 +190,36 @@ def loader_shape(
 def _first_image_size(dataset: DecodedSamples) -> tuple[int, int]:
     """(height, width) of the first image from its header; the working size if unreadable
     (decoding will report the file)."""
-    from PIL import Image
-
     try:
-        with Image.open(dataset.samples[0].image) as img:  # reads the header only
+        with open_header(dataset.samples[0].image) as img:  # reads the header only
             width, height = img.size
     except Exception:
         return tuple(dataset.opts.prep.size)
     return height, width
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent: int) -> None:
+    """Have the kernel kill this process (SIGKILL) when its parent dies, on Linux (elsewhere a
+    no-op). A DataLoader worker otherwise outlives a `kill -9` of the main process: its queue's
+    feeder thread blocks on a full pipe whose other end it holds itself, and it stays alive,
+    holding its memory, reparented to init. `parent`: the pid that started this process; if it
+    already died before the call, this process exits now."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # no prctl here: the worker's own watchdog remains
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _worker_init(parent: int, worker_id: int) -> None:
+    die_with_parent(parent)
 
 
 def make_loader(
@@ -222,4 +250,5 @@ def make_loader(
         pin_memory=device.type == "cuda",
         persistent_workers=False,
         prefetch_factor=prefetch,
+        worker_init_fn=functools.partial(_worker_init, os.getpid()) if workers > 0 else None,
     )

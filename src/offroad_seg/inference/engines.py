@@ -7,20 +7,26 @@ Every engine offers what those callers use of a `SegmentationModel`:
                        -> float32 logits (B, K, h, w) on the head's grid, on `device`
   preprocessing, class_map, checkpoint (a `HeadCheckpoint` describing the model), device
 
-`torch` is `SegmentationModel` itself. `onnxruntime` runs an exported graph (`export.py`) with
-ONNX Runtime: on the CPU, or with the CUDA provider when the device is CUDA and the installed
-onnxruntime has it. A head is either a checkpoint (.pth: the onnxruntime engine exports it to a
-temporary .onnx first) or an exported .onnx (its metadata gives the class map, preprocessing and
-backbone; the torch engine cannot run it). Both engines see the same uint8 images and compute
-the same function; their logits differ by float32 rounding (see `LOGIT_TOLERANCE`).
+`torch` is `SegmentationModel` itself. `onnxruntime` runs an exported graph (`export.py`; the
+model's names, metadata and digest: `onnx_model.py`) with ONNX Runtime: on the CPU, or with the
+CUDA provider when the device is CUDA and the installed onnxruntime has it. A head is either a
+checkpoint (.pth: the onnxruntime engine exports it to a temporary .onnx first) or an exported
+.onnx (its metadata gives the class map, preprocessing and backbone; the torch engine cannot run
+it). Both engines see the same uint8 images and compute the same function; their logits differ
+by float32 rounding (see `LOGIT_TOLERANCE`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import re
+import shutil
+import socket
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +34,16 @@ import numpy as np
 import torch
 
 from offroad_seg.config import ENGINES
-from offroad_seg.data.dataset import ClassMap
-from offroad_seg.errors import ConfigError
+from offroad_seg.core.atomic import pid_alive
+from offroad_seg.data.classes import ClassMap
+from offroad_seg.errors import ConfigError, OffroadSegError
+from offroad_seg.inference.onnx_model import (
+    HEAD_LOGITS,
+    INPUT,
+    checkpoint_from_onnx,
+    require,
+    verify_weights,
+)
 from offroad_seg.models.checkpoint import HeadCheckpoint, load_checkpoint
 from offroad_seg.models.preprocess import Preprocessing
 from offroad_seg.models.segmentation import TTA, SegmentationModel, check_tta
@@ -78,8 +92,6 @@ def load_head(path: str | Path) -> HeadCheckpoint:
     """A head checkpoint (.pth), or the description of an exported model (.onnx) read from its
     metadata (without weights: they are in the graph)."""
     if is_exported(path):
-        from offroad_seg.inference.export import checkpoint_from_onnx
-
         return checkpoint_from_onnx(path)
     return load_checkpoint(path)
 
@@ -116,6 +128,39 @@ def build_engine(
     return OnnxEngine.from_checkpoint(ckpt, weights, device, sizes=sizes)
 
 
+SCRATCH_PREFIX = "offroad-seg-onnx-"
+
+
+@contextlib.contextmanager
+def export_scratch() -> Iterator[Path]:
+    """A folder in the system's temporary directory for the exports of one engine (~90 MB for
+    ViT-S/14), removed when the block ends. Its name holds this host and pid, so that the
+    folder of a killed process (kill -9 mid-export: nothing of it runs to clean up) is removed
+    by the next one."""
+    root = Path(tempfile.gettempdir())
+    host = _host()
+    remove_dead_scratch(root, host)
+    prefix = f"{SCRATCH_PREFIX}{host}-{os.getpid()}-"
+    with tempfile.TemporaryDirectory(prefix=prefix, dir=root) as tmp:
+        yield Path(tmp)
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
+
+
+def remove_dead_scratch(root: Path, host: str) -> list[Path]:
+    """Remove the `export_scratch` folders in `root` of this host's processes that are gone."""
+    pattern = re.compile(rf"^{re.escape(SCRATCH_PREFIX + host)}-(\d+)-[A-Za-z0-9_]+$")
+    removed = []
+    for entry in root.glob(f"{SCRATCH_PREFIX}{host}-*"):
+        m = pattern.match(entry.name)
+        if m and entry.is_dir() and not entry.is_symlink() and not pid_alive(int(m[1])):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
 class OnnxEngine:
     """Exported models in ONNX Runtime sessions, one per input size, with
     `SegmentationModel`'s inference interface (see the module docstring)."""
@@ -128,34 +173,44 @@ class OnnxEngine:
         checkpoint: HeadCheckpoint | None = None,
         device: torch.device | str = "cpu",
         threads: int | None = None,
+        verify: bool = True,
     ) -> None:
         """`path`: an exported .onnx; `checkpoint`: its `load_head` description (read from the
         file when None); `threads`: ONNX Runtime's intra-op threads (default: torch's, so both
-        engines use the same cores)."""
-        from offroad_seg.inference.export import checkpoint_from_onnx
-
+        engines use the same cores); `verify`: check its weights digest first."""
         self.path = Path(path)
         self.checkpoint = checkpoint or checkpoint_from_onnx(self.path)
         self.device = torch.device(device)
         self.threads = threads
         self.sessions: dict[tuple[int, int], Any] = {}
         self.batches: dict[tuple[int, int], int | None] = {}  # None: dynamic
-        self.add_session(self.path)
+        self.add_session(self.path, verify=verify)
 
-    def add_session(self, path: str | Path) -> None:
-        """Load an exported model of this head (at its own input size) into a session."""
-        from offroad_seg.inference.export import checkpoint_from_onnx, require
-
+    def add_session(self, path: str | Path, verify: bool = True) -> None:
+        """Load an exported model of this head (at its own input size) into a session, after
+        checking its weights digest (`verify`; a file this process just exported needs none).
+        A file ONNX Runtime cannot load is one line naming it."""
         ort = require("onnxruntime", "--engine onnxruntime")
+        if verify:
+            verify_weights(path)
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads or torch.get_num_threads()
         # Idle ONNX Runtime threads spin by default: they take the cores the decode workers and
         # PNG writers of evaluate/predict need between batches (and other processes' cores)
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3  # errors only: no per-session warnings on stderr
-        session = ort.InferenceSession(str(path), options, providers=self._providers(ort))
+        try:
+            session = ort.InferenceSession(str(path), options, providers=self._providers(ort))
+        except Exception as e:  # onnxruntime's own exception types (InvalidProtobuf, Fail, ...)
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise OffroadSegError(f"{path}: ONNX Runtime cannot load it ({reason})") from e
         size = tuple(checkpoint_from_onnx(path).preprocessing.size)
         shape = session.get_inputs()[0].shape
+        if tuple(shape[2:]) != size:  # metadata edited (in a file without a digest)
+            raise OffroadSegError(
+                f"{path}: its metadata says {size[0]}x{size[1]} images but its graph takes "
+                f"{'x'.join(str(v) for v in shape[2:])}; export the head again"
+            )
         self.sessions[size] = session
         self.batches[size] = shape[0] if isinstance(shape[0], int) else None
 
@@ -179,6 +234,8 @@ class OnnxEngine:
         """A head checkpoint (.pth) on its backbone, exported to temporary .onnx files (dynamic
         batch; the working size and each of `sizes`) and loaded; `weights` as for
         `SegmentationModel.from_checkpoint`."""
+        # lazy: only a .pth head run with onnxruntime needs the exporter (export.py never imports
+        # this module: the contract both use is onnx_model.py)
         from offroad_seg.inference.export import export_model
 
         ckpt = checkpoint if isinstance(checkpoint, HeadCheckpoint) else load_checkpoint(checkpoint)
@@ -186,14 +243,15 @@ class OnnxEngine:
         model = SegmentationModel.from_checkpoint(ckpt, weights, "cpu")
         working = tuple(ckpt.preprocessing.size)
         others = [tuple(s) for s in sizes if tuple(s) != working]
-        with tempfile.TemporaryDirectory(prefix="offroad-seg-onnx-") as tmp:
-            path = Path(tmp) / "model.onnx"
+        with export_scratch() as tmp:
+            path = tmp / "model.onnx"
             export_model(model, path, batch=None)
-            engine = cls(path, ckpt, device)  # the session holds the graph: the file can go
+            # the session holds the graph: the file can go
+            engine = cls(path, ckpt, device, verify=False)
             for i, size in enumerate(others):
-                path = Path(tmp) / f"model-{i}.onnx"
+                path = tmp / f"model-{i}.onnx"
                 export_model(model, path, size=size, batch=None)
-                engine.add_session(path)
+                engine.add_session(path, verify=False)
         del model
         log.info(
             "exported %s to ONNX (%d size(s)) in %.1f s (`offroad-seg export` it once and pass "
@@ -230,8 +288,6 @@ class OnnxEngine:
     def _run(self, images: np.ndarray) -> np.ndarray:
         """Head logits of uint8 images at one of the sessions' sizes; a fixed-batch model gets
         full batches (the last one padded with zero images, whose outputs are dropped)."""
-        from offroad_seg.inference.export import HEAD_LOGITS, INPUT
-
         size = tuple(images.shape[-2:])
         session, step = self.sessions[size], self.batches[size] or len(images)
         n = len(images)

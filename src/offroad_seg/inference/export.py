@@ -3,7 +3,8 @@
 
 The graph is the whole inference path after the resize: uint8 RGB images at the working size,
 exactly what `preprocess.resize_image` makes, -> ImageNet normalisation -> the backbone (its
-position embeddings resized to that grid at export time, as constants) -> the head -> logits.
+position embeddings resized to that grid, or for DINOv3 its rotary sines and cosines computed
+for it, at export time, as constants) -> the head -> logits.
 
   input   images       (B, 3, rows, cols) uint8 RGB
   output  logits       (B, K, rows, cols) float32: the head's logits upsampled to the input size
@@ -14,8 +15,9 @@ position embeddings resized to that grid at export time, as constants) -> the he
           ids          (B, rows, cols) uint8 argmax class ids of `logits` (only with argmax=True)
 
 The batch is fixed (TensorRT builds its fastest engines for static shapes) or dynamic. The
-model's metadata_props describe everything a user needs without this package (see `METADATA`),
-and `checkpoint_from_onnx` turns them back into a `HeadCheckpoint` for evaluate and predict.
+model's metadata_props describe everything a user needs without this package; what they hold,
+the input and output names and the weights digest are `onnx_model.py`'s (`METADATA`), whose
+`checkpoint_from_onnx` turns them back into a `HeadCheckpoint` for evaluate and predict.
 
 Exporter: the torch.export-based one (`torch.onnx.export(dynamo=True)`). The TorchScript-based
 exporter is deprecated since torch 2.9 and cannot export the pyramid head (its adaptive average
@@ -28,7 +30,6 @@ Opset 18 is the lowest it emits: the widest runtime support (TensorRT 8.6 and la
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -36,80 +37,47 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from offroad_seg import __version__
 from offroad_seg.config import ExportConfig
-from offroad_seg.core.atomic import temp_path
-from offroad_seg.data.dataset import ClassMap
+from offroad_seg.core.atomic import remove_stale_temps, temp_path
 from offroad_seg.errors import ConfigError, OffroadSegError
-from offroad_seg.models.backbone import Backbone, BackboneSpec
-from offroad_seg.models.checkpoint import HeadCheckpoint, file_sha256, load_checkpoint
-from offroad_seg.models.heads import HeadConfig
+from offroad_seg.inference.onnx_model import IDS, INPUT, OUTPUTS, metadata, require, seal
+from offroad_seg.models.backbone import Backbone
+from offroad_seg.models.checkpoint import load_checkpoint
 from offroad_seg.models.preprocess import Preprocessing, check_size
 from offroad_seg.models.segmentation import SegmentationModel
 
 log = logging.getLogger(__name__)
 
-FORMAT = "offroad-seg-onnx"
-VERSION = 1
 OPSET = 18
-INPUT = "images"
-LOGITS, HEAD_LOGITS, IDS = "logits", "head_logits", "ids"
-OUTPUTS = (LOGITS, HEAD_LOGITS)
 QUANTIZE_MODES = ("none", "dynamic")
-EXTRA_HINT = "pip install 'offroad-seg[export]'"
-
-# metadata_props: every value a string; structured values are JSON
-METADATA = {
-    "format": f"{FORMAT!r}",
-    "format_version": "this format's version (1)",
-    "class_map": "JSON list of {code, name, color} in class-id order",
-    "preprocessing": "JSON: size [rows, cols], mean, std (of 0..1 RGB), resize, patch_size",
-    "backbone": "JSON: name, arch, weights_sha256, weights_source, layers, channels",
-    "head_config": "JSON: the head's settings (name, width, depth, ...)",
-    "compat_fingerprint": "the head's backbone/preprocessing/class-map fingerprint",
-    "batch": "'dynamic' or the fixed batch size",
-    "outputs": "comma-separated output names",
-    "quantization": "'none' or 'dynamic-int8'",
-    "source": "the head checkpoint exported",
-    "source_sha256": "sha256 of that file",
-    "tool_version": "offroad-seg version",
-    "torch_version": "PyTorch version that exported it",
-}
-
-
-def require(module: str, what: str) -> Any:
-    """Import an optional dependency of the `export` extra, or fail with one line."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise ConfigError(f"{what} needs the {module} package: {EXTRA_HINT}") from None
 
 
 # ----------------------------------------------------------------------------- the graph
 
 
 class FixedGridBackbone(Backbone):
-    """The backbone with its position embeddings resized once, for one token grid, and held as
-    a buffer: exporters see shapes symbolically, so the per-grid cache of `Backbone` cannot be
-    looked up while tracing, and the antialiased bicubic resize of the register variants has
-    no ONNX equivalent. The forward pass is `Backbone.forward`, unchanged."""
+    """The backbone with its position information computed once, for one token grid, and held
+    as buffers (DINOv2: the resized position embeddings; DINOv3: the rotary sines and cosines):
+    exporters see shapes symbolically, so the per-grid cache of `Backbone` cannot be looked up
+    while tracing, and the antialiased bicubic resize of the DINOv2 register variants has no
+    ONNX equivalent. The forward pass is `Backbone.forward`, unchanged."""
 
     def __init__(self, backbone: Backbone, grid: tuple[int, int]) -> None:
         super().__init__(backbone.vit, backbone.spec)
         device = backbone.vit.cls_token.device
         self.grid = grid
-        self.register_buffer("fixed_pos", backbone.patch_pos_embed(*grid, device).clone())
+        fixed = backbone.positions(*grid, device)
+        self.fixed_names = tuple(f"fixed_pos_{i}" for i in range(len(fixed)))
+        for name, value in zip(self.fixed_names, fixed, strict=True):
+            self.register_buffer(name, value.clone())
 
-    def patch_pos_embed(self, rows: int, cols: int, device: torch.device) -> torch.Tensor:
-        return self.fixed_pos
+    def positions(self, rows: int, cols: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        return tuple(getattr(self, name) for name in self.fixed_names)
 
 
 class ExportGraph(nn.Module):
@@ -120,7 +88,8 @@ class ExportGraph(nn.Module):
         prep = model.preprocessing
         self.size = tuple(size)
         self.argmax = argmax
-        self.backbone = FixedGridBackbone(model.backbone, Preprocessing(size=self.size).grid)
+        grid = Preprocessing(size=self.size, patch_size=prep.patch_size).grid
+        self.backbone = FixedGridBackbone(model.backbone, grid)
         self.head = model.head.eval()
         # exactly `preprocess.normalize`: (x - 255 mean) / (255 std) in float32
         self.register_buffer("mean", torch.tensor(prep.mean).view(1, 3, 1, 1) * 255.0)
@@ -156,36 +125,6 @@ class ExportResult:
             f"uint8 images ({batch}, 3, {self.size[0]}, {self.size[1]}) -> "
             f"{', '.join(self.outputs)}"
         )
-
-
-def metadata(
-    ckpt: HeadCheckpoint,
-    size: tuple[int, int],
-    batch: int | None,
-    outputs: tuple[str, ...],
-) -> dict[str, str]:
-    """The metadata_props of an exported float32 model (see `METADATA`)."""
-    prep = Preprocessing(
-        size=size, mean=ckpt.preprocessing.mean, std=ckpt.preprocessing.std
-    )  # the exported size; resize and normalisation as the head was trained
-    source = Path(ckpt.path)
-    props = {
-        "format": FORMAT,
-        "format_version": str(VERSION),
-        "class_map": json.dumps(ckpt.class_map.to_dict()),
-        "preprocessing": json.dumps(prep.to_dict()),
-        "backbone": json.dumps(ckpt.backbone.to_dict()),
-        "head_config": json.dumps(ckpt.head_config.to_dict()),
-        "compat_fingerprint": ckpt.compat_fingerprint,
-        "batch": "dynamic" if batch is None else str(batch),
-        "outputs": ",".join(outputs),
-        "quantization": "none",  # quantize_dynamic_int8 sets it
-        "source": str(source),
-        "source_sha256": file_sha256(source) if source.is_file() else "",
-        "tool_version": __version__,
-        "torch_version": torch.__version__,
-    }
-    return props
 
 
 def _sample_input(batch: int | None, size: tuple[int, int]) -> torch.Tensor:
@@ -263,7 +202,7 @@ def export_model(
         raise ConfigError(f"batch {batch}: expected a positive number or dynamic")
     out = Path(out)
     size = tuple(size or model.preprocessing.size)
-    check_size(size)
+    check_size(size, model.preprocessing.patch_size)
     start = time.perf_counter()
     if model.device.type != "cpu":
         raise ConfigError("export runs on the CPU: build the model with device='cpu'")
@@ -271,6 +210,8 @@ def export_model(
     graph = ExportGraph(model, size, argmax).eval()
     program = _to_onnx_program(graph, batch, outputs)
     program.model.metadata_props.update(metadata(model.checkpoint, size, batch, outputs))
+    for stale in remove_stale_temps(out.parent):  # a killed export's scratch folder
+        log.info("removed %s, left by a killed export", stale)
     scratch = _scratch(out)
     try:
         fp32 = scratch / (out.name if quantize == "none" else f"fp32-{out.name}")
@@ -279,6 +220,7 @@ def export_model(
             quantize_dynamic_int8(fp32, scratch / out.name)
             for f in scratch.glob("fp32-*"):  # the float model and its external data
                 f.unlink()
+        seal(scratch / out.name)
         check_onnx(scratch / out.name)
         nbytes = _move_into_place(scratch, out)
     finally:
@@ -321,6 +263,7 @@ def quantize_dynamic_int8(src: str | Path, dst: str | Path) -> None:
         if prop.key == "quantization":
             prop.value = "dynamic-int8"
     onnx.save(model, str(dst))
+    seal(dst)  # new weights: a new digest
 
 
 def export(cfg: ExportConfig) -> ExportResult:
@@ -341,54 +284,3 @@ def export(cfg: ExportConfig) -> ExportResult:
         argmax=cfg.argmax,
         quantize=cfg.quantize,
     )
-
-
-# ----------------------------------------------------------------------------- reading
-
-
-def read_metadata(path: str | Path) -> dict[str, str]:
-    """The metadata_props of an exported model (without loading its weights)."""
-    onnx = require("onnx", "an exported .onnx head")
-    path = Path(path)
-    if not path.is_file():
-        raise OffroadSegError(f"{path}: exported model not found")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:
-        raise OffroadSegError(f"{path}: cannot read ONNX model ({type(e).__name__})") from e
-    props = {p.key: p.value for p in model.metadata_props}
-    if props.get("format") != FORMAT:
-        raise OffroadSegError(
-            f"{path}: not an offroad-seg export (no {FORMAT!r} metadata); "
-            "make one with `offroad-seg export`"
-        )
-    if props.get("format_version") != str(VERSION):
-        raise OffroadSegError(
-            f"{path}: export format version {props.get('format_version')}; "
-            f"this tool reads {VERSION}"
-        )
-    return props
-
-
-def checkpoint_from_onnx(path: str | Path) -> HeadCheckpoint:
-    """What an exported model was made from, as a `HeadCheckpoint` without weights (the
-    weights are in the graph): class map, preprocessing at the exported size, backbone spec
-    and head config. Its payload is the parsed metadata."""
-    path = Path(path)
-    props = read_metadata(path)
-    try:
-        payload: dict[str, Any] = {
-            k: json.loads(v) if k in ("class_map", "preprocessing", "backbone", "head_config")
-            else v
-            for k, v in props.items()
-        }  # fmt: skip
-        return HeadCheckpoint(
-            path=path,
-            head_config=HeadConfig.from_dict(payload["head_config"]),
-            class_map=ClassMap.from_dict(payload["class_map"]),
-            backbone=BackboneSpec.from_dict(payload["backbone"]),
-            preprocessing=Preprocessing.from_dict(payload["preprocessing"]),
-            payload=payload,
-        )
-    except (KeyError, ValueError, OffroadSegError) as e:
-        raise OffroadSegError(f"{path}: unreadable offroad-seg metadata ({e})") from e

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from offroad_seg.data.dataset import IGNORE_ID
+from offroad_seg.data.classes import IGNORE_ID
 
 
 def confusion_matrix(

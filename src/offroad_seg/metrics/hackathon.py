@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from offroad_seg.data.dataset import ClassMap
+from offroad_seg.data.classes import ClassMap
 
 HACKATHON_TITLE = "hackathon protocol (for comparison only)"
 HACKATHON_BATCH_SIZE = 2

@@ -1,19 +1,22 @@
-"""Frozen DINOv2 backbones: any of the eight official variants, one feature path.
+"""Frozen DINOv2 and DINOv3 backbones: any official variant of either family, one feature path.
 
 `Backbone(x)` maps normalised images (B, 3, rows, cols) to patch-token features
-(B, C, rows/14, cols/14): the tokens after the final norm (`layers=1`, the official
-`x_norm_patchtokens`) or the last `layers` blocks, each normed, concatenated in block order
-(`layers=4` is the official `get_intermediate_layers(n=4, norm=True)`, DINOv2's "+ms"
-protocol). Class and register tokens are dropped.
+(B, C, rows/p, cols/p), p the variant's patch (14 for DINOv2, 16 for DINOv3): the tokens after
+the final norm (`layers=1`, the official `x_norm_patchtokens`) or the last `layers` blocks, each
+normed, concatenated in block order (`layers=4` is the official `get_intermediate_layers(n=4,
+norm=True)`, DINOv2's "+ms" protocol). Class and register (storage) tokens are dropped.
 
-The variants (`variants.py`) differ in width, depth, MLP, register tokens and how their
-position embeddings are resized to another token grid. The architecture itself is timm's; the
-forward pass is written here so that the resize, the float32 position embeddings and the token
-layout follow the official code exactly.
+The variants (`variants.py`) differ in family, width, depth, MLP and register tokens. The
+architecture itself is timm's (its DINOv2 ViTs, its Eva for DINOv3); the forward pass is written
+here so that position information follows the official code exactly: DINOv2's position
+embeddings resized per variant and added in float32, DINOv3's rotary embeddings (`rope.py`)
+with the periods the weights were trained with, applied in float32 to the patch tokens' queries
+and keys, and the masked key bias.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +29,9 @@ from offroad_seg.config import DEFAULT_BACKBONE
 from offroad_seg.core.runtime import autocast
 from offroad_seg.errors import ConfigError
 from offroad_seg.models.preprocess import Preprocessing, normalize
+from offroad_seg.models.rope import rope_periods, rope_sincos, rotate
 from offroad_seg.models.variants import (
+    DINOV3,
     BackboneVariant,
     PosEmbedResize,
     get_variant,
@@ -122,11 +127,13 @@ def resize_pos_embed(
 
 def create_vit(variant: BackboneVariant, depth: int | None = None) -> nn.Module:
     """timm's architecture of a variant at its pretraining size, without a classifier.
-    `depth` truncates it (tests only: the full ViT-g has 1.1 B parameters)."""
+    `depth` truncates it (tests only: the full ViT-g has 1.1 B parameters, the 7B 6.7 B).
+    DINOv3: the RoPE periods become part of the weights (`rope.periods`, persistent), as in the
+    official files, set to the values the official code computes for the variant."""
     import timm  # 2-3 s of imports (torchvision models) that training on a cache never needs
 
     extra = {} if depth is None else {"depth": depth}
-    return timm.create_model(
+    vit = timm.create_model(
         variant.timm_arch,
         pretrained=False,
         img_size=variant.pretrain_grid * variant.patch_size,
@@ -134,10 +141,14 @@ def create_vit(variant: BackboneVariant, depth: int | None = None) -> nn.Module:
         dynamic_img_size=True,
         **extra,
     )
+    if variant.family == DINOV3:
+        periods = rope_periods(variant.head_dim, variant.rope_base, variant.rope_dtype)
+        vit.rope.register_buffer("periods", periods, persistent=True)
+    return vit
 
 
 class Backbone(nn.Module):
-    """A frozen DINOv2 variant -> (B, C, rows/14, cols/14) patch-token features."""
+    """A frozen variant -> (B, C, rows/p, cols/p) patch-token features (p: its patch)."""
 
     def __init__(self, vit: nn.Module, spec: BackboneSpec) -> None:
         super().__init__()
@@ -146,16 +157,24 @@ class Backbone(nn.Module):
         self.variant = spec.variant
         if not 1 <= spec.layers <= len(vit.blocks):
             raise ConfigError(f"layers {spec.layers}: expected 1 to {len(vit.blocks)}")
-        self._pos_cache: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+        self._pos_cache: dict[tuple[int, int, torch.device], tuple[torch.Tensor, ...]] = {}
 
     def patch_pos_embed(self, rows: int, cols: int, device: torch.device) -> torch.Tensor:
-        """(1, rows*cols, C) float32 position embeddings of the patch tokens (cached)."""
+        """DINOv2: (1, rows*cols, C) float32 position embeddings of the patch tokens."""
+        pos = self.vit.pos_embed.detach()
+        patch_pos = pos if self.variant.registers else pos[:, 1:]
+        return resize_pos_embed(patch_pos, rows, cols, self.variant.pos_resize).to(device)
+
+    def positions(self, rows: int, cols: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """What tells the tokens of a rows x cols grid where they are (cached per grid):
+        DINOv2 `(pos_embed,)`, DINOv3 `(sin, cos)` of the rotary embeddings."""
         key = (rows, cols, device)
         if key not in self._pos_cache:
-            pos = self.vit.pos_embed.detach()
-            patch_pos = pos if self.variant.registers else pos[:, 1:]
-            resized = resize_pos_embed(patch_pos, rows, cols, self.variant.pos_resize)
-            self._pos_cache[key] = resized.to(device)
+            if self.variant.family == DINOV3:
+                periods = self.vit.rope.periods.detach()
+                self._pos_cache[key] = rope_sincos(periods, rows, cols, device)
+            else:
+                self._pos_cache[key] = (self.patch_pos_embed(rows, cols, device),)
         return self._pos_cache[key]
 
     def _apply(self, fn, recurse: bool = True):  # moving the module invalidates cached embeddings
@@ -178,21 +197,55 @@ class Backbone(nn.Module):
         p = self.variant.patch_size
         rows, cols = h // p, w // p
         vit = self.vit
-        # Position embeddings are added in float32, as the official code and timm do (under
-        # autocast the patch projection comes out in bf16/fp16)
-        t = vit.patch_embed(x).reshape(b, rows * cols, -1).float()
-        t = t + self.patch_pos_embed(rows, cols, t.device)
-        t = torch.cat([self.prefix_tokens(b), t], dim=1)
-        t = vit.norm_pre(t)
+        positions = self.positions(rows, cols, x.device)
+        if self.variant.family == DINOV3:
+            # the official token order: class, storage, patches; float32 (torch.cat promotes
+            # the patch projection, bf16/fp16 under autocast, as the official code's cat does)
+            t = vit.patch_embed.proj(x).flatten(2).transpose(1, 2).float()
+            t = torch.cat([self.prefix_tokens(b), t], dim=1)
+            blocks = (
+                functools.partial(self._rope_block, block, *positions) for block in vit.blocks
+            )
+        else:
+            # Position embeddings are added in float32, as the official code and timm do (under
+            # autocast the patch projection comes out in bf16/fp16)
+            t = vit.patch_embed(x).reshape(b, rows * cols, -1).float()
+            t = t + positions[0]
+            t = torch.cat([self.prefix_tokens(b), t], dim=1)
+            t = vit.norm_pre(t)
+            blocks = iter(vit.blocks)
         first_kept = len(vit.blocks) - self.spec.layers
         prefix = self.variant.prefix_tokens
         outs = []
-        for i, block in enumerate(vit.blocks):
+        for i, block in enumerate(blocks):
             t = block(t)
             if i >= first_kept:
                 outs.append(vit.norm(t)[:, prefix:])
         feats = torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
         return feats.transpose(1, 2).reshape(b, -1, rows, cols)
+
+    def _rope_block(
+        self, block: nn.Module, sin: torch.Tensor, cos: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
+        """One DINOv3 block as the official SelfAttentionBlock computes it at inference:
+        t + ls1 * attn(norm1(t)), then t + ls2 * mlp(norm2(t))."""
+        t = t + block.gamma_1 * self._rope_attention(block.attn, block.norm1(t), sin, cos)
+        return t + block.gamma_2 * block.mlp(block.norm2(t))
+
+    def _rope_attention(
+        self, attn: nn.Module, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor
+    ) -> torch.Tensor:
+        """Self-attention with the masked key bias (zero) and the rotary embeddings applied in
+        float32 to the patch tokens' queries and keys (class and storage tokens unrotated)."""
+        b, n, c = x.shape
+        bias = None
+        if attn.q_bias is not None:
+            bias = torch.cat([attn.q_bias, torch.zeros_like(attn.q_bias), attn.v_bias])
+        qkv = F.linear(x, attn.qkv.weight, bias).reshape(b, n, 3, self.variant.num_heads, -1)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (B, heads, N, d) each
+        q, k = rotate(q, sin, cos), rotate(k, sin, cos)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return attn.proj(out.transpose(1, 2).reshape(b, n, c))
 
     @torch.no_grad()
     def encode(

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from offroad_seg.core.atomic import atomic_write
-from offroad_seg.data.dataset import ClassMap
+from offroad_seg.data.classes import ClassMap
 from offroad_seg.errors import OffroadSegError
 from offroad_seg.models.backbone import BackboneSpec
 from offroad_seg.models.fingerprint import compat_fingerprint
@@ -69,9 +69,26 @@ def head_payload(
     }
 
 
+DIGEST_KEY = "state_dict_sha256"
+
+
+def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 over each tensor's name, dtype, shape and bytes, in name order: a flipped byte in
+    a checkpoint's weights changes it, and so does a renamed, retyped or reshaped tensor."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write a checkpoint atomically, with every tensor on the CPU."""
+    """Write a checkpoint atomically, with every tensor on the CPU and the digest of its
+    weights (computed afresh: a payload edited since it was loaded gets its own)."""
     payload = to_cpu(payload)
+    if isinstance(payload.get("state_dict"), dict):
+        payload = {**payload, DIGEST_KEY: state_dict_sha256(payload["state_dict"])}
     atomic_write(path, lambda f: torch.save(payload, f))
 
 
@@ -92,7 +109,16 @@ class HeadCheckpoint:
 
     def build(self, device: torch.device | str = "cpu") -> nn.Module:
         head = build_head(self.head_config)
-        head.load_state_dict(self.payload["state_dict"])
+        try:
+            head.load_state_dict(self.payload["state_dict"])
+        except (KeyError, RuntimeError) as e:  # torch lists every mismatch, one per line
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            detail = lines[1] if len(lines) > 1 else lines[0] if lines else repr(e)
+            detail = detail if len(detail) <= 200 else detail[:200] + "..."
+            raise OffroadSegError(
+                f"{self.path}: its weights do not fit its head config "
+                f"({self.head_config.name}): {detail}"
+            ) from e
         return head.to(device).eval()
 
 
@@ -110,6 +136,7 @@ def load_checkpoint(path: str | Path) -> HeadCheckpoint:
         raise OffroadSegError(
             f"{path}: head checkpoint version {payload.get('version')}; this tool reads {VERSION}"
         )
+    check_weights(path, payload)
     try:
         backbone = BackboneSpec.from_dict(payload["backbone"])
     except OffroadSegError as e:
@@ -122,3 +149,24 @@ def load_checkpoint(path: str | Path) -> HeadCheckpoint:
         preprocessing=Preprocessing.from_dict(payload["preprocessing"]),
         payload=payload,
     )
+
+
+def check_weights(path: Path, payload: dict[str, Any]) -> None:
+    """Refuse weights that are not what was saved (their digest differs: the file was damaged
+    or edited) or that are not numbers (a diverged run's NaN/inf). Checkpoints written before
+    the digest existed have none and are only checked for finite values."""
+    state = payload.get("state_dict")
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise OffroadSegError(f"{path}: head checkpoint has no weights (state_dict)")
+    stored = payload.get(DIGEST_KEY)
+    if stored is not None and stored != state_dict_sha256(state):
+        raise OffroadSegError(
+            f"{path}: the head weights do not match the digest saved with them (the file is "
+            "damaged or was edited); use an intact copy or train again"
+        )
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise OffroadSegError(
+                f"{path}: weight {name} holds NaN or inf values (a diverged run); "
+                "train again with a lower --lr"
+            )

@@ -4,18 +4,10 @@ a head is used only on features with the same fingerprint."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-from typing import Any
-
-from offroad_seg.data.dataset import ClassMap
+from offroad_seg.data.classes import ClassMap
+from offroad_seg.data.digest import digest
 from offroad_seg.models.backbone import BackboneSpec
 from offroad_seg.models.preprocess import Preprocessing
-
-
-def digest(obj: Any) -> str:
-    """sha256 of an object's canonical JSON."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
 def compat_fingerprint(

@@ -22,55 +22,59 @@ import torch.nn.functional as F
 
 from offroad_seg.config import DEFAULT_SIZE
 from offroad_seg.errors import ConfigError
-from offroad_seg.models.variants import PATCH_SIZE
+from offroad_seg.models.variants import DINOV2_PATCH
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def parse_size(text: str) -> tuple[int, int]:
-    """'266x476' (rows x cols) -> (266, 476), checked to be multiples of the patch size."""
+    """'266x476' (rows x cols) -> (266, 476), positive; whether they are multiples of the
+    patch size is checked where the backbone is known (`Preprocessing`, `check_size`)."""
     try:
         rows, cols = (int(v) for v in text.lower().split("x"))
     except ValueError as e:
         raise ConfigError(f"size {text!r}: expected ROWSxCOLS, e.g. 266x476") from e
-    check_size((rows, cols))
+    if rows <= 0 or cols <= 0:
+        raise ConfigError(f"size {rows}x{cols}: both sides must be positive")
     return rows, cols
 
 
-def check_size(size: Sequence[int]) -> None:
+def check_size(size: Sequence[int], patch: int) -> None:
+    """Both sides positive multiples of the backbone's patch (14 DINOv2, 16 DINOv3)."""
     rows, cols = size
-    if rows <= 0 or cols <= 0 or rows % PATCH_SIZE or cols % PATCH_SIZE:
+    if rows <= 0 or cols <= 0 or rows % patch or cols % patch:
         raise ConfigError(
-            f"size {rows}x{cols}: both sides must be positive multiples of {PATCH_SIZE} "
-            f"(e.g. {max(1, round(rows / PATCH_SIZE)) * PATCH_SIZE}x"
-            f"{max(1, round(cols / PATCH_SIZE)) * PATCH_SIZE})"
+            f"size {rows}x{cols}: both sides must be positive multiples of {patch}, the "
+            f"backbone's patch size (e.g. {max(1, round(rows / patch)) * patch}x"
+            f"{max(1, round(cols / patch)) * patch})"
         )
 
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How images become backbone input: resize to `size` (rows, cols), then normalise."""
+    """How images become backbone input: resize to `size` (rows, cols), then normalise; the
+    backbone cuts them into `patch_size` squares (the token grid)."""
 
     size: tuple[int, int] = DEFAULT_SIZE
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     resize: str = "bilinear-antialias-uint8"
     label_resize: str = "nearest"
+    patch_size: int = DINOV2_PATCH
 
     def __post_init__(self) -> None:
-        check_size(self.size)
+        check_size(self.size, self.patch_size)
         if self.resize != "bilinear-antialias-uint8" or self.label_resize != "nearest":
             raise ConfigError(f"unsupported resize {self.resize!r}/{self.label_resize!r}")
 
     @property
     def grid(self) -> tuple[int, int]:
         """Token grid (rows, cols) of the backbone at this size."""
-        return self.size[0] // PATCH_SIZE, self.size[1] // PATCH_SIZE
+        return self.size[0] // self.patch_size, self.size[1] // self.patch_size
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["patch_size"] = PATCH_SIZE
+        d = asdict(self)  # patch_size included, as always (fingerprints of old caches hold)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @classmethod
@@ -81,6 +85,7 @@ class Preprocessing:
             std=tuple(d["std"]),
             resize=d.get("resize", "bilinear-antialias-uint8"),
             label_resize=d.get("label_resize", "nearest"),
+            patch_size=int(d.get("patch_size", DINOV2_PATCH)),
         )
 
 

@@ -12,12 +12,11 @@ import torch
 from torch import nn
 
 from offroad_seg.core.runtime import autocast, resolve_device
-from offroad_seg.data.dataset import ClassMap
+from offroad_seg.data.classes import ClassMap
 from offroad_seg.errors import ConfigError, WeightsError
 from offroad_seg.models.backbone import Backbone, load_backbone
 from offroad_seg.models.checkpoint import HeadCheckpoint, load_checkpoint
 from offroad_seg.models.preprocess import Preprocessing
-from offroad_seg.models.variants import PATCH_SIZE
 from offroad_seg.models.weights import RANDOM
 
 TTA_MODES = ("none", "flip")
@@ -32,8 +31,8 @@ def check_tta(tta: str) -> None:
 class TTA:
     """Test-time augmentation: the passes whose logits are averaged at each image's original
     size. Each scale resizes the original image to the working size times the scale, rounded
-    to multiples of 14 (the patch size); `flip` adds each size's mirrored pass. A pass costs
-    about scale^2 (tokens) to scale^4 (attention) of a plain one."""
+    to multiples of the backbone's patch size (14 DINOv2, 16 DINOv3); `flip` adds each size's
+    mirrored pass. A pass costs about scale^2 (tokens) to scale^4 (attention) of a plain one."""
 
     flip: bool = False
     scales: tuple[float, ...] = (1.0,)
@@ -50,7 +49,8 @@ class TTA:
         """The working sizes of the passes, in scale order, without repeats."""
         sizes = []
         for s in self.scales:
-            size = tuple(max(PATCH_SIZE, round(v * s / PATCH_SIZE) * PATCH_SIZE) for v in prep.size)
+            p = prep.patch_size
+            size = tuple(max(p, round(v * s / p) * p) for v in prep.size)
             if size not in sizes:
                 sizes.append(size)
         return sizes

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
-from offroad_seg.data.dataset import IGNORE_ID
+from offroad_seg.data.classes import IGNORE_ID
 
 
 @functools.lru_cache(maxsize=32)

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from offroad_seg.data.dataset import ClassMap
+from offroad_seg.data.classes import ClassMap
 
 _PANEL_CAPTIONS = ("Image", "Ground truth", "Prediction")
 _CAPTION_BG = (40, 40, 40)

@@ -107,7 +107,14 @@ def _empty_panel(ax: Axes, title: str, message: str) -> None:
 def plot_training_curves(
     history: list[dict[str, float | None]], path: Path, title: str | None = None
 ) -> None:
-    """Write a 2x2 PNG of the training history: loss, val mIoU, val mean Dice, val pixel accuracy.
+    """Write `training_curves_figure(history, title)` as a PNG at `path`."""
+    _save_figure(training_curves_figure(history, title), path)
+
+
+def training_curves_figure(
+    history: list[dict[str, float | None]], title: str | None = None
+) -> Figure:
+    """A 2x2 figure of the training history: loss, val mIoU, val mean Dice, val pixel accuracy.
 
     Each row of `history` is one epoch: `epoch` (a row without it is numbered by position,
     from 1) and any of `train_loss`, `val_loss`, `val_miou`, `val_dice`, `val_pixel_acc`. A key
@@ -142,26 +149,26 @@ def plot_training_curves(
     else:
         _empty_panel(ax, "Loss", "no data")
 
-    for ax, key, title in (
+    for ax, key, panel in (
         (axes[0, 1], "val_miou", "Validation mIoU"),
         (axes[1, 0], "val_dice", "Validation mean Dice"),
         (axes[1, 1], "val_pixel_acc", "Validation pixel accuracy"),
     ):
         xs, ys = _series(history, key)
         if not xs:
-            _empty_panel(ax, title, "no validation")
+            _empty_panel(ax, panel, "no validation")
             continue
         best = int(np.argmax(ys))
         ax.plot(xs, ys, marker="o", markersize=3, color="tab:green")
         ax.plot([xs[best]], [ys[best]], marker="*", markersize=12, color="tab:red", ls="none")
-        ax.set_title(f"{title} (best {ys[best]:.4f} @ epoch {xs[best]:g})")
+        ax.set_title(f"{panel} (best {ys[best]:.4f} @ epoch {xs[best]:g})")
         ax.set_xlabel("epoch")
         ax.grid(True, alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
     if title:
         fig.suptitle(title)
-    _save_figure(fig, path)
+    return fig
 
 
 # --------------------------------------------------------------------------- per-class metrics

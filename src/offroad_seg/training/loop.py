@@ -1,8 +1,11 @@
 """Stage 2: train a segmentation head on cached features.
 
-Read top to bottom: open and check the caches, pick the feature source (in memory or on the
-GPU when the cache fits the budget, streamed chunk by chunk otherwise), build the head, then
-the epoch loop: train steps, validation from one confusion matrix, checkpoints and stats.
+Read top to bottom: the schedule and optimizer, one epoch's steps, then `train` (lock and plan
+the run folder, open the caches and pick the feature source: in memory or on the GPU when the
+cache fits the budget, streamed chunk by chunk otherwise) and `_train`, the epoch loop: set up
+the head, continue a resumed run, then train, validate, check and save each epoch, and write
+the final stats. The pieces it calls live beside it: inputs (caches and features), resume,
+validation, stats and run_folder.
 The sample order is a pure function of (seed, epoch), so `--resume` continues exactly where an
 uninterrupted run would be, and an online loop with the same order gives the same losses.
 """
@@ -10,53 +13,46 @@ uninterrupted run would be, and an online loop with the same order gives the sam
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from offroad_seg import __version__
-from offroad_seg.config import RUN_SETTINGS, TrainConfig, apply_preset, default
+from offroad_seg.config import TrainConfig, apply_preset
 from offroad_seg.core import distributed
-from offroad_seg.core.atomic import write_json_atomic, write_text_atomic
+from offroad_seg.core.atomic import write_json_atomic
 from offroad_seg.core.distributed import SINGLE, World, rank_seed
 from offroad_seg.core.runtime import autocast, grad_scaler, resolve_device
-from offroad_seg.errors import CacheError, ConfigError, Interrupted, OffroadSegError
-from offroad_seg.features.cache import FeatureCache
-from offroad_seg.metrics.confusion import ConfusionAccumulator, SegMetrics
-from offroad_seg.metrics.hackathon import (
-    HackathonMetrics,
-    hackathon_image_counts,
-    hackathon_prediction,
-    hackathon_scores,
-)
-from offroad_seg.models.checkpoint import head_payload, load_checkpoint, save_checkpoint
+from offroad_seg.errors import ConfigError, Interrupted, TrainingDiverged
+from offroad_seg.metrics.confusion import SegMetrics
+from offroad_seg.metrics.hackathon import HackathonMetrics
+from offroad_seg.models.checkpoint import head_payload, save_checkpoint
 from offroad_seg.models.heads import HeadConfig, build_head
-from offroad_seg.models.upsampling import predict_and_score
-from offroad_seg.training.losses import Criterion, LossSpec, loss_terms, parse_class_weights
-from offroad_seg.training.sources import (
-    FeatureTensors,
-    InMemorySource,
-    StreamingSource,
-    choose_source,
-    rank_slices,
-    view0_features,
+from offroad_seg.training.inputs import TrainingData, load_training_data
+from offroad_seg.training.losses import Criterion, LossSpec, parse_class_weights
+from offroad_seg.training.resume import resume_point, rng_state
+from offroad_seg.training.run_folder import (
+    CONFIG_FILE,
+    HEAD_FILE,
+    HISTORY_FILE,
+    LAST_FILE,
+    STATS_DIR,
+    RunPlan,
+    config_dict,
+    output_lock,
+    plan_run,
 )
+from offroad_seg.training.sources import rank_slices
+from offroad_seg.training.stats import run_record, write_final_stats, write_run_record
+from offroad_seg.training.validation import validate_epoch
 
 log = logging.getLogger(__name__)
-
-HEAD_FILE = "segmentation_head.pth"
-LAST_FILE = "last.pth"
-STATS_DIR = "train_stats"
 
 
 @dataclass
@@ -69,43 +65,7 @@ class TrainResult:
     step_losses: list[float] = field(default_factory=list)  # this session's steps, in order
     epochs_trained: int = 0  # by this session (0: a resumed run that was already finished)
     config: TrainConfig | None = None  # the settings the run used (preset and resume applied)
-
-
-@dataclass
-class TrainingData:
-    """Caches opened and features loaded once, for any number of trainings on them (a sweep
-    trains every trial of a process on one)."""
-
-    caches: list[FeatureCache]
-    val: FeatureCache | None
-    source: InMemorySource | StreamingSource
-    val_features: tuple[FeatureTensors, torch.Tensor] | None
-    device: torch.device
-    val_hackathon: torch.Tensor | None = None  # the val cache's hackathon-protocol labels
-
-    @property
-    def fingerprints(self) -> tuple[list[str], str | None]:
-        return [c.spec.fingerprint for c in self.caches], (
-            self.val.spec.fingerprint if self.val else None
-        )
-
-
-def load_training_data(cfg: TrainConfig, device: torch.device, world: World = SINGLE):
-    """Open and check the caches of `cfg`, and load (or prepare to stream) their features."""
-    caches, val = open_train_caches(cfg)
-    source = choose_source(
-        caches, device, cfg.memory_budget_gb, cfg.stream, cfg.shuffle_window, cfg.progress, world
-    )
-    val_features = None
-    if val is not None:
-        val_features = view0_features(val)
-        if source.kind == "memory":  # the training set fits, so the smaller val set does too
-            val_features = (val_features[0].to(device), val_features[1].to(device))
-    hackathon = val.hackathon_labels() if val is not None else None
-    if val is not None and hackathon is None:
-        log.info("%s has no hackathon-protocol labels (made before 0.2): not reported", val.path)
-    val_hackathon = torch.from_numpy(hackathon) if hackathon is not None else None
-    return TrainingData(caches, val, source, val_features, device, val_hackathon)
+    completed: list[str] = field(default_factory=list)  # outputs of a trained run written late
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -135,194 +95,6 @@ def make_optimizer(head: nn.Module, lr: float, weight_decay: float) -> torch.opt
         {"params": no_decay, "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=lr, fused=True)
-
-
-# ----------------------------------------------------------------------------- validation
-
-
-@torch.no_grad()
-def evaluate_on_cache(
-    head: nn.Module,
-    cache: FeatureCache,
-    device: torch.device,
-    weight: torch.Tensor | None,
-    batch_size: int = 16,
-    features: tuple[FeatureTensors, torch.Tensor] | None = None,
-    world: World = SINGLE,
-) -> SegMetrics:
-    """View-0 predictions at the working size against the cached labels: one confusion
-    matrix over the split (each rank takes every K-th image; the sums are reduced), and the
-    training criterion as the loss."""
-    was_training = head.training
-    head.eval()
-    acc = ConfusionAccumulator(cache.spec.class_map.num_classes, device)
-    feats, labels = features if features is not None else view0_features(cache)
-    mine = torch.arange(world.rank, len(feats), world.size)
-    for s in range(0, len(mine), batch_size):
-        idx = mine[s : s + batch_size]
-        f = feats.take(idx.to(feats.values.device)).to(device, non_blocking=True).float()
-        lab = labels[idx.to(labels.device)].to(device, non_blocking=True)
-        with autocast(device):
-            logits = head(f)
-        total, count = loss_terms(logits, lab, weight)
-        acc.add_loss(total, count)
-        pred, _, _ = predict_and_score(logits.float(), None, tuple(lab.shape[-2:]))
-        acc.update(pred, lab)
-    for t in (acc.matrix, acc.loss_sum, acc.loss_weight):
-        world.all_reduce_sum(t)
-    head.train(was_training)
-    return acc.compute(cache.spec.class_map.names)
-
-
-@torch.no_grad()
-def hackathon_on_cache(
-    head: nn.Module,
-    cache: FeatureCache,
-    features: tuple[FeatureTensors, torch.Tensor],
-    labels: torch.Tensor,
-    device: torch.device,
-    world: World = SINGLE,
-    batch_size: int = 16,
-) -> HackathonMetrics:
-    """The hackathon protocol on a validation cache (its stored protocol labels, predictions
-    at the working size), for comparison with published numbers: each rank scores every K-th
-    image and the per-image counts are gathered."""
-    was_training = head.training
-    head.eval()
-    feats = features[0]
-    size = tuple(labels.shape[-2:])
-    class_map = cache.spec.class_map
-    mine = torch.arange(world.rank, len(feats), world.size)
-    counts: dict[int, list[int]] = {}
-    for s in range(0, len(mine), batch_size):
-        idx = mine[s : s + batch_size]
-        f = feats.take(idx.to(feats.values.device)).to(device, non_blocking=True).float()
-        with autocast(device):
-            logits = head(f)
-        preds = hackathon_prediction(logits.float(), size, class_map)
-        for j, i in enumerate(idx.tolist()):
-            counts[i] = hackathon_image_counts(preds[j], labels[i].to(preds.device)).tolist()
-    head.train(was_training)
-    merged: dict[int, list[int]] = {}
-    for part in world.gather(counts):
-        merged.update(part)
-    names = list(cache.spec.names)
-    return hackathon_scores(names, [np.asarray(merged[i]) for i in range(len(names))])
-
-
-# ----------------------------------------------------------------------------- checks
-
-
-def open_train_caches(cfg: TrainConfig) -> tuple[list[FeatureCache], FeatureCache | None]:
-    if not cfg.caches:
-        raise ConfigError("no training cache given")
-    caches = [FeatureCache.open(p) for p in cfg.caches]
-    val = FeatureCache.open(cfg.val_cache) if cfg.val_cache else None
-    for cache in caches + ([val] if val else []):
-        cache.require_complete()
-    first = caches[0]
-    for other in caches[1:] + ([val] if val else []):
-        if other.spec.compat_fingerprint != first.spec.compat_fingerprint:
-            diff = "; ".join(first.spec.differences(other.spec, compat_only=True)[:3])
-            raise CacheError(
-                f"{other.path}: cannot be used with {first.path}: its features differ ({diff})"
-            )
-    return caches, val
-
-
-def check_output_dir(cfg: TrainConfig) -> None:
-    out = cfg.out
-    existing = [p for p in (out / HEAD_FILE, out / LAST_FILE) if p.exists()]
-    if existing and not (cfg.resume or cfg.overwrite):
-        raise OffroadSegError(
-            f"{out}: already holds a trained head ({existing[0].name}); "
-            "use --resume to continue it or --overwrite to start over"
-        )
-
-
-# ----------------------------------------------------------------------------- stats
-
-
-def history_csv(history: list[dict]) -> str:
-    """Rows of dicts as CSV, the union of their keys as columns (None: empty)."""
-    keys = list(dict.fromkeys(k for row in history for k in row))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
-    writer.writeheader()
-    for row in history:
-        writer.writerow({k: "" if row.get(k) is None else row[k] for k in keys})
-    return buf.getvalue()
-
-
-def stats_text(
-    history: list[dict], best: dict | None, final_metrics: SegMetrics | None, run: dict
-) -> str:
-    """evaluation_metrics.txt: the run's settings, final and best values and a per-epoch table,
-    as the seed wrote."""
-    last = history[-1]
-    lines = ["Training results", "================", "", *settings_lines(run), ""]
-    lines.append(f"Epochs: {last['epoch']}")
-    lines.append(f"Final train loss: {last['train_loss']:.4f}")
-    has_val = last.get("val_miou") is not None
-    if has_val:
-        lines += [
-            f"Final val loss: {last['val_loss']:.4f}",
-            f"Final val mIoU: {last['val_miou']:.4f}",
-            f"Final val Dice: {last['val_dice']:.4f}",
-            f"Final val pixel accuracy: {last['val_pixel_acc']:.4f}",
-        ]
-    if best is not None:
-        lines += [
-            "",
-            f"Best val mIoU: {best['val_miou']:.4f} (epoch {best['epoch']})",
-            f"Best val Dice: {max(r['val_dice'] for r in history):.4f}",
-            f"Best val pixel accuracy: {max(r['val_pixel_acc'] for r in history):.4f}",
-            f"Lowest val loss: {min(r['val_loss'] for r in history):.4f}",
-        ]
-    lines += ["", "Per-epoch history", "-----------------"]
-    header = f"{'epoch':>5} {'train_loss':>10}"
-    if has_val:
-        header += f" {'val_loss':>9} {'val_mIoU':>9} {'val_Dice':>9} {'val_acc':>8}"
-    lines.append(header + f" {'seconds':>8}")
-    for r in history:
-        row = f"{r['epoch']:>5} {r['train_loss']:>10.4f}"
-        if has_val:
-            row += (
-                f" {r['val_loss']:>9.4f} {r['val_miou']:>9.4f} {r['val_dice']:>9.4f}"
-                f" {r['val_pixel_acc']:>8.4f}"
-            )
-        lines.append(row + f" {r['seconds']:>8.2f}")
-    if final_metrics is not None:
-        lines += ["", final_metrics.table("Best checkpoint on the validation cache")]
-    if run.get("val_hackathon"):
-        hackathon = HackathonMetrics.from_dict(run["val_hackathon"])
-        lines += ["", "Best checkpoint, " + hackathon.table()]
-    return "\n".join(lines) + "\n"
-
-
-def write_stats(
-    out: Path, history: list[dict], best: dict | None, final: SegMetrics | None, run: dict
-) -> None:
-    from offroad_seg.reporting.plots import plot_per_class_metrics, plot_training_curves
-
-    stats = out / STATS_DIR
-    stats.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(stats / "history.csv", history_csv(history))
-    write_json_atomic(stats / "history.json", {"history": history, "best": best})
-    write_text_atomic(stats / "evaluation_metrics.txt", stats_text(history, best, final, run))
-    name = run_name(out)
-    plot_training_curves(history, stats / "training_curves.png", title=name)
-    if final is not None:
-        title = f"{name}: per-class metrics (best epoch, validation cache)"
-        plot_per_class_metrics(
-            final.names, final.iou, final.dice, stats / "per_class_metrics.png", title=title
-        )
-
-
-def run_name(out: Path) -> str:
-    """How plots name a run: its folder, with the parent for context (runs/h1)."""
-    out = Path(out).resolve()
-    return f"{out.parent.name}/{out.name}" if out.parent.name else out.name
 
 
 # ----------------------------------------------------------------------------- training
@@ -392,65 +164,6 @@ def train_one_epoch(
     return losses[:n].tolist(), lr
 
 
-def _rng_state(device: torch.device) -> dict:
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _rng_for_rank(saved: dict | list[dict], world: World) -> dict:
-    """A rank's saved RNG state (ranks draw different dropout masks); a run resumed with a
-    different number of ranks continues from rank 0's."""
-    if isinstance(saved, dict):
-        return saved
-    if len(saved) != world.size:
-        log.warning("resumed with %d ranks, saved with %d: RNG of rank 0", world.size, len(saved))
-        return saved[0]
-    return saved[world.rank]
-
-
-def _set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def config_dict(cfg: TrainConfig) -> dict:
-    """A run's settings as JSON-ready values."""
-    d = asdict(cfg)
-    d["caches"] = [str(p) for p in cfg.caches]
-    d["out"] = str(cfg.out)
-    d["val_cache"] = str(cfg.val_cache) if cfg.val_cache else None
-    return d
-
-
-def resumed_config(cfg: TrainConfig) -> TrainConfig:
-    """The settings of the run in `cfg.out` (its last.pth), for `--resume`: a setting left at
-    its default takes the run's value; one given with another value is refused by name, since
-    it would make the run something else than it was."""
-    path = cfg.out / LAST_FILE
-    if not path.exists():
-        raise OffroadSegError(f"{path}: nothing to resume")
-    saved = load_checkpoint(path).payload["train_config"]
-    changes: dict = {}
-    for name in RUN_SETTINGS:
-        if name not in saved:  # written by an older version: it ran with the default
-            continue
-        ours, theirs = getattr(cfg, name), saved[name]
-        if ours != default(TrainConfig, name) and ours != theirs:
-            option = "--" + name.replace("_", "-")
-            raise ConfigError(
-                f"{path}: the run was trained with {option} {theirs}; --resume continues it "
-                f"as it was, so {option} {ours} is refused (train into another folder, or "
-                "--overwrite, to change it)"
-            )
-        changes[name] = theirs
-    if cfg.val_cache is None and saved.get("val_cache"):
-        changes["val_cache"] = saved["val_cache"]
-    return replace(cfg, **changes)
-
-
 def check_config(cfg: TrainConfig) -> None:
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
         raise ConfigError("epochs and batch size must be >= 1 and the learning rate > 0")
@@ -470,29 +183,102 @@ def train(
     reduced over ranks, and only rank 0 writes checkpoints and stats; `world=SINGLE` trains
     in this process alone even under torchrun (a sweep's ranks run trials of their own)."""
     started = time.perf_counter()
-    if cfg.resume:
-        cfg = resumed_config(cfg)
-    cfg = apply_preset(cfg)
-    check_config(cfg)
-    check_output_dir(cfg)
+    if not cfg.resume:
+        check_config(apply_preset(cfg))  # bad settings fail before the folder is touched
     device = resolve_device(cfg.device)
     launch = distributed.launched(device) if world is None else contextlib.nullcontext(world)
-    with launch as world:
+    with launch as world, output_lock(cfg.out, world):
+        plan = plan_run(cfg)  # every rank reads the folder before rank 0 changes it
+        cfg = plan.cfg
+        check_config(cfg)
         if world.enabled and cfg.batch_size < world.size:
             raise ConfigError(f"batch size {cfg.batch_size} is smaller than {world.size} ranks")
         if data is None:
             data = load_training_data(cfg, world.device(device), world)
         elif [str(c.path) for c in data.caches] != [str(p) for p in cfg.caches]:
             raise ConfigError("the loaded training data is for other caches than the config's")
-        result = _train(cfg, data, world, on_epoch)
+        world.barrier()
+        if world.is_main:
+            plan.clean()
+        result = _train(cfg, data, world, on_epoch, plan)
     result.seconds = time.perf_counter() - started
     return result
 
 
 def _train(
-    cfg: TrainConfig, data: TrainingData, world: World, on_epoch: Callable[[dict], None] | None
+    cfg: TrainConfig,
+    data: TrainingData,
+    world: World,
+    on_epoch: Callable[[dict], None] | None,
+    plan: RunPlan,
 ) -> TrainResult:
-    caches, val, source, device = data.caches, data.val, data.source, data.device
+    """The run itself, once its folder is planned: build the head, continue where a resumed
+    run stopped, then train, validate and save epoch after epoch, and write the final stats."""
+    setup = _set_up(cfg, data, world)
+    start = resume_point(cfg, plan.last, data, setup.head, setup.optimizer, setup.scaler, world)
+    if start.finished:
+        return TrainResult(cfg.out, start.history, start.best, 0.0, data.source.kind, [], 0, cfg)
+    if world.is_main and not (start.completing and (cfg.out / STATS_DIR / CONFIG_FILE).is_file()):
+        write_run_record(cfg.out, setup.run)
+
+    history, best = start.history, start.best
+    step_losses: list[float] = []
+    saved_epoch = start.epoch - 1
+    try:
+        for epoch in range(start.epoch, cfg.epochs + 1):
+            t0 = time.perf_counter()
+            epoch_losses, lr = train_one_epoch(
+                setup.model, setup.optimizer, data.source, cfg, epoch, setup.steps_per_epoch,
+                setup.warmup, setup.criterion, data.device, world, setup.scaler,
+            )  # fmt: skip
+            step_losses += epoch_losses
+            row: dict = {"epoch": epoch, "train_loss": sum(epoch_losses) / len(epoch_losses)}
+            metrics, hackathon = validate_epoch(setup.head, data, setup.weight, world, row)
+            row["lr"] = lr
+            row["seconds"] = time.perf_counter() - t0
+            check_finite(cfg, epoch, saved_epoch, epoch_losses, row, setup.head)
+            history.append(row)
+            if metrics is not None and (best is None or row["val_miou"] > best["val_miou"]):
+                best = {"epoch": epoch, **{k: v for k, v in row.items() if k.startswith("val_")}}
+            _save_epoch(cfg, setup, world, data.device, row, history, best, metrics, hackathon)
+            saved_epoch = epoch
+            world.barrier()
+            if on_epoch is not None:
+                on_epoch(row)
+    except KeyboardInterrupt:
+        raise _interrupted(cfg, saved_epoch) from None
+
+    if world.is_main:
+        last = plan.last if start.completing else None  # a trained run's, to rebuild its head
+        write_final_stats(cfg.out, history, best, setup.run, data.val is not None, last)
+    world.barrier()
+    trained = cfg.epochs - start.epoch + 1
+    return TrainResult(
+        cfg.out, history, best, 0.0, data.source.kind, step_losses, trained, cfg, start.completing
+    )
+
+
+@dataclass
+class _Setup:
+    """What a run trains with, built before its first epoch (and before a resumed run's state
+    is loaded into it)."""
+
+    head: nn.Module
+    model: nn.Module  # the head, or its DDP wrapper under torchrun
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    criterion: Criterion
+    weight: torch.Tensor | None  # the class weights, for the validation loss too
+    steps_per_epoch: int
+    warmup: int
+    run: dict  # the run record, train_stats/config.json
+    base_payload: dict  # what every checkpoint of the run holds besides its weights
+
+
+def _set_up(cfg: TrainConfig, data: TrainingData, world: World) -> _Setup:
+    """The criterion, the head (seeded: the same settings build the same weights), the
+    optimizer and schedule, the run record and the checkpoints' common payload."""
+    caches, source, device = data.caches, data.source, data.device
     spec = caches[0].spec
     class_map = spec.class_map
     class_pixels = sum(c.class_pixels() for c in caches)
@@ -538,180 +324,93 @@ def _train(
         class_weights=run["class_weights"],
         world_size=world.size,
     )
-
-    history: list[dict] = []
-    step_losses: list[float] = []
-    best: dict | None = None
-    start_epoch = 1
-    if cfg.resume:
-        last = load_checkpoint(cfg.out / LAST_FILE).payload
-        if last["train_caches"] != train_fps:
-            raise CacheError(
-                f"{cfg.out / LAST_FILE}: was trained on other caches than "
-                f"{', '.join(str(p) for p in cfg.caches)}; cannot resume"
-            )
-        if last["val_cache"] != val_fp:
-            raise CacheError(
-                f"{cfg.out / LAST_FILE}: was validated on another cache than "
-                f"{cfg.val_cache}; cannot resume"
-            )
-        history, best = last["history"], last["best"]
-        start_epoch = last["epoch"] + 1
-        if start_epoch > cfg.epochs:
-            if world.is_main:
-                log.info("%s: all %d epochs already trained; nothing to do", cfg.out, cfg.epochs)
-            return TrainResult(cfg.out, history, best, 0.0, source.kind, [], 0, cfg)
-        head.load_state_dict(last["state_dict"])
-        optimizer.load_state_dict(last["optimizer"])
-        if last.get("scaler"):  # fp16 runs (a disabled scaler saves nothing)
-            scaler.load_state_dict(last["scaler"])
-        _set_rng_state(_rng_for_rank(last["rng"], world), device)
-        if world.is_main:
-            log.info("resuming %s at epoch %d of %d", cfg.out, start_epoch, cfg.epochs)
-    if world.is_main:
-        (cfg.out / STATS_DIR).mkdir(parents=True, exist_ok=True)
-        write_json_atomic(cfg.out / STATS_DIR / "config.json", run)
-
-    saved_epoch = start_epoch - 1
-    try:
-        for epoch in range(start_epoch, cfg.epochs + 1):
-            t0 = time.perf_counter()
-            epoch_losses, lr = train_one_epoch(
-                model, optimizer, source, cfg, epoch, steps_per_epoch, warmup, criterion,
-                device, world, scaler,
-            )  # fmt: skip
-            step_losses += epoch_losses
-            row: dict = {"epoch": epoch, "train_loss": sum(epoch_losses) / len(epoch_losses)}
-            metrics = None
-            if val is not None:
-                metrics = evaluate_on_cache(
-                    head, val, device, weight, features=data.val_features, world=world
-                )
-                row.update(
-                    val_loss=metrics.loss,
-                    val_miou=metrics.miou,
-                    val_dice=metrics.mean_dice,
-                    val_pixel_acc=metrics.pixel_accuracy,
-                )
-            hackathon = None
-            if val is not None and data.val_hackathon is not None:
-                hackathon = hackathon_on_cache(
-                    head, val, data.val_features, data.val_hackathon, device, world
-                )
-                row.update(
-                    val_hackathon_miou=hackathon.miou,
-                    val_hackathon_dice=hackathon.dice,
-                    val_hackathon_pixel_acc=hackathon.pixel_accuracy,
-                )
-            row["lr"] = lr
-            row["seconds"] = time.perf_counter() - t0
-            history.append(row)
-            if metrics is not None and (best is None or row["val_miou"] > best["val_miou"]):
-                best = {"epoch": epoch, **{k: v for k, v in row.items() if k.startswith("val_")}}
-            rng = world.gather(_rng_state(device))  # every rank's, for an exact resume
-            if world.is_main:
-                log.info(_epoch_line(row, cfg.epochs))
-                payload = {
-                    **base_payload,
-                    "state_dict": head.state_dict(),
-                    "epoch": epoch,
-                    "metrics": row,
-                    "best": best,
-                }
-                if metrics is None or best["epoch"] == epoch:  # the best so far, or the latest
-                    extra = {"val_metrics": metrics.to_dict()} if metrics is not None else {}
-                    if hackathon is not None:
-                        extra["val_hackathon"] = hackathon.to_dict()
-                    save_checkpoint(cfg.out / HEAD_FILE, {**payload, **extra})
-                resume_state = {
-                    "optimizer": optimizer.state_dict(),
-                    "rng": rng,
-                    "scaler": scaler.state_dict(),
-                }
-                save_checkpoint(
-                    cfg.out / LAST_FILE, {**payload, "history": history, **resume_state}
-                )
-                write_json_atomic(
-                    cfg.out / STATS_DIR / "history.json", {"history": history, "best": best}
-                )
-            saved_epoch = epoch
-            world.barrier()
-            if on_epoch is not None:
-                on_epoch(row)
-    except KeyboardInterrupt:
-        if saved_epoch == 0:
-            raise Interrupted("interrupted before the first epoch ended; nothing saved") from None
-        raise Interrupted(
-            f"interrupted: {cfg.out / LAST_FILE} holds epoch {saved_epoch} of {cfg.epochs}; "
-            "rerun the same command with --resume to continue"
-        ) from None
-
-    if world.is_main:
-        final = None
-        if val is not None:  # the best epoch's validation, saved with its head (maybe by an
-            # earlier run that this one resumed): no second pass over the val cache
-            saved = load_checkpoint(cfg.out / HEAD_FILE).payload
-            final = SegMetrics.from_dict(saved["val_metrics"])
-            if "val_hackathon" in saved:
-                run = {**run, "val_hackathon": saved["val_hackathon"]}
-        write_stats(cfg.out, history, best, final, run)
-    world.barrier()
-    trained = cfg.epochs - start_epoch + 1
-    return TrainResult(cfg.out, history, best, 0.0, source.kind, step_losses, trained, cfg)
+    return _Setup(
+        head, model, optimizer, scaler, criterion, weight, steps_per_epoch, warmup, run,
+        base_payload,
+    )  # fmt: skip
 
 
-def run_record(
+def _save_epoch(
     cfg: TrainConfig,
-    head_cfg: HeadConfig,
-    spec,
-    train_fps: list[str],
-    val_fp: str | None,
-    weights_np,
+    setup: _Setup,
     world: World,
-) -> dict:
-    """train_stats/config.json: everything the run was (settings with the preset and resume
-    applied, the head as built, caches and their fingerprints, backbone, preprocessing)."""
-    return {
-        "tool_version": __version__,
-        "settings": config_dict(cfg),
-        "head": head_cfg.to_dict(),
-        "backbone": spec.backbone.to_dict(),
-        "preprocessing": spec.preprocessing.to_dict(),
-        "class_map": spec.class_map.names,
-        "train_caches": [
-            {"path": str(p), "fingerprint": fp} for p, fp in zip(cfg.caches, train_fps, strict=True)
-        ],
-        "val_cache": {"path": str(cfg.val_cache), "fingerprint": val_fp} if val_fp else None,
-        "class_weights": weights_np.tolist() if weights_np is not None else None,
-        "world_size": world.size,
-    }
+    device: torch.device,
+    row: dict,
+    history: list[dict],
+    best: dict | None,
+    metrics: SegMetrics | None,
+    hackathon: HackathonMetrics | None,
+) -> None:
+    """An epoch's outputs (rank 0): the head when it is the best so far (or there is no
+    validation), last.pth with everything a resume needs, and history.json."""
+    epoch = row["epoch"]
+    rng = world.gather(rng_state(device))  # every rank's, for an exact resume
+    if world.is_main:
+        log.info(_epoch_line(row, cfg.epochs))
+        payload = {
+            **setup.base_payload,
+            "state_dict": setup.head.state_dict(),
+            "epoch": epoch,
+            "metrics": row,
+            "best": best,
+        }
+        if metrics is None or best["epoch"] == epoch:  # the best so far, or the latest
+            extra = {"val_metrics": metrics.to_dict()} if metrics is not None else {}
+            if hackathon is not None:
+                extra["val_hackathon"] = hackathon.to_dict()
+            save_checkpoint(cfg.out / HEAD_FILE, {**payload, **extra})
+        resume_state = {
+            "optimizer": setup.optimizer.state_dict(),
+            "rng": rng,
+            "scaler": setup.scaler.state_dict(),
+        }
+        save_checkpoint(cfg.out / LAST_FILE, {**payload, "history": history, **resume_state})
+        write_json_atomic(cfg.out / STATS_DIR / HISTORY_FILE, {"history": history, "best": best})
 
 
-def settings_lines(run: dict) -> list[str]:
-    """A run's settings, for the header of evaluation_metrics.txt and `offroad-seg info`."""
-    s, head, bb = run["settings"], run["head"], run["backbone"]
-    shape = []
-    if head.get("width"):
-        shape.append(f"width {head['width']}")
-    if head.get("depth"):
-        shape.append(f"depth {head['depth']}")
-    shape.append(f"dropout {head['dropout']:g}")
-    lines = [
-        f"run: {s['out']}" + (f" (preset {s['preset']})" if s.get("preset") else ""),
-        f"head: {head['name']} ({', '.join(shape)})",
-        f"backbone: {bb['name']} layers={bb['layers']} ({bb['channels']} channels), "
-        f"weights {bb['weights_source']}",
-        f"size: {'x'.join(str(v) for v in run['preprocessing']['size'])}",
-        f"loss: {s['loss']}"
-        + (f" (focal gamma {s['focal_gamma']:g})" if "focal" in s["loss"] else "")
-        + f", class weights {s['class_weights']}",
-        f"optimizer: AdamW lr {s['lr']:g}, weight decay {s['weight_decay']:g}, "
-        f"batch {s['batch_size']}, {s['epochs']} epochs, warmup {s['warmup_epochs']:g}, "
-        f"seed {s['seed']}",
-        f"train caches: {', '.join(c['path'] for c in run['train_caches'])}",
-        f"val cache: {run['val_cache']['path'] if run['val_cache'] else 'none'}",
-    ]
-    return lines
+def _interrupted(cfg: TrainConfig, saved_epoch: int) -> Interrupted:
+    if saved_epoch == 0:
+        return Interrupted("interrupted before the first epoch ended; nothing saved")
+    return Interrupted(
+        f"interrupted: {cfg.out / LAST_FILE} holds epoch {saved_epoch} of {cfg.epochs}; "
+        "rerun the same command with --resume to continue"
+    )
+
+
+def check_finite(
+    cfg: TrainConfig,
+    epoch: int,
+    saved_epoch: int,
+    losses: list[float],
+    row: dict,
+    head: nn.Module,
+) -> None:
+    """Stop a diverged run before it saves anything of this epoch: its losses, validation
+    numbers and weights must all be finite (one device sync, for the weights, per epoch)."""
+    if not all(math.isfinite(v) for v in losses):
+        what = "the loss"
+    elif not all(math.isfinite(v) for v in row.values() if isinstance(v, float)):
+        what = "the validation metrics"
+    elif not _weights_finite(head):
+        what = "the weights"
+    else:
+        return
+    if saved_epoch:
+        kept = f"the last good checkpoint (epoch {saved_epoch}) is kept in {cfg.out / LAST_FILE}"
+        again = "train again into another folder, or into this one with --overwrite"
+    else:
+        kept = "no epoch had been saved"
+        again = "train again"
+    raise TrainingDiverged(
+        f"training diverged: {what} became NaN/inf at epoch {epoch}; {kept}; "
+        f"lower --lr (it was {cfg.lr:g}) and {again}",
+        epoch,
+    )
+
+
+def _weights_finite(head: nn.Module) -> bool:
+    floats = [t for t in head.state_dict().values() if t.is_floating_point()]
+    return bool(torch.stack([torch.isfinite(t).all() for t in floats]).all())
 
 
 def _epoch_line(row: dict, epochs: int) -> str:

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
-from offroad_seg.data.dataset import IGNORE_ID
+from offroad_seg.data.classes import IGNORE_ID
 from offroad_seg.errors import ConfigError
 from offroad_seg.models.upsampling import bilinear_matrix, upsample_bilinear
 

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from offroad_seg.core.distributed import SINGLE, World
-from offroad_seg.features.cache import FeatureCache, StoredFeatures
+from offroad_seg.features.cache import FeatureCache
+from offroad_seg.features.cache_format import StoredFeatures
 from offroad_seg.features.quantize import dequantize
 
 log = logging.getLogger(__name__)

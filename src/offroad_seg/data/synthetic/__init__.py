@@ -22,7 +22,8 @@ import numpy as np
 from PIL import Image
 
 from offroad_seg.config import MIN_HEIGHT, MIN_WIDTH, SynthConfig, check_synth_size
-from offroad_seg.data.dataset import IMAGES_DIR, MASKS_DIR, write_mask
+from offroad_seg.data.dataset import IMAGES_DIR, MASKS_DIR
+from offroad_seg.data.images import write_mask
 from offroad_seg.data.synthetic.palette import min_class_pixels
 from offroad_seg.data.synthetic.render import render_scene
 from offroad_seg.errors import ConfigError, DataError

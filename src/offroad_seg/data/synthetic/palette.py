@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from offroad_seg.data.dataset import ClassMap
+from offroad_seg.data.classes import ClassMap
 
 # Internal class indices (the order of ClassMap.default()); codes come from the class map.
 _BG, _TREE, _LUSH, _GRASS, _DRYBUSH, _CLUTTER, _FLOWER, _LOG, _ROCK, _LAND, _SKY = range(11)

@@ -34,13 +34,24 @@ def render_scene(seed: int, width: int = 960, height: int = 540) -> tuple[np.nda
     """(H, W, 3) uint8 RGB image and (H, W) uint16 mask of raw class codes; deterministic by seed.
 
     Every class of `ClassMap.default()` covers at least `min_class_pixels(width, height)` pixels.
+    The steps draw from one random stream in a fixed order, so a seed always gives one scene.
     """
     check_synth_size(width, height)
     if seed < 0:
         raise ConfigError(f"synthetic data: seed {seed} is negative")
     rng = np.random.default_rng(seed)
-    h, w = height, width
+    sc, land, grass, coarse = _new_scene(rng, height, width)
+    _sky(sc)
+    _hills(sc, land)
+    _ground(sc, land, grass, coarse)
+    _paint_objects(sc, rng)
+    _bottom(sc)
+    _ensure_classes(sc)
+    return _camera(sc, rng), _CODES[sc.cls]
 
+
+def _new_scene(rng: np.random.Generator, h: int, w: int):
+    """The blank canvas: noise fields, horizon, ground colours, sun, shadows and haze."""
     # Noise fields shared by the layers (cell sizes scale with the image).
     px = h / 540  # one 540p pixel in this image's pixels
     mid = _value_noise(rng, h, w, 22, round(w / (24 * px)))
@@ -85,12 +96,11 @@ def render_scene(seed: int, width: int = 960, height: int = 540) -> tuple[np.nda
         haze_max=float(rng.uniform(0.35, 0.65)),
         haze_len=float((h - hor.mean()) * rng.uniform(0.08, 0.16)),
     )
+    return sc, land, grass, coarse
 
-    _sky(sc)
-    _hills(sc, land)
-    _ground(sc, land, grass, coarse)
 
-    # Clutter and flowers are low and small: painted first; objects then far to near.
+def _paint_objects(sc: _Scene, rng: np.random.Generator) -> None:
+    """Clutter and flowers are low and small: painted first; objects then far to near."""
     _clutter(sc, _ground_points(sc, int(rng.integers(80, 220)), 0.02, 1.0, 1.3))
     for bx, by in _ground_points(sc, int(rng.integers(3, 7)), 0.05, 0.95, 1.0):
         _flowers(sc, float(bx), float(by))
@@ -109,17 +119,17 @@ def render_scene(seed: int, width: int = 960, height: int = 540) -> tuple[np.nda
     for y, x, kind in objects:
         _paint_object(sc, kind, x, y)
 
-    _bottom(sc)
-    _ensure_classes(sc)
 
-    # Per-class texture, black level, white balance, exposure and gamma.
+def _camera(sc: _Scene, rng: np.random.Generator) -> np.ndarray:
+    """The painted scene as a camera would record it: per-class texture, black level, white
+    balance, exposure and gamma; (H, W, 3) uint8."""
     k = sc.cls
     tex = (
         1.0
-        + _TEXTURE[k, 0] * mid
-        + _TEXTURE[k, 1] * small
-        + _TEXTURE[k, 2] * fine
-        + _TEXTURE[k, 3] * streak
+        + _TEXTURE[k, 0] * sc.mid
+        + _TEXTURE[k, 1] * sc.small
+        + _TEXTURE[k, 2] * sc.fine
+        + _TEXTURE[k, 3] * sc.streak
     )
     rgb = sc.rgb
     rgb *= tex[None]
@@ -129,10 +139,10 @@ def render_scene(seed: int, width: int = 960, height: int = 540) -> tuple[np.nda
     gamma = rng.uniform(0.85, 1.15)
     levels = np.arange(256, dtype=np.float64) / 255.0
     luts = np.clip(255.0 * (levels[None, :] ** gamma) * gains[:, None], 0, 255).astype(np.uint8)
-    image = np.empty((h, w, 3), np.uint8)
+    image = np.empty((sc.h, sc.w, 3), np.uint8)
     for c in range(3):
         image[..., c] = luts[c][img8[c]]
-    return image, _CODES[k]
+    return image
 
 
 def _ensure_classes(sc: _Scene) -> None:

@@ -1,0 +1,46 @@
+"""`offroad-seg cache info`: what a cache holds (images, views, shapes, dtype, chunking), its
+size on disk and compression ratio, backbone, preprocessing, classes and fingerprints, as one
+JSON-serialisable dict."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from offroad_seg.features.cache_format import SCALES
+
+if TYPE_CHECKING:
+    from offroad_seg.features.cache import FeatureCache
+
+
+def cache_info(cache: FeatureCache) -> dict[str, Any]:
+    """Summary of a cache for `cache info` (JSON-serialisable)."""
+    done = int(cache.done().sum())
+    features = cache.array("features")
+    stored = cache.bytes_on_disk()
+    raw = features.nbytes + cache.array("labels").nbytes
+    if cache.spec.quantized:
+        raw += cache.array(SCALES).nbytes
+    prep = cache.spec.preprocessing
+    return {
+        "path": cache.path,
+        "complete": cache.complete,
+        "images": cache.num_images,
+        "done": done,
+        "views": list(cache.spec.views),
+        "features": {
+            "shape": list(features.shape),
+            "dtype": cache.spec.dtype,
+            "chunks": list(features.chunks),
+            **({"scales": list(cache.array(SCALES).shape)} if cache.spec.quantized else {}),
+        },
+        "labels": {"shape": list(cache.array("labels").shape), "dtype": "uint8"},
+        "images_per_chunk": cache.images_per_chunk,
+        "bytes_on_disk": stored,
+        "bytes_per_image": stored / max(1, done) if done else None,
+        "compression_ratio": raw * done / cache.num_images / stored if done else None,
+        "backbone": cache.spec.backbone.to_dict(),
+        "preprocessing": {"size": list(prep.size), "grid": list(prep.grid)},
+        "classes": cache.spec.class_map.names,
+        "compat_fingerprint": cache.spec.compat_fingerprint,
+        "fingerprint": cache.spec.fingerprint,
+    }

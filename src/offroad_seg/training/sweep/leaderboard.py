@@ -1,0 +1,133 @@
+"""The sweep's leaderboard: one row per finished trial (completed best first, then pruned, then
+failed with the reason), written as leaderboard.csv, .md and .png, and the `best` link to
+the best trial's run folder."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from offroad_seg.core.atomic import temp_path, write_text_atomic
+from offroad_seg.training.sweep.folder import BEST_LINK, TRIALS_DIR
+from offroad_seg.training.sweep.space import format_value
+from offroad_seg.training.sweep.study import failed_for_good
+
+
+def best_row(rows: list[dict]) -> dict | None:
+    """The leaderboard's best completed trial (failed and pruned ones never are)."""
+    return rows[0] if rows and rows[0]["state"] == "complete" else None
+
+
+def _trial_row(out: Path, trial) -> dict | None:
+    from offroad_seg.models.checkpoint import load_checkpoint
+
+    run = out / TRIALS_DIR / trial.user_attrs.get("run", "")
+    head = run / "segmentation_head.pth"
+    if not head.is_file():
+        return None
+    payload = load_checkpoint(head).payload
+    history = json.loads((run / "train_stats" / "history.json").read_text())["history"]
+    best = payload["best"]
+    val = payload.get("val_metrics", {})
+    row = {
+        "run": trial.user_attrs["run"],
+        "state": trial.state.name.lower(),
+        **{k: format_value(v) for k, v in sorted(trial.params.items())},
+        "val_miou": best["val_miou"],
+        "val_dice": best["val_dice"],
+        "val_pixel_acc": best["val_pixel_acc"],
+        "best_epoch": best["epoch"],
+        "epochs": len(history),
+        "s_per_epoch": sum(h["seconds"] for h in history) / len(history),
+    }
+    for name, per_class in val.get("per_class", {}).items():
+        row[f"iou {name}"] = per_class["iou"]
+    return row
+
+
+def _failed_row(trial) -> dict:
+    return {
+        "run": trial.user_attrs.get("run", ""),
+        "state": "failed",
+        **{k: format_value(v) for k, v in sorted(trial.params.items())},
+        "val_miou": None,
+        "error": trial.user_attrs.get("error", ""),
+    }
+
+
+_STATE_ORDER = {"complete": 0, "pruned": 1, "failed": 2}
+
+
+def leaderboard_rows(out: Path, study) -> list[dict]:
+    """One row per finished trial: completed ones best validation mIoU first, then pruned,
+    then failed (no score; `error` says why)."""
+    from optuna.trial import TrialState
+
+    rows = []
+    for trial in study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        row = _trial_row(out, trial)
+        if row is not None:
+            rows.append(row)
+    for trial in study.get_trials(states=(TrialState.FAIL,)):
+        if failed_for_good(trial) and "run" in trial.user_attrs:
+            rows.append(_failed_row(trial))
+    return sorted(rows, key=lambda r: (_STATE_ORDER[r["state"]], -(r["val_miou"] or 0.0), r["run"]))
+
+
+def write_leaderboard(out: Path, study) -> list[dict]:
+    """leaderboard.csv, .md and .png, and the `best` link to the best run's folder."""
+    rows = leaderboard_rows(out, study)
+    if not rows:
+        return rows
+    from offroad_seg.training.stats import history_csv
+
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    write_text_atomic(out / "leaderboard.csv", history_csv(rows))
+    write_text_atomic(out / "leaderboard.md", _markdown(rows, keys))
+    _plot(out, [r for r in rows if r["val_miou"] is not None])
+    best = best_row(rows)
+    if best is not None:
+        _link_best(out, Path(TRIALS_DIR) / best["run"])
+    return rows
+
+
+def _link_best(out: Path, target: Path) -> None:
+    best = out / BEST_LINK
+    current = os.readlink(best) if best.is_symlink() else None
+    if current != str(target):
+        tmp = temp_path(best)  # a killed writer's is removed by the next run
+        tmp.symlink_to(target)
+        os.replace(tmp, best)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value).replace("|", "\\|")  # an error message must not split the table
+
+
+def _markdown(rows: list[dict], keys: list[str]) -> str:
+    lines = ["| rank | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for i, row in enumerate(rows, 1):
+        lines.append(f"| {i} | " + " | ".join(_cell(row.get(k)) for k in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(out: Path, rows: list[dict]) -> None:
+    """leaderboard.png of the scored rows (failed trials have no score to draw)."""
+    from offroad_seg.reporting.plots import plot_sweep
+
+    if not rows:
+        return
+
+    curves = {}
+    for row in [r for r in rows if r["state"] == "complete"][:5]:
+        history = json.loads(
+            (out / TRIALS_DIR / row["run"] / "train_stats" / "history.json").read_text()
+        )["history"]
+        curves[row["run"]] = [(h["epoch"], h.get("val_miou")) for h in history]
+    plot_sweep(rows, curves, out / "leaderboard.png", title=out.name)

@@ -1,0 +1,224 @@
+"""The sweep's Optuna study and its storage (OUT/study.db, or a --storage URL): opening it with
+its integrity checked, reading it through once, its database errors as one line naming it,
+the trial folders it records, and the trials that processes killed mid-trial left RUNNING."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+from offroad_seg.config import SweepConfig
+from offroad_seg.core.atomic import pid_alive
+from offroad_seg.errors import OffroadSegError
+from offroad_seg.training.sweep.space import SAMPLE
+
+STUDY_NAME = "offroad-seg-sweep"
+STUDY_DB = "study.db"
+
+
+def sqlite_default(cfg: SweepConfig) -> bool:
+    return cfg.storage is None
+
+
+def _storage_url(cfg: SweepConfig) -> str:
+    return cfg.storage or f"sqlite:///{(cfg.out / STUDY_DB).resolve()}"
+
+
+def study_location(cfg: SweepConfig) -> str:
+    """The study's place, for messages: the file, or the URL without its password."""
+    if sqlite_default(cfg):
+        return str(cfg.out / STUDY_DB)
+    import sqlalchemy.exc
+    from sqlalchemy.engine import make_url
+
+    try:
+        return f"--storage {make_url(cfg.storage).render_as_string(hide_password=True)}"
+    except (sqlalchemy.exc.ArgumentError, ValueError):  # not even a URL: as given
+        return f"--storage {cfg.storage}"
+
+
+def _cause(e: BaseException) -> str:
+    """The first line of a database error, without sqlalchemy's SQL and links."""
+    inner = getattr(e, "orig", None) or e
+    text = str(inner).splitlines()[0] if str(inner) else type(inner).__name__
+    if isinstance(e, ImportError) and e.__cause__ is not None:
+        text += f" ({e.__cause__})"
+    return text
+
+
+def _database_errors() -> tuple[type[BaseException], ...]:
+    """What only a database raises: a broken or unreachable one, while the sweep runs."""
+    import sqlite3
+
+    import optuna
+    import sqlalchemy.exc
+
+    return (sqlite3.Error, sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError)
+
+
+def _storage_errors() -> tuple[type[BaseException], ...]:
+    """What a broken, unreachable or unknown database raises while it is opened and read
+    through (nothing else runs then, so a ValueError is the database's)."""
+    return (
+        *_database_errors(),
+        ImportError,  # a URL whose driver is not installed
+        ValueError,  # undecodable text or JSON in a damaged database
+        KeyError,
+    )
+
+
+def _study_fault(cfg: SweepConfig, e: BaseException) -> OffroadSegError:
+    if sqlite_default(cfg):
+        return OffroadSegError(
+            f"{study_location(cfg)}: not a readable sweep database ({_cause(e)}); rerun with "
+            "--overwrite to start the sweep over, or use another folder"
+        )
+    return OffroadSegError(
+        f"{study_location(cfg)}: cannot open the study ({_cause(e)}); check the URL and that the "
+        "database is reachable"
+    )
+
+
+def _check_sqlite(path: Path) -> None:
+    """Raise sqlite3.Error for a damaged database file (sqlite's own check, read-only)."""
+    import sqlite3
+
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    con = _read_only(path)
+    try:
+        problems = con.execute("PRAGMA integrity_check").fetchall()
+    finally:
+        con.close()
+    if problems != [("ok",)]:
+        raise sqlite3.DatabaseError(str(problems[0][0]))
+
+
+def open_storage(cfg: SweepConfig):
+    """The study's storage, checked: a damaged file or a bad URL is one line naming it."""
+    import optuna
+
+    url = _storage_url(cfg)
+    engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
+    try:
+        if sqlite_default(cfg):
+            _check_sqlite(cfg.out / STUDY_DB)
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine)
+    except _storage_errors() as e:
+        raise _study_fault(cfg, e) from None
+
+
+def _read_only(path: Path):
+    import sqlite3
+
+    return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+
+
+def recorded_runs(cfg: SweepConfig) -> list[str] | None:
+    """The trial folders the sweep's study records, [] when there is no study, None when it
+    cannot be read. Reads the default study.db read-only (it may not be ours yet)."""
+    import sqlite3
+
+    if not sqlite_default(cfg):
+        import optuna
+
+        try:
+            storage = open_storage(cfg)
+            if STUDY_NAME not in optuna.get_all_study_names(storage=storage):
+                return []
+            trials = optuna.load_study(study_name=STUDY_NAME, storage=storage).get_trials()
+        except _storage_errors():
+            return None
+        return sorted({t.user_attrs.get("run", "") for t in trials} - {""})
+    path = cfg.out / STUDY_DB
+    if not path.is_file() or path.stat().st_size == 0:
+        return []
+    try:
+        _check_sqlite(path)
+        con = _read_only(path)
+        try:
+            rows = con.execute(
+                "SELECT a.value_json FROM trial_user_attributes a JOIN trials t "
+                "ON a.trial_id = t.trial_id JOIN studies s ON t.study_id = s.study_id "
+                "WHERE s.study_name = ? AND a.key = 'run'",
+                (STUDY_NAME,),
+            ).fetchall()
+        finally:
+            con.close()
+        runs = {json.loads(value) for (value,) in rows}
+    except (sqlite3.Error, ValueError):
+        return None
+    return sorted(run for run in runs if isinstance(run, str))
+
+
+def delete_study(cfg: SweepConfig) -> None:
+    if sqlite_default(cfg):
+        for suffix in ("", "-journal", "-wal", "-shm"):
+            (cfg.out / f"{STUDY_DB}{suffix}").unlink(missing_ok=True)
+        return
+    import optuna
+
+    storage = open_storage(cfg)
+    if STUDY_NAME in optuna.get_all_study_names(storage=storage):
+        optuna.delete_study(study_name=STUDY_NAME, storage=storage)
+
+
+def load_study(cfg: SweepConfig, storage, sampler, pruner):
+    """Create or load the study and read it through once: a damaged record is one line now,
+    not a traceback in the middle of the sweep."""
+    import optuna
+
+    try:
+        study = optuna.create_study(
+            study_name=STUDY_NAME,
+            storage=storage,
+            direction="maximize",
+            sampler=sampler,
+            pruner=pruner,
+            load_if_exists=True,
+        )
+        for trial in study.get_trials(deepcopy=False):
+            _ = (trial.params, trial.user_attrs, trial.state, trial.value)
+    except _storage_errors() as e:
+        raise _study_fault(cfg, e) from None
+    return study
+
+
+@contextlib.contextmanager
+def reading_study(cfg: SweepConfig) -> Iterator[None]:
+    """Database errors while the sweep runs, as one line naming the study (training's own
+    errors pass: they are not the database's)."""
+    try:
+        yield
+    except _database_errors() as e:
+        raise _study_fault(cfg, e) from None
+
+
+def recover_interrupted(study) -> int:
+    """Trials left RUNNING by processes of this machine that died: failed, and their settings
+    enqueued again (with their sample index), so they start over."""
+    from optuna.trial import TrialState
+
+    host = socket.gethostname()
+    recovered = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        attrs = trial.user_attrs
+        if attrs.get("host") != host or pid_alive(int(attrs.get("pid", -1))):
+            continue
+        study._storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
+        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        retry = {"queued": True, "retry_of": trial.number}
+        if SAMPLE in attrs:
+            retry[SAMPLE] = attrs[SAMPLE]
+        study.enqueue_trial(trial.params, user_attrs=retry)
+        recovered += 1
+    return recovered
+
+
+def failed_for_good(trial) -> bool:
+    """A trial that failed on its own (settings that cannot be trained, a diverged loss), not
+    one interrupted (it is restarted) or a spare ask (never run)."""
+    return not (trial.user_attrs.get("interrupted") or trial.user_attrs.get("spare"))
