@@ -23,14 +23,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import table
+from common import protocol_labels, table
 
 from offroad_seg.core import storage
 from offroad_seg.data.classes import ClassMap
 from offroad_seg.features.cache import FeatureCache
 from offroad_seg.features.cache_format import CacheSpec
 from offroad_seg.features.extract import ChunkWriter
-from offroad_seg.metrics.hackathon import to_hackathon_ids
 from offroad_seg.models.backbone import BackboneSpec
 from offroad_seg.models.preprocess import Preprocessing
 
@@ -56,7 +55,7 @@ def chunk_data(cache: FeatureCache, seed: int) -> list[tuple[np.ndarray, ...]]:
         feats = rng.standard_normal((*shape, cache.channels, h, w), np.float32)
         small = rng.integers(0, 11, (*shape, h, w), dtype=np.uint8)
         labels = small.repeat(14, axis=2).repeat(14, axis=3)[..., :rows, :cols]
-        hackathon = to_hackathon_ids(labels[:, 0], cache.spec.class_map).astype(np.uint8)
+        hackathon = protocol_labels(small[:, 0], cache.spec.class_map)
         out.append((feats.astype(np.float16), np.ascontiguousarray(labels), None, hackathon))
     return out
 

@@ -8,6 +8,7 @@ import platform
 from datetime import date
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from offroad_seg.data.synthetic import write_split
@@ -83,12 +84,9 @@ def random_cache(path: Path, n: int, size: tuple[int, int] = (266, 476), seed: i
     speed and memory do not depend on the values; nor does writing, since random features
     compress like real ones to within ~15%). Chunks are committed in groups of 64: one fsync
     pass per group, as extract's batches do."""
-    import numpy as np
-
     from offroad_seg.data.classes import ClassMap
     from offroad_seg.features.cache import FeatureCache
     from offroad_seg.features.cache_format import CacheSpec
-    from offroad_seg.metrics.hackathon import to_hackathon_ids
     from offroad_seg.models.backbone import BackboneSpec
     from offroad_seg.models.preprocess import Preprocessing
 
@@ -109,7 +107,7 @@ def random_cache(path: Path, n: int, size: tuple[int, int] = (266, 476), seed: i
         feats = rng.standard_normal((k, 1, cache.channels, h, w), dtype=np.float32)
         small = rng.integers(0, 11, (k, 1, h, w), dtype=np.uint8)
         labels = small.repeat(14, axis=2).repeat(14, axis=3)[..., :rows, :cols]
-        hackathon = to_hackathon_ids(labels[:, 0], spec.class_map).astype(np.uint8)
+        hackathon = protocol_labels(small[:, 0], spec.class_map)
         cache.write_chunk_data(
             chunk, feats.astype(np.float16), np.ascontiguousarray(labels), None, hackathon
         )
@@ -141,3 +139,13 @@ def table(rows: list[tuple], header: tuple) -> str:
     out = [line.format(*header), line.format(*("-" * w for w in widths))]
     out += [line.format(*(str(c) for c in r)) for r in rows]
     return "\n".join(out)
+
+
+def protocol_labels(blocks: np.ndarray, class_map) -> np.ndarray:
+    """(N, h, w) token-grid class ids -> (N, 266, 476) hackathon ids at the protocol's own size
+    (nearest neighbour), as a cache stores them."""
+    from offroad_seg.metrics.hackathon import HACKATHON_SIZE, to_hackathon_ids
+
+    rows = np.arange(HACKATHON_SIZE[0]) * blocks.shape[1] // HACKATHON_SIZE[0]
+    cols = np.arange(HACKATHON_SIZE[1]) * blocks.shape[2] // HACKATHON_SIZE[1]
+    return to_hackathon_ids(blocks[:, rows][:, :, cols], class_map).astype(np.uint8)

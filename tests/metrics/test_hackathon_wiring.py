@@ -1,5 +1,6 @@
 """The hackathon protocol where users read it: the cache's stored protocol labels, training's
-validation, and evaluate, each against a direct computation."""
+validation, and evaluate, each against a direct computation. The protocol scores at the
+starter's 266x476 whatever the model's working size (these tests' caches are smaller)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,12 @@ from offroad_seg.data.classes import ClassMap
 from offroad_seg.data.dataset import list_samples
 from offroad_seg.data.images import read_mask
 from offroad_seg.features.cache import FeatureCache
-from offroad_seg.metrics.hackathon import hackathon_image_counts, hackathon_scores, hackathon_truth
+from offroad_seg.metrics.hackathon import (
+    HACKATHON_SIZE,
+    hackathon_image_counts,
+    hackathon_scores,
+    hackathon_truth,
+)
 from offroad_seg.models.checkpoint import load_checkpoint
 from tests.conftest import SIZE
 
@@ -24,9 +30,11 @@ from tests.conftest import SIZE
 def test_cache_stores_the_protocols_labels(caches, dataset):
     cache = FeatureCache.open(caches["val"])
     stored = cache.hackathon_labels()
-    assert stored.shape == (3, *SIZE) and stored.dtype == np.uint8
+    assert SIZE != HACKATHON_SIZE  # the protocol's own size, not the working size
+    assert stored.shape == (3, *HACKATHON_SIZE) and stored.dtype == np.uint8
     for i, sample in enumerate(list_samples(dataset / "val")):
-        np.testing.assert_array_equal(stored[i], hackathon_truth(read_mask(sample.mask), SIZE))
+        truth = hackathon_truth(read_mask(sample.mask), HACKATHON_SIZE)
+        np.testing.assert_array_equal(stored[i], truth)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +57,7 @@ def test_training_reports_the_protocol_on_its_validation_cache(run, caches):
     hack_ids = ClassMap.hackathon().codes_to_ids(ClassMap.default().codes)  # id -> protocol id
     with torch.no_grad():
         logits = head(torch.from_numpy(feats[:, 0].astype(np.float32)))
-        up = F.interpolate(logits, size=SIZE, mode="bilinear", align_corners=False)
+        up = F.interpolate(logits, size=HACKATHON_SIZE, mode="bilinear", align_corners=False)
     for i, pred in enumerate(up.argmax(1).numpy()):
         counts.append(hackathon_image_counts(hack_ids[pred], cache.hackathon_labels()[i]))
     expected = hackathon_scores(list(cache.spec.names), counts)

@@ -16,7 +16,7 @@ from offroad_seg.data.classes import ClassMap
 from offroad_seg.features.cache import FeatureCache
 from offroad_seg.features.cache_format import CacheSpec
 from offroad_seg.features.extract import extract
-from offroad_seg.metrics.hackathon import to_hackathon_ids
+from offroad_seg.metrics.hackathon import HACKATHON_SIZE, to_hackathon_ids
 from offroad_seg.models.backbone import BackboneSpec
 from offroad_seg.models.checkpoint import load_checkpoint
 from offroad_seg.models.heads import head_names
@@ -44,7 +44,11 @@ def synthetic_cache(path, name: str, layers: int, n: int, seed: int):
         feats = rng.standard_normal((stop - start, 1, spec.backbone.channels, h, w))
         coarse = rng.integers(0, 11, (stop - start, 1, h, w))
         labels = coarse.repeat(SIZE[0] // h, axis=2).repeat(SIZE[1] // w, axis=3)
-        hackathon = to_hackathon_ids(labels[:, 0], spec.class_map).astype(np.uint8)
+        # the protocol's labels at its own size: the blocks again, nearest-neighbour
+        rows = np.arange(HACKATHON_SIZE[0]) * h // HACKATHON_SIZE[0]
+        cols = np.arange(HACKATHON_SIZE[1]) * w // HACKATHON_SIZE[1]
+        blocks = coarse[:, 0][:, rows][:, :, cols]
+        hackathon = to_hackathon_ids(blocks, spec.class_map).astype(np.uint8)
         cache.write_chunk(chunk, feats.astype(np.float16), labels.astype(np.uint8), None, hackathon)
     cache.finalize()
     return path

@@ -418,6 +418,14 @@ class FeatureCache:
             *([CHECKSUMS] if self.has_checksums else []),
         ]
 
+    @property
+    def hackathon_size(self) -> tuple[int, int] | None:
+        """The size its hackathon labels are stored at: the protocol's 266x476 (older caches
+        hold them at their working size, and are scored there); None for caches without them."""
+        if not self.has_hackathon_labels:
+            return None
+        return tuple(self.array(HACKATHON).shape[1:])
+
     def hackathon_labels(self) -> np.ndarray | None:
         """View 0's labels as the hackathon protocol scores them (N, H, W), or None for caches
         written before they were stored."""

@@ -4,7 +4,8 @@ Arrays (N images, V views, C channels, h x w tokens, H x W working size, K class
 
     features      (N, V, C, h, w)  float16, float32 or int8  chunks (k, 1, C, h, w)
     scales        (N, V, L, h, w)  float32 (int8 only)     chunks (k, 1, L, h, w)  per token, layer
-    hackathon_labels (N, H, W)     uint8 (0.2 on)          chunks (k, H, W)  hackathon protocol ids
+    hackathon_labels (N, 266, 476) uint8 (0.2 on)          chunks (k, 266, 476)  protocol ids
+                                     (older caches: (N, H, W), at the working size)
     labels        (N, V, H, W)     uint8, 255 = ignore    chunks (k, 1, H, W)
     done          (N,)             bool                   chunks (k,)   set after a chunk's data
     chunk_checksums (N/k, S)       uint32 (0.3 on)        chunks (1, S) each data chunk's crc32c
@@ -39,6 +40,7 @@ from offroad_seg.data.classes import IGNORE_ID, ClassMap
 from offroad_seg.data.digest import SOURCES_METHOD, digest
 from offroad_seg.errors import CacheError
 from offroad_seg.features.quantize import dequantize
+from offroad_seg.metrics.hackathon import HACKATHON_SIZE
 from offroad_seg.models.backbone import BackboneSpec
 from offroad_seg.models.fingerprint import compat_fingerprint
 from offroad_seg.models.preprocess import Preprocessing
@@ -262,8 +264,8 @@ def _create_data_arrays(group: zarr.Group, spec: CacheSpec) -> None:
         )
     group.create_array(
         HACKATHON,
-        shape=(n, rows, cols),
-        chunks=(k, rows, cols),
+        shape=(n, *HACKATHON_SIZE),
+        chunks=(k, *HACKATHON_SIZE),
         dtype="uint8",
         compressors=compressors("uint8"),
         fill_value=0,

@@ -151,7 +151,7 @@ class _ChunkAssembler:
                 np.empty((n, v, c, h, w), dtype=cache.spec.dtype),
                 np.empty((n, v, rows, cols), dtype=np.uint8),
                 np.empty((n, v, layers, h, w), np.float32) if cache.spec.quantized else None,
-                np.empty((n, rows, cols), np.uint8) if cache.has_hackathon_labels else None,
+                np.empty((n, *cache.hackathon_size), np.uint8) if cache.hackathon_size else None,
             )
         self.writer = ChunkWriter(cache, max_in_flight)
 
@@ -346,7 +346,7 @@ def _run(
         prep=spec.preprocessing,
         class_map=spec.class_map,
         ignore_unknown_codes=spec.ignore_unknown_codes,
-        hackathon=cache.has_hackathon_labels,
+        hackathon=cache.hackathon_size,
     )
     mine = sorted({i // cache.images_per_chunk for b in batches for i in b} & pending)
     if not mine:

@@ -53,7 +53,8 @@ class DecodeOptions:
     original_limit: int | None = None
     extra_sizes: tuple[tuple[int, int], ...] = ()  # also resized to these (multi-scale TTA)
     preview_height: int = 0  # also a small copy of the image this tall (report thumbnails)
-    hackathon: bool = False  # also the hackathon protocol's truth (metrics.hackathon_truth)
+    # also the hackathon protocol's truth at this size (metrics.hackathon_truth): None, none
+    hackathon: tuple[int, int] | None = None
 
 
 class DecodedSamples(Dataset):
@@ -103,7 +104,7 @@ class DecodedSamples(Dataset):
                 codes, source=str(sample.mask), ignore_unknown=opts.ignore_unknown_codes
             )
             if opts.hackathon:
-                truth = hackathon_truth(codes, opts.prep.size, str(sample.mask))
+                truth = hackathon_truth(codes, opts.hackathon, str(sample.mask))
                 out["hackathon"] = truth.astype(np.uint8)  # ids 0..9
             if ids.shape != rgb.shape[:2]:
                 raise DataError(

@@ -38,6 +38,7 @@ from offroad_seg.inference.image_outputs import save_color_mask, save_mask
 from offroad_seg.inference.runfolder import RecordLog, RunPlan, read_records
 from offroad_seg.metrics.confusion import SegMetrics, confusion_matrix
 from offroad_seg.metrics.hackathon import (
+    HACKATHON_SIZE,
     HackathonMetrics,
     hackathon_image_counts,
     hackathon_prediction,
@@ -150,14 +151,14 @@ def _evaluate_batches(cfg, samples, batches, model, tta, device, world) -> float
         original_limit=cfg.comparisons,  # panels only: no full-size copy of the other images
         extra_sizes=tta.extra_sizes(prep),
         preview_height=THUMBNAIL_HEIGHT,
-        hackathon=True,
+        hackathon=HACKATHON_SIZE,
     )
     k = class_map.num_classes
 
     def handle(batch, logits, writer, records) -> None:
         truths = _rows(batch, "labels")
         hack_truths = _rows(batch, "hackathon")
-        hack_preds = hackathon_prediction(logits, prep.size, class_map)
+        hack_preds = hackathon_prediction(logits, HACKATHON_SIZE, class_map)
         for j, index in enumerate(batch["index"]):
             truth = torch.as_tensor(truths[j]).to(device, non_blocking=True)
             mine = [part[j : j + 1] for part in logits]

@@ -21,6 +21,10 @@ from offroad_seg.data.classes import ClassMap
 
 HACKATHON_TITLE = "hackathon protocol (for comparison only)"
 HACKATHON_BATCH_SIZE = 2
+# The starter's working size (rows, cols). The protocol scores every model there, whatever its
+# own working size (DINOv3's 272x480, a larger DINOv2 size): the truth is resized to it and the
+# logits upsampled to it, so numbers stay comparable with those published on this dataset.
+HACKATHON_SIZE = (266, 476)
 HACKATHON_DICE_SMOOTH = 1e-6
 
 
