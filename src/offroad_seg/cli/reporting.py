@@ -24,7 +24,7 @@ from offroad_seg.cli._common import cli, stage
 def compare(runs: tuple[Path, ...], markdown: bool, plot: Path | None) -> None:
     """Compare runs (folders or head checkpoints): the settings that differ, and their
     validation metrics and per-class IoU side by side."""
-    from offroad_seg.reporting.compare import comparison_table, summarize
+    from offroad_seg.reporting.compare import comparison_table, run_labels, summarize
 
     summaries = [summarize(r) for r in runs]
     click.echo(comparison_table(summaries, markdown=markdown))
@@ -32,7 +32,9 @@ def compare(runs: tuple[Path, ...], markdown: bool, plot: Path | None) -> None:
         from offroad_seg.reporting.plots import plot_class_iou_comparison
 
         plot_class_iou_comparison(
-            {s.name: s.class_iou for s in summaries}, plot, title="Per-class IoU (validation)"
+            {label: s.class_iou for label, s in zip(run_labels(summaries), summaries, strict=True)},
+            plot,
+            title="Per-class IoU (validation)",
         )
         click.echo(f"plot: {plot}")
 

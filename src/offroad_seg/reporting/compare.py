@@ -55,6 +55,23 @@ def summarize(path: str | Path) -> RunSummary:
     return RunSummary(name, head, settings, metrics, {k: v["iou"] for k, v in per_class.items()})
 
 
+def run_labels(runs: list[RunSummary]) -> list[str]:
+    """A distinct label per run: the shortest tail of its path that no other run's path ends
+    with (`sweep1/best` and `sweep2/best`, not `best` twice; `h1` for `heads/h1.pth`)."""
+    parts = [
+        (r.path.parent if r.path.name == "segmentation_head.pth" else r.path.with_suffix("")).parts
+        for r in runs
+    ]
+    labels = []
+    for i, mine in enumerate(parts):
+        others = [p for j, p in enumerate(parts) if j != i]
+        k = 1
+        while k < len(mine) and any(p[-k:] == mine[-k:] for p in others):
+            k += 1
+        labels.append("/".join(mine[-k:]))
+    return labels
+
+
 def differing_settings(runs: list[RunSummary]) -> list[str]:
     keys = list(dict.fromkeys(k for r in runs for k in r.settings))
     return [k for k in keys if len({repr(r.settings.get(k)) for r in runs}) > 1]
@@ -74,9 +91,7 @@ def comparison_table(runs: list[RunSummary], markdown: bool = False) -> str:
     """Settings that differ, then the metrics and per-class IoU, one column per run."""
     if len(runs) < 2:
         raise OffroadSegError("compare needs at least two runs")
-    names = [r.name for r in runs]
-    if len(set(names)) < len(names):
-        names = [str(r.path.parent) for r in runs]
+    names = run_labels(runs)
     sections: list[tuple[str, list[tuple[str, list[str]]]]] = []
     diff = differing_settings(runs)
     sections.append(

@@ -375,7 +375,8 @@ def plot_class_iou_comparison(
     ax.set_xlabel("IoU")
     ax.set_xlim(0, 1)
     ax.grid(True, axis="x", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    # beside the axes, so it never hides a bar
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     if title:
         ax.set_title(title)
     _save_figure(fig, path)
