@@ -25,11 +25,11 @@ from click.testing import CliRunner
 
 import offroad_seg.inference.image_outputs as image_outputs
 from offroad_seg.cli import cli
-from offroad_seg.core.atomic import atomic_write, temp_path
+from offroad_seg.core.atomic import atomic_write, host_tag, temp_path
 from offroad_seg.data.classes import ClassMap
 from offroad_seg.data.synthetic import write_split
 from offroad_seg.errors import OffroadSegError
-from offroad_seg.inference.engines import SCRATCH_PREFIX, OnnxEngine, _host
+from offroad_seg.inference.engines import SCRATCH_PREFIX, OnnxEngine
 from offroad_seg.inference.runfolder import RUN_FILE, RecordLog
 from offroad_seg.models.checkpoint import head_payload, save_checkpoint
 from offroad_seg.models.heads import HeadConfig, build_head
@@ -193,10 +193,10 @@ def test_onnxruntime_run_leaves_no_export_folder(head, split, tmp_path, monkeypa
     tmp.mkdir()
     monkeypatch.setenv("TMPDIR", str(tmp))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))  # gettempdir() caches its answer
-    killed = tmp / f"{SCRATCH_PREFIX}{_host()}-{dead_pid()}-k1ll3d_x"
+    killed = tmp / f"{SCRATCH_PREFIX}{host_tag()}-{dead_pid()}-k1ll3d_x"
     (killed / "model.onnx").parent.mkdir()
     (killed / "model.onnx").write_bytes(b"87 MB, in real life")
-    running = tmp / f"{SCRATCH_PREFIX}{_host()}-{os.getpid()}-running"
+    running = tmp / f"{SCRATCH_PREFIX}{host_tag()}-{os.getpid()}-running"
     running.mkdir()
     r = run("predict", head, split / "Color_Images", tmp_path / "out", *PREDICT, "--engine",
             "onnxruntime")  # fmt: skip

@@ -46,12 +46,17 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], durable: b
         raise
 
 
+def host_tag() -> str:
+    """This machine's name as it goes into the names of temporary files and folders: letters,
+    digits and dashes, at most 40 characters."""
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
+
+
 def temp_path(path: str | Path) -> Path:
     """A hidden temporary name next to `path` that says who made it (host and pid), so that
     `remove_stale_temps` can tell a dead writer's leftovers from a live writer's file."""
     path = Path(path)
-    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
-    return path.with_name(f".{path.name}.{host}-{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    return path.with_name(f".{path.name}.{host_tag()}-{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
 
 
 # .NAME.HOST-PID.HEX.tmp, and the older .NAME.PID.HEX.tmp (no host: this machine assumed)
@@ -79,7 +84,7 @@ def remove_stale_temps(folder: str | Path) -> list[Path]:
     import shutil
 
     folder = Path(folder)
-    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
+    host = host_tag()
     removed = []
     try:
         entries = list(folder.iterdir())

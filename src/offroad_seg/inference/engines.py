@@ -23,7 +23,6 @@ import logging
 import os
 import re
 import shutil
-import socket
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -34,7 +33,7 @@ import numpy as np
 import torch
 
 from offroad_seg.config import ENGINES
-from offroad_seg.core.atomic import pid_alive
+from offroad_seg.core.atomic import host_tag, pid_alive
 from offroad_seg.data.classes import ClassMap
 from offroad_seg.errors import ConfigError, OffroadSegError
 from offroad_seg.inference.onnx_model import (
@@ -138,15 +137,11 @@ def export_scratch() -> Iterator[Path]:
     folder of a killed process (kill -9 mid-export: nothing of it runs to clean up) is removed
     by the next one."""
     root = Path(tempfile.gettempdir())
-    host = _host()
+    host = host_tag()
     remove_dead_scratch(root, host)
     prefix = f"{SCRATCH_PREFIX}{host}-{os.getpid()}-"
     with tempfile.TemporaryDirectory(prefix=prefix, dir=root) as tmp:
         yield Path(tmp)
-
-
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
 
 
 def remove_dead_scratch(root: Path, host: str) -> list[Path]:
