@@ -41,6 +41,7 @@ def head_info(path: str | Path) -> dict[str, Any]:
         "compat_fingerprint": ckpt.compat_fingerprint,
         "train_sizes": payload.get("train_sizes"),
         "ensemble": _members(payload) if ckpt.is_ensemble else None,
+        "ensemble_val": payload.get("ensemble_val"),  # sweep --ensemble-top scores it
     }
 
 
@@ -82,6 +83,8 @@ def head_info_text(info: dict[str, Any]) -> str:
             score = f"val mIoU {miou:.4f}, " if miou is not None else ""
             settings = ", ".join(f"{k} {_fmt(v)}" for k, v in member["head"].items())
             lines.append(f"  member {i}   {settings} ({score}from {member['source']})")
+        if info.get("ensemble_val"):
+            lines.append(f"ensemble val mIoU {info['ensemble_val']['val_miou']:.4f}")
     else:
         lines.append("model        " + ", ".join(f"{k} {_fmt(v)}" for k, v in head.items()))
     lines.append(f"classes      {', '.join(info['classes'])}")
