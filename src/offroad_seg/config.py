@@ -220,6 +220,10 @@ class SweepConfig:
     storage: str | None = None  # an Optuna storage URL; default sqlite in the sweep's folder
     sampler_seed: int = 0
     overwrite: bool = False
+    # > 0: bundle the best K finished trials into OUT/ensemble.pth and score it on the
+    # validation cache beside the best trial (not part of the sweep's identity: a rerun of a
+    # finished sweep with it only writes the ensemble)
+    ensemble_top: int = 0
 
     @property
     def out(self) -> Path:

@@ -231,6 +231,23 @@ def test_every_head_exports_with_a_fixed_batch_and_ids(head, images, tmp_path):
     assert agreement(upsample(expected[:2]).argmax(1), ids) >= AGREEMENT
 
 
+def test_ensemble_exports_as_one_graph(images, tmp_path):
+    """Two members (token-grid and x4 heads) on one one-block ViT-S: one graph, the backbone
+    once, the averaged probabilities' log as logits."""
+    from offroad_seg.models.ensemble import write_ensemble
+
+    first = truncated_model(tmp_path, "dinov2_vits14", 1, "convnext", seed=1)
+    second = make_head(tmp_path / "b.pth", first.backbone, "upnext", seed=7)
+    ens = write_ensemble([first.checkpoint.path, second.path], tmp_path / "ens.pth")
+    model = SegmentationModel(first.backbone, ens.build(), ens)
+    export_model(model, tmp_path / "e.onnx", batch=None)
+    assert checkpoint_from_onnx(tmp_path / "e.onnx").members == ens.members
+    expected, got = model.logits(images), OnnxEngine(tmp_path / "e.onnx").logits(images)
+    assert got.shape == (3, 11, SIZE[0] // 14 * 4, SIZE[1] // 14 * 4)
+    assert relative_error(expected, got) < LOGIT_TOLERANCE
+    assert agreement(upsample(expected).argmax(1), upsample(got).argmax(1)) >= AGREEMENT
+
+
 @pytest.mark.parametrize(
     ("name", "depth", "head", "layers"),
     [("dinov2_vitb14_reg", 2, "pyramid", 2), ("dinov2_vitg14", 1, "seed", 1)],

@@ -178,3 +178,31 @@ def test_search_space_parsing():
         parse_range("lr=0:1e-2:log")
     assert trial_slug({"lr": 1e-3, "head": "linear"}) == trial_slug({"head": "linear", "lr": 1e-3})
     assert trial_slug({"lr": 1e-3}) != trial_slug({"lr": 3e-3})
+
+
+def test_ensemble_top_2_is_reported_beside_the_best_trial(grid_sweep, caches):
+    """A finished sweep rerun with --ensemble-top trains nothing and writes the ensemble."""
+    import json
+
+    import torch
+
+    from offroad_seg.features.cache import FeatureCache
+    from offroad_seg.models.checkpoint import load_checkpoint
+    from offroad_seg.training.validation import evaluate_on_cache
+
+    r = run(*sweep_args(caches, grid_sweep, *GRID, "--ensemble-top", "2"))
+    assert r.exit_code == 0, r.output
+    assert "0 trials trained by this process" in r.stdout
+    rows = leaderboard(grid_sweep)
+    summary = json.loads((grid_sweep / "ensemble.json").read_text())
+    assert summary["members"] == [rows[0]["run"], rows[1]["run"]]
+    assert summary["best_single"]["run"] == rows[0]["run"]
+    assert summary["best_single"]["val_miou"] == pytest.approx(float(rows[0]["val_miou"]))
+    ckpt = load_checkpoint(grid_sweep / "ensemble.pth")
+    assert [c.name for c in ckpt.members] == [rows[0]["head"], rows[1]["head"]]
+    val = FeatureCache.open(caches["val"])
+    fresh = evaluate_on_cache(ckpt.build(), val, torch.device("cpu"), None)
+    assert summary["val_miou"] == pytest.approx(fresh.miou, abs=1e-9)
+    best = float(rows[0]["val_miou"])
+    line = f"val mIoU {summary['val_miou']:.4f} (best single trial {best:.4f}, {rows[0]['run']})"
+    assert line in r.stdout and line in (grid_sweep / "leaderboard.md").read_text()

@@ -1,4 +1,5 @@
-"""Commands that train heads: `train` and `sweep`, and the run-setting options both take."""
+"""Commands that train heads: `train` and `sweep`, and the run-setting options both take; and
+`ensemble`, which bundles trained heads into one."""
 
 from __future__ import annotations
 
@@ -166,6 +167,13 @@ def train(caches: tuple[str, ...], out: Path, **opts) -> None:
     "postgresql://...) [default: sqlite in OUT].",
 )
 @click.option("--sampler-seed", default=default(SweepConfig, "sampler_seed"), show_default=True)
+@click.option(
+    "--ensemble-top",
+    type=click.IntRange(min=0),
+    default=default(SweepConfig, "ensemble_top"),
+    help="Also bundle the best K finished trials into OUT/ensemble.pth and report its val "
+    "mIoU beside the best trial's (0: none).",
+)
 @run_setting_options
 @click.option("--overwrite", is_flag=True, help="Start the sweep in OUT over.")
 @stage
@@ -180,7 +188,8 @@ def sweep(caches: tuple[str, ...], out: Path, **opts) -> None:
     from offroad_seg.training.sweep.run import sweep
 
     search = {k: opts.pop(k) for k in ("grid", "ranges", "choices", "trials", "prune",
-                                        "storage", "sampler_seed", "overwrite")}  # fmt: skip
+                                        "storage", "sampler_seed", "overwrite",
+                                        "ensemble_top")}  # fmt: skip
     base = TrainConfig(caches=caches, out=out, **opts)
     result = sweep(SweepConfig(train=base, **search))
     if not is_main_rank():
@@ -193,5 +202,39 @@ def sweep(caches: tuple[str, ...], out: Path, **opts) -> None:
     if best is not None:  # failed and pruned trials are never the best
         line += f"; best val mIoU {best['val_miou']:.4f}: {out / 'best'} -> {best['run']}"
     click.echo(line)
+    if result.ensemble is not None:
+        from offroad_seg.training.sweep.leaderboard import ensemble_line
+
+        click.echo(ensemble_line(result.ensemble))
     for failure in result.failed:
         click.echo(f"failed: {failure}", err=True)
+
+
+@cli.command()
+@click.argument("heads", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="The ensemble checkpoint to write (.pth).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@stage
+def ensemble(heads: tuple[Path, ...], out: Path, overwrite: bool) -> None:
+    """Bundle HEADS (.pth heads, or run folders) trained on the same features (backbone,
+    weights, layers, working size, class map) into one checkpoint OUT. At inference the
+    backbone runs once and the heads' class probabilities are averaged; evaluate, predict,
+    export, info and the Python API take OUT like a head.
+    """
+    from offroad_seg.core.text import plural
+    from offroad_seg.models.ensemble import write_ensemble
+    from offroad_seg.reporting.info import find_head
+
+    ckpt = write_ensemble([find_head(h) for h in heads], out, overwrite=overwrite)
+    names = ", ".join(c.name for c in ckpt.members)
+    rows, cols = ckpt.preprocessing.size
+    click.echo(
+        f"wrote {out}: an ensemble of {plural(len(ckpt.members), 'head')} ({names}) on "
+        f"{ckpt.backbone.name} at {rows}x{cols}"
+    )

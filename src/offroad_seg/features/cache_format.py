@@ -42,7 +42,7 @@ from offroad_seg.errors import CacheError
 from offroad_seg.features.quantize import dequantize
 from offroad_seg.metrics.hackathon import HACKATHON_SIZE
 from offroad_seg.models.backbone import BackboneSpec
-from offroad_seg.models.fingerprint import compat_fingerprint
+from offroad_seg.models.fingerprint import compat_differences, compat_fingerprint
 from offroad_seg.models.preprocess import Preprocessing
 
 FORMAT = "offroad-seg-cache"
@@ -175,19 +175,10 @@ class CacheSpec:
         """Human-readable list of what differs between two specs; `compat_only`: only what
         stops their features being used together (backbone, layers, preprocessing, classes),
         not what a training and a validation cache differ in anyway (views, files, dtype)."""
-        out = []
-        a, b = self.backbone, other.backbone
-        if a.name != b.name:
-            out.append(f"backbone {a.name} vs {b.name}")
-        elif a.weights_sha256 != b.weights_sha256:
-            out.append(f"backbone weights {a.weights_sha256[:12]} vs {b.weights_sha256[:12]}")
-        if a.layers != b.layers:
-            out.append(f"layers {a.layers} vs {b.layers}")
-        if self.preprocessing != other.preprocessing:
-            s, o = self.preprocessing.size, other.preprocessing.size
-            out.append(f"preprocessing (size {s[0]}x{s[1]} vs {o[0]}x{o[1]})")
-        if self.class_map != other.class_map:
-            out.append("class map")
+        out = compat_differences(
+            (self.backbone, self.preprocessing, self.class_map),
+            (other.backbone, other.preprocessing, other.class_map),
+        )
         if compat_only:
             return out
         if self.views != other.views:

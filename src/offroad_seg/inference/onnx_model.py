@@ -39,7 +39,8 @@ METADATA = {
     "class_map": "JSON list of {code, name, color} in class-id order",
     "preprocessing": "JSON: size [rows, cols], mean, std (of 0..1 RGB), resize, patch_size",
     "backbone": "JSON: name, arch, weights_sha256, weights_source, layers, channels",
-    "head_config": "JSON: the head's settings (name, width, depth, ...)",
+    "head_config": "JSON: the head's settings (name, width, depth, ...; an ensemble: its first's)",
+    "ensemble": "JSON list of an ensemble's members' head settings ([] for a single head)",
     "compat_fingerprint": "the head's backbone/preprocessing/class-map fingerprint",
     "batch": "'dynamic' or the fixed batch size",
     "outputs": "comma-separated output names",
@@ -94,6 +95,7 @@ def metadata(
         "quantization": "none",  # quantize_dynamic_int8 sets it
         "source": str(source),
         "source_sha256": file_sha256(source) if source.is_file() else "",
+        "ensemble": json.dumps([c.to_dict() for c in ckpt.members]),
         "tool_version": __version__,
         "torch_version": torch.__version__,
     }
@@ -210,7 +212,8 @@ def checkpoint_from_onnx(path: str | Path) -> HeadCheckpoint:
     props = read_metadata(path)
     try:
         payload: dict[str, Any] = {
-            k: json.loads(v) if k in ("class_map", "preprocessing", "backbone", "head_config")
+            k: json.loads(v) if k in ("class_map", "preprocessing", "backbone", "head_config",
+                                      "ensemble")
             else v
             for k, v in props.items()
         }  # fmt: skip
@@ -221,6 +224,7 @@ def checkpoint_from_onnx(path: str | Path) -> HeadCheckpoint:
             backbone=BackboneSpec.from_dict(payload["backbone"]),
             preprocessing=Preprocessing.from_dict(payload["preprocessing"]),
             payload=payload,
+            members=tuple(HeadConfig.from_dict(c) for c in payload.get("ensemble", ())),
         )
     except (KeyError, ValueError, OffroadSegError) as e:
         raise OffroadSegError(f"{path}: unreadable offroad-seg metadata ({e})") from e

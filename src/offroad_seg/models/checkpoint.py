@@ -4,6 +4,10 @@ A `segmentation_head.pth` is enough to use a head on its own: head config and we
 map, backbone spec with the weights' sha256, preprocessing, training settings and metrics.
 `last.pth` adds the optimizer, RNG states and history that `--resume` needs. Every tensor is
 saved on the CPU, so a checkpoint written on a GPU loads anywhere with a plain `torch.load`.
+
+An ensemble (`models.ensemble`) is a head checkpoint too: its `ensemble` entry lists the
+members (their head configs and where they came from), its weights are the members' under
+`members.<i>.`, `head_config` is its first member's, and `build` makes an `EnsembleHead`.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from offroad_seg.errors import OffroadSegError
 from offroad_seg.models.backbone import BackboneSpec
 from offroad_seg.models.fingerprint import compat_fingerprint
 from offroad_seg.models.heads import HeadConfig, build_head
+from offroad_seg.models.heads.ensemble import EnsembleHead
 from offroad_seg.models.preprocess import Preprocessing
 
 
@@ -70,6 +75,11 @@ def head_payload(
 
 
 DIGEST_KEY = "state_dict_sha256"
+ENSEMBLE_KEY = "ensemble"  # an ensemble's members: [{"head_config", "source", ...}, ...]
+# The backbone blocks a checkpoint carries tuned weights of (a head trained with the last
+# blocks tuned). Whatever form a checkpoint stores them in, it declares them here: code that
+# handles only frozen-backbone heads (ensembles, for now) keys on this.
+TUNED_BLOCKS_KEY = "tuned_blocks"
 
 
 def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
@@ -102,13 +112,29 @@ class HeadCheckpoint:
     backbone: BackboneSpec
     preprocessing: Preprocessing
     payload: dict[str, Any]
+    members: tuple[HeadConfig, ...] = ()  # an ensemble's heads; () for a single head
 
     @property
     def compat_fingerprint(self) -> str:
         return compat_fingerprint(self.backbone, self.preprocessing, self.class_map)
 
+    @property
+    def is_ensemble(self) -> bool:
+        return bool(self.members)
+
+    @property
+    def tuned_blocks(self) -> list[int]:
+        """The backbone blocks whose tuned weights this checkpoint carries ([] for a head on
+        a frozen backbone)."""
+        return list(self.payload.get(TUNED_BLOCKS_KEY) or [])
+
     def build(self, device: torch.device | str = "cpu") -> nn.Module:
-        head = build_head(self.head_config)
+        """The head (an `EnsembleHead` of the members for an ensemble) with its weights, in
+        eval mode: the one place a checkpoint becomes a module."""
+        if self.members:
+            head = EnsembleHead([build_head(c) for c in self.members])
+        else:
+            head = build_head(self.head_config)
         try:
             head.load_state_dict(self.payload["state_dict"])
         except (KeyError, RuntimeError) as e:  # torch lists every mismatch, one per line
@@ -139,6 +165,8 @@ def load_checkpoint(path: str | Path) -> HeadCheckpoint:
     check_weights(path, payload)
     try:
         backbone = BackboneSpec.from_dict(payload["backbone"])
+        entries = payload.get(ENSEMBLE_KEY) or ()
+        members = tuple(HeadConfig.from_dict(m["head_config"]) for m in entries)
     except OffroadSegError as e:
         raise OffroadSegError(f"{path}: {e}") from e
     return HeadCheckpoint(
@@ -148,6 +176,7 @@ def load_checkpoint(path: str | Path) -> HeadCheckpoint:
         backbone=backbone,
         preprocessing=Preprocessing.from_dict(payload["preprocessing"]),
         payload=payload,
+        members=members,
     )
 
 

@@ -21,3 +21,31 @@ def compat_fingerprint(
             "class_map": class_map.to_dict(),
         }
     )
+
+
+def compat_differences(
+    a: tuple[BackboneSpec, Preprocessing, ClassMap],
+    b: tuple[BackboneSpec, Preprocessing, ClassMap],
+    sizes: bool = True,
+) -> list[str]:
+    """What stops features (or heads) described by (backbone, preprocessing, class map) `a`
+    and `b` being used together, in words: empty when their `compat_fingerprint`s are equal.
+    `sizes=False` leaves the working size out: a fully convolutional head trains on caches of
+    several sizes (their tokens mean the same thing at other scales)."""
+    (bb_a, prep_a, map_a), (bb_b, prep_b, map_b) = a, b
+    out = []
+    if bb_a.name != bb_b.name:
+        out.append(f"backbone {bb_a.name} vs {bb_b.name}")
+    elif bb_a.weights_sha256 != bb_b.weights_sha256:
+        out.append(f"backbone weights {bb_a.weights_sha256[:12]} vs {bb_b.weights_sha256[:12]}")
+    if bb_a.layers != bb_b.layers:
+        out.append(f"layers {bb_a.layers} vs {bb_b.layers}")
+    if sizes and prep_a.size != prep_b.size:
+        (r, c), (r2, c2) = prep_a.size, prep_b.size
+        out.append(f"working size {r}x{c} vs {r2}x{c2}")
+    rest_a, rest_b = prep_a.to_dict(), prep_b.to_dict()
+    if {**rest_a, "size": None} != {**rest_b, "size": None}:
+        out.append("preprocessing (normalisation, resize or patch)")
+    if map_a != map_b:
+        out.append("class map")
+    return out

@@ -23,7 +23,8 @@ def find_head(path: str | Path) -> Path:
 
 def head_info(path: str | Path) -> dict[str, Any]:
     """A JSON-ready summary of a head checkpoint: backbone, head, preprocessing, classes,
-    training settings, the epoch it is from, and its best validation metrics."""
+    training settings, the epoch it is from, and its best validation metrics; the sizes it was
+    trained at; an ensemble's members."""
     ckpt = load_checkpoint(find_head(path))
     payload = ckpt.payload
     val = payload.get("val_metrics")
@@ -38,7 +39,22 @@ def head_info(path: str | Path) -> dict[str, Any]:
         "best": payload.get("best"),
         "per_class_iou": {k: v["iou"] for k, v in val["per_class"].items()} if val else None,
         "compat_fingerprint": ckpt.compat_fingerprint,
+        "train_sizes": payload.get("train_sizes"),
+        "ensemble": _members(payload) if ckpt.is_ensemble else None,
+        "ensemble_val": payload.get("ensemble_val"),  # sweep --ensemble-top scores it
     }
+
+
+def _members(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """An ensemble's members: head settings, source and best validation mIoU."""
+    return [
+        {
+            "head": m["head_config"],
+            "source": m.get("source"),
+            "val_miou": (m.get("best") or {}).get("val_miou"),
+        }
+        for m in payload["ensemble"]
+    ]
 
 
 def _fmt(value: Any) -> str:
@@ -56,9 +72,22 @@ def head_info_text(info: dict[str, Any]) -> str:
         f"backbone     {bb['name']} layers={bb['layers']} channels={bb['channels']}",
         f"weights      {bb['weights_source']} (sha256 {bb['weights_sha256'][:16]}...)",
         f"size         {prep['size'][0]}x{prep['size'][1]}",
-        "model        " + ", ".join(f"{k} {_fmt(v)}" for k, v in head.items()),
-        f"classes      {', '.join(info['classes'])}",
     ]
+    sizes = info.get("train_sizes") or []
+    if len(sizes) > 1:
+        lines.append("trained at   " + ", ".join(f"{r}x{c}" for r, c in sizes))
+    if info.get("ensemble"):
+        lines.append(f"ensemble     {len(info['ensemble'])} heads, probabilities averaged")
+        for i, member in enumerate(info["ensemble"]):
+            miou = member["val_miou"]
+            score = f"val mIoU {miou:.4f}, " if miou is not None else ""
+            settings = ", ".join(f"{k} {_fmt(v)}" for k, v in member["head"].items())
+            lines.append(f"  member {i}   {settings} ({score}from {member['source']})")
+        if info.get("ensemble_val"):
+            lines.append(f"ensemble val mIoU {info['ensemble_val']['val_miou']:.4f}")
+    else:
+        lines.append("model        " + ", ".join(f"{k} {_fmt(v)}" for k, v in head.items()))
+    lines.append(f"classes      {', '.join(info['classes'])}")
     settings = info["settings"]
     if settings:
         shown = {k: v for k, v in settings.items() if k not in ("progress", "resume", "overwrite")}

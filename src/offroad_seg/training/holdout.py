@@ -2,8 +2,10 @@
 scores that mean nothing, and nothing in the numbers says so.
 
 A validation cache is refused when it is a training cache (the same location), or when it holds
-images of a training cache: the same file name with the same labels (the cached view-0 masks,
-at the working size both caches share) — a cache extracted again from the same folder, or a
+images of a training cache: the same file name with the same labels (the cached view-0 masks
+when both caches have one working size; the hackathon-protocol labels, stored at one size by
+every cache, when they differ; the names alone for caches of other sizes made before 0.2) — a
+cache extracted again from the same folder, or a
 copy. Files of the same name in two different datasets have different masks and pass. A
 training cache whose location looks like validation data (a `val`, `valid`, `validation` or
 `test` part) is allowed, with a warning: it may be a training set that is named so, or it may be
@@ -21,6 +23,7 @@ import numpy as np
 from offroad_seg.core import storage
 from offroad_seg.errors import CacheError
 from offroad_seg.features.cache import FeatureCache
+from offroad_seg.features.cache_format import HACKATHON
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +35,7 @@ COMPARED_NAMES = 64
 
 def check_holdout(caches: list[FeatureCache], val: FeatureCache | None) -> None:
     """Refuse a validation cache that holds training images; warn about training caches
-    that look like validation data. Caches must share their preprocessing (checked before)."""
+    that look like validation data. Caches must share their features (checked before)."""
     for cache in caches:
         warn_if_validation_like(cache)
     if val is None:
@@ -66,16 +69,25 @@ def shared_images(train: FeatureCache, val: FeatureCache) -> list[str]:
         return []
     if len(names) > COMPARED_NAMES:
         names = [names[i] for i in np.linspace(0, len(names) - 1, COMPARED_NAMES).astype(int)]
-    a = _labels(train, [train.spec.names.index(n) for n in names])
-    b = _labels(val, [val.spec.names.index(n) for n in names])
+    array = "labels"
+    if train.spec.preprocessing.size != val.spec.preprocessing.size:
+        if train.hackathon_size is None or train.hackathon_size != val.hackathon_size:
+            return names  # labels of other sizes cannot be compared: the names must do
+        array = HACKATHON
+    a = _labels(train, [train.spec.names.index(n) for n in names], array)
+    b = _labels(val, [val.spec.names.index(n) for n in names], array)
     return [n for n, x, y in zip(names, a, b, strict=True) if np.array_equal(x, y)]
 
 
-def _labels(cache: FeatureCache, indices: list[int]) -> np.ndarray:
-    """View-0 labels of some images, in the order given."""
+def _labels(cache: FeatureCache, indices: list[int], array: str = "labels") -> np.ndarray:
+    """View-0 labels (or the hackathon-protocol labels) of some images, in the order given."""
     order = np.argsort(indices)
     try:
-        rows = cache.array("labels").oindex[np.asarray(indices)[order], 0]
+        stored = cache.array(array)
+        if array == "labels":
+            rows = stored.oindex[np.asarray(indices)[order], 0]
+        else:
+            rows = stored.oindex[np.asarray(indices)[order]]
     except Exception as e:
         raise CacheError(f"{cache.path}: cannot read labels ({type(e).__name__}: {e})") from e
     out = np.empty_like(rows)

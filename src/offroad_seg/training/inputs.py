@@ -1,6 +1,11 @@
 """What a training reads: its caches, opened and checked together (same features, a held-out
 validation set), and their features loaded into memory or prepared for streaming, once for
-any number of trainings on them."""
+any number of trainings on them.
+
+Caches may differ in working size (scale augmentation: the same images extracted at several
+sizes); everything else that decides what their features mean must agree. The head's working
+size, the one inference resizes to, is the validation cache's (the size its best epoch was
+chosen at), or the first training cache's without one."""
 
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ from offroad_seg.config import TrainConfig
 from offroad_seg.core.distributed import SINGLE, World
 from offroad_seg.errors import CacheError, ConfigError
 from offroad_seg.features.cache import FeatureCache
+from offroad_seg.features.cache_format import CacheSpec
+from offroad_seg.models.fingerprint import compat_differences
 from offroad_seg.training.holdout import check_holdout
 from offroad_seg.training.sources import (
     FeatureTensors,
@@ -36,6 +43,16 @@ class TrainingData:
     val_features: tuple[FeatureTensors, torch.Tensor] | None
     device: torch.device
     val_hackathon: torch.Tensor | None = None  # the val cache's hackathon-protocol labels
+
+    @property
+    def working_spec(self) -> CacheSpec:
+        """The cache whose preprocessing (working size) the trained head is saved with."""
+        return (self.val or self.caches[0]).spec
+
+    @property
+    def train_sizes(self) -> list[tuple[int, int]]:
+        """The training caches' working sizes, each once, in the order given."""
+        return list(dict.fromkeys(tuple(c.spec.preprocessing.size) for c in self.caches))
 
     @property
     def fingerprints(self) -> tuple[list[str], str | None]:
@@ -71,10 +88,16 @@ def open_train_caches(cfg: TrainConfig) -> tuple[list[FeatureCache], FeatureCach
         cache.require_complete()
     first = caches[0]
     for other in caches[1:] + ([val] if val else []):
-        if other.spec.compat_fingerprint != first.spec.compat_fingerprint:
-            diff = "; ".join(first.spec.differences(other.spec, compat_only=True)[:3])
+        diff = compat_differences(_described(first), _described(other), sizes=False)
+        if diff:
             raise CacheError(
-                f"{other.path}: cannot be used with {first.path}: its features differ ({diff})"
+                f"{other.path}: cannot be used with {first.path}: its features differ "
+                f"({'; '.join(diff[:3])})"
             )
     check_holdout(caches, val)
     return caches, val
+
+
+def _described(cache: FeatureCache):
+    spec = cache.spec
+    return spec.backbone, spec.preprocessing, spec.class_map

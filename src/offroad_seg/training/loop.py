@@ -48,7 +48,7 @@ from offroad_seg.training.run_folder import (
     output_lock,
     plan_run,
 )
-from offroad_seg.training.sources import rank_slices
+from offroad_seg.training.sources import batch_count
 from offroad_seg.training.stats import run_record, write_final_stats, write_run_record
 from offroad_seg.training.validation import validate_epoch
 
@@ -279,7 +279,8 @@ def _set_up(cfg: TrainConfig, data: TrainingData, world: World) -> _Setup:
     """The criterion, the head (seeded: the same settings build the same weights), the
     optimizer and schedule, the run record and the checkpoints' common payload."""
     caches, source, device = data.caches, data.source, data.device
-    spec = caches[0].spec
+    spec = data.working_spec  # the head's working size: the val cache's, else the first's
+    train_sizes = [list(size) for size in data.train_sizes]
     class_map = spec.class_map
     class_pixels = sum(c.class_pixels() for c in caches)
     weights_np = parse_class_weights(cfg.class_weights, class_pixels)
@@ -307,12 +308,12 @@ def _set_up(cfg: TrainConfig, data: TrainingData, world: World) -> _Setup:
         model = nn.parallel.DistributedDataParallel(head, device_ids=ids)
     optimizer = make_optimizer(head, cfg.lr, cfg.weight_decay)
     scaler = grad_scaler(device)
-    steps_per_epoch = len(rank_slices(source.num_images, cfg.batch_size, world))
+    steps_per_epoch = batch_count(source.group_sizes, cfg.batch_size, world)
     total_steps = cfg.epochs * steps_per_epoch
     warmup = warmup_steps(cfg.warmup_epochs, steps_per_epoch, total_steps)
     train_fps, val_fp = data.fingerprints
 
-    run = run_record(cfg, head_cfg, spec, train_fps, val_fp, weights_np, world)
+    run = run_record(cfg, head_cfg, spec, train_fps, val_fp, weights_np, world, train_sizes)
     base_payload = head_payload(
         head_cfg,
         class_map,
@@ -321,6 +322,7 @@ def _set_up(cfg: TrainConfig, data: TrainingData, world: World) -> _Setup:
         train_config=config_dict(cfg),
         train_caches=train_fps,
         val_cache=val_fp,
+        train_sizes=train_sizes,
         class_weights=run["class_weights"],
         world_size=world.size,
     )

@@ -5,6 +5,10 @@ global batches of `batch_size`; under DDP each rank takes its contiguous slice o
 batch. With the loss normalised by the global pixel weight (see `train_head.train_one_epoch`)
 K ranks then compute exactly the gradient one process computes for the global batch.
 
+Caches of several working sizes train together (scale augmentation), but a batch never mixes
+sizes: `size_batches` groups the epoch order by size (see there; with one size it is the plain
+cut into consecutive batches, so one-size training is unchanged).
+
 A source is built once and can feed any number of trainings (a sweep trains many heads on
 the features it loaded). Features stay in the cache's storage type (float16, or int8 with
 per-token scales) until a batch is taken, and are made float32 on the training device.
@@ -59,6 +63,44 @@ def rank_slices(n: int, batch_size: int, world: World) -> list[slice]:
     return out
 
 
+def size_batches(groups: np.ndarray, batch_size: int, world: World = SINGLE) -> list[np.ndarray]:
+    """This rank's positions in an epoch's order, one array per global batch, for samples whose
+    size group (`groups`, per position) a batch must not mix. Walking the order, each group fills
+    a batch of its own, taken when full (batches in the order they fill up, so the sizes
+    interleave as the shuffled order does, and the order's randomness is the only one); each
+    group's part-filled last batch follows at the end, in group order. Every sample is in one
+    batch. One group: the consecutive runs of `batch_size` of `rank_slices`. Under DDP each rank
+    takes its slice of every global batch, and a global batch smaller than the world is
+    dropped."""
+    groups = np.asarray(groups)
+    n = len(groups)
+    keyed = []
+    for g in np.unique(groups):
+        positions = np.flatnonzero(groups == g)
+        for start in range(0, len(positions), batch_size):
+            batch = positions[start : start + batch_size]
+            full = len(batch) == batch_size
+            keyed.append((int(batch[-1]) if full else n + int(g), batch))
+    keyed.sort(key=lambda item: item[0])
+    out = []
+    for _, batch in keyed:
+        part = rank_slices(len(batch), len(batch), world)
+        if part:
+            out.append(batch[part[0]])
+    return out
+
+
+def batch_count(group_sizes: Sequence[int], batch_size: int, world: World = SINGLE) -> int:
+    """Steps per epoch of `size_batches` for groups of these sizes (the same every epoch)."""
+    return sum(len(rank_slices(n, batch_size, world)) for n in group_sizes)
+
+
+def size_groups(caches: Sequence[FeatureCache]) -> np.ndarray:
+    """Each cache's size group: 0, 1, ... by working size, in order of first appearance."""
+    sizes = list(dict.fromkeys(tuple(c.spec.preprocessing.size) for c in caches))
+    return np.array([sizes.index(tuple(c.spec.preprocessing.size)) for c in caches])
+
+
 @dataclass
 class FeatureTensors:
     """Features as stored, as tensors: float values, or int8 values with their scales."""
@@ -90,44 +132,62 @@ class FeatureTensors:
 
 
 class InMemorySource:
-    """Every cached view of every image in one tensor on the device (RAM or GPU)."""
+    """Every cached view of every image on the device (RAM or GPU): one tensor per working
+    size."""
 
     kind = "memory"
 
     def __init__(self, caches: Sequence[FeatureCache], device: torch.device, progress: bool):
-        parts, labels, views = [], [], []
-        for cache in caches:
+        cache_group = size_groups(caches)
+        parts: list[list[FeatureTensors]] = [[] for _ in range(cache_group.max() + 1)]
+        labels: list[list[torch.Tensor]] = [[] for _ in parts]
+        views, groups = [], []
+        for cache, g in zip(caches, cache_group, strict=True):
             stored, lab = cache.load_stored(progress=progress)
             n, v = stored.values.shape[:2]
             flat = stored.map(lambda a, n=n, v=v: a.reshape(n * v, *a.shape[2:]))
-            parts.append(FeatureTensors.from_stored(flat))
-            labels.append(torch.from_numpy(lab).reshape(n * v, *lab.shape[2:]))
+            parts[g].append(FeatureTensors.from_stored(flat))
+            labels[g].append(torch.from_numpy(lab).reshape(n * v, *lab.shape[2:]))
             views.append(torch.full((n,), v, dtype=torch.long))
+            groups.append(torch.full((n,), int(g), dtype=torch.long))
         self.num_views = torch.cat(views)
-        # entry index of (image i, view 0); view j of image i is offset[i] + j
-        self.offset = torch.cumsum(self.num_views, 0) - self.num_views
-        # (one cache: no concatenation copy, which would double the peak memory)
-        if len(parts) == 1:
-            features = parts[0]
-        else:
-            scales = None if parts[0].scales is None else torch.cat([p.scales for p in parts])
-            features = FeatureTensors(torch.cat([p.values for p in parts]), scales)
-        self.features = features.to(device)
-        self.labels = (labels[0] if len(labels) == 1 else torch.cat(labels)).to(device)
+        self.group = torch.cat(groups)  # each image's size group
+        # entry index of (image i, view 0) in its group's tensors; view j is offset[i] + j
+        self.offset = torch.zeros_like(self.num_views)
+        for g in range(len(parts)):
+            mine = self.group == g
+            self.offset[mine] = torch.cumsum(self.num_views[mine], 0) - self.num_views[mine]
+        self.features = [_cat_features(p).to(device) for p in parts]
+        self.labels = [(lab[0] if len(lab) == 1 else torch.cat(lab)).to(device) for lab in labels]
         self.device = device
 
     @property
     def num_images(self) -> int:
         return len(self.num_views)
 
+    @property
+    def group_sizes(self) -> list[int]:
+        """Images per size group."""
+        return torch.bincount(self.group).tolist()
+
     def batches(
         self, seed: int, epoch: int, batch_size: int, world: World = SINGLE
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         perm, views = epoch_order(self.num_views, seed, epoch)
-        entries = (self.offset[perm] + views).to(self.device)
-        for part in rank_slices(len(entries), batch_size, world):
-            idx = entries[part]
-            yield self.features.take(idx).float(), self.labels[idx]
+        groups = self.group[perm]
+        entries = self.offset[perm] + views
+        for positions in size_batches(groups.numpy(), batch_size, world):
+            g = int(groups[positions[0]])
+            idx = entries[torch.from_numpy(positions)].to(self.device)
+            yield self.features[g].take(idx).float(), self.labels[g][idx]
+
+
+def _cat_features(parts: list[FeatureTensors]) -> FeatureTensors:
+    # one cache: no concatenation copy, which would double the peak memory
+    if len(parts) == 1:
+        return parts[0]
+    scales = None if parts[0].scales is None else torch.cat([p.scales for p in parts])
+    return FeatureTensors(torch.cat([p.values for p in parts]), scales)
 
 
 class StreamingSource:
@@ -141,6 +201,7 @@ class StreamingSource:
 
     def __init__(self, caches: Sequence[FeatureCache], device: torch.device, window: int):
         self.caches = list(caches)
+        self.cache_group = size_groups(self.caches)
         self.chunks = [(ci, k) for ci, c in enumerate(self.caches) for k in range(c.num_chunks)]
         self.device = device
         self.window = max(1, window)
@@ -148,6 +209,14 @@ class StreamingSource:
     @property
     def num_images(self) -> int:
         return sum(c.num_images for c in self.caches)
+
+    @property
+    def group_sizes(self) -> list[int]:
+        """Images per size group."""
+        sizes = [0] * (self.cache_group.max() + 1)
+        for cache, g in zip(self.caches, self.cache_group, strict=True):
+            sizes[g] += cache.num_images
+        return sizes
 
     def epoch_plan(self, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(cache, image, view) of every sample in epoch order, as an (N, 3) array, and where
@@ -169,10 +238,18 @@ class StreamingSource:
             total += len(rows)
         return np.concatenate(parts), np.array([*starts, total])
 
-    def _read(self, plan: np.ndarray) -> tuple[StoredFeatures, np.ndarray]:
-        """Features (as stored) and labels of the (cache, image, view) rows of `plan`, in its
-        order."""
-        first = self.caches[0]
+    def _read(self, plan: np.ndarray) -> dict[int, tuple[StoredFeatures, np.ndarray]]:
+        """Features (as stored) and labels of the (cache, image, view) rows of `plan`, per size
+        group, each in `plan`'s order."""
+        out = {}
+        row_group = self.cache_group[plan[:, 0]]
+        for g in np.unique(row_group):
+            out[int(g)] = self._read_group(plan[row_group == g])
+        return out
+
+    def _read_group(self, plan: np.ndarray) -> tuple[StoredFeatures, np.ndarray]:
+        """`_read` for rows of caches of one working size."""
+        first = self.caches[plan[0, 0]]
         values = np.empty((len(plan), *first.array("features").shape[2:]), first.spec.dtype)
         scales = None
         if first.spec.quantized:
@@ -204,31 +281,35 @@ class StreamingSource:
         self, seed: int, epoch: int, batch_size: int, world: World = SINGLE
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         plan, window_starts = self.epoch_plan(seed, epoch)
-        slices = rank_slices(len(plan), batch_size, world)
-        mine = np.concatenate([np.arange(len(plan))[s] for s in slices]) if slices else []
-        sizes = [s.stop - s.start for s in slices]
-        # this rank's rows, cut at window boundaries: each segment is one read
+        groups = self.cache_group[plan[:, 0]]
+        batches = size_batches(groups, batch_size, world)
+        # this rank's rows in plan order, cut at window boundaries: each segment is one read
+        mine = np.sort(np.concatenate(batches)) if batches else np.zeros(0, np.int64)
         window_of = np.searchsorted(window_starts, mine, side="right") - 1
         cuts = np.flatnonzero(np.diff(window_of)) + 1
-        segments = [plan[part] for part in np.split(np.asarray(mine, dtype=np.int64), cuts)]
+        segments = [plan[part] for part in np.split(mine, cuts)]
         q: queue.Queue = queue.Queue(maxsize=1)
         stop = threading.Event()
         reader = threading.Thread(target=self._reader, args=(segments, q, stop), daemon=True)
         reader.start()
-        buffered: list[tuple[StoredFeatures, np.ndarray]] = []
-        count = 0
+        # rows read but not yet trained, per size group, in plan order: a group's batches take
+        # its rows first come first (this rank's rows of a group are its batches' in order)
+        buffered: dict[int, list[tuple[StoredFeatures, np.ndarray]]] = {}
+        count: dict[int, int] = {}
         try:
-            for size in sizes:
-                while count < size:
+            for positions in batches:
+                g, size = int(groups[positions[0]]), len(positions)
+                while count.get(g, 0) < size:
                     item = q.get()
                     if isinstance(item, BaseException):
                         raise item
-                    buffered.append(item)
-                    count += len(item[1])
-                f, lab = _concat(buffered)
+                    for h, part in item.items():
+                        buffered.setdefault(h, []).append(part)
+                        count[h] = count.get(h, 0) + len(part[1])
+                f, lab = _concat(buffered[g])
                 yield self._to_device(f.map(lambda a, n=size: a[:n]), lab[:size])
-                buffered = [(f.map(lambda a, n=size: a[n:]), lab[size:])]
-                count = len(lab) - size
+                buffered[g] = [(f.map(lambda a, n=size: a[n:]), lab[size:])]
+                count[g] -= size
         finally:
             stop.set()
             while reader.is_alive():  # unblock a reader waiting on a full queue

@@ -35,15 +35,18 @@ def run_record(
     val_fp: str | None,
     weights_np,
     world: World,
+    train_sizes: list[list[int]] | None = None,
 ) -> dict:
     """train_stats/config.json: everything the run was (settings with the preset and resume
-    applied, the head as built, caches and their fingerprints, backbone, preprocessing)."""
+    applied, the head as built, caches and their fingerprints, backbone, preprocessing: the
+    working size inference uses; `train_sizes`: every training cache's size)."""
     return {
         "tool_version": __version__,
         "settings": config_dict(cfg),
         "head": head_cfg.to_dict(),
         "backbone": spec.backbone.to_dict(),
         "preprocessing": spec.preprocessing.to_dict(),
+        "train_sizes": train_sizes or [list(spec.preprocessing.size)],
         "class_map": spec.class_map.names,
         "train_caches": [
             {"path": str(p), "fingerprint": fp} for p, fp in zip(cfg.caches, train_fps, strict=True)
@@ -74,7 +77,7 @@ def settings_lines(run: dict) -> list[str]:
         f"head: {head['name']} ({', '.join(shape)})",
         f"backbone: {bb['name']} layers={bb['layers']} ({bb['channels']} channels), "
         f"weights {bb['weights_source']}",
-        f"size: {'x'.join(str(v) for v in run['preprocessing']['size'])}",
+        f"size: {'x'.join(str(v) for v in run['preprocessing']['size'])}" + _trained_at(run),
         f"loss: {s['loss']}"
         + (f" (focal gamma {s['focal_gamma']:g})" if "focal" in s["loss"] else "")
         + f", class weights {s['class_weights']}",
@@ -85,6 +88,14 @@ def settings_lines(run: dict) -> list[str]:
         f"val cache: {run['val_cache']['path'] if run['val_cache'] else 'none'}",
     ]
     return lines
+
+
+def _trained_at(run: dict) -> str:
+    """' (trained at 210x378, 266x476)' for a run trained on caches of several sizes."""
+    sizes = run.get("train_sizes") or []
+    if len(sizes) < 2:
+        return ""
+    return f" (trained at {', '.join('x'.join(str(v) for v in s) for s in sizes)})"
 
 
 def write_final_stats(

@@ -21,10 +21,10 @@ and resumed search samples what an uninterrupted one does. A trial whose trainin
 The folder is known as a sweep's by `sweep.json` (written before anything else, with a
 `kind` marker). Any other non-empty folder is refused before anything in it is touched, with
 or without --overwrite; --overwrite removes only what the sweep wrote: the trial folders its
-study records, the study, the leaderboards and the `best` link.
+study records, the study, the leaderboards, the ensemble and the `best` link.
 
 The package: `space` (what is searched: settings, distributions, the sampler, trial names),
 `study` (the Optuna study and its storage), `folder` (the output folder: sweep.json, the
-checks, --overwrite, the lock), `leaderboard` (its rows and files) and `run` (`sweep()`, the
-trials this process runs).
+checks, --overwrite, the lock), `leaderboard` (its rows and files), `ensemble` (--ensemble-top:
+the best trials as one model) and `run` (`sweep()`, the trials this process runs).
 """

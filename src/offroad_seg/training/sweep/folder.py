@@ -29,6 +29,8 @@ TRIALS_DIR = "trials"
 LOCK_FILE = ".sweep.lock"
 MARKER = "offroad-seg sweep"  # sweep.json's "kind": what makes a folder a sweep's
 LEADERBOARDS = ("leaderboard.csv", "leaderboard.md", "leaderboard.png")
+ENSEMBLE_FILE = "ensemble.pth"  # --ensemble-top K: the best K trials as one model
+ENSEMBLE_SUMMARY = "ensemble.json"  # its members and validation mIoU beside the best trial's
 BEST_LINK = "best"
 
 
@@ -181,7 +183,7 @@ def start_over(cfg: SweepConfig) -> None:
     with contextlib.suppress(OSError):
         (out / TRIALS_DIR).rmdir()  # only when empty: a user's file in it stays
     delete_study(cfg)
-    for name in LEADERBOARDS:
+    for name in (*LEADERBOARDS, ENSEMBLE_FILE, ENSEMBLE_SUMMARY):
         (out / name).unlink(missing_ok=True)
     if (out / BEST_LINK).is_symlink():
         (out / BEST_LINK).unlink()

@@ -26,7 +26,7 @@ from offroad_seg.training.sweep.folder import (
     sweep_identity,
     sweep_lock,
 )
-from offroad_seg.training.sweep.leaderboard import best_row, write_leaderboard
+from offroad_seg.training.sweep.leaderboard import best_row, leaderboard_rows, write_leaderboard
 from offroad_seg.training.sweep.space import (
     SAMPLE,
     check_search,
@@ -58,6 +58,7 @@ class SweepResult:
     best: Path | None = None
     pruned: int = 0
     failed: list[str] = field(default_factory=list)
+    ensemble: dict | None = None  # --ensemble-top: ensemble.json's summary
 
 
 def sweep(cfg: SweepConfig) -> SweepResult:
@@ -139,6 +140,10 @@ def _run_trials(cfg, study, world, distributions, grid: bool, total: int, starte
         bar.n = _finished(study)
         bar.close()
     with sweep_lock(cfg.out):
+        if cfg.ensemble_top:  # before the leaderboard, which reports it
+            from offroad_seg.training.sweep.ensemble import write_sweep_ensemble
+
+            result.ensemble = write_sweep_ensemble(cfg, leaderboard_rows(cfg.out, study), device)
         result.rows = write_leaderboard(cfg.out, study)
     best_link = cfg.out / BEST_LINK
     result.best = best_link.resolve() if best_link.exists() else None
