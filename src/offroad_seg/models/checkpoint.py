@@ -1,7 +1,10 @@
 """Self-contained head checkpoints: writing and reading.
 
 A `segmentation_head.pth` is enough to use a head on its own: head config and weights, class
-map, backbone spec with the weights' sha256, preprocessing, training settings and metrics.
+map, backbone spec with the weights' sha256, preprocessing, training settings and metrics. A
+head tuned from a block cache also holds `tuning` (`models.tuning.TuneSpec`) and, in its state
+dict beside the head's `head.` entries, what it changed in the backbone: the LoRA adapters and
+the final norm, or the tuned blocks (`blocks.` numbered from the cached block) and the norm.
 `last.pth` adds the optimizer, RNG states and history that `--resume` needs. Every tensor is
 saved on the CPU, so a checkpoint written on a GPU loads anywhere with a plain `torch.load`.
 """
@@ -23,6 +26,7 @@ from offroad_seg.models.backbone import BackboneSpec
 from offroad_seg.models.fingerprint import compat_fingerprint
 from offroad_seg.models.heads import HeadConfig, build_head
 from offroad_seg.models.preprocess import Preprocessing
+from offroad_seg.models.tuning import TuneSpec, head_state
 
 
 def file_sha256(path: str | Path) -> str:
@@ -107,10 +111,20 @@ class HeadCheckpoint:
     def compat_fingerprint(self) -> str:
         return compat_fingerprint(self.backbone, self.preprocessing, self.class_map)
 
+    @property
+    def tuning(self) -> TuneSpec | None:
+        """How the blocks after the cached one were trained (heads from block caches), with
+        their weights in the state dict beside the head's; None for a plain head."""
+        tuning = self.payload.get("tuning")
+        return None if tuning is None else TuneSpec.from_dict(tuning)
+
     def build(self, device: torch.device | str = "cpu") -> nn.Module:
         head = build_head(self.head_config)
+        state = self.payload["state_dict"]
+        if self.tuning is not None:
+            state = head_state(state)
         try:
-            head.load_state_dict(self.payload["state_dict"])
+            head.load_state_dict(state)
         except (KeyError, RuntimeError) as e:  # torch lists every mismatch, one per line
             lines = [line.strip() for line in str(e).splitlines() if line.strip()]
             detail = lines[1] if len(lines) > 1 else lines[0] if lines else repr(e)
