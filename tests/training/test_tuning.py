@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from offroad_seg.cli import cli
 from offroad_seg.data.dataset import list_samples
-from offroad_seg.data.images import read_image
+from offroad_seg.data.images import read_image, read_mask
 from offroad_seg.errors import ConfigError, WeightsError
 from offroad_seg.features.cache import FeatureCache
 from offroad_seg.features.extract import extract
@@ -192,3 +192,44 @@ def test_cache_info_names_the_block(block_cache):
     assert info["backbone"]["block"] == BLOCK
     assert info["features"]["shape"] == [6, 2, 384, 1, 1 + GRID[0] * GRID[1]]
     assert info["block"].startswith(f"tokens entering block {BLOCK} of 12")
+
+
+def test_lora_tuned_vits_from_extract_to_onnx_runtime(dataset, tmp_path):
+    """The one end-to-end run (slow): extract --block -> train --tune lora -> evaluate ->
+    export -> predict with ONNX Runtime, on a ViT-S whose blocks matter (tests/inference/
+    test_export.py's active random weights, in a file). The CLI's masks equal `Segmenter`'s;
+    the ONNX model's (adapters merged into its weights) agree on >= 99.9% of the pixels."""
+    from offroad_seg import Segmenter
+    from tests.inference.test_export import AGREEMENT, active_vit, save_weights
+
+    weights = save_weights(active_vit("dinov2_vits14", seed=3), tmp_path / "vits.safetensors")
+    cache, run, val = tmp_path / "c.zarr", tmp_path / "run", dataset / "val"
+
+    def ok(*args) -> str:
+        r = CliRunner().invoke(cli, [str(a) for a in args])
+        assert r.exit_code == 0, r.output
+        return r.output
+
+    ok("extract", dataset / "train", cache, "--weights", weights, "--block", BLOCK,
+       "--size", f"{SIZE[0]}x{SIZE[1]}", "--workers", 0, "--dtype", "int8")  # fmt: skip
+    ok("train", cache, run, "--tune", "lora", "--epochs", 1, "--device", "cpu", "--lr", 3e-3,
+       "--checkpointing")  # fmt: skip
+    head = run / "segmentation_head.pth"
+    assert "tuned        LoRA rank 8, alpha 16 on blocks 10..11" in ok("info", head)
+    ok("evaluate", head, val, tmp_path / "eval", "--workers", 0, "--comparisons", 0)
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["backbone"]["block"] == BLOCK
+    assert np.asarray(metrics["confusion_matrix"]).sum() == 3 * 112 * 196
+    ok("export", head, tmp_path / "m.onnx")
+    ok("predict", head, val, tmp_path / "t", "--workers", 0, "--device", "cpu")
+    ok("predict", tmp_path / "m.onnx", val, tmp_path / "o", "--workers", 0)
+
+    seg = Segmenter.from_checkpoint(head, device="cpu")
+    classes = set()
+    for sample in list_samples(val):
+        torch_cli = read_mask(tmp_path / "t" / "masks" / sample.name)
+        onnx_cli = read_mask(tmp_path / "o" / "masks" / sample.name)
+        np.testing.assert_array_equal(seg.predict(sample.image).codes, torch_cli)
+        assert (torch_cli == onnx_cli).mean() >= AGREEMENT
+        classes |= set(np.unique(torch_cli).tolist())
+    assert len(classes) > 1  # masks of one class would agree whatever the blocks computed

@@ -38,7 +38,20 @@ def head_info(path: str | Path) -> dict[str, Any]:
         "best": payload.get("best"),
         "per_class_iou": {k: v["iou"] for k, v in val["per_class"].items()} if val else None,
         "compat_fingerprint": ckpt.compat_fingerprint,
+        "tuning": _tuning(ckpt),
     }
+
+
+def _tuning(ckpt) -> dict[str, Any] | None:
+    """A tuned head's tuning (mode, block, rank, alpha), its description and the number of
+    backbone values the checkpoint holds; None for a plain head."""
+    spec = ckpt.tuning
+    if spec is None:
+        return None
+    state = ckpt.payload["state_dict"]
+    stored = sum(t.numel() for k, t in state.items() if not k.startswith("head."))
+    depth = ckpt.backbone.variant.depth
+    return {**spec.to_dict(), "describe": spec.describe(depth), "backbone_values": stored}
 
 
 def _fmt(value: Any) -> str:
@@ -49,6 +62,13 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _tuning_lines(tuning: dict[str, Any] | None) -> list[str]:
+    if tuning is None:
+        return []
+    values = tuning["backbone_values"]
+    return [f"tuned        {tuning['describe']} ({values:,} backbone values in the file)"]
+
+
 def head_info_text(info: dict[str, Any]) -> str:
     bb, head, prep = info["backbone"], info["head"], info["preprocessing"]
     lines = [
@@ -56,6 +76,7 @@ def head_info_text(info: dict[str, Any]) -> str:
         f"backbone     {bb['name']} layers={bb['layers']} channels={bb['channels']}",
         f"weights      {bb['weights_source']} (sha256 {bb['weights_sha256'][:16]}...)",
         f"size         {prep['size'][0]}x{prep['size'][1]}",
+        *_tuning_lines(info.get("tuning")),
         "model        " + ", ".join(f"{k} {_fmt(v)}" for k, v in head.items()),
         f"classes      {', '.join(info['classes'])}",
     ]
