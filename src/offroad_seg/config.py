@@ -47,6 +47,9 @@ class ExtractConfig:
     # 272x480 for DINOv3); any size must be a multiple of the backbone's patch (14 or 16)
     size: tuple[int, int] | None = None
     layers: int = 1
+    # a block cache: the tokens entering block K (block K-1's output, before the final norm;
+    # class, register/storage and patch tokens) instead of the final features; None: features
+    block: int | None = None
     views: tuple[str, ...] = ("identity",)
     device: str = "auto"
     batch_size: int | None = None  # None: by device (8 on CPU, 64 on CUDA)
@@ -89,6 +92,21 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
+    # Tuning the last blocks from a block cache (`extract --block K`, docs/tuning.md): None
+    # trains the head alone (on a block cache: on frozen blocks K..N-1), "lora" adapters on
+    # those blocks' attention and MLP layers, "full" their weights; both with the final norm
+    tune: str | None = None
+    lora_rank: int = 8
+    lora_alpha: float = 16.0  # the adapters' update is scaled by alpha / rank
+    # the tuned blocks' (and final norm's) peak learning rate; None: --lr for LoRA, a tenth of
+    # it for full tuning (pretrained weights move less than new ones)
+    backbone_lr: float | None = None
+    checkpointing: bool = False  # recompute the tuned blocks' activations in the backward pass
+    weights: str | None = None  # block caches: None for the cache's own weights file, as evaluate
+
+
+TUNE_MODES = ("lora", "full")
+FULL_TUNING_LR_FACTOR = 0.1  # --backbone-lr's default for --tune full, as a fraction of --lr
 
 
 # The settings that make a training run what it is: a resumed run keeps them, and a preset
@@ -109,6 +127,10 @@ RUN_SETTINGS = (
     "class_weights",
     "seed",
     "shuffle_window",
+    "tune",
+    "lora_rank",
+    "lora_alpha",
+    "backbone_lr",
 )
 
 # Named sets of run settings. `seed` reproduces the hackathon's training: its head, batch 2,

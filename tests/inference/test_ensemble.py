@@ -125,8 +125,16 @@ def test_members_that_differ_are_refused_in_one_line(heads, backbone, tmp_path):
     line = r.stderr.strip()
     assert "\n" not in line and str(heads["a"]) in line and str(other) in line
     assert "working size 56x98 vs 42x84" in line
-    tuned = make_head(tmp_path / "t.pth", backbone, "linear", seed=4, tuned_blocks=[9, 10, 11])
-    with pytest.raises(OffroadSegError, match=r"t.pth: carries tuned backbone blocks \[9, 10"):
+    tuned = make_head(
+        tmp_path / "t.pth",
+        backbone,
+        "linear",
+        seed=4,
+        tuning={"mode": "lora", "block": 9, "rank": 4, "alpha": 8.0},
+    )
+    with pytest.raises(
+        OffroadSegError, match=r"t.pth: was trained from a block cache \(LoRA rank 4"
+    ):
         write_ensemble([heads["a"], tuned], tmp_path / "y.pth")
     with pytest.raises(OffroadSegError, match="is an ensemble already"):
         write_ensemble([heads["ab"], heads["a"]], tmp_path / "z.pth")

@@ -1,5 +1,4 @@
 import json
-import math
 
 import numpy as np
 import pytest
@@ -7,20 +6,17 @@ import torch
 from click.testing import CliRunner
 
 from offroad_seg.cli import cli
-from offroad_seg.data.classes import ClassMap
-from offroad_seg.data.dataset import list_samples
-from offroad_seg.data.images import read_image, read_labels
 from offroad_seg.errors import CacheError, OffroadSegError
 from offroad_seg.features.cache import FeatureCache
 from offroad_seg.features.extract import extract
 from offroad_seg.models.checkpoint import load_checkpoint
 from offroad_seg.models.heads import HeadConfig, build_head
-from offroad_seg.models.preprocess import Preprocessing, image_to_tensor, preprocess, resize_labels
-from offroad_seg.training.loop import TrainConfig, lr_at, make_optimizer, train, warmup_steps
-from offroad_seg.training.losses import class_weights_from_pixels, segmentation_loss
-from offroad_seg.training.sources import StreamingSource, epoch_order
+from offroad_seg.training.loop import TrainConfig, lr_at, train
+from offroad_seg.training.losses import class_weights_from_pixels
+from offroad_seg.training.sources import StreamingSource
 from offroad_seg.training.validation import evaluate_on_cache
 from tests.conftest import SIZE, extract_config
+from tests.training.online import online_losses
 
 
 def train_config(caches, out, **kw) -> TrainConfig:
@@ -73,41 +69,15 @@ def test_cached_training_equals_online_training(cache_fp32, dataset, backbone, t
         train_config([cache_fp32], tmp_path / "run", epochs=epochs, batch_size=bs, seed=seed)
     )
 
-    samples = list_samples(dataset / "train")
-    prep, cm = Preprocessing(size=SIZE), ClassMap.default()
-    labels = [resize_labels(read_labels(s.mask, cm), SIZE) for s in samples]
-    counts = sum(np.bincount(lab.ravel(), minlength=256)[:11] for lab in labels)
-    weight = torch.tensor(class_weights_from_pixels(counts), dtype=torch.float32)
-
     torch.manual_seed(seed)
     head = build_head(HeadConfig(in_channels=384, num_classes=11))  # the default head
-    opt = make_optimizer(head, 3e-4, 0.01)
-    n = len(samples)
-    spe = math.ceil(n / bs)
-    total = epochs * spe
-    warm = warmup_steps(1.0, spe, total)
-    losses, step = [], 0
-    for epoch in range(1, epochs + 1):
-        perm, views = epoch_order(torch.full((n,), 2), seed, epoch)
-        for s in range(0, n, bs):
-            xs, ys = [], []
-            for i, v in zip(perm[s : s + bs].tolist(), views[s : s + bs].tolist(), strict=True):
-                x = preprocess(image_to_tensor(read_image(samples[i].image)), prep)
-                y = labels[i]
-                if v == 1:
-                    x, y = x.flip(-1), y[:, ::-1]
-                xs.append(x)
-                ys.append(torch.from_numpy(y.copy()))
-            with torch.no_grad():
-                feats = backbone(torch.cat(xs))
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, total, warm, 3e-4)
-            loss = segmentation_loss(head(feats), torch.stack(ys), weight)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-            step += 1
+
+    def forward(x):
+        with torch.no_grad():
+            feats = backbone(x)
+        return head(feats)
+
+    losses = online_losses(dataset / "train", SIZE, head, forward, seed, epochs, bs)
 
     np.testing.assert_allclose(result.step_losses, losses, rtol=1e-5)
     trained = load_checkpoint(tmp_path / "run" / "segmentation_head.pth").build()

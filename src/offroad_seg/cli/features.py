@@ -57,6 +57,15 @@ def _backbone_names() -> list[str]:
     "each normed, concatenated (4 x width).",
 )
 @click.option(
+    "--block",
+    type=int,
+    default=None,
+    help="Store a block cache for `train --tune`: the full token sequence ENTERING block K "
+    "(0-based; the output of block K-1, before the final norm: class, register/storage and "
+    "patch tokens) instead of the final features. Training then runs blocks K..N-1 "
+    "[default: final features].",
+)
+@click.option(
     "--views",
     type=click.Choice(["none", "flip"]),
     default="none",
@@ -152,6 +161,7 @@ def cache_info(cache: str, as_json: bool) -> None:
         f"labels       {tuple(info['labels']['shape'])} uint8 (255 = ignore)",
         f"size         {size[0]}x{size[1]} -> {grid[0]}x{grid[1]} tokens",
         f"backbone     {bb['name']} layers={bb['layers']} channels={bb['channels']}",
+        *([f"block        {info['block']}"] if info.get("block") is not None else []),
         f"weights      {bb['weights_source']} (sha256 {bb['weights_sha256'][:16]}...)",
         f"on disk      {info['bytes_on_disk'] / 1e6:.2f} MB"
         + (f", {per_image / 1e3:.0f} kB/image" if per_image else "")

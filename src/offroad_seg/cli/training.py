@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from offroad_seg.cli._common import LazyChoice, LossSpecType, cli, is_main_rank, stage
-from offroad_seg.config import PRESETS, SweepConfig, TrainConfig, default
+from offroad_seg.config import PRESETS, TUNE_MODES, SweepConfig, TrainConfig, default
 
 
 def _head_choices():
@@ -85,6 +85,49 @@ _RUN_SETTING_OPTIONS = [
         help="Load features into RAM/GPU up to this size, else stream [default: half of free].",
     ),
     click.option("--stream", is_flag=True, help="Always stream features from the cache."),
+]
+
+# Tuning the last blocks from a block cache (`extract --block K`; docs/tuning.md)
+_RUN_SETTING_OPTIONS += [
+    click.option(
+        "--tune",
+        type=click.Choice(TUNE_MODES),
+        default=None,
+        help="On a block cache: also train blocks K..N-1 and the final norm, by low-rank "
+        "adapters (lora) or all their weights (full) [default: the head alone; on a block "
+        "cache it runs the blocks frozen].",
+    ),
+    click.option(
+        "--lora-rank",
+        default=default(TrainConfig, "lora_rank"),
+        show_default=True,
+        help="Rank of the adapters (--tune lora).",
+    ),
+    click.option(
+        "--lora-alpha",
+        default=default(TrainConfig, "lora_alpha"),
+        show_default=True,
+        help="The adapters' update is scaled by alpha / rank.",
+    ),
+    click.option(
+        "--backbone-lr",
+        type=float,
+        default=None,
+        help="Peak learning rate of the tuned blocks and norm [default: --lr for lora, "
+        "--lr / 10 for full].",
+    ),
+    click.option(
+        "--checkpointing",
+        is_flag=True,
+        help="Recompute the tuned blocks' activations in the backward pass (less memory, "
+        "~1.3x the time).",
+    ),
+    click.option(
+        "--weights",
+        default=None,
+        help="Block caches: the backbone weights (a file, auto or random; refused unless "
+        "their sha256 is the cache's) [default: the file the cache was extracted from].",
+    ),
 ]
 
 

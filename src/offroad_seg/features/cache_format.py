@@ -1,6 +1,8 @@
 """The feature cache's format: one zarr v3 group per dataset split (format version 1).
 
-Arrays (N images, V views, C channels, h x w tokens, H x W working size, K classes):
+Arrays (N images, V views, C channels, h x w tokens, H x W working size, K classes; a block
+cache, `extract --block B`, stores each view's whole token sequence entering block B as C x 1 x T,
+T = prefix + h*w tokens, with L = 1: `CacheSpec.feature_shape`):
 
     features      (N, V, C, h, w)  float16, float32 or int8  chunks (k, 1, C, h, w)
     scales        (N, V, L, h, w)  float32 (int8 only)     chunks (k, 1, L, h, w)  per token, layer
@@ -110,11 +112,20 @@ class CacheSpec:
         if not self.names:
             raise CacheError("a cache needs at least one image")
         if self.images_per_chunk == 0:
-            grid = self.preprocessing.grid
-            per_image = self.backbone.channels * grid[0] * grid[1] * np.dtype(self.dtype).itemsize
+            per_image = math.prod(self.feature_shape) * np.dtype(self.dtype).itemsize
             object.__setattr__(
                 self, "images_per_chunk", max(1, round(TARGET_CHUNK_BYTES / per_image))
             )
+
+    @property
+    def feature_shape(self) -> tuple[int, int, int]:
+        """(C, h, w) of one view's stored features: the head's input on the token grid; for a
+        block cache (C, 1, T), the whole token sequence entering the block (class, register /
+        storage, then patch tokens) as one row of T (`models.backbone.stored_tokens`)."""
+        bb, (h, w) = self.backbone, self.preprocessing.grid
+        if bb.block is None:
+            return bb.channels, h, w
+        return bb.embed_dim, 1, bb.variant.prefix_tokens + h * w
 
     @property
     def compat_fingerprint(self) -> str:
@@ -231,8 +242,8 @@ def _create_data_arrays(group: zarr.Group, spec: CacheSpec) -> None:
     """features (and an int8 cache's scales), the hackathon labels and the labels; a chunk
     holds `images_per_chunk` images of one view."""
     n, v, k = len(spec.names), len(spec.views), spec.images_per_chunk
-    c = spec.backbone.channels
-    (h, w), (rows, cols) = spec.preprocessing.grid, spec.preprocessing.size
+    c, h, w = spec.feature_shape
+    rows, cols = spec.preprocessing.size
     group.create_array(
         "features",
         shape=(n, v, c, h, w),
@@ -243,7 +254,7 @@ def _create_data_arrays(group: zarr.Group, spec: CacheSpec) -> None:
         dimension_names=("image", "view", "channel", "row", "col"),
     )
     if spec.quantized:
-        layers = spec.backbone.layers
+        layers = spec.backbone.stored_layers
         group.create_array(
             SCALES,
             shape=(n, v, layers, h, w),

@@ -39,8 +39,22 @@ def cache_info(cache: FeatureCache) -> dict[str, Any]:
         "bytes_per_image": stored / max(1, done) if done else None,
         "compression_ratio": raw * done / cache.num_images / stored if done else None,
         "backbone": cache.spec.backbone.to_dict(),
+        "block": _block(cache),
         "preprocessing": {"size": list(prep.size), "grid": list(prep.grid)},
         "classes": cache.spec.class_map.names,
         "compat_fingerprint": cache.spec.compat_fingerprint,
         "fingerprint": cache.spec.fingerprint,
     }
+
+
+def _block(cache: FeatureCache) -> str | None:
+    """What a block cache holds, in words; None for a cache of final features."""
+    bb = cache.spec.backbone
+    if bb.block is None:
+        return None
+    tokens = cache.spec.feature_shape[-1]
+    return (
+        f"tokens entering block {bb.block} of {bb.variant.depth} ({tokens} tokens: "
+        f"{bb.variant.prefix_tokens} prefix + patches, before the final norm); train runs "
+        f"blocks {bb.block}..{bb.variant.depth - 1}"
+    )

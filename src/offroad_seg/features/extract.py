@@ -13,7 +13,7 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,7 @@ from offroad_seg.core.text import plural
 from offroad_seg.data.classes import ClassMap, resolve_class_map
 from offroad_seg.data.dataset import check_headers, list_samples
 from offroad_seg.data.digest import sources_digest
-from offroad_seg.errors import CacheError, DataError, Interrupted
+from offroad_seg.errors import CacheError, ConfigError, DataError, Interrupted
 from offroad_seg.features.cache import FeatureCache
 from offroad_seg.features.cache_folder import inspect_target
 from offroad_seg.features.cache_format import CacheSpec
@@ -141,9 +141,9 @@ class _ChunkAssembler:
     def __init__(self, cache: FeatureCache, chunks: list[int], max_in_flight: int = 4):
         self.cache = cache
         self.buffers: dict[int, _ChunkBuffer] = {}
-        v, c = cache.num_views, cache.channels
-        (h, w), (rows, cols) = cache.spec.preprocessing.grid, cache.spec.preprocessing.size
-        layers = cache.spec.backbone.layers
+        v, (c, h, w) = cache.num_views, cache.spec.feature_shape
+        rows, cols = cache.spec.preprocessing.size
+        layers = cache.spec.backbone.stored_layers
         for chunk in chunks:
             start, stop = cache.chunk_range(chunk)
             n = stop - start
@@ -221,9 +221,23 @@ def _entries(samples) -> list:
     return [(s.name, s.image, s.mask) for s in samples]
 
 
+def check_block(config: ExtractConfig) -> None:
+    """`--block K`: the tokens entering block K (0: the embedded image tokens), so blocks
+    K..N-1 remain for training, at least as many as the `--layers` they output."""
+    if config.block is None:
+        return
+    variant = get_variant(config.backbone)
+    last = variant.depth - config.layers
+    if not 0 <= config.block <= last:
+        raise ConfigError(
+            f"--block {config.block}: {variant.name} has blocks 0..{variant.depth - 1}; with "
+            f"--layers {config.layers} the block must be 0 to {last}"
+        )
+
+
 def build_spec(config: ExtractConfig, backbone: Backbone, samples, class_map: ClassMap):
     return CacheSpec(
-        backbone=backbone.spec,
+        backbone=replace(backbone.spec, block=config.block),
         preprocessing=working_preprocessing(config),
         class_map=class_map,
         names=tuple(s.name for s in samples),
@@ -279,6 +293,7 @@ def extract(config: ExtractConfig) -> ExtractSummary:
     finalizes once all are done; a cache started with K ranks resumes with any other number."""
     started = time.perf_counter()
     working_preprocessing(config)  # a bad size or backbone fails before any work starts
+    check_block(config)
     class_map = resolve_class_map(config.class_map)
     samples = list_samples(config.data_dir)
     check_target(config.cache, config.data_dir)
@@ -409,12 +424,12 @@ def _encode(
     """A batch's features (n, V, C, h, w) as the cache stores them, on the device, with their
     scales for an int8 cache."""
     n = len(batch["index"])
-    feats = backbone.encode(batch["image"], spec.preprocessing, hflip=hflip)
+    feats = backbone.encode(batch["image"], spec.preprocessing, hflip, spec.backbone.block)
     # (V*n, C, h, w) -> (n, V, C, h, w): view-major from encode, image-major in the cache
     feats = feats.view(len(spec.views), n, *feats.shape[1:]).transpose(0, 1)
     scales = None
     if spec.quantized:  # on the device: a quarter of the transfer
-        feats, scales = quantize_int8(feats, spec.backbone.layers)
+        feats, scales = quantize_int8(feats, spec.backbone.stored_layers)
     else:
         feats = feats.to(dtype)
     return feats, scales

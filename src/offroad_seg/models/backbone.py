@@ -16,7 +16,6 @@ and keys, and the masked key bias.
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,10 +23,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from offroad_seg.config import DEFAULT_BACKBONE
 from offroad_seg.core.runtime import autocast
 from offroad_seg.errors import ConfigError
+from offroad_seg.models import lora
 from offroad_seg.models.preprocess import Preprocessing, normalize
 from offroad_seg.models.rope import rope_periods, rope_sincos, rotate
 from offroad_seg.models.variants import (
@@ -58,6 +59,9 @@ class BackboneSpec:
     weights_source: str
     layers: int = 1
     name: str = DEFAULT_BACKBONE
+    # a block cache (`extract --block K`): the tokens entering block K, before the head's
+    # blocks K..N-1 and the final norm; None: the final features
+    block: int | None = None
 
     @property
     def variant(self) -> BackboneVariant:
@@ -91,15 +95,29 @@ class BackboneSpec:
             weights_source=d["weights_source"],
             layers=int(d["layers"]),
             name=name,
+            block=None if d.get("block") is None else int(d["block"]),
         )
 
     def identity(self) -> dict:
         """The fields that decide what the features are (the source path does not). The timm
-        architecture names the variant, as it did before the registry: old fingerprints hold."""
-        return {"arch": self.arch, "weights_sha256": self.weights_sha256, "layers": self.layers}
+        architecture names the variant, as it did before the registry: old fingerprints hold
+        (the block is named only for block caches)."""
+        out = {"arch": self.arch, "weights_sha256": self.weights_sha256, "layers": self.layers}
+        return out if self.block is None else {**out, "block": self.block}
+
+    @property
+    def stored_channels(self) -> int:
+        """Channels a cache stores: the head's input, or one token's width (block caches)."""
+        return self.channels if self.block is None else self.embed_dim
+
+    @property
+    def stored_layers(self) -> int:
+        """Layers a cache's int8 scales cover: the concatenated blocks, or one (block caches)."""
+        return self.layers if self.block is None else 1
 
     def describe(self) -> str:
-        return f"{self.name} (layers={self.layers}, {self.channels} channels)"
+        block = "" if self.block is None else f", tokens entering block {self.block}"
+        return f"{self.name} (layers={self.layers}, {self.channels} channels{block})"
 
 
 def resize_pos_embed(
@@ -191,38 +209,66 @@ class Backbone(nn.Module):
             return cls.expand(batch, -1, -1)
         return torch.cat([cls, vit.reg_token.float()], dim=1).expand(batch, -1, -1)
 
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """The tokens entering block 0 (B, prefix + rows*cols, C), float32, and the grid."""
         b, _, h, w = x.shape
         p = self.variant.patch_size
         rows, cols = h // p, w // p
         vit = self.vit
-        positions = self.positions(rows, cols, x.device)
         if self.variant.family == DINOV3:
             # the official token order: class, storage, patches; float32 (torch.cat promotes
             # the patch projection, bf16/fp16 under autocast, as the official code's cat does)
             t = vit.patch_embed.proj(x).flatten(2).transpose(1, 2).float()
-            t = torch.cat([self.prefix_tokens(b), t], dim=1)
-            blocks = (
-                functools.partial(self._rope_block, block, *positions) for block in vit.blocks
-            )
-        else:
-            # Position embeddings are added in float32, as the official code and timm do (under
-            # autocast the patch projection comes out in bf16/fp16)
-            t = vit.patch_embed(x).reshape(b, rows * cols, -1).float()
-            t = t + positions[0]
-            t = torch.cat([self.prefix_tokens(b), t], dim=1)
-            t = vit.norm_pre(t)
-            blocks = iter(vit.blocks)
-        first_kept = len(vit.blocks) - self.spec.layers
-        prefix = self.variant.prefix_tokens
+            return torch.cat([self.prefix_tokens(b), t], dim=1), rows, cols
+        # Position embeddings are added in float32, as the official code and timm do (under
+        # autocast the patch projection comes out in bf16/fp16)
+        t = vit.patch_embed(x).reshape(b, rows * cols, -1).float()
+        t = t + self.positions(rows, cols, x.device)[0]
+        t = torch.cat([self.prefix_tokens(b), t], dim=1)
+        return vit.norm_pre(t), rows, cols
+
+    def run_block(self, i: int, t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+        """Block i on the tokens t of a rows x cols grid (DINOv3: with its rotary embeddings)."""
+        block = self.vit.blocks[i]
+        if self.variant.family == DINOV3:
+            return self._rope_block(block, *self.positions(rows, cols, t.device), t)
+        return block(t)
+
+    def tokens_entering(self, x: torch.Tensor, block: int) -> torch.Tensor:
+        """The full token sequence entering block `block` (class, register/storage, then patch
+        tokens; before the final norm): (B, prefix + rows*cols, C) float32 for block 0, the
+        output of block `block - 1` otherwise. What a block cache stores."""
+        t, rows, cols = self._tokens(x)
+        for i in range(block):
+            t = self.run_block(i, t, rows, cols)
+        return t
+
+    def features_from(
+        self, t: torch.Tensor, start: int, rows: int, cols: int, checkpointing: bool = False
+    ) -> torch.Tensor:
+        """Blocks start..N-1 on the tokens entering block `start`, then the final norm on the
+        last `layers` blocks' outputs (prefix tokens dropped): features (B, C, rows, cols).
+        `checkpointing`: recompute each block's activations in the backward pass instead of
+        keeping them (tuned blocks; only while gradients are recorded)."""
+        depth, prefix = len(self.vit.blocks), self.variant.prefix_tokens
+        first_kept = depth - self.spec.layers
+        if start > first_kept:
+            raise ConfigError(f"block {start} is after the first of the last {self.spec.layers}")
         outs = []
-        for i, block in enumerate(blocks):
-            t = block(t)
+        for i in range(start, depth):
+            if checkpointing and torch.is_grad_enabled():
+                t = checkpoint(self.run_block, i, t, rows, cols, use_reentrant=False)
+            else:
+                t = self.run_block(i, t, rows, cols)
             if i >= first_kept:
-                outs.append(vit.norm(t)[:, prefix:])
+                outs.append(self.vit.norm(t)[:, prefix:])
         feats = torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
-        return feats.transpose(1, 2).reshape(b, -1, rows, cols)
+        return feats.transpose(1, 2).reshape(len(t), -1, rows, cols)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t, rows, cols = self._tokens(x)
+        return self.features_from(t, 0, rows, cols)
 
     def _rope_block(
         self, block: nn.Module, sin: torch.Tensor, cos: torch.Tensor, t: torch.Tensor
@@ -241,7 +287,7 @@ class Backbone(nn.Module):
         bias = None
         if attn.q_bias is not None:
             bias = torch.cat([attn.q_bias, torch.zeros_like(attn.q_bias), attn.v_bias])
-        qkv = F.linear(x, attn.qkv.weight, bias).reshape(b, n, 3, self.variant.num_heads, -1)
+        qkv = lora.linear(attn.qkv, x, bias).reshape(b, n, 3, self.variant.num_heads, -1)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (B, heads, N, d) each
         q, k = rotate(q, sin, cos), rotate(k, sin, cos)
         out = F.scaled_dot_product_attention(q, k, v)
@@ -249,17 +295,35 @@ class Backbone(nn.Module):
 
     @torch.no_grad()
     def encode(
-        self, images: torch.Tensor, prep: Preprocessing, hflip: bool = False
+        self,
+        images: torch.Tensor,
+        prep: Preprocessing,
+        hflip: bool = False,
+        block: int | None = None,
     ) -> torch.Tensor:
         """The one path from resized uint8 images (B, 3, rows, cols), as `resize_image` makes
         them, to float32 features (B, C, h, w), for extract, evaluate and predict.
-        `hflip=True` appends the mirrored images' features: (2B, C, h, w)."""
+        `hflip=True` appends the mirrored images' features: (2B, C, h, w). `block`: the
+        tokens entering that block instead, as a block cache stores them (`stored_tokens`)."""
         device = self.vit.cls_token.device
         x = normalize(images.to(device, non_blocking=True), prep)
         if hflip:
             x = torch.cat([x, x.flip(-1)])
         with autocast(device):
+            if block is not None:
+                return stored_tokens(self.tokens_entering(x, block).float())
             return self(x).float()
+
+
+def stored_tokens(tokens: torch.Tensor) -> torch.Tensor:
+    """A token sequence (B, T, C) in a cache's feature layout (B, C, 1, T): one row of T
+    "positions", so that chunking, int8 (a scale per token) and the sources work unchanged."""
+    return tokens.transpose(1, 2).unsqueeze(2)
+
+
+def tokens_from_stored(stored: torch.Tensor) -> torch.Tensor:
+    """The inverse of `stored_tokens`: (B, C, 1, T) -> (B, T, C)."""
+    return stored.flatten(2).transpose(1, 2)
 
 
 def load_backbone(

@@ -1,7 +1,10 @@
 """Self-contained head checkpoints: writing and reading.
 
 A `segmentation_head.pth` is enough to use a head on its own: head config and weights, class
-map, backbone spec with the weights' sha256, preprocessing, training settings and metrics.
+map, backbone spec with the weights' sha256, preprocessing, training settings and metrics. A
+head tuned from a block cache also holds `tuning` (`models.tuning.TuneSpec`) and, in its state
+dict beside the head's `head.` entries, what it changed in the backbone: the LoRA adapters and
+the final norm, or the tuned blocks (`blocks.` numbered from the cached block) and the norm.
 `last.pth` adds the optimizer, RNG states and history that `--resume` needs. Every tensor is
 saved on the CPU, so a checkpoint written on a GPU loads anywhere with a plain `torch.load`.
 
@@ -28,6 +31,7 @@ from offroad_seg.models.fingerprint import compat_fingerprint
 from offroad_seg.models.heads import HeadConfig, build_head
 from offroad_seg.models.heads.ensemble import EnsembleHead
 from offroad_seg.models.preprocess import Preprocessing
+from offroad_seg.models.tuning import TuneSpec, head_state
 
 
 def file_sha256(path: str | Path) -> str:
@@ -76,10 +80,6 @@ def head_payload(
 
 DIGEST_KEY = "state_dict_sha256"
 ENSEMBLE_KEY = "ensemble"  # an ensemble's members: [{"head_config", "source", ...}, ...]
-# The backbone blocks a checkpoint carries tuned weights of (a head trained with the last
-# blocks tuned). Whatever form a checkpoint stores them in, it declares them here: code that
-# handles only frozen-backbone heads (ensembles, for now) keys on this.
-TUNED_BLOCKS_KEY = "tuned_blocks"
 
 
 def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
@@ -123,10 +123,11 @@ class HeadCheckpoint:
         return bool(self.members)
 
     @property
-    def tuned_blocks(self) -> list[int]:
-        """The backbone blocks whose tuned weights this checkpoint carries ([] for a head on
-        a frozen backbone)."""
-        return list(self.payload.get(TUNED_BLOCKS_KEY) or [])
+    def tuning(self) -> TuneSpec | None:
+        """How the blocks after the cached one were trained (heads from block caches), with
+        their weights in the state dict beside the head's; None for a plain head."""
+        tuning = self.payload.get("tuning")
+        return None if tuning is None else TuneSpec.from_dict(tuning)
 
     def build(self, device: torch.device | str = "cpu") -> nn.Module:
         """The head (an `EnsembleHead` of the members for an ensemble) with its weights, in
@@ -135,8 +136,11 @@ class HeadCheckpoint:
             head = EnsembleHead([build_head(c) for c in self.members])
         else:
             head = build_head(self.head_config)
+        state = self.payload["state_dict"]
+        if self.tuning is not None:
+            state = head_state(state)
         try:
-            head.load_state_dict(self.payload["state_dict"])
+            head.load_state_dict(state)
         except (KeyError, RuntimeError) as e:  # torch lists every mismatch, one per line
             lines = [line.strip() for line in str(e).splitlines() if line.strip()]
             detail = lines[1] if len(lines) > 1 else lines[0] if lines else repr(e)

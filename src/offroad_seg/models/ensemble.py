@@ -5,7 +5,7 @@ ensemble as they take a head.
 
 Members must share backbone (variant, weights, layers), preprocessing (working size
 included) and class map: their tokens and classes must mean the same thing. Heads trained
-with tuned backbone blocks (a checkpoint declaring `tuned_blocks`) are refused for now: their
+with tuned backbone blocks (a checkpoint carrying `tuning`) are refused for now: their
 members would each need their own last blocks.
 """
 
@@ -37,10 +37,11 @@ def check_members(members: Sequence[HeadCheckpoint]) -> None:
             raise OffroadSegError(
                 f"{ckpt.path}: is an ensemble already; give its member heads instead"
             )
-        if ckpt.tuned_blocks:
+        if ckpt.tuning is not None:
+            depth = ckpt.backbone.variant.depth
             raise OffroadSegError(
-                f"{ckpt.path}: carries tuned backbone blocks {ckpt.tuned_blocks}; ensembles "
-                "of heads on a frozen backbone only, for now"
+                f"{ckpt.path}: was trained from a block cache ({ckpt.tuning.describe(depth)}); "
+                "ensembles take heads on a frozen backbone only, for now"
             )
         diff = compat_differences(_described(first), _described(ckpt))
         if diff:

@@ -40,6 +40,8 @@ def compat_differences(
         out.append(f"backbone weights {bb_a.weights_sha256[:12]} vs {bb_b.weights_sha256[:12]}")
     if bb_a.layers != bb_b.layers:
         out.append(f"layers {bb_a.layers} vs {bb_b.layers}")
+    if bb_a.block != bb_b.block:
+        out.append(f"cached block {bb_a.block} vs {bb_b.block}")
     if sizes and prep_a.size != prep_b.size:
         (r, c), (r2, c2) = prep_a.size, prep_b.size
         out.append(f"working size {r}x{c} vs {r2}x{c2}")

@@ -14,9 +14,10 @@ from torch import nn
 from offroad_seg.core.runtime import autocast, resolve_device
 from offroad_seg.data.classes import ClassMap
 from offroad_seg.errors import ConfigError, WeightsError
-from offroad_seg.models.backbone import Backbone, load_backbone
+from offroad_seg.models.backbone import Backbone, BackboneSpec, load_backbone
 from offroad_seg.models.checkpoint import HeadCheckpoint, load_checkpoint
 from offroad_seg.models.preprocess import Preprocessing
+from offroad_seg.models.tuning import apply_tuning
 from offroad_seg.models.weights import RANDOM
 
 TTA_MODES = ("none", "flip")
@@ -73,26 +74,43 @@ class TTA:
 def backbone_for_head(
     ckpt: HeadCheckpoint, weights: str | None, device: torch.device | str
 ) -> Backbone:
-    """Load the backbone a head was trained on; other weights are refused."""
+    """Load the backbone a head was trained on; other weights are refused. A tuned head's
+    blocks (`ckpt.tuning`) are loaded into it, LoRA adapters merged into the weights."""
+    backbone = matching_backbone(ckpt.backbone, weights, device, ckpt.path, "the head", "trained")
+    if ckpt.tuning is not None:
+        apply_tuning(backbone, ckpt.tuning, ckpt.payload["state_dict"])
+    return backbone
+
+
+def matching_backbone(
+    spec: BackboneSpec,
+    weights: str | None,
+    device: torch.device | str,
+    owner: str | Path,
+    what: str,
+    made: str,
+) -> Backbone:
+    """The backbone `spec` names, from `weights` (None or 'auto': the recorded weights file
+    when it is there, else the search order of `extract`); weights whose sha256 differs from
+    the recorded one are refused in one line. `owner` (a head or cache path), `what` ("the
+    head") and `made` ("trained") word the messages."""
     if weights in (None, "auto"):
-        source = ckpt.backbone.weights_source
+        source = spec.weights_source
         if source == RANDOM or Path(source).is_file():
             weights = source
     try:
-        backbone = load_backbone(
-            weights, layers=ckpt.backbone.layers, device=device, name=ckpt.backbone.name
-        )
+        backbone = load_backbone(weights, layers=spec.layers, device=device, name=spec.name)
     except WeightsError as e:
         raise WeightsError(
-            f"{e} (the head {ckpt.path} was trained on {ckpt.backbone.name} weights with sha256 "
-            f"{ckpt.backbone.weights_sha256[:16]}..., from {ckpt.backbone.weights_source})"
+            f"{e} ({what} {owner} was {made} on {spec.name} weights with sha256 "
+            f"{spec.weights_sha256[:16]}..., from {spec.weights_source})"
         ) from e
-    if backbone.spec.weights_sha256 != ckpt.backbone.weights_sha256:
+    if backbone.spec.weights_sha256 != spec.weights_sha256:
         raise WeightsError(
-            f"{ckpt.path}: trained on other backbone weights (sha256 "
-            f"{ckpt.backbone.weights_sha256[:16]}... from {ckpt.backbone.weights_source}) than "
+            f"{owner}: {made} on other backbone weights (sha256 "
+            f"{spec.weights_sha256[:16]}... from {spec.weights_source}) than "
             f"{backbone.spec.weights_source} (sha256 {backbone.spec.weights_sha256[:16]}...); "
-            "pass --weights with the head's weights"
+            f"pass --weights with {what}'s weights"
         )
     return backbone
 

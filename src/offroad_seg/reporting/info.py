@@ -42,6 +42,7 @@ def head_info(path: str | Path) -> dict[str, Any]:
         "train_sizes": payload.get("train_sizes"),
         "ensemble": _members(payload) if ckpt.is_ensemble else None,
         "ensemble_val": payload.get("ensemble_val"),  # sweep --ensemble-top scores it
+        "tuning": _tuning(ckpt),
     }
 
 
@@ -57,12 +58,31 @@ def _members(payload: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
+def _tuning(ckpt) -> dict[str, Any] | None:
+    """A tuned head's tuning (mode, block, rank, alpha), its description and the number of
+    backbone values the checkpoint holds; None for a plain head."""
+    spec = ckpt.tuning
+    if spec is None:
+        return None
+    state = ckpt.payload["state_dict"]
+    stored = sum(t.numel() for k, t in state.items() if not k.startswith("head."))
+    depth = ckpt.backbone.variant.depth
+    return {**spec.to_dict(), "describe": spec.describe(depth), "backbone_values": stored}
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:g}"
     if isinstance(value, (list, tuple)):
         return ", ".join(_fmt(v) for v in value)
     return str(value)
+
+
+def _tuning_lines(tuning: dict[str, Any] | None) -> list[str]:
+    if tuning is None:
+        return []
+    values = tuning["backbone_values"]
+    return [f"tuned        {tuning['describe']} ({values:,} backbone values in the file)"]
 
 
 def head_info_text(info: dict[str, Any]) -> str:
@@ -72,6 +92,7 @@ def head_info_text(info: dict[str, Any]) -> str:
         f"backbone     {bb['name']} layers={bb['layers']} channels={bb['channels']}",
         f"weights      {bb['weights_source']} (sha256 {bb['weights_sha256'][:16]}...)",
         f"size         {prep['size'][0]}x{prep['size'][1]}",
+        *_tuning_lines(info.get("tuning")),
     ]
     sizes = info.get("train_sizes") or []
     if len(sizes) > 1:

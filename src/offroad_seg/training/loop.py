@@ -50,6 +50,7 @@ from offroad_seg.training.run_folder import (
 )
 from offroad_seg.training.sources import batch_count
 from offroad_seg.training.stats import run_record, write_final_stats, write_run_record
+from offroad_seg.training.tuned import backbone_lr_scale, trained_model, tune_spec
 from offroad_seg.training.validation import validate_epoch
 
 log = logging.getLogger(__name__)
@@ -84,17 +85,24 @@ def warmup_steps(warmup_epochs: float, steps_per_epoch: int, total_steps: int) -
     return max(1, min(int(warmup_epochs * steps_per_epoch), total_steps // 10 or 1))
 
 
-def make_optimizer(head: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW (fused: one kernel for all parameters, ~5x faster steps on CPU); norms, biases
-    and layer scales are not decayed."""
-    decay, no_decay = [], []
-    for name, p in head.named_parameters():
-        (no_decay if p.ndim <= 1 or name.endswith("gamma") else decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+def make_optimizer(
+    model: nn.Module, lr: float, weight_decay: float, backbone_scale: float = 1.0
+) -> torch.optim.Optimizer:
+    """AdamW (fused: one kernel for all parameters, ~5x faster steps on CPU) over the
+    trainable parameters; norms, biases and layer scales are not decayed. A tuned model's
+    blocks and norm take `backbone_scale` times the learning rate (each group's `lr_scale`)."""
+    groups: dict[tuple[float, bool], list] = {(1.0, True): [], (1.0, False): []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        scale = model.lr_scale(name, backbone_scale) if hasattr(model, "lr_scale") else 1.0
+        decay = not (p.ndim <= 1 or name.endswith("gamma"))
+        groups.setdefault((scale, decay), []).append(p)
+    params = [
+        {"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale}
+        for (scale, decay), ps in groups.items()
     ]
-    return torch.optim.AdamW(groups, lr=lr, fused=True)
+    return torch.optim.AdamW(params, lr=lr, fused=True)
 
 
 # ----------------------------------------------------------------------------- training
@@ -134,7 +142,7 @@ def train_one_epoch(
     for feats, labels in source.batches(cfg.seed, epoch, cfg.batch_size, world):
         lr = lr_at(step, total_steps, warmup, cfg.lr)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         with autocast(device):
             logits = model(feats)
         parts = criterion(logits, labels)
@@ -263,7 +271,7 @@ class _Setup:
     """What a run trains with, built before its first epoch (and before a resumed run's state
     is loaded into it)."""
 
-    head: nn.Module
+    head: nn.Module  # what trains: the head, or a TunedModel (blocks + norm + head)
     model: nn.Module  # the head, or its DDP wrapper under torchrun
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
@@ -300,13 +308,15 @@ def _set_up(cfg: TrainConfig, data: TrainingData, world: World) -> _Setup:
     )
     torch.manual_seed(cfg.seed)
     head = build_head(head_cfg).to(device)
+    tuning = tune_spec(cfg, caches[0])
+    head = trained_model(cfg, caches[0], head, tuning, device)  # LoRA draws from the RNG too
     if world.rank:  # own dropout masks per rank; rank 0 goes on as one process would
         torch.manual_seed(rank_seed(cfg.seed, world.rank))
     model = head
     if world.enabled:
         ids = [device.index] if device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(head, device_ids=ids)
-    optimizer = make_optimizer(head, cfg.lr, cfg.weight_decay)
+    optimizer = make_optimizer(head, cfg.lr, cfg.weight_decay, backbone_lr_scale(cfg))
     scaler = grad_scaler(device)
     steps_per_epoch = batch_count(source.group_sizes, cfg.batch_size, world)
     total_steps = cfg.epochs * steps_per_epoch
@@ -325,6 +335,7 @@ def _set_up(cfg: TrainConfig, data: TrainingData, world: World) -> _Setup:
         train_sizes=train_sizes,
         class_weights=run["class_weights"],
         world_size=world.size,
+        **({"tuning": tuning.to_dict()} if tuning is not None else {}),
     )
     return _Setup(
         head, model, optimizer, scaler, criterion, weight, steps_per_epoch, warmup, run,

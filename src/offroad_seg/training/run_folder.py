@@ -84,8 +84,12 @@ def config_dict(cfg: TrainConfig) -> dict:
 
 def same_run(a: dict, b: dict) -> bool:
     """Whether two runs' settings (config_dict's) train the same head on the same caches."""
+    # a setting missing from a record written by an older version ran with its default
+    settings = {k: default(TrainConfig, k) for k in RUN_SETTINGS}
     keys = (*RUN_SETTINGS, "caches", "val_cache")
-    return all(_as_json(a.get(k)) == _as_json(b.get(k)) for k in keys)
+    return all(
+        _as_json(a.get(k, settings.get(k))) == _as_json(b.get(k, settings.get(k))) for k in keys
+    )
 
 
 def _as_json(value: Any) -> Any:

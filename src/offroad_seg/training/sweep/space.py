@@ -23,7 +23,7 @@ def parse_value(name: str, text: str) -> Any:
         raise ConfigError(f"{name!r} cannot be swept; settings: {', '.join(SWEEPABLE)}")
     text = text.strip()
     try:
-        if name == "dropout":
+        if name in ("dropout", "backbone_lr"):  # None by default: float when given
             return float(text)
         kind = type(default(TrainConfig, name))
         if kind is int:

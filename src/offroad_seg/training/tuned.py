@@ -1,0 +1,54 @@
+"""What a training on a block cache trains: the head on the backbone's blocks from the cached
+one on (`models.tuning.TunedModel`), with the backbone's weights loaded again and checked
+against the cache's. A cache of final features trains the head alone."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from offroad_seg.config import FULL_TUNING_LR_FACTOR, TrainConfig
+from offroad_seg.errors import ConfigError
+from offroad_seg.features.cache import FeatureCache
+from offroad_seg.models.segmentation import matching_backbone
+from offroad_seg.models.tuning import TunedModel, TuneSpec
+
+
+def tune_spec(cfg: TrainConfig, cache: FeatureCache) -> TuneSpec | None:
+    """The tuning a run on `cache` does: None for a cache of final features (where `--tune`
+    is refused: the blocks' input is not in it)."""
+    bb = cache.spec.backbone
+    if bb.block is None:
+        if cfg.tune is not None:
+            raise ConfigError(
+                f"{cache.path}: --tune {cfg.tune} needs a block cache, and this one holds final "
+                f"features; re-extract it with --block K (e.g. --block {bb.variant.depth - 4} "
+                "tunes the last 4 blocks)"
+            )
+        return None
+    lora = cfg.tune == "lora"
+    return TuneSpec(
+        cfg.tune or "frozen",
+        bb.block,
+        cfg.lora_rank if lora else 0,
+        cfg.lora_alpha if lora else 0.0,
+    )
+
+
+def backbone_lr_scale(cfg: TrainConfig) -> float:
+    """The tuned blocks' learning rate as a fraction of `--lr`."""
+    if cfg.backbone_lr is not None:
+        return cfg.backbone_lr / cfg.lr
+    return FULL_TUNING_LR_FACTOR if cfg.tune == "full" else 1.0
+
+
+def trained_model(
+    cfg: TrainConfig, cache: FeatureCache, head: nn.Module, tuning: TuneSpec | None, device
+) -> nn.Module:
+    """The module a run trains: the head, or the head on blocks K..N-1 of the backbone the
+    block cache was extracted with (`--weights` as in extract; other weights refused)."""
+    if tuning is None:
+        return head
+    spec = cache.spec.backbone
+    backbone = matching_backbone(spec, cfg.weights, device, cache.path, "the cache", "extracted")
+    grid = cache.spec.preprocessing.grid
+    return TunedModel(backbone, head, tuning, grid, cfg.checkpointing).to(device)
