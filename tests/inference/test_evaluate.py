@@ -73,6 +73,18 @@ def test_metrics_json_equals_recomputation_from_written_masks(head_path, dataset
         pred = np.vectorize(lut.get)(read_mask(tmp_path / "e" / "masks" / s.name))
         truth = np.vectorize(lut.get)(read_mask(s.mask))
         np.add.at(conf, (truth.ravel(), pred.ravel()), 1)
+        # the image's own numbers (the report's row): IoU per class present in its truth or
+        # prediction, their mean, pixel accuracy
+        mine = report["per_image"][s.name]
+        ious = {}
+        for c, name in enumerate(cm.names):
+            inter, union = np.sum((truth == c) & (pred == c)), np.sum((truth == c) | (pred == c))
+            ious[name] = inter / union if union else None
+            assert mine["iou"][name] == (pytest.approx(ious[name], abs=1e-12) if union else None)
+        present = [v for v in ious.values() if v is not None]
+        assert mine["miou"] == pytest.approx(np.mean(present), abs=1e-12)
+        assert mine["pixel_accuracy"] == pytest.approx(np.mean(truth == pred), abs=1e-12)
+    assert list(report["per_image"]) == [s.name for s in list_samples(dataset / "val")]
     tp = np.diag(conf).astype(float)
     union = conf.sum(0) + conf.sum(1) - tp
     present = (conf.sum(0) + conf.sum(1)) > 0
