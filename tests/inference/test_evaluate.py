@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -212,6 +213,50 @@ def test_predict_writes_masks_and_overlays(head_path, dataset, backbone, tmp_pat
                 head=head_path, inputs=(dataset / "val", samples[0].image), out=tmp_path / "q"
             )
         )
+
+
+def test_predict_save_probs(head_path, dataset, backbone, tmp_path):
+    out = tmp_path / "p"
+    cfg = PredictConfig(
+        head=head_path, inputs=(dataset / "val",), out=out, workers=0, progress=False,
+        overlays=False, save_probs=True,
+    )  # fmt: skip
+    predict(cfg)
+    cm = ClassMap.default()
+    samples = list_samples(dataset / "val")
+    for s in samples:
+        probs = np.load(out / "probs" / f"{s.image.stem}.npy")
+        h, w = read_mask(s.mask).shape
+        assert probs.dtype == np.float16 and probs.shape == (11, h, w)
+        # a distribution per pixel, to float16's rounding of 11 values
+        np.testing.assert_allclose(probs.astype(np.float64).sum(0), 1.0, atol=2e-3)
+        # its argmax is the written mask, wherever float16 did not round the top two together
+        top2 = np.sort(probs, axis=0)[-2:]
+        decided = top2[1] > top2[0]
+        assert decided.mean() > 0.99
+        ids = np.vectorize({int(c): i for i, c in enumerate(cm.codes)}.get)(
+            read_mask(out / "masks" / s.name)
+        )
+        np.testing.assert_array_equal(probs.argmax(0)[decided], ids[decided])
+    # the probabilities are the softmax of the full model's upsampled logits
+    ckpt = load_checkpoint(head_path)
+    rgb = read_image(samples[0].image)
+    x = preprocess(image_to_tensor(rgb), ckpt.preprocessing)
+    with torch.no_grad():
+        logits = F.interpolate(
+            ckpt.build()(backbone(x)), size=rgb.shape[:2], mode="bilinear", align_corners=False
+        )
+    expected = logits.softmax(1)[0].numpy()
+    probs = np.load(out / "probs" / f"{samples[0].image.stem}.npy").astype(np.float32)
+    np.testing.assert_allclose(probs, expected, atol=1e-3)
+    assert json.loads((out / "predictions.json").read_text())["probs"] == "probs"
+    # the run record lists them: the same command without --save-probs is another run, and
+    # --overwrite removes them with the other outputs it wrote
+    other = replace(cfg, save_probs=False)
+    with pytest.raises(OffroadSegError, match="another run.*save_probs"):
+        predict(other)
+    predict(replace(other, overwrite=True))
+    assert not (out / "probs").exists() or not any((out / "probs").iterdir())
 
 
 def test_cli_evaluate_prints_table(head_path, dataset, tmp_path):
