@@ -122,9 +122,8 @@ def predict(cfg: PredictConfig) -> EvalResult:
 def _predict_plan(cfg: PredictConfig, inputs) -> RunPlan:
     folders = ("masks", "masks_color") + (("overlays",) if cfg.overlays else ())
     folders += (PROBS,) if cfg.save_probs else ()
-    files = {
-        f for p in inputs.images for f in predict_files(output_name(p), cfg.overlays, cfg.save_probs)
-    }
+    each = (predict_files(output_name(p), cfg.overlays, cfg.save_probs) for p in inputs.images)
+    files = {f for image_files in each for f in image_files}
     files |= {f"overlays/{v.stem}.mp4" for v in inputs.videos if cfg.overlays}
     frames = tuple(  # video.frame_name: STEM_f000123.png
         rf"{folder}/{re.escape(v.stem)}_f\d{{6,}}\.png"
