@@ -303,3 +303,36 @@ def test_demo_end_to_end_tiny(tmp_path):
     r = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path / "mine")])
     assert r.exit_code == 1 and "not a demo folder" in r.stderr
     assert (tmp_path / "mine" / "thesis.tex").exists()
+
+
+def test_demo_head_is_passed_to_training(tmp_path, monkeypatch):
+    import offroad_seg.demo as demo_module
+    from offroad_seg.config import DemoConfig
+    from offroad_seg.errors import ConfigError
+
+    trained = []
+
+    class Trained(Exception):
+        """Stops the demo once its training config is known."""
+
+    def fake_train(cfg):
+        trained.append(cfg)
+        raise Trained
+
+    class Extracted:
+        def line(self):
+            return "extracted"
+
+    monkeypatch.setattr(demo_module, "synthesize", lambda cfg: None)
+    monkeypatch.setattr(demo_module, "extract", lambda cfg: Extracted())
+    monkeypatch.setattr(demo_module, "train", fake_train)
+    args = ["demo", "--out", str(tmp_path / "d"), "--weights", "random"]
+    r = CliRunner().invoke(cli, [*args, "--head", "linear"])
+    assert isinstance(r.exception, Trained) and trained[-1].head == "linear"
+    r = CliRunner().invoke(cli, args)  # the default: train's default head
+    assert isinstance(r.exception, Trained) and trained[-1].head == TrainConfig.head
+    r = CliRunner().invoke(cli, [*args, "--head", "nope"])
+    assert r.exit_code == 2 and "'nope' is not one of" in r.stderr
+    with pytest.raises(ConfigError, match="head 'nope'"):
+        demo_module.demo(DemoConfig(out=tmp_path / "e", head="nope", weights="random"))
+    assert not (tmp_path / "e").exists()

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import click
 
-from offroad_seg.cli._common import cli, stage
+from offroad_seg.cli._common import LazyChoice, cli, stage
+from offroad_seg.cli.training import _head_choices
 from offroad_seg.config import DemoConfig, default
 from offroad_seg.data.synthetic import SynthConfig
 
@@ -103,8 +104,17 @@ def synth(out: Path, n_train: int, n_val: int, seed: int, width: int, height: in
     default=None,
     help="Backbone weights [default: real weights if found offline, else an untrained backbone].",
 )
+@click.option(
+    "--head",
+    type=LazyChoice(_head_choices),
+    default=default(DemoConfig, "head"),
+    show_default=True,
+    help="The head to train (as train's --head).",
+)
 @stage
-def demo(out: Path, n_train: int, n_val: int, epochs: int, width: int, height: int, size, weights):
+def demo(
+    out: Path, n_train: int, n_val: int, epochs: int, width: int, height: int, size, weights, head
+):
     """Synthetic scenes -> extract -> train -> evaluate, in one go."""
     from offroad_seg.demo import demo
     from offroad_seg.models.preprocess import parse_size
@@ -119,6 +129,7 @@ def demo(out: Path, n_train: int, n_val: int, epochs: int, width: int, height: i
         size=size,
         epochs=epochs,
         weights=weights,
+        head=head,
     )
     result = demo(cfg, say=lambda line: click.echo(line, err=True))
     ev = result.evaluation
