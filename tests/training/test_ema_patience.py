@@ -24,6 +24,20 @@ from tests.training.test_train import train_config
 SCRIPT = [0.30, 0.20, 0.30, 0.25, 0.90]
 
 
+@pytest.fixture(autouse=True)
+def placeholder_plots(monkeypatch):
+    """The final stats' figures as empty files: matplotlib would take most of these tests'
+    time, and tests/reporting covers the figures."""
+    from offroad_seg.reporting import plots
+
+    def touch(*args, **kwargs):
+        path = next(a for a in args if hasattr(a, "write_bytes"))
+        path.write_bytes(b"")
+
+    monkeypatch.setattr(plots, "plot_training_curves", touch)
+    monkeypatch.setattr(plots, "plot_per_class_metrics", touch)
+
+
 @pytest.fixture
 def scripted_miou(monkeypatch):
     """validate_epoch as it is, then the epoch's val mIoU replaced by SCRIPT's."""
@@ -93,7 +107,12 @@ def test_patience_stops_at_the_right_epoch_and_resumes(
     assert load_checkpoint(tmp_path / "full" / "segmentation_head.pth").payload["epoch"] == 1
     # a stopped run is finished: --resume has nothing to do, a plain rerun is refused
     again = run(caches, tmp_path / "full", resume=True, **kw)
-    assert again.epochs_trained == 0 and len(again.history) == 3
+    assert again.epochs_trained == 0 and len(again.history) == 3 and again.stopped_early
+    # killed while writing its stats: the rerun writes them, and trains nothing more
+    (tmp_path / "full" / "train_stats" / "history.csv").unlink()
+    again = run(caches, tmp_path / "full", **kw)
+    assert again.epochs_trained == 0 and again.completed == ["train_stats/history.csv"]
+    assert len((tmp_path / "full" / "train_stats" / "history.csv").read_text().splitlines()) == 4
     with pytest.raises(OffroadSegError, match="stopped early at epoch 3 of a run"):
         run(caches, tmp_path / "full", **kw)
     with pytest.raises(ConfigError, match="needs --val-cache"):

@@ -138,11 +138,14 @@ def train(caches: tuple[str, ...], out: Path, **opts) -> None:
     if not is_main_rank():
         return
     epochs = result.config.epochs
+    trained = f"all {epochs} epochs were already trained"
+    if result.stopped_early:
+        trained = f"training already stopped early at epoch {result.history[-1]['epoch']}"
     if result.epochs_trained == 0 and result.completed:
         written = ", ".join(result.completed)
-        line = f"{out}: all {epochs} epochs were already trained; wrote the missing {written}"
+        line = f"{out}: {trained}; wrote the missing {written}"
     elif result.epochs_trained == 0:
-        line = f"{out}: all {epochs} epochs were already trained; nothing to do"
+        line = f"{out}: {trained}; nothing to do"
     else:
         last = result.history[-1]["epoch"]
         first = last - result.epochs_trained + 1

@@ -230,8 +230,11 @@ def _train(
     run stopped, then train, validate and save epoch after epoch, and write the final stats."""
     setup = _set_up(cfg, data, world)
     start = resume_point(cfg, plan.last, data, setup.head, setup.optimizer, setup.scaler, world)
+    stopped = bool(plan.last and plan.last.get("stopped_early"))  # by an earlier session
     if start.finished:
-        return TrainResult(cfg.out, start.history, start.best, 0.0, data.source.kind, [], 0, cfg)
+        return TrainResult(
+            cfg.out, start.history, start.best, 0.0, data.source.kind, [], 0, cfg, [], stopped
+        )
     if setup.ema is not None and cfg.resume and not start.completing:
         setup.ema.load_state_dict(plan.last["state_dict"])  # last.pth's head is the average
     if world.is_main and not (start.completing and (cfg.out / STATS_DIR / CONFIG_FILE).is_file()):
@@ -240,7 +243,6 @@ def _train(
     history, best = start.history, start.best
     step_losses: list[float] = []
     saved_epoch = start.epoch - 1
-    stopped = False
     curves = CurveLog(cfg.tensorboard if world.is_main and not start.completing else None,
                       start.epoch)  # fmt: skip
     try:

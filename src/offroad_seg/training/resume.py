@@ -58,6 +58,7 @@ def resume_point(
         )
     start = ResumePoint(last["history"], last["best"], last["epoch"] + 1)
     if start.epoch > cfg.epochs or last.get("stopped_early"):
+        start.epoch = cfg.epochs + 1  # a run that stopped early has no epoch left either
         start.completing = missing_outputs(cfg.out, data.val is not None)
         if not start.completing:
             if world.is_main:

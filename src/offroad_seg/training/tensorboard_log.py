@@ -47,7 +47,7 @@ class CurveLog:
         if self.writer is None:
             return
         for key, value in row.items():
-            if key != "epoch" and isinstance(value, (int, float)) and value is not None:
+            if key != "epoch" and isinstance(value, (int, float)):
                 self.writer.add_scalar(scalar_tag(key), value, row["epoch"])
         self.writer.flush()  # an interrupted run keeps every epoch it saved
 
