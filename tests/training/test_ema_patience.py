@@ -113,6 +113,13 @@ def test_patience_stops_at_the_right_epoch_and_resumes(
     again = run(caches, tmp_path / "full", **kw)
     assert again.epochs_trained == 0 and again.completed == ["train_stats/history.csv"]
     assert len((tmp_path / "full" / "train_stats" / "history.csv").read_text().splitlines()) == 4
+    r = CliRunner().invoke(
+        cli, ["train", str(caches["train"]), str(tmp_path / "full"), "--resume", "--device", "cpu"]
+    )
+    assert r.exit_code == 0, r.output
+    assert (
+        f"{tmp_path / 'full'}: training already stopped early at epoch 3; nothing to do" in r.stdout
+    )
     with pytest.raises(OffroadSegError, match="stopped early at epoch 3 of a run"):
         run(caches, tmp_path / "full", **kw)
     with pytest.raises(ConfigError, match="needs --val-cache"):
