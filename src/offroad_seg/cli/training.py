@@ -121,7 +121,7 @@ _RUN_SETTING_OPTIONS = [
     "--tensorboard",
     type=click.Path(path_type=Path),
     help="Log the training curves (loss, val metrics, lr per epoch) to this folder for "
-    "TensorBoard (needs: pip install 'offroad-seg[tensorboard]').",
+    "TensorBoard (needs the optional tensorboard package).",
 )
 @stage
 def train(caches: tuple[str, ...], out: Path, **opts) -> None:
