@@ -1,10 +1,10 @@
 """Prediction: segment images (PNG or JPEG files, folders, globs) and videos with a trained
 head.
 
-`predict` writes masks, colour masks and overlays with a legend per image (`image_outputs.py`),
-with `--save-probs` its class probabilities too (probs/STEM.npy: float16, (K, H, W) at the
-image's own size, classes in the head's order), the same files but the probabilities per
-video frame and an overlay video per video (`video.py`), and `predictions.json` last: its
+`predict` writes masks, colour masks and overlays with a legend per image (`image_outputs.py`)
+and, with `--save-probs`, its class probabilities (probs/STEM.npy: float16, (K, H, W) at the
+image's own size, classes in the head's order); per video frame the same files but the
+probabilities, and an overlay video per video (`video.py`); and `predictions.json` last: its
 presence means complete. Logits are upsampled (bilinear) to each image's original
 size. Batches, resuming and sharding: `batches.py`.
 """
