@@ -340,12 +340,13 @@ def _set_up(cfg: TrainConfig, data: TrainingData, world: World) -> _Setup:
     head = build_head(head_cfg).to(device)
     if world.rank:  # own dropout masks per rank; rank 0 goes on as one process would
         torch.manual_seed(rank_seed(cfg.seed, world.rank))
+    # the average copies the head as built, before DDP hooks its parameters
+    ema = HeadEMA(head, cfg.ema) if cfg.ema > 0 else None
     model = head
     if world.enabled:
         ids = [device.index] if device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(head, device_ids=ids)
     optimizer = make_optimizer(head, cfg.lr, cfg.weight_decay)
-    ema = HeadEMA(head, cfg.ema) if cfg.ema > 0 else None
     scaler = grad_scaler(device)
     steps_per_epoch = len(rank_slices(source.num_images, cfg.batch_size, world))
     total_steps = cfg.epochs * steps_per_epoch
