@@ -217,13 +217,16 @@ def test_predict_writes_masks_and_overlays(head_path, dataset, backbone, tmp_pat
 
 def test_predict_save_probs(head_path, dataset, backbone, tmp_path):
     out = tmp_path / "p"
+    samples = list_samples(dataset / "val")[:2]
     cfg = PredictConfig(
-        head=head_path, inputs=(dataset / "val",), out=out, workers=0, progress=False,
-        overlays=False, save_probs=True,
+        head=head_path, inputs=tuple(s.image for s in samples), out=out, workers=0,
+        progress=False, overlays=False, save_probs=True,
     )  # fmt: skip
     predict(cfg)
     cm = ClassMap.default()
-    samples = list_samples(dataset / "val")
+    assert sorted(p.name for p in (out / "probs").iterdir()) == [
+        f"{s.image.stem}.npy" for s in samples
+    ]
     for s in samples:
         probs = np.load(out / "probs" / f"{s.image.stem}.npy")
         h, w = read_mask(s.mask).shape
