@@ -26,6 +26,7 @@ from offroad_seg.errors import DataError
 from offroad_seg.models.preprocess import image_to_tensor, resize_image
 from offroad_seg.models.segmentation import TTA, SegmentationModel
 from offroad_seg.models.upsampling import predict_and_score, upsample_mean
+from offroad_seg.models.weights import RANDOM
 
 ImageLike = str | Path | Image.Image | np.ndarray
 
@@ -87,6 +88,25 @@ class Segmenter:
         (`weights` as for the CLI's `--weights`; by default the head's own). `tta="flip"`
         and `tta_scales` add test-time augmentation passes, as `--tta` and `--tta-scales`."""
         return cls(SegmentationModel.from_checkpoint(path, weights, device), tta, tta_scales)
+
+    def __repr__(self) -> str:
+        """What the segmenter is: backbone (and whether it was untrained), head with the
+        settings it has, working size, classes, device and test-time augmentation."""
+        ckpt = self.model.checkpoint
+        head = ckpt.head_config
+        shape = [f"{s} {getattr(head, s)}" for s in ("width", "depth") if head.spec.has(s)]
+        untrained = " (untrained)" if ckpt.backbone.weights_source == RANDOM else ""
+        rows, cols = self.model.preprocessing.size
+        parts = [
+            f"backbone={ckpt.backbone.name}{untrained}",
+            f"head={head.name}" + (f" ({', '.join(shape)})" if shape else ""),
+            f"size={rows}x{cols}",
+            f"classes={len(self.classes)} ({', '.join(self.classes)})",
+            f"device={self.model.device.type}",
+        ]
+        if self.tta != TTA():
+            parts.append(f"tta={self.tta.describe(self.model.preprocessing)}")
+        return f"Segmenter({', '.join(parts)})"
 
     @property
     def class_map(self) -> ClassMap:

@@ -89,6 +89,12 @@ class TrainConfig:
     memory_budget_gb: float | None = None  # None: half the free RAM (or GPU memory)
     stream: bool = False  # force streaming from zarr
     shuffle_window: int = 16  # chunks mixed together when streaming
+    # early stopping: stop once val mIoU has not improved for this many epochs (0: off)
+    patience: int = 0
+    # an exponential moving average of the head's weights, updated after every step with
+    # this decay (0: off); validation and the saved head use the averaged weights
+    ema: float = 0.0
+    tensorboard: Path | None = None  # a folder for TensorBoard event files (None: none)
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
@@ -131,6 +137,8 @@ RUN_SETTINGS = (
     "lora_rank",
     "lora_alpha",
     "backbone_lr",
+    "patience",
+    "ema",
 )
 
 # Named sets of run settings. `seed` reproduces the hackathon's training: its head, batch 2,
@@ -198,6 +206,8 @@ class PredictConfig:
     engine: str | None = None  # one of ENGINES; None: by the head's file type
     overlays: bool = True  # overlays with a legend (images), an overlay video (videos)
     frame_stride: int = 1  # videos: predict every N-th frame
+    # probs/STEM.npy per image: float16 (K, H, W) class probabilities at the image's size
+    save_probs: bool = False
     overwrite: bool = False
     progress: bool = True
 
@@ -224,6 +234,7 @@ class DemoConfig:
     size: tuple[int, int] = DEFAULT_SIZE
     epochs: int = 20
     weights: str | None = None  # None: real weights if found offline, else random
+    head: str = default(TrainConfig, "head")  # a name in heads.HEADS
     seed: int = 0
     progress: bool = True
 

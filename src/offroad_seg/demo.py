@@ -20,6 +20,7 @@ from offroad_seg.errors import OffroadSegError, WeightsError
 from offroad_seg.features.extract import extract
 from offroad_seg.inference.batches import EvalResult
 from offroad_seg.inference.evaluate import evaluate
+from offroad_seg.models.heads import get_head_spec
 from offroad_seg.models.variants import get_variant
 from offroad_seg.models.weights import RANDOM, find_weights
 from offroad_seg.training.loop import train
@@ -56,6 +57,7 @@ def _prepare(out: Path) -> None:
 def demo(cfg: DemoConfig, say: Callable[[str], None] = log.info) -> DemoResult:
     """Run every stage on synthetic scenes; `say` receives each stage's summary line."""
     started = time.perf_counter()
+    head = get_head_spec(cfg.head).name  # an unknown head is refused before any work
     weights = cfg.weights
     if weights is None:
         try:
@@ -90,6 +92,7 @@ def demo(cfg: DemoConfig, say: Callable[[str], None] = log.info) -> DemoResult:
             caches=(caches / "train.zarr",),
             out=run,
             val_cache=caches / "val.zarr",
+            head=head,
             epochs=cfg.epochs,
             seed=cfg.seed,
             progress=cfg.progress,
@@ -97,7 +100,7 @@ def demo(cfg: DemoConfig, say: Callable[[str], None] = log.info) -> DemoResult:
     )
     best = result.best or {}
     stage(
-        f"[3/4] train: {len(result.history)} epochs in {result.seconds:.1f} s "
+        f"[3/4] train {head}: {len(result.history)} epochs in {result.seconds:.1f} s "
         f"({result.seconds / len(result.history):.2f} s/epoch); best val mIoU "
         f"{best.get('val_miou', float('nan')):.4f} at epoch {best.get('epoch')}"
     )

@@ -52,6 +52,17 @@ def test_segmenter_equals_cli_predict(head, dataset, tmp_path):
     assert seg.classes == seg.class_map.names and len(seg.classes) == 11
 
 
+def test_segmenter_repr_says_what_it_is(head):
+    seg = Segmenter.from_checkpoint(head, device="cpu")
+    names = ", ".join(seg.classes)
+    assert repr(seg) == (
+        "Segmenter(backbone=dinov2_vits14 (untrained), head=upnext (width 96, depth 2), "
+        f"size=56x98, classes=11 ({names}), device=cpu)"
+    )
+    flipped = Segmenter(seg.model, tta="flip")
+    assert repr(flipped).endswith(", device=cpu, tta=flip, sizes 56x98 (2 passes))")
+
+
 def test_public_surface_is_exported():
     for name in offroad_seg.__all__:
         assert getattr(offroad_seg, name) is not None, name

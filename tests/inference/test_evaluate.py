@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -73,6 +74,18 @@ def test_metrics_json_equals_recomputation_from_written_masks(head_path, dataset
         pred = np.vectorize(lut.get)(read_mask(tmp_path / "e" / "masks" / s.name))
         truth = np.vectorize(lut.get)(read_mask(s.mask))
         np.add.at(conf, (truth.ravel(), pred.ravel()), 1)
+        # the image's own numbers (the report's row): IoU per class present in its truth or
+        # prediction, their mean, pixel accuracy
+        mine = report["per_image"][s.name]
+        ious = {}
+        for c, name in enumerate(cm.names):
+            inter, union = np.sum((truth == c) & (pred == c)), np.sum((truth == c) | (pred == c))
+            ious[name] = inter / union if union else None
+            assert mine["iou"][name] == (pytest.approx(ious[name], abs=1e-12) if union else None)
+        present = [v for v in ious.values() if v is not None]
+        assert mine["miou"] == pytest.approx(np.mean(present), abs=1e-12)
+        assert mine["pixel_accuracy"] == pytest.approx(np.mean(truth == pred), abs=1e-12)
+    assert list(report["per_image"]) == [s.name for s in list_samples(dataset / "val")]
     tp = np.diag(conf).astype(float)
     union = conf.sum(0) + conf.sum(1) - tp
     present = (conf.sum(0) + conf.sum(1)) > 0
@@ -202,6 +215,53 @@ def test_predict_writes_masks_and_overlays(head_path, dataset, backbone, tmp_pat
         )
 
 
+def test_predict_save_probs(head_path, dataset, backbone, tmp_path):
+    out = tmp_path / "p"
+    samples = list_samples(dataset / "val")[:2]
+    cfg = PredictConfig(
+        head=head_path, inputs=tuple(s.image for s in samples), out=out, workers=0,
+        progress=False, overlays=False, save_probs=True,
+    )  # fmt: skip
+    predict(cfg)
+    cm = ClassMap.default()
+    assert sorted(p.name for p in (out / "probs").iterdir()) == [
+        f"{s.image.stem}.npy" for s in samples
+    ]
+    for s in samples:
+        probs = np.load(out / "probs" / f"{s.image.stem}.npy")
+        h, w = read_mask(s.mask).shape
+        assert probs.dtype == np.float16 and probs.shape == (11, h, w)
+        # a distribution per pixel, to float16's rounding of 11 values
+        np.testing.assert_allclose(probs.astype(np.float64).sum(0), 1.0, atol=2e-3)
+        # its argmax is the written mask, wherever float16 did not round the top two together
+        top2 = np.sort(probs, axis=0)[-2:]
+        decided = top2[1] > top2[0]
+        assert decided.mean() > 0.99
+        ids = np.vectorize({int(c): i for i, c in enumerate(cm.codes)}.get)(
+            read_mask(out / "masks" / s.name)
+        )
+        np.testing.assert_array_equal(probs.argmax(0)[decided], ids[decided])
+    # the probabilities are the softmax of the full model's upsampled logits
+    ckpt = load_checkpoint(head_path)
+    rgb = read_image(samples[0].image)
+    x = preprocess(image_to_tensor(rgb), ckpt.preprocessing)
+    with torch.no_grad():
+        logits = F.interpolate(
+            ckpt.build()(backbone(x)), size=rgb.shape[:2], mode="bilinear", align_corners=False
+        )
+    expected = logits.softmax(1)[0].numpy()
+    probs = np.load(out / "probs" / f"{samples[0].image.stem}.npy").astype(np.float32)
+    np.testing.assert_allclose(probs, expected, atol=1e-3)
+    assert json.loads((out / "predictions.json").read_text())["probs"] == "probs"
+    # the run record lists them: the same command without --save-probs is another run, and
+    # --overwrite removes them with the other outputs it wrote
+    other = replace(cfg, save_probs=False)
+    with pytest.raises(OffroadSegError, match="another run.*save_probs"):
+        predict(other)
+    predict(replace(other, overwrite=True))
+    assert not (out / "probs").exists() or not any((out / "probs").iterdir())
+
+
 def test_cli_evaluate_prints_table(head_path, dataset, tmp_path):
     r = CliRunner().invoke(
         cli,
@@ -246,3 +306,36 @@ def test_demo_end_to_end_tiny(tmp_path):
     r = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path / "mine")])
     assert r.exit_code == 1 and "not a demo folder" in r.stderr
     assert (tmp_path / "mine" / "thesis.tex").exists()
+
+
+def test_demo_head_is_passed_to_training(tmp_path, monkeypatch):
+    import offroad_seg.demo as demo_module
+    from offroad_seg.config import DemoConfig
+    from offroad_seg.errors import ConfigError
+
+    trained = []
+
+    class Trained(Exception):
+        """Stops the demo once its training config is known."""
+
+    def fake_train(cfg):
+        trained.append(cfg)
+        raise Trained
+
+    class Extracted:
+        def line(self):
+            return "extracted"
+
+    monkeypatch.setattr(demo_module, "synthesize", lambda cfg: None)
+    monkeypatch.setattr(demo_module, "extract", lambda cfg: Extracted())
+    monkeypatch.setattr(demo_module, "train", fake_train)
+    args = ["demo", "--out", str(tmp_path / "d"), "--weights", "random"]
+    r = CliRunner().invoke(cli, [*args, "--head", "linear"])
+    assert isinstance(r.exception, Trained) and trained[-1].head == "linear"
+    r = CliRunner().invoke(cli, args)  # the default: train's default head
+    assert isinstance(r.exception, Trained) and trained[-1].head == TrainConfig.head
+    r = CliRunner().invoke(cli, [*args, "--head", "nope"])
+    assert r.exit_code == 2 and "'nope' is not one of" in r.stderr
+    with pytest.raises(ConfigError, match="head 'nope'"):
+        demo_module.demo(DemoConfig(out=tmp_path / "e", head="nope", weights="random"))
+    assert not (tmp_path / "e").exists()

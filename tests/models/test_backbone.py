@@ -315,6 +315,29 @@ def offline_caches(tmp_path, monkeypatch):
     return tmp_path
 
 
+def test_backbones_marks_the_weights_found_locally(offline_caches, monkeypatch):
+    from click.testing import CliRunner
+
+    from offroad_seg.cli import cli
+
+    root = offline_caches
+    hub = root / "torch" / "hub" / "checkpoints" / get_variant("dinov2_vitb14").official_file
+    hub.parent.mkdir(parents=True)
+    hub.write_bytes(b"")
+    hf = hf_cache_file(root / "hf", get_variant("dinov3_vits16").transformers_repo, {})
+    monkeypatch.setenv("OFFROAD_SEG_WEIGHTS", str(root / "mine.pth"))
+    r = CliRunner().invoke(cli, ["backbones"])
+    assert r.exit_code == 0, r.output
+    rows = {line.split()[0]: line.split() for line in r.output.splitlines()[1:]}
+    assert r.output.splitlines()[0].split()[8] == "local"
+    local = {name for name in BACKBONES if rows[name][8] == "yes"}
+    assert local == {"dinov2_vitb14", "dinov3_vits16"}
+    assert all(rows[name][8] == "-" for name in set(BACKBONES) - local)
+    assert f"local dinov2_vitb14: {hub}" in r.output
+    assert f"local dinov3_vits16: {hf}" in r.output
+    assert f"$OFFROAD_SEG_WEIGHTS={root / 'mine.pth'} is used in place of" in r.output
+
+
 def test_weights_resolution_order(offline_caches):
     root = offline_caches
     variant = get_variant("dinov2_vitb14_reg")

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import click
 
-from offroad_seg.cli._common import cli, stage
+from offroad_seg.cli._common import LazyChoice, cli, stage
+from offroad_seg.cli.training import _head_choices
 from offroad_seg.config import DemoConfig, default
 from offroad_seg.data.synthetic import SynthConfig
 
@@ -103,8 +104,17 @@ def synth(out: Path, n_train: int, n_val: int, seed: int, width: int, height: in
     default=None,
     help="Backbone weights [default: real weights if found offline, else an untrained backbone].",
 )
+@click.option(
+    "--head",
+    type=LazyChoice(_head_choices),
+    default=default(DemoConfig, "head"),
+    show_default=True,
+    help="The head to train (as train's --head).",
+)
 @stage
-def demo(out: Path, n_train: int, n_val: int, epochs: int, width: int, height: int, size, weights):
+def demo(
+    out: Path, n_train: int, n_val: int, epochs: int, width: int, height: int, size, weights, head
+):
     """Synthetic scenes -> extract -> train -> evaluate, in one go."""
     from offroad_seg.demo import demo
     from offroad_seg.models.preprocess import parse_size
@@ -119,6 +129,7 @@ def demo(out: Path, n_train: int, n_val: int, epochs: int, width: int, height: i
         size=size,
         epochs=epochs,
         weights=weights,
+        head=head,
     )
     result = demo(cfg, say=lambda line: click.echo(line, err=True))
     ev = result.evaluation
@@ -142,18 +153,33 @@ def demo(out: Path, n_train: int, n_val: int, epochs: int, width: int, height: i
 @cli.command("backbones")
 @stage
 def backbones() -> None:
-    """List the DINOv2 and DINOv3 variants extract can use, with their weight files."""
+    """List the DINOv2 and DINOv3 variants extract can use, with their weight files and
+    whether they are on this machine (`local`: found without a download)."""
+    import os
+
     from offroad_seg.models.variants import BACKBONES
+    from offroad_seg.models.weights import local_weights
 
     click.echo(
         f"{'name':<20} {'family':<6} {'patch':>5} {'size':>7} {'params':>8} {'width':>5} "
-        f"{'blocks':>6} {'registers':>9}  weights"
+        f"{'blocks':>6} {'registers':>9} {'local':>5}  weights"
     )
+    found = []
     for v in BACKBONES.values():
+        local = local_weights(v)
+        if local is not None:
+            found.append(f"{v.name}: {local}")
         click.echo(
             f"{v.name:<20} {v.family:<6} {v.patch_size:>5} {_size_text(v.default_size):>7} "
-            f"{v.params_m:>7.0f}M {v.embed_dim:>5} {v.depth:>6} {v.registers:>9}  "
-            f"{v.official_file}, {v.timm_repo}, {v.transformers_repo}"
+            f"{v.params_m:>7.0f}M {v.embed_dim:>5} {v.depth:>6} {v.registers:>9} "
+            f"{'yes' if local else '-':>5}  {v.official_file}, {v.timm_repo}, {v.transformers_repo}"
+        )
+    for line in found:
+        click.echo(f"local {line}")
+    if os.environ.get("OFFROAD_SEG_WEIGHTS"):
+        click.echo(
+            f"$OFFROAD_SEG_WEIGHTS={os.environ['OFFROAD_SEG_WEIGHTS']} is used in place of "
+            "these for the backbone whose weights it holds"
         )
     click.echo(
         "DINOv3 weights are under Meta's DINOv3 License, not Apache-2.0; its terms are yours to "

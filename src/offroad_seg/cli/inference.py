@@ -132,6 +132,12 @@ def evaluate(head: Path, data_dir: Path, out: Path, **opts) -> None:
     help="Videos: predict every N-th frame.",
 )
 @click.option(
+    "--save-probs",
+    is_flag=True,
+    help="Also write each image's class probabilities, OUT/probs/STEM.npy: float16, "
+    "(classes, H, W) at the image's size (not for video frames).",
+)
+@click.option(
     "--overwrite",
     is_flag=True,
     help="Replace everything offroad-seg wrote in OUT (rerunning the same command resumes).",

@@ -77,6 +77,19 @@ _RUN_SETTING_OPTIONS = [
         help="auto (median-frequency, clipped to [0.1, 10]), none, or K comma-separated numbers.",
     ),
     click.option("--seed", default=default(TrainConfig, "seed"), show_default=True),
+    click.option(
+        "--patience",
+        default=default(TrainConfig, "patience"),
+        show_default=True,
+        help="Stop once val mIoU has not improved for N epochs (0: off; needs --val-cache).",
+    ),
+    click.option(
+        "--ema",
+        default=default(TrainConfig, "ema"),
+        show_default=True,
+        help="Keep an exponential moving average of the head's weights with this decay, e.g. "
+        "0.999 (0: off); validation and the saved head use the average.",
+    ),
     click.option("--device", default=default(TrainConfig, "device"), show_default=True),
     click.option(
         "--memory-budget-gb",
@@ -148,6 +161,12 @@ _RUN_SETTING_OPTIONS += [
     help="Continue OUT/last.pth with the run's own settings (a different one is refused).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace a head already in OUT.")
+@click.option(
+    "--tensorboard",
+    type=click.Path(path_type=Path),
+    help="Log the training curves (loss, val metrics, lr per epoch) to this folder for "
+    "TensorBoard (needs the optional tensorboard package).",
+)
 @stage
 def train(caches: tuple[str, ...], out: Path, **opts) -> None:
     """Train a head on one or more CACHES (their features must agree); results go to OUT.
@@ -163,15 +182,21 @@ def train(caches: tuple[str, ...], out: Path, **opts) -> None:
     if not is_main_rank():
         return
     epochs = result.config.epochs
+    trained = f"all {epochs} epochs were already trained"
+    if result.stopped_early:
+        trained = f"training already stopped early at epoch {result.history[-1]['epoch']}"
     if result.epochs_trained == 0 and result.completed:
         written = ", ".join(result.completed)
-        line = f"{out}: all {epochs} epochs were already trained; wrote the missing {written}"
+        line = f"{out}: {trained}; wrote the missing {written}"
     elif result.epochs_trained == 0:
-        line = f"{out}: all {epochs} epochs were already trained; nothing to do"
+        line = f"{out}: {trained}; nothing to do"
     else:
-        first = epochs - result.epochs_trained + 1
-        span = f"epochs {first}-{epochs}" if first > 1 else plural(epochs, "epoch")
+        last = result.history[-1]["epoch"]
+        first = last - result.epochs_trained + 1
+        span = f"epochs {first}-{last}" if first > 1 else plural(last, "epoch")
         line = f"trained {span} in {result.seconds:.1f} s ({result.source})"
+        if result.stopped_early:
+            line += f", stopped early (--patience {result.config.patience})"
     if result.best:
         line += f"; best val mIoU {result.best['val_miou']:.4f} at epoch {result.best['epoch']}"
     else:

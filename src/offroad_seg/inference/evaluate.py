@@ -47,7 +47,7 @@ from offroad_seg.metrics.hackathon import (
 from offroad_seg.models.checkpoint import HeadCheckpoint, file_sha256
 from offroad_seg.models.segmentation import TTA
 from offroad_seg.models.upsampling import predict_and_score
-from offroad_seg.reporting.report import ImageRow
+from offroad_seg.reporting.report import ImageRow, image_metrics
 from offroad_seg.reporting.thumbnails import THUMBNAIL_HEIGHT, make_thumbnail, save_thumbnail
 
 log = logging.getLogger(__name__)
@@ -311,6 +311,8 @@ def write_eval_outputs(
         "engine": identity["engine"],
         "backbone": ckpt.backbone.to_dict(),
         "preprocessing": ckpt.preprocessing.to_dict(),
+        # each image's row of the report: its mIoU, pixel accuracy and IoU per class
+        "per_image": {row.name: image_metrics(row, metrics.names).image_summary() for row in rows},
     }
     write_json_atomic(out / "metrics.json", report)  # last: its presence marks a complete run
     names = ("masks", "masks_color", "comparisons", THUMBNAILS, *EVAL_FILES)

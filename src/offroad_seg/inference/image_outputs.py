@@ -1,6 +1,7 @@
 """The files written for one image: the raw-code mask and the colour mask (evaluate and
 predict both write them), and predict's files for one image or video frame (mask, colour mask,
-overlay with a legend), which `predict.py`'s images and `video.py`'s frames share.
+overlay with a legend), which `predict.py`'s images and `video.py`'s frames share, and the
+class probabilities of `predict --save-probs` (images only).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from offroad_seg.core.atomic import write_png_atomic
+from offroad_seg.core.atomic import atomic_write, write_png_atomic
 from offroad_seg.data.classes import ClassMap
 from offroad_seg.data.images import mask_image
 from offroad_seg.inference.runfolder import RecordLog
@@ -24,9 +25,23 @@ def save_color_mask(path: Path, ids: np.ndarray, class_map: ClassMap) -> None:
     write_png_atomic(path, class_map.color_image(ids))
 
 
-def predict_files(name: str, overlays: bool) -> list[str]:
+PROBS = "probs"
+
+
+def probs_file(name: str) -> str:
+    """An image's probabilities in a predict folder: probs/STEM.npy (`name`: its output name)."""
+    return f"{PROBS}/{Path(name).stem}.npy"
+
+
+def save_probs(path: Path, probs: np.ndarray) -> None:
+    """(K, H, W) float16 class probabilities as a .npy file (np.load reads it)."""
+    atomic_write(path, lambda f: np.save(f, probs, allow_pickle=False), durable=False)
+
+
+def predict_files(name: str, overlays: bool, probs: bool = False) -> list[str]:
     """One image's (or video frame's) files in a predict folder (relative paths)."""
-    return [f"masks/{name}", f"masks_color/{name}"] + ([f"overlays/{name}"] if overlays else [])
+    files = [f"masks/{name}", f"masks_color/{name}"] + ([f"overlays/{name}"] if overlays else [])
+    return files + ([probs_file(name)] if probs else [])
 
 
 def write_predicted_image(
@@ -37,11 +52,15 @@ def write_predicted_image(
     class_map: ClassMap,
     records: RecordLog | None,
     record: dict | None,
+    probs: np.ndarray | None = None,
 ) -> None:
     """An image's files, announced first, then its record (a video frame: no announcement or
-    record here, `predict_video` makes them)."""
+    record here, `predict_video` makes them). `probs`: its (K, H, W) float16 probabilities."""
     if records is not None:
-        records.intend(record["key"], predict_files(name, original is not None))
+        files = predict_files(name, original is not None, probs is not None)
+        records.intend(record["key"], files)
+    if probs is not None:
+        save_probs(out / probs_file(name), probs)
     save_mask(out / "masks" / name, class_map.ids_to_codes(pred))
     save_color_mask(out / "masks_color" / name, pred, class_map)
     if original is not None:

@@ -1,9 +1,11 @@
 """Prediction: segment images (PNG or JPEG files, folders, globs) and videos with a trained
 head.
 
-`predict` writes masks, colour masks and overlays with a legend per image (`image_outputs.py`),
-the same per video frame and an overlay video per video (`video.py`), and `predictions.json`
-last: its presence means complete. Logits are upsampled (bilinear) to each image's original
+`predict` writes masks, colour masks and overlays with a legend per image (`image_outputs.py`)
+and, with `--save-probs`, its class probabilities (probs/STEM.npy: float16, (K, H, W) at the
+image's own size, classes in the head's order); per video frame the same files but the
+probabilities, and an overlay video per video (`video.py`); and `predictions.json` last: its
+presence means complete. Logits are upsampled (bilinear) to each image's original
 size. Batches, resuming and sharding: `batches.py`.
 """
 
@@ -27,12 +29,12 @@ from offroad_seg.errors import OffroadSegError
 from offroad_seg.features.loader import DecodeOptions, default_batch_size
 from offroad_seg.inference.batches import EvalResult, named_write_errors, run_batches, start_run
 from offroad_seg.inference.engines import build_engine, check_engine_tta, load_head, resolve_engine
-from offroad_seg.inference.image_outputs import predict_files, write_predicted_image
+from offroad_seg.inference.image_outputs import PROBS, predict_files, write_predicted_image
 from offroad_seg.inference.runfolder import RunPlan
 from offroad_seg.inference.video import predict_video, video_key, video_summaries
 from offroad_seg.models.checkpoint import file_sha256
 from offroad_seg.models.segmentation import TTA
-from offroad_seg.models.upsampling import predict_and_score
+from offroad_seg.models.upsampling import predict_and_score, predict_with_probs
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,7 @@ def _predict_identity(cfg: PredictConfig, inputs, batch_size, device, tta, prep,
         "batch_size": batch_size,
         "device": device.type,
         "overlays": cfg.overlays,
+        "save_probs": cfg.save_probs,
         "frame_stride": cfg.frame_stride,
     }
 
@@ -105,6 +108,8 @@ def predict(cfg: PredictConfig) -> EvalResult:
                     "videos": video_summaries(cfg.out, inputs.videos),
                     "skipped": [str(p) for p in inputs.skipped],
                     "classes": ckpt.class_map.to_dict(),
+                    # --save-probs: probs/STEM.npy, float16 (K, H, W), classes as above
+                    "probs": PROBS if cfg.save_probs else None,
                     "tta": identity["tta"],
                     "engine": identity["engine"],
                     "seconds": seconds,
@@ -116,7 +121,9 @@ def predict(cfg: PredictConfig) -> EvalResult:
 
 def _predict_plan(cfg: PredictConfig, inputs) -> RunPlan:
     folders = ("masks", "masks_color") + (("overlays",) if cfg.overlays else ())
-    files = {f for p in inputs.images for f in predict_files(output_name(p), cfg.overlays)}
+    folders += (PROBS,) if cfg.save_probs else ()
+    each = (predict_files(output_name(p), cfg.overlays, cfg.save_probs) for p in inputs.images)
+    files = {f for image_files in each for f in image_files}
     files |= {f"overlays/{v.stem}.mp4" for v in inputs.videos if cfg.overlays}
     frames = tuple(  # video.frame_name: STEM_f000123.png
         rf"{folder}/{re.escape(v.stem)}_f\d{{6,}}\.png"
@@ -138,7 +145,14 @@ def _predict_batches(cfg, samples, batches, model, tta, device, world) -> float:
     def handle(batch, logits, writer, records) -> None:
         for j, index in enumerate(batch["index"]):
             h, w = batch["size"][j]
-            pred = predict_and_score([part[j : j + 1] for part in logits], None, (h, w))[0][0]
+            size = (int(h), int(w))
+            mine = [part[j : j + 1] for part in logits]
+            probs = None
+            if cfg.save_probs:
+                pred, probs = predict_with_probs(mine, size)
+                pred, probs = pred[0], probs[0].cpu().numpy()
+            else:
+                pred = predict_and_score(mine, None, size)[0][0]
             original = batch["original"][j] if cfg.overlays else None
             writer.submit(
                 write_predicted_image,
@@ -149,6 +163,7 @@ def _predict_batches(cfg, samples, batches, model, tta, device, world) -> float:
                 class_map,
                 records,
                 {"key": samples[index].name, "i": index},
+                probs,
             )
 
     return run_batches(samples, opts, batches, model, tta, cfg, device, handle, "predict", world)

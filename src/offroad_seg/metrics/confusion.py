@@ -65,6 +65,11 @@ class ConfusionAccumulator:
         return SegMetrics.from_confusion(self.matrix.cpu().numpy(), names, loss)
 
 
+def clean(x: float | None) -> float | None:
+    """A metric for JSON: NaN (nothing to score) becomes None."""
+    return None if x is None or math.isnan(x) else float(x)
+
+
 @dataclass(frozen=True)
 class SegMetrics:
     confusion: np.ndarray
@@ -151,10 +156,6 @@ class SegMetrics:
 
     def to_dict(self) -> dict:
         """JSON-ready: NaN (class absent) becomes null."""
-
-        def clean(x: float) -> float | None:
-            return None if x is None or math.isnan(x) else float(x)
-
         return {
             **{k: clean(v) if v is not None else None for k, v in self.summary().items()},
             "per_class": {
@@ -169,6 +170,16 @@ class SegMetrics:
             },
             "confusion_matrix": self.confusion.tolist(),
             "class_names": self.names,
+        }
+
+    def image_summary(self) -> dict:
+        """One image's numbers as the report's image table shows them (mIoU, pixel accuracy,
+        IoU per class; null where a class is absent from truth and prediction), JSON-ready:
+        evaluate's metrics.json lists them per image."""
+        return {
+            "miou": clean(self.miou),
+            "pixel_accuracy": clean(self.pixel_accuracy),
+            "iou": {name: clean(self.iou[i]) for i, name in enumerate(self.names)},
         }
 
     def table(self, title: str = "Evaluation") -> str:

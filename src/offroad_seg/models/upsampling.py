@@ -5,7 +5,7 @@ and the fused training loss share these matrices."""
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -48,6 +48,24 @@ def upsample_mean(logits: Sequence[torch.Tensor], size: tuple[int, int]) -> torc
     return sum(upsample_bilinear(part, size) for part in logits) / len(logits)
 
 
+def _upsampled_strips(
+    parts: list[torch.Tensor], size: tuple[int, int], rows: int
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row, (B, K, rows, W) logits) strip by strip: every part upsampled to `size`
+    (along the columns once, then strip by strip along the rows) and averaged."""
+    height, width = size
+    device = parts[0].device
+    cols = [torch.matmul(p.float(), bilinear_matrix(p.shape[-1], width, device).t()) for p in parts]
+    row_maps = [bilinear_matrix(p.shape[-2], height, device) for p in parts]
+    for r0 in range(0, height, rows):
+        z = torch.matmul(row_maps[0][r0 : r0 + rows], cols[0])  # (B, K, rows, W)
+        for ry, a in zip(row_maps[1:], cols[1:], strict=True):
+            z += torch.matmul(ry[r0 : r0 + rows], a)
+        if len(parts) > 1:
+            z /= len(parts)
+        yield r0, z
+
+
 @torch.no_grad()
 def predict_and_score(
     logits: torch.Tensor | Sequence[torch.Tensor],
@@ -65,17 +83,9 @@ def predict_and_score(
     parts = [logits] if isinstance(logits, torch.Tensor) else list(logits)
     height, width = size
     device = parts[0].device
-    # each part upsampled along the columns once, then strip by strip along the rows
-    cols = [torch.matmul(p.float(), bilinear_matrix(p.shape[-1], width, device).t()) for p in parts]
-    row_maps = [bilinear_matrix(p.shape[-2], height, device) for p in parts]
     pred = torch.empty((parts[0].shape[0], height, width), dtype=torch.long, device=device)
     loss = torch.zeros((), dtype=torch.float64, device=device)
-    for r0 in range(0, height, rows):
-        z = torch.matmul(row_maps[0][r0 : r0 + rows], cols[0])  # (B, K, rows, W)
-        for ry, a in zip(row_maps[1:], cols[1:], strict=True):
-            z += torch.matmul(ry[r0 : r0 + rows], a)
-        if len(parts) > 1:
-            z /= len(parts)
+    for r0, z in _upsampled_strips(parts, size, rows):
         peak, pred[:, r0 : r0 + rows] = z.max(1)  # first maximum, like argmax (~6x faster)
         if labels is not None:
             lab = labels[:, r0 : r0 + rows].long()
@@ -86,3 +96,20 @@ def predict_and_score(
     if labels is None:
         return pred, None, None
     return pred, loss, (labels != IGNORE_ID).sum()
+
+
+@torch.no_grad()
+def predict_with_probs(
+    logits: torch.Tensor | Sequence[torch.Tensor], size: tuple[int, int], rows: int = 32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-pixel argmax (B, H, W), as `predict_and_score`'s, and the class probabilities
+    (B, K, H, W) float16: the softmax of the same upsampled logits, strip by strip."""
+    parts = [logits] if isinstance(logits, torch.Tensor) else list(logits)
+    (height, width), (batch, k) = size, parts[0].shape[:2]
+    device = parts[0].device
+    pred = torch.empty((batch, height, width), dtype=torch.long, device=device)
+    probs = torch.empty((batch, k, height, width), dtype=torch.float16, device=device)
+    for r0, z in _upsampled_strips(parts, size, rows):
+        pred[:, r0 : r0 + rows] = z.max(1).indices
+        probs[:, :, r0 : r0 + rows] = z.softmax(1)
+    return pred, probs

@@ -452,6 +452,14 @@ def _hf_download(variant: BackboneVariant) -> Path | None:
         return None
 
 
+def local_weights(variant: BackboneVariant) -> Path | None:
+    """The variant's weights found on this machine without a download and without being named
+    (--weights, $OFFROAD_SEG_WEIGHTS): the torch hub cache's official file, else the Hugging
+    Face cache's timm or transformers file; `auto` resolves to it offline."""
+    hub = _hub_checkpoint(variant)
+    return hub if hub.is_file() else _hf_cached(variant)
+
+
 def find_weights(weights: str | None, variant: BackboneVariant, allow_download: bool = True) -> str:
     """Resolve `--weights` to a file path or 'random', in the documented order."""
     if weights == RANDOM:
@@ -469,12 +477,10 @@ def find_weights(weights: str | None, variant: BackboneVariant, allow_download: 
             raise WeightsError(f"{path} (from $OFFROAD_SEG_WEIGHTS): weights file not found")
         refuse_satellite(path)
         return str(path)
+    local = local_weights(variant)
+    if local is not None:
+        return str(local)
     hub = _hub_checkpoint(variant)
-    if hub.is_file():
-        return str(hub)
-    cached = _hf_cached(variant)
-    if cached is not None:
-        return str(cached)
     downloaded = _hf_download(variant) if allow_download else None
     if downloaded is not None:
         return str(downloaded)

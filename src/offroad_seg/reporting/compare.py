@@ -12,7 +12,8 @@ from offroad_seg.models.heads import get_head_spec
 from offroad_seg.reporting.info import find_head
 
 # Settings that say where things are or how a machine ran them, not what was trained.
-_NOT_COMPARED = ("out", "progress", "resume", "overwrite", "device", "memory_budget_gb", "stream")
+_NOT_COMPARED = ("out", "progress", "resume", "overwrite", "device", "memory_budget_gb", "stream",
+                 "tensorboard")  # fmt: skip
 
 
 @dataclass

@@ -31,7 +31,7 @@ from offroad_seg.metrics.confusion import SegMetrics
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ImageRow", "write_report"]
+__all__ = ["ImageRow", "image_metrics", "write_report"]
 
 _IGNORE_COLOR = (255, 255, 255)
 _BROWSER_FORMATS = ("image/jpeg", "image/png", "image/webp", "image/gif")
@@ -47,6 +47,12 @@ class ImageRow:
     confusion: np.ndarray
     thumbnail: Path
     comparison: Path | None = None
+
+
+def image_metrics(row: ImageRow, names: list[str]) -> SegMetrics:
+    """An image's metrics, from its own confusion matrix: the numbers of its row in the report
+    (and of its entry in evaluate's metrics.json)."""
+    return SegMetrics.from_confusion(row.confusion, names)
 
 
 def _esc(text: object) -> str:
@@ -208,7 +214,7 @@ def _images_html(rows: list[ImageRow], class_map: ClassMap, root: Path) -> str:
             raise ValueError(
                 f"write_report: image {row.name}: confusion matrix {cm.shape}, expected ({k}, {k})"
             )
-        scored.append((index, SegMetrics.from_confusion(cm, names), row))
+        scored.append((index, image_metrics(row, names), row))
     scored.sort(key=_sort_key)
 
     class_heads = "".join(

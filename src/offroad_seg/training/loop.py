@@ -34,6 +34,8 @@ from offroad_seg.metrics.confusion import SegMetrics
 from offroad_seg.metrics.hackathon import HackathonMetrics
 from offroad_seg.models.checkpoint import head_payload, save_checkpoint
 from offroad_seg.models.heads import HeadConfig, build_head
+from offroad_seg.training.early_stop import EarlyStopping
+from offroad_seg.training.ema import HeadEMA, check_decay
 from offroad_seg.training.inputs import TrainingData, load_training_data
 from offroad_seg.training.losses import Criterion, LossSpec, parse_class_weights
 from offroad_seg.training.resume import resume_point, rng_state
@@ -50,6 +52,7 @@ from offroad_seg.training.run_folder import (
 )
 from offroad_seg.training.sources import batch_count
 from offroad_seg.training.stats import run_record, write_final_stats, write_run_record
+from offroad_seg.training.tensorboard_log import CurveLog, check_available
 from offroad_seg.training.tuned import backbone_lr_scale, trained_model, tune_spec
 from offroad_seg.training.validation import validate_epoch
 
@@ -67,6 +70,7 @@ class TrainResult:
     epochs_trained: int = 0  # by this session (0: a resumed run that was already finished)
     config: TrainConfig | None = None  # the settings the run used (preset and resume applied)
     completed: list[str] = field(default_factory=list)  # outputs of a trained run written late
+    stopped_early: bool = False  # --patience ended the run before its last epoch
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -120,9 +124,11 @@ def train_one_epoch(
     device: torch.device,
     world: World = SINGLE,
     scaler: torch.amp.GradScaler | None = None,
+    ema: HeadEMA | None = None,
 ) -> tuple[list[float], float]:
     """One pass over the source; returns each step's loss (over the global batch) and the
-    last learning rate. `scaler`: loss scaling for fp16 autocast (see runtime.grad_scaler)."""
+    last learning rate. `scaler`: loss scaling for fp16 autocast (see runtime.grad_scaler);
+    `ema`: the head's weight average, updated after every step."""
     scaler = scaler if scaler is not None else torch.amp.GradScaler(enabled=False)
     model.train()
     total_steps = cfg.epochs * steps_per_epoch
@@ -164,6 +170,8 @@ def train_one_epoch(
         scaler.scale(loss).backward()
         scaler.step(optimizer)  # a plain step when disabled
         scaler.update()
+        if ema is not None:
+            ema.update()
         losses[n] = logged
         n += 1
         step += 1
@@ -176,6 +184,12 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
         raise ConfigError("epochs and batch size must be >= 1 and the learning rate > 0")
     LossSpec.parse(cfg.loss, cfg.focal_gamma)  # a bad loss fails before any work starts
+    EarlyStopping(cfg.patience)
+    if cfg.patience and cfg.val_cache is None:
+        raise ConfigError(f"--patience {cfg.patience} stops on val mIoU: it needs --val-cache")
+    check_decay(cfg.ema)
+    if cfg.tensorboard is not None:
+        check_available()
 
 
 def train(
@@ -224,46 +238,64 @@ def _train(
     run stopped, then train, validate and save epoch after epoch, and write the final stats."""
     setup = _set_up(cfg, data, world)
     start = resume_point(cfg, plan.last, data, setup.head, setup.optimizer, setup.scaler, world)
+    stopped = bool(plan.last and plan.last.get("stopped_early"))  # by an earlier session
     if start.finished:
-        return TrainResult(cfg.out, start.history, start.best, 0.0, data.source.kind, [], 0, cfg)
+        return TrainResult(
+            cfg.out, start.history, start.best, 0.0, data.source.kind, [], 0, cfg, [], stopped
+        )
+    if setup.ema is not None and cfg.resume and not start.completing:
+        setup.ema.load_state_dict(plan.last["state_dict"])  # last.pth's head is the average
     if world.is_main and not (start.completing and (cfg.out / STATS_DIR / CONFIG_FILE).is_file()):
         write_run_record(cfg.out, setup.run)
 
     history, best = start.history, start.best
     step_losses: list[float] = []
     saved_epoch = start.epoch - 1
+    curves = CurveLog(cfg.tensorboard if world.is_main and not start.completing else None,
+                      start.epoch)  # fmt: skip
     try:
         for epoch in range(start.epoch, cfg.epochs + 1):
             t0 = time.perf_counter()
             epoch_losses, lr = train_one_epoch(
                 setup.model, setup.optimizer, data.source, cfg, epoch, setup.steps_per_epoch,
-                setup.warmup, setup.criterion, data.device, world, setup.scaler,
+                setup.warmup, setup.criterion, data.device, world, setup.scaler, setup.ema,
             )  # fmt: skip
             step_losses += epoch_losses
             row: dict = {"epoch": epoch, "train_loss": sum(epoch_losses) / len(epoch_losses)}
-            metrics, hackathon = validate_epoch(setup.head, data, setup.weight, world, row)
+            metrics, hackathon = validate_epoch(setup.deployed, data, setup.weight, world, row)
             row["lr"] = lr
             row["seconds"] = time.perf_counter() - t0
-            check_finite(cfg, epoch, saved_epoch, epoch_losses, row, setup.head)
+            check_finite(cfg, epoch, saved_epoch, epoch_losses, row, setup.deployed)
             history.append(row)
             if metrics is not None and (best is None or row["val_miou"] > best["val_miou"]):
                 best = {"epoch": epoch, **{k: v for k, v in row.items() if k.startswith("val_")}}
-            _save_epoch(cfg, setup, world, data.device, row, history, best, metrics, hackathon)
+            stopped = setup.stopper.should_stop(epoch, best)
+            _save_epoch(
+                cfg, setup, world, data.device, row, history, best, metrics, hackathon, stopped
+            )
             saved_epoch = epoch
+            curves.epoch(row)
             world.barrier()
             if on_epoch is not None:
                 on_epoch(row)
+            if stopped:
+                if world.is_main:
+                    log.info(setup.stopper.reason(epoch, best))
+                break
     except KeyboardInterrupt:
         raise _interrupted(cfg, saved_epoch) from None
+    finally:
+        curves.close()
 
     if world.is_main:
         last = plan.last if start.completing else None  # a trained run's, to rebuild its head
         write_final_stats(cfg.out, history, best, setup.run, data.val is not None, last)
     world.barrier()
-    trained = cfg.epochs - start.epoch + 1
+    trained = 0 if start.completing else history[-1]["epoch"] - start.epoch + 1
     return TrainResult(
-        cfg.out, history, best, 0.0, data.source.kind, step_losses, trained, cfg, start.completing
-    )
+        cfg.out, history, best, 0.0, data.source.kind, step_losses, trained, cfg,
+        start.completing, stopped,
+    )  # fmt: skip
 
 
 @dataclass
@@ -281,6 +313,13 @@ class _Setup:
     warmup: int
     run: dict  # the run record, train_stats/config.json
     base_payload: dict  # what every checkpoint of the run holds besides its weights
+    ema: HeadEMA | None  # the average of the head's weights (--ema), or None
+    stopper: EarlyStopping
+
+    @property
+    def deployed(self) -> nn.Module:
+        """The head that is validated and saved: the weight average when there is one."""
+        return self.ema.average if self.ema is not None else self.head
 
 
 def _set_up(cfg: TrainConfig, data: TrainingData, world: World) -> _Setup:
@@ -312,6 +351,8 @@ def _set_up(cfg: TrainConfig, data: TrainingData, world: World) -> _Setup:
     head = trained_model(cfg, caches[0], head, tuning, device)  # LoRA draws from the RNG too
     if world.rank:  # own dropout masks per rank; rank 0 goes on as one process would
         torch.manual_seed(rank_seed(cfg.seed, world.rank))
+    # the average copies the head as built, before DDP hooks its parameters
+    ema = HeadEMA(head, cfg.ema) if cfg.ema > 0 else None
     model = head
     if world.enabled:
         ids = [device.index] if device.type == "cuda" else None
@@ -339,7 +380,7 @@ def _set_up(cfg: TrainConfig, data: TrainingData, world: World) -> _Setup:
     )
     return _Setup(
         head, model, optimizer, scaler, criterion, weight, steps_per_epoch, warmup, run,
-        base_payload,
+        base_payload, ema, EarlyStopping(cfg.patience),
     )  # fmt: skip
 
 
@@ -353,16 +394,19 @@ def _save_epoch(
     best: dict | None,
     metrics: SegMetrics | None,
     hackathon: HackathonMetrics | None,
+    stopped: bool = False,
 ) -> None:
     """An epoch's outputs (rank 0): the head when it is the best so far (or there is no
-    validation), last.pth with everything a resume needs, and history.json."""
+    validation), last.pth with everything a resume needs, and history.json. With --ema both
+    checkpoints' head is the weight average; last.pth keeps the trained weights beside it.
+    `stopped`: early stopping ends the run with this epoch (last.pth says so)."""
     epoch = row["epoch"]
     rng = world.gather(rng_state(device))  # every rank's, for an exact resume
     if world.is_main:
         log.info(_epoch_line(row, cfg.epochs))
         payload = {
             **setup.base_payload,
-            "state_dict": setup.head.state_dict(),
+            "state_dict": setup.deployed.state_dict(),
             "epoch": epoch,
             "metrics": row,
             "best": best,
@@ -376,7 +420,10 @@ def _save_epoch(
             "optimizer": setup.optimizer.state_dict(),
             "rng": rng,
             "scaler": setup.scaler.state_dict(),
+            "stopped_early": stopped,
         }
+        if setup.ema is not None:
+            resume_state["trained_state_dict"] = setup.head.state_dict()
         save_checkpoint(cfg.out / LAST_FILE, {**payload, "history": history, **resume_state})
         write_json_atomic(cfg.out / STATS_DIR / HISTORY_FILE, {"history": history, "best": best})
 

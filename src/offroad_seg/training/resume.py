@@ -57,20 +57,22 @@ def resume_point(
             f"{cfg.val_cache}; cannot resume"
         )
     start = ResumePoint(last["history"], last["best"], last["epoch"] + 1)
-    if start.epoch > cfg.epochs:
+    if start.epoch > cfg.epochs or last.get("stopped_early"):
+        start.epoch = cfg.epochs + 1  # a run that stopped early has no epoch left either
         start.completing = missing_outputs(cfg.out, data.val is not None)
         if not start.completing:
             if world.is_main:
-                log.info("%s: all %d epochs trained; nothing to do", cfg.out, cfg.epochs)
+                log.info("%s: %s; nothing to do", cfg.out, trained_epochs(last, cfg.epochs))
             start.finished = True
             return start
         if world.is_main:
             log.info(
-                "%s: all %d epochs are trained; writing what is missing (%s)",
-                cfg.out, cfg.epochs, ", ".join(start.completing),
+                "%s: %s; writing what is missing (%s)",
+                cfg.out, trained_epochs(last, cfg.epochs), ", ".join(start.completing),
             )  # fmt: skip
     else:
-        head.load_state_dict(last["state_dict"])
+        # with --ema, last.pth's head is the average and the trained weights are kept beside
+        head.load_state_dict(last.get("trained_state_dict", last["state_dict"]))
         optimizer.load_state_dict(last["optimizer"])
         if last.get("scaler"):  # fp16 runs (a disabled scaler saves nothing)
             scaler.load_state_dict(last["scaler"])
@@ -78,6 +80,13 @@ def resume_point(
         if world.is_main:
             log.info("resuming %s at epoch %d of %d", cfg.out, start.epoch, cfg.epochs)
     return start
+
+
+def trained_epochs(last: dict, epochs: int) -> str:
+    """What a run whose training is over trained: all its epochs, or fewer (--patience)."""
+    if last.get("stopped_early") and last["epoch"] < epochs:
+        return f"training stopped early at epoch {last['epoch']} of {epochs} (--patience)"
+    return f"all {epochs} epochs trained"
 
 
 def rng_state(device: torch.device) -> dict:

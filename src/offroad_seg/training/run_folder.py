@@ -79,6 +79,7 @@ def config_dict(cfg: TrainConfig) -> dict:
     d["caches"] = [str(p) for p in cfg.caches]
     d["out"] = str(cfg.out)
     d["val_cache"] = str(cfg.val_cache) if cfg.val_cache else None
+    d["tensorboard"] = str(cfg.tensorboard) if cfg.tensorboard else None
     return d
 
 
@@ -177,7 +178,7 @@ def _plan_with_last(cfg: TrainConfig, last: dict) -> RunPlan:
         return RunPlan(apply_preset(resumed_config(cfg, saved, out / LAST_FILE)), last)
     cfg = apply_preset(cfg)
     epoch, epochs = last["epoch"], saved["epochs"]
-    if epoch < epochs:
+    if epoch < epochs and not last.get("stopped_early"):
         raise OffroadSegError(
             f"{out}: already holds a trained head (last.pth, epoch {epoch} of {epochs}); "
             "use --resume to continue it or --overwrite to start over"
@@ -185,8 +186,9 @@ def _plan_with_last(cfg: TrainConfig, last: dict) -> RunPlan:
     missing = missing_outputs(out, bool(saved.get("val_cache")))
     if missing and same_run(config_dict(cfg), saved):
         return RunPlan(replace(cfg, resume=True), last)  # finish writing its outputs
+    trained = f"all {epochs} epochs" if epoch >= epochs else f"stopped early at epoch {epoch}"
     raise OffroadSegError(
-        f"{out}: already holds a trained head (all {epochs} epochs of a run); "
+        f"{out}: already holds a trained head ({trained} of a run); "
         "use --resume to continue it or --overwrite to start over"
     )
 

@@ -124,7 +124,8 @@ def rebuild_head(out: Path, last: dict, with_val: bool) -> None:
             f"{out / HEAD_FILE}: missing, and the best epoch's head cannot be rebuilt without "
             "training; use --overwrite to train again"
         )
-    resume_only = ("history", "optimizer", "rng", "scaler", DIGEST_KEY)
+    resume_only = ("history", "optimizer", "rng", "scaler", "stopped_early", "trained_state_dict",
+                   DIGEST_KEY)  # fmt: skip
     save_checkpoint(out / HEAD_FILE, {k: v for k, v in last.items() if k not in resume_only})
 
 
