@@ -246,3 +246,23 @@ def test_demo_end_to_end_tiny(tmp_path):
     r = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path / "mine")])
     assert r.exit_code == 1 and "not a demo folder" in r.stderr
     assert (tmp_path / "mine" / "thesis.tex").exists()
+
+
+@pytest.mark.parametrize(
+    ("images", "videos", "frames", "computed", "seconds", "expected"),
+    [
+        (3, 1, 30, 3, 11.7, "predicted 3 images and 1 video (30 frames) in 11.7 s (2.82 frames/s)"),
+        (8, 0, 0, 8, 3.1, "predicted 8 images in 3.1 s (2.58 images/s)"),
+        (0, 2, 10, 0, 2.0, "predicted 2 videos (10 frames) in 2.0 s (5.00 frames/s)"),
+        (4, 0, 0, 0, 0.0, "all 4 images were already predicted"),
+    ],
+)
+def test_work_line_counts_video_frames_in_the_rate(
+    images, videos, frames, computed, seconds, expected, tmp_path
+):
+    from offroad_seg.cli.inference import _work_line
+    from offroad_seg.inference.batches import EvalResult
+
+    result = EvalResult(tmp_path, None, images, seconds, computed=computed)
+    result.videos, result.frames = videos, frames
+    assert _work_line("predicted", result, tmp_path) == f"{expected}; results in {tmp_path}"

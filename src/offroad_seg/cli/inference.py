@@ -13,7 +13,9 @@ from offroad_seg.config import ENGINES, EvalConfig, ExportConfig, PredictConfig,
 
 
 def _work_line(verb: str, result, out: Path) -> str:
-    """'evaluated 8 images in 3.1 s (2.58 images/s); results in OUT', or what was already
+    """'evaluated 8 images in 3.1 s (2.58 images/s); results in OUT', or with videos
+    'predicted 3 images and 1 video (30 frames) in 11.7 s (2.82 frames/s); ...' (each image
+    counts as one frame of the rate: all were computed in those seconds), or what was already
     done when a rerun had nothing left to compute."""
     from offroad_seg.core.text import plural
 
@@ -25,7 +27,9 @@ def _work_line(verb: str, result, out: Path) -> str:
     what = " and ".join(parts) or "nothing"
     if result.computed == 0 and not getattr(result, "frames", 0):
         return f"all {what} were already {verb}; results in {out}"
-    speed = f" ({result.images_per_s:.2f} images/s)" if result.computed else ""
+    pictures = result.computed + getattr(result, "frames", 0)  # computed in this session
+    unit = "frames" if getattr(result, "frames", 0) else "images"
+    speed = f" ({pictures / result.seconds:.2f} {unit}/s)" if pictures and result.seconds else ""
     return f"{verb} {what} in {result.seconds:.1f} s{speed}; results in {out}"
 
 
