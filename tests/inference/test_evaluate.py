@@ -266,3 +266,29 @@ def test_work_line_counts_video_frames_in_the_rate(
     result = EvalResult(tmp_path, None, images, seconds, computed=computed)
     result.videos, result.frames = videos, frames
     assert _work_line("predicted", result, tmp_path) == f"{expected}; results in {tmp_path}"
+
+
+def test_no_masks_writes_what_its_help_says(head_path, dataset, tmp_path):
+    # --help: "Write no masks/ or masks_color/ (the metrics, report, thumbnails and
+    # --comparisons panels are still written ...)" (#27 item 5)
+    help_text = " ".join(CliRunner().invoke(cli, ["evaluate", "--help"]).stdout.split())
+    said = "--no-masks Write no masks/ or masks_color/ (the metrics, report, thumbnails"
+    assert said in help_text
+    out = tmp_path / "e"
+    args = ["evaluate", head_path, dataset / "val", out, "--no-masks", "--comparisons", "1",
+            "--workers", "0"]  # fmt: skip
+    r = CliRunner().invoke(cli, [str(a) for a in args])
+    assert r.exit_code == 0, r.output
+    from offroad_seg.inference.evaluate import EVAL_FILES
+    from offroad_seg.inference.runfolder import RECORDS_DIR, RUN_FILE
+
+    names = sorted(s.output_name for s in list_samples(dataset / "val"))
+    written = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    written = {p for p in written if not p.startswith(RECORDS_DIR + "/")}
+    assert written == {
+        RUN_FILE,
+        *EVAL_FILES,
+        f"comparisons/{names[0]}",
+        *(f"thumbnails/{n.removesuffix('.png')}.jpg" for n in names),
+    }
+    assert not (out / "masks").exists() and not (out / "masks_color").exists()

@@ -88,7 +88,14 @@ def head_inference_options(fn):
     show_default=True,
     help="Comparison panels (image | truth | prediction) for the first N images; 0 for none.",
 )
-@click.option("--no-masks", "write_masks", flag_value=False, default=True, help="Metrics only.")
+@click.option(
+    "--no-masks",
+    "write_masks",
+    flag_value=False,
+    default=True,
+    help="Write no masks/ or masks_color/ (the metrics, report, thumbnails and --comparisons "
+    "panels are still written; add --comparisons 0 for no panels).",
+)
 @click.option(
     "--class-map",
     help="The class map the data uses (a built-in name or a JSON file); refused if it differs "
@@ -105,10 +112,10 @@ def evaluate(head: Path, data_dir: Path, out: Path, **opts) -> None:
     """Evaluate HEAD (a .pth head, or an .onnx from `export`) on a labelled dataset DATA_DIR,
     end to end from the images.
 
-    Writes OUT/masks (raw class codes, 16-bit), masks_color, comparisons, thumbnails,
-    report.html, evaluation_metrics.txt, per_class_metrics.png, confusion_matrix.png and,
-    last, metrics.json. Rerunning the same command after an interruption resumes; under
-    torchrun the ranks share the images.
+    Writes OUT/masks (raw class codes, 16-bit) and masks_color (neither with --no-masks),
+    comparisons, thumbnails, report.html, evaluation_metrics.txt, per_class_metrics.png,
+    confusion_matrix.png and, last, metrics.json. Rerunning the same command after an
+    interruption resumes; under torchrun the ranks share the images.
     """
     from offroad_seg.inference.evaluate import evaluate
 
