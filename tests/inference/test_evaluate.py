@@ -292,3 +292,45 @@ def test_no_masks_writes_what_its_help_says(head_path, dataset, tmp_path):
         *(f"thumbnails/{n.removesuffix('.png')}.jpg" for n in names),
     }
     assert not (out / "masks").exists() and not (out / "masks_color").exists()
+
+
+def test_report_says_where_the_backbone_weights_came_from(head_path, dataset, backbone, tmp_path):
+    # #27 item 3: an untrained backbone is announced in report.html and evaluation_metrics.txt;
+    # weights from a file are named with their sha256 prefix, without the banner
+    from offroad_seg.reporting.provenance import UNTRAINED_BANNER
+
+    ckpt = load_checkpoint(head_path)
+    sha = ckpt.backbone.weights_sha256[:12]
+    evaluate(eval_config(head_path, dataset / "val", tmp_path / "r", weights="random"))
+    text = (tmp_path / "r" / "evaluation_metrics.txt").read_text()
+    html = (tmp_path / "r" / "report.html").read_text()
+    assert text.startswith(UNTRAINED_BANNER + "\n\n")
+    assert f"backbone weights: random (untrained), sha256 {sha}\n" in text
+    assert f'<p class="banner" role="alert">{UNTRAINED_BANNER}</p>' in html
+    assert f"<td>random (untrained), sha256 {sha}</td>" in html
+    # the head and its training, from the checkpoint
+    s = ckpt.payload["train_config"]
+    assert "head model: upnext (width 96, depth 2, dropout 0.1)\n" in text
+    training = (
+        f"loss {s['loss']}, class weights {s['class_weights']}, AdamW lr {s['lr']:g}, batch 2, "
+        f"4 epochs, seed 0; saved at epoch {ckpt.payload['epoch']} (best val mIoU "
+        f"{ckpt.payload['best']['val_miou']:.4f})"
+    )
+    assert f"\ntraining: {training}\n" in text and f"<td>{training}</td>" in html
+    # the hackathon protocol's numbers, beside ours in the page too
+    hackathon = json.loads((tmp_path / "r" / "metrics.json").read_text())["hackathon_protocol"]
+    assert '<h2 id="hackathon">' in html and f">{hackathon['miou']:.4f}<" in html
+    assert "confusion_matrix.png" not in html  # its table is in the page; the file stays
+    assert (tmp_path / "r" / "confusion_matrix.png").is_file()
+
+    # the same weights from a file (same tensors: the head accepts them)
+    weights = tmp_path / "vits14.safetensors"
+    save_file({k: v.contiguous() for k, v in backbone.vit.state_dict().items()}, weights)
+    evaluate(eval_config(head_path, dataset / "val", tmp_path / "f", weights=str(weights)))
+    text = (tmp_path / "f" / "evaluation_metrics.txt").read_text()
+    html = (tmp_path / "f" / "report.html").read_text()
+    assert "UNTRAINED" not in text and 'class="banner"' not in html
+    assert f"backbone weights: {weights}, sha256 {sha}\n" in text
+    assert f"<td>{weights}, sha256 {sha}</td>" in html
+    metrics = json.loads((tmp_path / "f" / "metrics.json").read_text())
+    assert metrics["backbone"]["weights_source"] == str(weights)

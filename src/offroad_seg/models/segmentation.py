@@ -14,7 +14,7 @@ from torch import nn
 from offroad_seg.core.runtime import autocast, resolve_device
 from offroad_seg.data.classes import ClassMap
 from offroad_seg.errors import ConfigError, WeightsError
-from offroad_seg.models.backbone import Backbone, load_backbone
+from offroad_seg.models.backbone import Backbone, BackboneSpec, load_backbone
 from offroad_seg.models.checkpoint import HeadCheckpoint, load_checkpoint
 from offroad_seg.models.preprocess import Preprocessing
 from offroad_seg.models.weights import RANDOM
@@ -124,6 +124,12 @@ class SegmentationModel(nn.Module):
     @property
     def preprocessing(self) -> Preprocessing:
         return self.checkpoint.preprocessing
+
+    @property
+    def backbone_spec(self) -> BackboneSpec:
+        """The backbone weights this model runs: the checkpoint's sha256, and where they were
+        loaded from (the file may differ from the one the head was trained with)."""
+        return self.backbone.spec
 
     @property
     def class_map(self) -> ClassMap:
