@@ -314,8 +314,10 @@ def test_report_banner_and_hackathon_numbers(report: _Report, tmp_path: Path) ->
     assert HACKATHON_TITLE == "hackathon protocol (for comparison only)"
     for value in ("0.4321", "0.5678", "0.8765"):
         assert f">{value}<" in section
-    cells = re.findall(r"<tr><td>([^<]*)</td><td[^>]*>([^<]*)</td></tr>", section)
-    assert cells == [("Background", "0.6100"), ("Trees", "n/a"), ("Sky", "0.2468")]
+    names = re.findall(r"<th>([^<]*)</th>", section.split("</thead>")[0])
+    values = re.findall(r"<td[^>]*>([^<]*)</td>", section.split("</thead>")[1])
+    assert names == ["class", "Background", "Trees", "Sky"]
+    assert values == ["0.6100", "n/a", "0.2468"]
     assert "3 batches of 2 images (5 images" in section
     # neither without them
     plain = write_report(

@@ -128,10 +128,9 @@ def _hackathon_html(hackathon: HackathonMetrics | None) -> str:
         f'<div class="card"><div class="v">{_fmt_or_na(v)}</div><div>{_esc(k)}</div></div>'
         for k, v in cards
     )
-    rows = "".join(
-        f"<tr><td>{_esc(n)}</td><td{_score_style(v)}>{_fmt_or_na(v)}</td></tr>"
-        for n, v in zip(hackathon.class_names, hackathon.class_iou, strict=True)
-    )
+    # one row across the page: the section stays as short as the cards above it
+    names = "".join(f"<th>{_esc(n)}</th>" for n in hackathon.class_names)
+    values = "".join(f"<td{_score_style(v)}>{_fmt_or_na(v)}</td>" for v in hackathon.class_iou)
     return (
         f'<h2 id="hackathon">{_esc(HACKATHON_TITLE[0].upper() + HACKATHON_TITLE[1:])}</h2>\n'
         f"<p>Means over {hackathon.num_batches} batches of {hackathon.batch_size} images "
@@ -139,9 +138,9 @@ def _hackathon_html(hackathon: HackathonMetrics | None) -> str:
         "evaluation scores them: comparable with the numbers published on this dataset, not "
         "with ours above.</p>\n"
         f'<div class="cards">{body}</div>\n'
-        '<table class="grid narrow hackathon"><thead><tr><th>class</th>'
-        "<th>IoU (mean over the batches where it occurs)</th></tr></thead>"
-        f"<tbody>{rows}</tbody></table>"
+        f'<table class="grid hackathon"><thead><tr><th>class</th>{names}</tr></thead>'
+        f"<tbody><tr><th>IoU</th>{values}</tr></tbody></table>\n"
+        '<p class="dim">Per class: the mean IoU over the batches where the class occurs.</p>'
     )
 
 
@@ -324,7 +323,7 @@ table{border-collapse:collapse}
 .sw{display:inline-block;width:11px;height:11px;border:1px solid #777;margin-right:5px;
  vertical-align:-1px}
 .figures{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}
-figure{margin:0;flex:1 1 520px;max-width:900px}
+figure{margin:0;flex:1 1 520px;max-width:760px}
 figure img{width:100%;height:auto;border:1px solid #eee}
 figcaption{color:#555;font-size:13px}
 .confusion td{min-width:34px;text-align:center;font-size:12px}
@@ -341,6 +340,7 @@ figcaption{color:#555;font-size:13px}
 .images td.thumb{padding:2px;line-height:0}
 .legend .key{margin-right:12px;white-space:nowrap}
 .missing{color:#b00;font-size:12px}
+.hackathon{margin-top:12px}
 .banner{border:2px solid #b00;background:#fde8e8;color:#700;padding:8px 12px;font-weight:600}
 .images td.thumb img{cursor:zoom-in}
 #zoom{max-width:96vw;max-height:94vh;padding:8px 12px;border:1px solid #999}
