@@ -327,6 +327,41 @@ def test_report_banner_and_hackathon_numbers(report: _Report, tmp_path: Path) ->
     assert 'href="#hackathon"' not in plain
 
 
+def test_provenance_lines() -> None:
+    from offroad_seg.models.backbone import BackboneSpec
+    from offroad_seg.models.heads import HeadConfig
+    from offroad_seg.reporting.provenance import (
+        UNTRAINED_BANNER,
+        head_text,
+        training_text,
+        untrained_banner,
+        weights_text,
+    )
+
+    random, real = BackboneSpec("ab" * 32, "random"), BackboneSpec("cd" * 32, "w/vits14.pth")
+    assert untrained_banner(random) == UNTRAINED_BANNER and untrained_banner(real) is None
+    assert weights_text(random) == "random (untrained), sha256 abababababab"
+    assert weights_text(real) == "w/vits14.pth, sha256 cdcdcdcdcdcd"
+    # only the settings a head has
+    assert head_text(HeadConfig(name="linear")) == "linear (dropout 0)"
+    assert head_text(HeadConfig(name="pyramid")) == "pyramid (width 96, dropout 0.1)"
+    settings = dict(preset="seed", loss="ce+0.5dice", class_weights="auto", lr=1e-3,
+                    batch_size=2, epochs=20, seed=0)  # fmt: skip
+    payload = {
+        "train_config": settings,
+        "epoch": 17,
+        "best": {"epoch": 17, "val_miou": 0.40961},
+    }
+    assert training_text(payload) == (
+        "preset seed, loss ce+0.5dice, class weights auto, AdamW lr 0.001, batch 2, 20 epochs, "
+        "seed 0; saved at epoch 17 (best val mIoU 0.4096)"
+    )
+    # an older checkpoint's missing settings are left out; an exported model has none
+    old = {"train_config": {"loss": "ce"}, "epoch": 3}
+    assert training_text(old) == "loss ce; saved at epoch 3"
+    assert training_text({"backbone": "{}"}) is None
+
+
 def test_report_thumbnails_open_a_larger_view(report: _Report) -> None:
     # every thumbnail cell is wired to the page's <dialog>, which holds no image until a click
     html = report.html

@@ -44,16 +44,16 @@ def training_text(payload: dict[str, Any]) -> str | None:
     s = payload.get("train_config")
     if not isinstance(s, dict):
         return None
-    parts = [f"preset {s['preset']}"] if s.get("preset") else []
-    parts += [
-        f"loss {s['loss']}",
-        f"class weights {s['class_weights']}",
-        f"AdamW lr {s['lr']:g}",
-        f"batch {s['batch_size']}",
-        f"{s['epochs']} epochs",
-        f"seed {s['seed']}",
-    ]
-    text = ", ".join(parts)
+    shown = (  # (setting, how it reads); a checkpoint of an older version may lack some
+        ("preset", "preset {}"),
+        ("loss", "loss {}"),
+        ("class_weights", "class weights {}"),
+        ("lr", "AdamW lr {:g}"),
+        ("batch_size", "batch {}"),
+        ("epochs", "{} epochs"),
+        ("seed", "seed {}"),
+    )
+    text = ", ".join(form.format(s[k]) for k, form in shown if s.get(k) is not None)
     epoch, best = payload.get("epoch"), payload.get("best")
     if epoch is not None:
         text += f"; saved at epoch {epoch}"
