@@ -58,6 +58,7 @@ def demo(cfg: DemoConfig, say: Callable[[str], None] = log.info) -> DemoResult:
     """Run every stage on synthetic scenes; `say` receives each stage's summary line."""
     started = time.perf_counter()
     head = get_head_spec(cfg.head).name  # an unknown head is refused before any work
+    _prepare(cfg.out)  # a folder it may not use is refused before anything is said
     weights = cfg.weights
     if weights is None:
         try:
@@ -66,7 +67,6 @@ def demo(cfg: DemoConfig, say: Callable[[str], None] = log.info) -> DemoResult:
             weights = RANDOM
     if weights == RANDOM:
         say(UNTRAINED_BANNER)
-    _prepare(cfg.out)
     data, caches, run = cfg.out / "data", cfg.out / "cache", cfg.out / "head"
     lines: list[str] = []
 

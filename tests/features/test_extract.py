@@ -181,9 +181,19 @@ def test_cli_synth_extract_info_verify(tmp_path):
     r = run("cache", "info", cache)
     assert r.exit_code == 0 and "complete (3/3 images)" in r.output
     assert "(3, 1, 384, 4, 7) float16" in r.output
+    # the whole preprocessing and every label array, as docs/commands.md says (#27 item 7)
+    assert "hackathon    (3, 266, 476) uint8" in r.output
+    assert "size         56x98 -> 4x7 tokens of 14x14 px" in r.output
+    assert "resize       images bilinear-antialias-uint8, labels nearest" in r.output
+    assert "normalise    mean 0.485, 0.456, 0.406, std 0.229, 0.224, 0.225" in r.output
     r = run("cache", "info", "--json", cache)
     info = json.loads(r.output)
     assert info["images"] == 3 and info["bytes_on_disk"] > 0
+    assert info["hackathon_labels"] == {"shape": [3, 266, 476], "dtype": "uint8"}
+    assert info["preprocessing"] == {
+        **FeatureCache.open(cache).spec.preprocessing.to_dict(),
+        "grid": [4, 7],
+    }
     assert info["bytes_per_image"] == pytest.approx(info["bytes_on_disk"] / 3)
     r = run("cache", "verify", cache)
     assert r.exit_code == 0 and r.stdout.startswith("ok:")

@@ -339,3 +339,91 @@ def test_demo_head_is_passed_to_training(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="head 'nope'"):
         demo_module.demo(DemoConfig(out=tmp_path / "e", head="nope", weights="random"))
     assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize(
+    ("images", "videos", "frames", "computed", "seconds", "expected"),
+    [
+        (3, 1, 30, 3, 11.7, "predicted 3 images and 1 video (30 frames) in 11.7 s (2.82 frames/s)"),
+        (8, 0, 0, 8, 3.1, "predicted 8 images in 3.1 s (2.58 images/s)"),
+        (0, 2, 10, 0, 2.0, "predicted 2 videos (10 frames) in 2.0 s (5.00 frames/s)"),
+        (4, 0, 0, 0, 0.0, "all 4 images were already predicted"),
+    ],
+)
+def test_work_line_counts_video_frames_in_the_rate(
+    images, videos, frames, computed, seconds, expected, tmp_path
+):
+    from offroad_seg.cli.inference import _work_line
+    from offroad_seg.inference.batches import EvalResult
+
+    result = EvalResult(tmp_path, None, images, seconds, computed=computed)
+    result.videos, result.frames = videos, frames
+    assert _work_line("predicted", result, tmp_path) == f"{expected}; results in {tmp_path}"
+
+
+def test_no_masks_writes_what_its_help_says(head_path, dataset, tmp_path):
+    # --help: "Write no masks/ or masks_color/ (the metrics, report, thumbnails and
+    # --comparisons panels are still written ...)" (#27 item 5)
+    help_text = " ".join(CliRunner().invoke(cli, ["evaluate", "--help"]).stdout.split())
+    said = "--no-masks Write no masks/ or masks_color/ (the metrics, report, thumbnails"
+    assert said in help_text
+    out = tmp_path / "e"
+    args = ["evaluate", head_path, dataset / "val", out, "--no-masks", "--comparisons", "1",
+            "--workers", "0"]  # fmt: skip
+    r = CliRunner().invoke(cli, [str(a) for a in args])
+    assert r.exit_code == 0, r.output
+    from offroad_seg.inference.evaluate import EVAL_FILES
+    from offroad_seg.inference.runfolder import RECORDS_DIR, RUN_FILE
+
+    names = sorted(s.output_name for s in list_samples(dataset / "val"))
+    written = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    written = {p for p in written if not p.startswith(RECORDS_DIR + "/")}
+    assert written == {
+        RUN_FILE,
+        *EVAL_FILES,
+        f"comparisons/{names[0]}",
+        *(f"thumbnails/{n.removesuffix('.png')}.jpg" for n in names),
+    }
+    assert not (out / "masks").exists() and not (out / "masks_color").exists()
+
+
+def test_report_says_where_the_backbone_weights_came_from(head_path, dataset, backbone, tmp_path):
+    # #27 item 3: an untrained backbone is announced in report.html and evaluation_metrics.txt;
+    # weights from a file are named with their sha256 prefix, without the banner
+    from offroad_seg.reporting.provenance import UNTRAINED_BANNER
+
+    ckpt = load_checkpoint(head_path)
+    sha = ckpt.backbone.weights_sha256[:12]
+    evaluate(eval_config(head_path, dataset / "val", tmp_path / "r", weights="random"))
+    text = (tmp_path / "r" / "evaluation_metrics.txt").read_text()
+    html = (tmp_path / "r" / "report.html").read_text()
+    assert text.startswith(UNTRAINED_BANNER + "\n\n")
+    assert f"backbone weights: random (untrained), sha256 {sha}\n" in text
+    assert f'<p class="banner" role="alert">{UNTRAINED_BANNER}</p>' in html
+    assert f"<td>random (untrained), sha256 {sha}</td>" in html
+    # the head and its training, from the checkpoint
+    s = ckpt.payload["train_config"]
+    assert "head model: upnext (width 96, depth 2, dropout 0.1)\n" in text
+    training = (
+        f"loss {s['loss']}, class weights {s['class_weights']}, AdamW lr {s['lr']:g}, batch 2, "
+        f"4 epochs, seed 0; saved at epoch {ckpt.payload['epoch']} (best val mIoU "
+        f"{ckpt.payload['best']['val_miou']:.4f})"
+    )
+    assert f"\ntraining: {training}\n" in text and f"<td>{training}</td>" in html
+    # the hackathon protocol's numbers, beside ours in the page too
+    hackathon = json.loads((tmp_path / "r" / "metrics.json").read_text())["hackathon_protocol"]
+    assert '<h2 id="hackathon">' in html and f">{hackathon['miou']:.4f}<" in html
+    assert "confusion_matrix.png" not in html  # its table is in the page; the file stays
+    assert (tmp_path / "r" / "confusion_matrix.png").is_file()
+
+    # the same weights from a file (same tensors: the head accepts them)
+    weights = tmp_path / "vits14.safetensors"
+    save_file({k: v.contiguous() for k, v in backbone.vit.state_dict().items()}, weights)
+    evaluate(eval_config(head_path, dataset / "val", tmp_path / "f", weights=str(weights)))
+    text = (tmp_path / "f" / "evaluation_metrics.txt").read_text()
+    html = (tmp_path / "f" / "report.html").read_text()
+    assert "UNTRAINED" not in text and 'class="banner"' not in html
+    assert f"backbone weights: {weights}, sha256 {sha}\n" in text
+    assert f"<td>{weights}, sha256 {sha}</td>" in html
+    metrics = json.loads((tmp_path / "f" / "metrics.json").read_text())
+    assert metrics["backbone"]["weights_source"] == str(weights)

@@ -245,9 +245,9 @@ def test_overlay_with_legend(h: int, w: int) -> None:
     again = overlays.overlay_with_legend(other, other_pred, CLASS_MAP)
     assert again.shape == out.shape
     np.testing.assert_array_equal(again[h:], out[h:])
-    if w >= 60:  # every class colour and the ignore white appear in the legend
+    if w >= 60:  # every class colour appears in the legend
         colours = {tuple(int(v) for v in px) for px in np.unique(out[h:].reshape(-1, 3), axis=0)}
-        for colour in [*CLASS_MAP.palette, (255, 255, 255)]:
+        for colour in CLASS_MAP.palette:
             assert tuple(int(v) for v in colour) in colours
     # wrapped to the narrower width: taller than the legend of a 3-column comparison panel
     if w == 960:
@@ -311,3 +311,36 @@ def test_save_png_rejects_bad_arrays(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="uint8"):
         plots.save_png(tmp_path / "x.png", np.zeros((4, 4, 4), dtype=np.uint8))
     assert list(tmp_path.iterdir()) == []
+
+
+def _swatches(strip: np.ndarray, rows: list | None = None) -> list[tuple[int, int, int]]:
+    """The legend's swatches, in reading order: the fill colour inside each outlined square
+    (top-left corners of runs of the outline colour going right and down); their tops are
+    appended to `rows`."""
+    edge = (strip == overlays._SWATCH_OUTLINE).all(axis=-1)
+    found = []
+    for y, x in zip(*np.nonzero(edge), strict=True):
+        if (x and edge[y, x - 1]) or (y and edge[y - 1, x]):
+            continue
+        if edge[y, x : x + 6].all() and edge[y : y + 6, x].all():
+            found.append(tuple(int(v) for v in strip[y + 3, x + 3]))
+            if rows is not None:
+                rows.append(int(y))
+    return found
+
+
+def test_legends_show_ignore_only_beside_a_truth_that_has_it() -> None:
+    # #27 item 15: a prediction never holds the ignore id: no swatch for it on an overlay
+    # (at 960 px it took a third legend row); a comparison panel shows it when asked
+    classes = [tuple(int(v) for v in c) for c in CLASS_MAP.palette]
+    image, truth, pred = _inputs(540, 960, seed=6)
+    out = overlays.overlay_with_legend(image, pred, CLASS_MAP)
+    tops: list[int] = []
+    assert _swatches(out[540:], tops) == classes
+    assert len(set(tops)) == 2  # two rows of entries at 960 px, where ignore made three
+    assert [name for name, _ in overlays.legend_entries(CLASS_MAP)] == CLASS_MAP.names
+    for ignore, expected in ((True, [*classes, (255, 255, 255)]), (False, classes)):
+        panel = overlays.comparison_panel(image, truth, pred, CLASS_MAP, ignore=ignore)
+        layout = overlays.panel_layout(image.shape, CLASS_MAP, ignore=ignore)
+        assert panel.shape[0] == layout.height
+        assert _swatches(panel[layout.header + 540 :]) == expected

@@ -19,6 +19,7 @@ from PIL import Image
 
 from offroad_seg.data.classes import IGNORE_ID, ClassMap
 from offroad_seg.metrics.confusion import SegMetrics, confusion_matrix
+from offroad_seg.metrics.hackathon import HACKATHON_TITLE, HackathonMetrics
 from offroad_seg.reporting import overlays, plots
 from offroad_seg.reporting.report import ImageRow, write_report
 from offroad_seg.reporting.thumbnails import THUMBNAIL_HEIGHT, make_thumbnail, save_thumbnail
@@ -35,6 +36,16 @@ SETTINGS = {
     "TTA": "flip",
     "date": "2025-01-01 12:00",
 }
+BANNER = "UNTRAINED BACKBONE: <random> weights"  # escaped, never markup
+HACKATHON = HackathonMetrics(
+    miou=0.4321,
+    dice=0.5678,
+    pixel_accuracy=0.8765,
+    num_batches=3,
+    num_images=5,
+    class_iou=(0.61, float("nan"), 0.2468),
+    class_names=("Background", "Trees", "Sky"),
+)
 
 
 # --------------------------------------------------------------------------- references
@@ -183,7 +194,15 @@ class _Report:
             "Confusion": root / "cm.png",
         }
         returned = write_report(
-            self.path, "Eval <val>", self.metrics, self.rows, CLASS_MAP, SETTINGS, self.figures
+            self.path,
+            "Eval <val>",
+            self.metrics,
+            self.rows,
+            CLASS_MAP,
+            SETTINGS,
+            self.figures,
+            banner=BANNER,
+            hackathon=HACKATHON,
         )
         assert returned == self.path
         self.html = self.path.read_text()
@@ -284,6 +303,80 @@ def test_report_header_and_tables(report: _Report) -> None:
     for truth, pred, count in titles:
         i, j = m.names.index(truth), m.names.index(pred)
         assert int(count.replace(",", "")) == m.confusion[i, j]
+
+
+def test_report_banner_and_hackathon_numbers(report: _Report, tmp_path: Path) -> None:
+    html = report.html
+    banner = '<p class="banner" role="alert">UNTRAINED BACKBONE: &lt;random&gt; weights</p>'
+    assert html.index(banner) < html.index("<h1>")  # above everything but the links
+    section = html[html.index('<h2 id="hackathon">') : html.index('<h2 id="figures">')]
+    assert "Hackathon protocol (for comparison only)" in section
+    assert HACKATHON_TITLE == "hackathon protocol (for comparison only)"
+    for value in ("0.4321", "0.5678", "0.8765"):
+        assert f">{value}<" in section
+    names = re.findall(r"<th>([^<]*)</th>", section.split("</thead>")[0])
+    values = re.findall(r"<td[^>]*>([^<]*)</td>", section.split("</thead>")[1])
+    assert names == ["class", "Background", "Trees", "Sky"]
+    assert values == ["0.6100", "n/a", "0.2468"]
+    assert "3 batches of 2 images (5 images" in section
+    # neither without them
+    plain = write_report(
+        tmp_path / "r.html", "t", report.metrics, [], CLASS_MAP, {}, {}
+    ).read_text()
+    assert 'class="banner"' not in plain and 'id="hackathon"' not in plain
+    assert 'href="#hackathon"' not in plain
+
+
+def test_provenance_lines() -> None:
+    from offroad_seg.models.backbone import BackboneSpec
+    from offroad_seg.models.heads import HeadConfig
+    from offroad_seg.reporting.provenance import (
+        UNTRAINED_BANNER,
+        head_text,
+        training_text,
+        untrained_banner,
+        weights_text,
+    )
+
+    random, real = BackboneSpec("ab" * 32, "random"), BackboneSpec("cd" * 32, "w/vits14.pth")
+    assert untrained_banner(random) == UNTRAINED_BANNER and untrained_banner(real) is None
+    assert weights_text(random) == "random (untrained), sha256 abababababab"
+    assert weights_text(real) == "w/vits14.pth, sha256 cdcdcdcdcdcd"
+    # only the settings a head has
+    assert head_text(HeadConfig(name="linear")) == "linear (dropout 0)"
+    assert head_text(HeadConfig(name="pyramid")) == "pyramid (width 96, dropout 0.1)"
+    settings = dict(preset="seed", loss="ce+0.5dice", class_weights="auto", lr=1e-3,
+                    batch_size=2, epochs=20, seed=0)  # fmt: skip
+    payload = {
+        "train_config": settings,
+        "epoch": 17,
+        "best": {"epoch": 17, "val_miou": 0.40961},
+    }
+    assert training_text(payload) == (
+        "preset seed, loss ce+0.5dice, class weights auto, AdamW lr 0.001, batch 2, 20 epochs, "
+        "seed 0; saved at epoch 17 (best val mIoU 0.4096)"
+    )
+    # an older checkpoint's missing settings are left out; an exported model has none
+    old = {"train_config": {"loss": "ce"}, "epoch": 3}
+    assert training_text(old) == "loss ce; saved at epoch 3"
+    assert training_text({"backbone": "{}"}) is None
+
+
+def test_report_thumbnails_open_a_larger_view(report: _Report) -> None:
+    # every thumbnail cell is wired to the page's <dialog>, which holds no image until a click
+    html = report.html
+    assert re.search(r'<dialog id="zoom">.*?</dialog>', html, re.S)
+    assert "<img" not in re.search(r'<dialog id="zoom">.*?</dialog>', html, re.S).group(0)
+    assert 'querySelectorAll("#image-table td.thumb")' in html and "showModal()" in html
+    cells = re.findall(r'<td class="thumb">(.*?)</td>', html)
+    assert len(cells) == N_IMAGES
+    for name, cell in zip(report.worst_first, cells, strict=True):
+        row = next(r for r in report.rows if r.name == name)
+        if row.comparison is None:
+            assert cell.startswith("<img ")
+        else:  # the larger view is the comparison panel, a file beside the page
+            assert cell.startswith(f'<a href="comparisons/{name}"><img ')
+            assert (report.path.parent / "comparisons" / name).is_file()
 
 
 def test_report_missing_thumbnail_and_bad_rows(tmp_path: Path) -> None:
@@ -409,3 +502,26 @@ def test_report_embeds_the_thumbnail_files(report: _Report) -> None:
     assert embedded == [files[name] for name in report.worst_first]
     with Image.open(io.BytesIO(embedded[0])) as img:
         assert img.size == (3 * 160 + 4, THUMBNAIL_HEIGHT)
+
+
+@pytest.mark.skipif(
+    _CHROMIUM is None and not os.environ.get("CI"),
+    reason="chromium is not installed (apt-get install chromium); CI runs this test",
+)
+def test_report_zoom_shows_the_comparison_panel_in_chromium(report: _Report, tmp_path) -> None:
+    if _CHROMIUM is None:
+        pytest.fail("CI is set but chromium is not installed: apt-get install -y chromium")
+    # report.html#zoom=NAME runs what a click on NAME's thumbnail runs
+    dom = _chromium(
+        tmp_path / "profile",
+        "--dump-dom",
+        "--virtual-time-budget=5000",
+        report.path.as_uri() + "#zoom=img_0.png",
+    )
+    dialog = re.search(r"<dialog[^>]*>.*?</dialog>", dom, re.S).group(0)
+    with Image.open(report.path.parent / "comparisons" / "img_0.png") as panel:
+        size = f"{panel.size[0]}x{panel.size[1]}"
+    opened = re.match(r"<dialog ([^>]*)>", dialog).group(1).split()
+    assert sorted(opened) == ['data-loaded="' + size + '"', 'id="zoom"', 'open=""'], dialog[:200]
+    image = '<img alt="img_0.png: image | truth | prediction" src="comparisons/img_0.png">'
+    assert image in dialog

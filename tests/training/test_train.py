@@ -11,6 +11,7 @@ from offroad_seg.features.cache import FeatureCache
 from offroad_seg.features.extract import extract
 from offroad_seg.models.checkpoint import load_checkpoint
 from offroad_seg.models.heads import HeadConfig, build_head
+from offroad_seg.models.preprocess import Preprocessing
 from offroad_seg.training.loop import TrainConfig, lr_at, train
 from offroad_seg.training.losses import class_weights_from_pixels
 from offroad_seg.training.sources import StreamingSource
@@ -128,7 +129,7 @@ def test_checkpoint_is_self_contained(caches, tmp_path):
     csv_lines = (stats / "history.csv").read_text().splitlines()
     assert csv_lines[0].startswith("epoch,train_loss,val_loss,val_miou") and len(csv_lines) == 3
     text = (stats / "evaluation_metrics.txt").read_text()
-    assert "Best val mIoU" in text and "Per-epoch history" in text
+    assert "Saved head (segmentation_head.pth): epoch" in text and "Per-epoch history" in text
     # the stats' final table is the best head's validation, computed afresh here
     weight = torch.tensor(p["class_weights"], dtype=torch.float32)
     fresh = evaluate_on_cache(head, FeatureCache.open(caches["val"]), torch.device("cpu"), weight)
@@ -249,3 +250,38 @@ def test_validation_metrics_equal_direct_computation(caches, tmp_path):
         )
     pred = up.argmax(1).numpy()
     assert m1.pixel_accuracy == pytest.approx(np.mean(pred == labels[:, 0]))
+
+
+def test_stats_report_the_saved_epoch_only(tmp_path):
+    # best mIoU at epoch 2, best Dice, accuracy and loss at epoch 3: every number under the
+    # saved head's line is epoch 2's (#27 item 4)
+    from offroad_seg.models.backbone import BackboneSpec
+    from offroad_seg.training.run_folder import config_dict
+    from offroad_seg.training.stats import stats_text
+
+    def row(epoch, miou, dice, acc, loss):
+        return dict(epoch=epoch, train_loss=1.0, val_loss=loss, val_miou=miou, val_dice=dice,
+                    val_pixel_acc=acc, seconds=1.0)  # fmt: skip
+
+    history = [row(1, 0.30, 0.40, 0.70, 0.90), row(2, 0.4096, 0.5191, 0.8101, 0.6123),
+               row(3, 0.4001, 0.5200, 0.8202, 0.6001)]  # fmt: skip
+    best = {k: v for k, v in history[1].items() if k.startswith("val_") or k == "epoch"}
+    cfg = train_config([tmp_path / "train.zarr"], tmp_path / "run", epochs=3)
+    run = {
+        "settings": config_dict(cfg),
+        "head": HeadConfig().to_dict(),
+        "backbone": BackboneSpec("0" * 64, "random").to_dict(),
+        "preprocessing": Preprocessing(size=SIZE).to_dict(),
+        "train_caches": [{"path": str(tmp_path / "train.zarr")}],
+        "val_cache": {"path": str(tmp_path / "val.zarr")},
+    }
+    text = stats_text(history, best, None, run)
+    saved = text.split("Saved head (segmentation_head.pth): epoch 2, the best val mIoU\n")[1]
+    block = saved.split("\n\n")[0].splitlines()
+    assert block == [
+        "  val mIoU: 0.4096",
+        "  val Dice: 0.5191",
+        "  val pixel accuracy: 0.8101",
+        "  val loss: 0.6123",
+    ]
+    assert "0.5200" not in text.split("Per-epoch history")[0].split("Saved head")[1]

@@ -140,7 +140,8 @@ def cache_group() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @stage
 def cache_info(cache: str, as_json: bool) -> None:
-    """Show what a cache holds: images, views, shapes, size on disk, backbone, preprocessing."""
+    """Show what a cache holds: images, views, arrays, size on disk, backbone, preprocessing,
+    classes, fingerprint."""
     from offroad_seg.features.cache import FeatureCache
 
     info = FeatureCache.open(cache).info()
@@ -149,8 +150,9 @@ def cache_info(cache: str, as_json: bool) -> None:
         return
     f = info["features"]
     bb = info["backbone"]
-    size = info["preprocessing"]["size"]
-    grid = info["preprocessing"]["grid"]
+    prep = info["preprocessing"]
+    size, grid = prep["size"], prep["grid"]
+    hackathon = info["hackathon_labels"]
     per_image = info["bytes_per_image"]
     lines = [
         f"cache        {info['path']}",
@@ -159,7 +161,19 @@ def cache_info(cache: str, as_json: bool) -> None:
         f"views        {', '.join(info['views'])}",
         f"features     {tuple(f['shape'])} {f['dtype']}, chunks {tuple(f['chunks'])}",
         f"labels       {tuple(info['labels']['shape'])} uint8 (255 = ignore)",
-        f"size         {size[0]}x{size[1]} -> {grid[0]}x{grid[1]} tokens",
+        "hackathon    "
+        + (
+            f"{tuple(hackathon['shape'])} uint8 (the hackathon protocol's labels)"
+            if hackathon
+            else "none (an older cache)"
+        ),
+        f"size         {size[0]}x{size[1]} -> {grid[0]}x{grid[1]} tokens of "
+        f"{prep['patch_size']}x{prep['patch_size']} px",
+        f"resize       images {prep['resize']}, labels {prep['label_resize']}",
+        "normalise    mean "
+        + ", ".join(f"{v:.3f}" for v in prep["mean"])
+        + ", std "
+        + ", ".join(f"{v:.3f}" for v in prep["std"]),
         f"backbone     {bb['name']} layers={bb['layers']} channels={bb['channels']}",
         *([f"block        {info['block']}"] if info.get("block") is not None else []),
         f"weights      {bb['weights_source']} (sha256 {bb['weights_sha256'][:16]}...)",

@@ -13,7 +13,9 @@ from offroad_seg.config import ENGINES, EvalConfig, ExportConfig, PredictConfig,
 
 
 def _work_line(verb: str, result, out: Path) -> str:
-    """'evaluated 8 images in 3.1 s (2.58 images/s); results in OUT', or what was already
+    """'evaluated 8 images in 3.1 s (2.58 images/s); results in OUT', or with videos
+    'predicted 3 images and 1 video (30 frames) in 11.7 s (2.82 frames/s); ...' (each image
+    counts as one frame of the rate: all were computed in those seconds), or what was already
     done when a rerun had nothing left to compute."""
     from offroad_seg.core.text import plural
 
@@ -25,7 +27,9 @@ def _work_line(verb: str, result, out: Path) -> str:
     what = " and ".join(parts) or "nothing"
     if result.computed == 0 and not getattr(result, "frames", 0):
         return f"all {what} were already {verb}; results in {out}"
-    speed = f" ({result.images_per_s:.2f} images/s)" if result.computed else ""
+    pictures = result.computed + getattr(result, "frames", 0)  # computed in this session
+    unit = "frames" if getattr(result, "frames", 0) else "images"
+    speed = f" ({pictures / result.seconds:.2f} {unit}/s)" if pictures and result.seconds else ""
     return f"{verb} {what} in {result.seconds:.1f} s{speed}; results in {out}"
 
 
@@ -84,7 +88,14 @@ def head_inference_options(fn):
     show_default=True,
     help="Comparison panels (image | truth | prediction) for the first N images; 0 for none.",
 )
-@click.option("--no-masks", "write_masks", flag_value=False, default=True, help="Metrics only.")
+@click.option(
+    "--no-masks",
+    "write_masks",
+    flag_value=False,
+    default=True,
+    help="Write no masks/ or masks_color/ (the metrics, report, thumbnails and --comparisons "
+    "panels are still written; add --comparisons 0 for no panels).",
+)
 @click.option(
     "--class-map",
     help="The class map the data uses (a built-in name or a JSON file); refused if it differs "
@@ -101,10 +112,10 @@ def evaluate(head: Path, data_dir: Path, out: Path, **opts) -> None:
     """Evaluate HEAD (a .pth head, or an .onnx from `export`) on a labelled dataset DATA_DIR,
     end to end from the images.
 
-    Writes OUT/masks (raw class codes, 16-bit), masks_color, comparisons, thumbnails,
-    report.html, evaluation_metrics.txt, per_class_metrics.png, confusion_matrix.png and,
-    last, metrics.json. Rerunning the same command after an interruption resumes; under
-    torchrun the ranks share the images.
+    Writes OUT/masks (raw class codes, 16-bit) and masks_color (neither with --no-masks),
+    comparisons, thumbnails, report.html, evaluation_metrics.txt, per_class_metrics.png,
+    confusion_matrix.png and, last, metrics.json. Rerunning the same command after an
+    interruption resumes; under torchrun the ranks share the images.
     """
     from offroad_seg.inference.evaluate import evaluate
 

@@ -1,12 +1,12 @@
-"""`offroad-seg cache info`: what a cache holds (images, views, shapes, dtype, chunking), its
-size on disk and compression ratio, backbone, preprocessing, classes and fingerprints, as one
-JSON-serialisable dict."""
+"""`offroad-seg cache info`: what a cache holds (images, views, its arrays' shapes, dtypes and
+chunking), its size on disk and compression ratio, backbone, the whole preprocessing, classes
+and fingerprints, as one JSON-serialisable dict."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from offroad_seg.features.cache_format import SCALES
+from offroad_seg.features.cache_format import HACKATHON, SCALES
 
 if TYPE_CHECKING:
     from offroad_seg.features.cache import FeatureCache
@@ -20,6 +20,9 @@ def cache_info(cache: FeatureCache) -> dict[str, Any]:
     raw = features.nbytes + cache.array("labels").nbytes
     if cache.spec.quantized:
         raw += cache.array(SCALES).nbytes
+    hackathon = cache.array(HACKATHON) if cache.has_hackathon_labels else None
+    if hackathon is not None:
+        raw += hackathon.nbytes
     prep = cache.spec.preprocessing
     return {
         "path": cache.path,
@@ -34,13 +37,17 @@ def cache_info(cache: FeatureCache) -> dict[str, Any]:
             **({"scales": list(cache.array(SCALES).shape)} if cache.spec.quantized else {}),
         },
         "labels": {"shape": list(cache.array("labels").shape), "dtype": "uint8"},
+        # None: a cache written before the protocol's labels were stored
+        "hackathon_labels": {"shape": list(hackathon.shape), "dtype": "uint8"}
+        if hackathon is not None
+        else None,
         "images_per_chunk": cache.images_per_chunk,
         "bytes_on_disk": stored,
         "bytes_per_image": stored / max(1, done) if done else None,
         "compression_ratio": raw * done / cache.num_images / stored if done else None,
         "backbone": cache.spec.backbone.to_dict(),
         "block": _block(cache),
-        "preprocessing": {"size": list(prep.size), "grid": list(prep.grid)},
+        "preprocessing": {**prep.to_dict(), "grid": list(prep.grid)},
         "classes": cache.spec.class_map.names,
         "compat_fingerprint": cache.spec.compat_fingerprint,
         "fingerprint": cache.spec.fingerprint,

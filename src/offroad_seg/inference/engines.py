@@ -5,7 +5,8 @@ Every engine offers what those callers use of a `SegmentationModel`:
 
   logits(images, tta)  resized uint8 images (B, 3, rows, cols), as the decode workers make them
                        -> float32 logits (B, K, h, w) on the head's grid, on `device`
-  preprocessing, class_map, checkpoint (a `HeadCheckpoint` describing the model), device
+  preprocessing, class_map, checkpoint (a `HeadCheckpoint` describing the model), device,
+  backbone_spec (the backbone weights it runs: sha256 and where they were loaded from)
 
 `torch` is `SegmentationModel` itself. `onnxruntime` runs an exported graph (`export.py`; the
 model's names, metadata and digest: `onnx_model.py`) with ONNX Runtime: on the CPU, or with the
@@ -175,6 +176,8 @@ class OnnxEngine:
         engines use the same cores); `verify`: check its weights digest first."""
         self.path = Path(path)
         self.checkpoint = checkpoint or checkpoint_from_onnx(self.path)
+        # the graph holds the weights; a .pth head exported here sets where they came from
+        self.backbone_spec = self.checkpoint.backbone
         self.device = torch.device(device)
         self.threads = threads
         self.sessions: dict[tuple[int, int], Any] = {}
@@ -243,6 +246,7 @@ class OnnxEngine:
             export_model(model, path, batch=None)
             # the session holds the graph: the file can go
             engine = cls(path, ckpt, device, verify=False)
+            engine.backbone_spec = model.backbone_spec
             for i, size in enumerate(others):
                 path = tmp / f"model-{i}.onnx"
                 export_model(model, path, size=size, batch=None)

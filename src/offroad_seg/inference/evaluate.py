@@ -24,7 +24,7 @@ from offroad_seg.core import distributed
 from offroad_seg.core.atomic import write_json_atomic, write_text_atomic
 from offroad_seg.core.runtime import resolve_device
 from offroad_seg.core.text import plural
-from offroad_seg.data.classes import ClassMap, resolve_class_map
+from offroad_seg.data.classes import IGNORE_ID, ClassMap, resolve_class_map
 from offroad_seg.data.dataset import Sample, check_headers, list_samples
 from offroad_seg.data.digest import sources_digest
 from offroad_seg.errors import OffroadSegError
@@ -44,6 +44,7 @@ from offroad_seg.metrics.hackathon import (
     hackathon_prediction,
     hackathon_scores,
 )
+from offroad_seg.models.backbone import BackboneSpec
 from offroad_seg.models.checkpoint import HeadCheckpoint, file_sha256
 from offroad_seg.models.segmentation import TTA
 from offroad_seg.models.upsampling import predict_and_score
@@ -120,7 +121,9 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
             result = EvalResult(cfg.out, None, len(samples), seconds, computed=done)
             if world.is_main:
                 result.metrics, result.hackathon = split_metrics(cfg.out, samples, class_map)
-                result.files = write_eval_outputs(cfg, ckpt, samples, result, identity)
+                result.files = write_eval_outputs(
+                    cfg, ckpt, samples, result, identity, model.backbone_spec
+                )
         world.barrier()
     return result
 
@@ -217,7 +220,12 @@ def _write_eval_image(
         from offroad_seg.reporting.plots import save_png
 
         panel = comparison_panel(
-            original, class_map.colorize(truth), class_map.colorize(pred), class_map, title=name
+            original,
+            class_map.colorize(truth),
+            class_map.colorize(pred),
+            class_map,
+            title=name,
+            ignore=bool((truth == IGNORE_ID).any()),  # a swatch only for what the truth shows
         )
         save_png(cfg.out / "comparisons" / name, panel)
     thumb = make_thumbnail(preview, truth, pred, class_map)
@@ -259,10 +267,17 @@ def split_metrics(
 
 
 def write_eval_outputs(
-    cfg: EvalConfig, ckpt: HeadCheckpoint, samples, result: EvalResult, identity: dict
+    cfg: EvalConfig,
+    ckpt: HeadCheckpoint,
+    samples,
+    result: EvalResult,
+    identity: dict,
+    weights: BackboneSpec,
 ) -> list[Path]:
-    """The split's files: plots, evaluation_metrics.txt, report.html, then metrics.json."""
+    """The split's files: plots, evaluation_metrics.txt, report.html, then metrics.json.
+    `weights`: the backbone the engine ran (where its weights came from)."""
     from offroad_seg.reporting.plots import plot_confusion_matrix, plot_per_class_metrics
+    from offroad_seg.reporting.provenance import provenance, untrained_banner
     from offroad_seg.reporting.report import write_report
 
     out, metrics, hackathon = cfg.out, result.metrics, result.hackathon
@@ -275,12 +290,15 @@ def write_eval_outputs(
     settings = {
         "head": str(cfg.head),
         "data": f"{cfg.data_dir} ({plural(len(samples), 'image')})",
-        "backbone": ckpt.backbone.describe(),
+        **provenance(ckpt, weights),
         "size": "x".join(str(v) for v in ckpt.preprocessing.size),
         "test-time augmentation": identity["tta"],
         "tool": f"offroad-seg {__version__}",
     }
+    banner = untrained_banner(weights)
     header = "".join(f"{k}: {v}\n" for k, v in settings.items())
+    if banner:  # first, where nobody reads past it
+        header = f"{banner}\n\n{header}"
     text = header + "\n" + metrics.table() + "\n\n" + hackathon.table() + "\n"
     write_text_atomic(out / "evaluation_metrics.txt", text)  # every name here is in EVAL_FILES
     records = read_records(out)
@@ -295,11 +313,20 @@ def write_eval_outputs(
         )
         for i, s in enumerate(samples)
     ]
-    figures = {
-        "Per-class IoU and Dice": Path("per_class_metrics.png"),
-        "Confusion matrix": Path("confusion_matrix.png"),
-    }
-    write_report(out / "report.html", title, metrics, rows, ckpt.class_map, settings, figures)
+    # confusion_matrix.png stays a file (for slides) but not in the report: the report's own
+    # confusion table shows the same fractions, legible at any class count, counts on hover
+    figures = {"Per-class IoU and Dice": Path("per_class_metrics.png")}
+    write_report(
+        out / "report.html",
+        title,
+        metrics,
+        rows,
+        ckpt.class_map,
+        settings,
+        figures,
+        banner=banner,
+        hackathon=hackathon,
+    )
     report = {
         **metrics.to_dict(),
         "hackathon_protocol": hackathon.to_dict(),
@@ -309,7 +336,7 @@ def write_eval_outputs(
         "data_dir": str(cfg.data_dir),
         "tta": identity["tta"],
         "engine": identity["engine"],
-        "backbone": ckpt.backbone.to_dict(),
+        "backbone": {**ckpt.backbone.to_dict(), "weights_source": weights.weights_source},
         "preprocessing": ckpt.preprocessing.to_dict(),
         # each image's row of the report: its mIoU, pixel accuracy and IoU per class
         "per_image": {row.name: image_metrics(row, metrics.names).image_summary() for row in rows},

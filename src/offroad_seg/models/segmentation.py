@@ -144,6 +144,12 @@ class SegmentationModel(nn.Module):
         return self.checkpoint.preprocessing
 
     @property
+    def backbone_spec(self) -> BackboneSpec:
+        """The backbone weights this model runs: the checkpoint's sha256, and where they were
+        loaded from (the file may differ from the one the head was trained with)."""
+        return self.backbone.spec
+
+    @property
     def class_map(self) -> ClassMap:
         return self.checkpoint.class_map
 

@@ -415,9 +415,10 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
 
-def hub_reachable(timeout: float = CONNECT_TIMEOUT_S) -> bool:
-    """Can a TCP connection reach the Hugging Face hub (or the HTTPS proxy in between) within
-    `timeout`? The hub client retries for ~25 s before it gives up on an offline machine."""
+def hub_unreachable(timeout: float = CONNECT_TIMEOUT_S) -> str | None:
+    """Why a TCP connection cannot reach the Hugging Face hub (or the HTTPS proxy in between)
+    within `timeout`, or None when it can. The hub client retries for ~25 s before it gives up
+    on an offline machine; this answers in milliseconds."""
     proxy = next(
         (
             os.environ[k]
@@ -430,26 +431,30 @@ def hub_reachable(timeout: float = CONNECT_TIMEOUT_S) -> bool:
     host = url.hostname
     port = url.port or (443 if url.scheme in ("https", "") else 80)
     if not host:
-        return True  # an endpoint we cannot parse: let the client try
+        return None  # an endpoint we cannot parse: let the client try
     try:
         socket.create_connection((host, port), timeout=timeout).close()
     except OSError as e:
-        log.info("the Hugging Face hub is not reachable (%s:%d: %s)", host, port, e)
-        return False
-    return True
+        return f"the Hugging Face hub is not reachable: {host}:{port}: {e}"
+    return None
 
 
-def _hf_download(variant: BackboneVariant) -> Path | None:
-    if _offline() or not hub_reachable():
-        return None
+def _hf_download(variant: BackboneVariant) -> tuple[Path | None, str]:
+    """timm's repository of `variant` downloaded, or None and why not (which the error that
+    follows carries: one line, not a log line before it)."""
+    if _offline():
+        return None, "HF_HUB_OFFLINE is set"
+    unreachable = hub_unreachable()
+    if unreachable:
+        return None, unreachable
     try:
         from huggingface_hub import hf_hub_download
 
         log.info("downloading %s/model.safetensors from the Hugging Face hub", variant.timm_repo)
-        return Path(hf_hub_download(repo_id=variant.timm_repo, filename="model.safetensors"))
+        return Path(hf_hub_download(repo_id=variant.timm_repo, filename="model.safetensors")), ""
     except Exception as e:  # proxy, auth, a vanished repository: "not available here"
-        log.warning("could not download %s weights (%s: %s)", variant.name, type(e).__name__, e)
-        return None
+        reason = (str(e).strip().splitlines() or [""])[0][:160]
+        return None, f"downloading {variant.timm_repo} failed: {type(e).__name__}: {reason}"
 
 
 def local_weights(variant: BackboneVariant) -> Path | None:
@@ -481,12 +486,13 @@ def find_weights(weights: str | None, variant: BackboneVariant, allow_download: 
     if local is not None:
         return str(local)
     hub = _hub_checkpoint(variant)
-    downloaded = _hf_download(variant) if allow_download else None
+    downloaded, why = _hf_download(variant) if allow_download else (None, "")
     if downloaded is not None:
         return str(downloaded)
+    why = f" ({why})" if why else ""
     raise WeightsError(
-        f"no {variant.name} weights found: pass --weights PATH ({variant.official_file} or a "
-        f"timm/transformers .safetensors), set $OFFROAD_SEG_WEIGHTS, put {variant.official_file} "
+        f"no {variant.name} weights found{why}: pass --weights PATH ({variant.official_file} or "
+        f"a timm/transformers .safetensors), set $OFFROAD_SEG_WEIGHTS, put {variant.official_file} "
         f"in {hub.parent}, or cache {variant.timm_repo} from the Hugging Face hub; "
         "--weights random builds an untrained backbone for tests"
     )

@@ -1,6 +1,9 @@
 """Image panels built with numpy and PIL, fast enough to run once per image: the comparison
 panel (image | ground truth | prediction, captioned, with a class legend) and the prediction
-overlay with its legend, which is what predict writes. They return uint8 RGB arrays."""
+overlay with its legend, which is what predict writes. They return uint8 RGB arrays.
+
+A legend has a swatch per class, and an 'ignore' swatch only where a ground truth with ignored
+pixels is shown: a prediction never holds the ignore id, so its legend has no such entry."""
 
 from __future__ import annotations
 
@@ -56,12 +59,16 @@ def _line_box(font: ImageFont.FreeTypeFont | ImageFont.ImageFont) -> tuple[int, 
     return int(top), int(bottom - top)
 
 
-def _legend_entries(class_map: ClassMap) -> list[tuple[str, tuple[int, int, int]]]:
+def legend_entries(
+    class_map: ClassMap, ignore: bool = False
+) -> list[tuple[str, tuple[int, int, int]]]:
+    """(name, colour) of each swatch of a legend: every class, then 'ignore' when `ignore`."""
     entries = [
         (info.name, (int(info.color[0]), int(info.color[1]), int(info.color[2])))
         for info in class_map.classes
     ]
-    entries.append((_IGNORE_LABEL, _IGNORE_COLOR))
+    if ignore:
+        entries.append((_IGNORE_LABEL, _IGNORE_COLOR))
     return entries
 
 
@@ -75,7 +82,9 @@ class _LegendGeometry(NamedTuple):
 
 
 @lru_cache(maxsize=8)
-def _legend_geometry(total_width: int, class_map: ClassMap, size: int) -> _LegendGeometry:
+def _legend_geometry(
+    total_width: int, class_map: ClassMap, size: int, ignore: bool
+) -> _LegendGeometry:
     font = _font(size)
     _, line_h = _line_box(font)
     pad = max(3, size // 3)
@@ -85,7 +94,7 @@ def _legend_geometry(total_width: int, class_map: ClassMap, size: int) -> _Legen
     row_height = max(swatch, line_h) + pad
     x, y = pad, pad
     positions = []
-    for name, _ in _legend_entries(class_map):
+    for name, _ in legend_entries(class_map, ignore):
         w = swatch + gap + _text_width(font, name)
         if x > pad and x + w > total_width - pad:
             x, y = pad, y + row_height
@@ -109,7 +118,10 @@ class PanelLayout(NamedTuple):
 
 
 def panel_layout(
-    image_shape: tuple[int, ...], class_map: ClassMap, title: str | None = None
+    image_shape: tuple[int, ...],
+    class_map: ClassMap,
+    title: str | None = None,
+    ignore: bool = True,
 ) -> PanelLayout:
     """The `PanelLayout` of a `comparison_panel` for images of `image_shape` (H, W[, 3])."""
     h, w = int(image_shape[0]), int(image_shape[1])
@@ -117,7 +129,7 @@ def panel_layout(
     _, line_h = _line_box(_font(size))
     bar = line_h + 2 * max(3, size // 3)
     header = bar * (2 if title else 1)
-    legend = _legend_geometry(3 * w, class_map, size).height
+    legend = _legend_geometry(3 * w, class_map, size, ignore).height
     return PanelLayout(header=header, legend=legend, height=header + h + legend, width=3 * w)
 
 
@@ -157,13 +169,15 @@ def comparison_panel(
     pred_rgb: np.ndarray,
     class_map: ClassMap,
     title: str | None = None,
+    ignore: bool = True,
 ) -> np.ndarray:
     """Image | ground truth | prediction side by side, as one (H', 3W, 3) uint8 RGB array.
 
     The three inputs are (H, W, 3) uint8 arrays of the same size (colour masks from
     `ClassMap.colorize`). Above them: an optional `title` bar, then a dark caption bar naming
     each column; below them: a legend strip with a swatch and the name of every class, plus
-    'ignore' (white), wrapped to the panel width. The images are copied unchanged, without
+    'ignore' (white) when `ignore` (pass whether the truth has ignored pixels), wrapped to the
+    panel width. The images are copied unchanged, without
     gaps; `panel_layout` gives the exact offsets. Text scales with W (PIL's built-in font).
     The caller saves the result, e.g. with `save_png`.
     """
@@ -176,7 +190,7 @@ def comparison_panel(
             f"{pred_rgb.shape} differ in size"
         )
     h, w = image.shape[:2]
-    layout = panel_layout(image.shape, class_map, title)
+    layout = panel_layout(image.shape, class_map, title, ignore)
     size = _font_size(w)
     panel = np.empty((layout.height, layout.width, 3), dtype=np.uint8)
 
@@ -196,19 +210,20 @@ def comparison_panel(
     if w > 1:  # thin separators between the captions
         panel[y : y + bar, w - 1 : w + 1] = 90
         panel[y : y + bar, 2 * w - 1 : 2 * w + 1] = 90
-    panel[layout.header + h :] = _legend_strip(layout.width, class_map, size)
+    panel[layout.header + h :] = _legend_strip(layout.width, class_map, size, ignore)
     return panel
 
 
 @lru_cache(maxsize=8)
-def _legend_strip(width: int, class_map: ClassMap, size: int) -> np.ndarray:
+def _legend_strip(width: int, class_map: ClassMap, size: int, ignore: bool) -> np.ndarray:
     """The legend strip (cached: it is the same for every panel of one size and class map)."""
-    geo = _legend_geometry(width, class_map, size)
+    geo = _legend_geometry(width, class_map, size, ignore)
     font = _font(size)
     top, line_h = _line_box(font)
     img = Image.new("RGB", (width, geo.height), _LEGEND_BG)
     draw = ImageDraw.Draw(img)
-    for (name, color), (x, y) in zip(_legend_entries(class_map), geo.positions, strict=True):
+    entries = legend_entries(class_map, ignore)
+    for (name, color), (x, y) in zip(entries, geo.positions, strict=True):
         draw.rectangle(
             (x, y, x + geo.swatch - 1, y + geo.swatch - 1), fill=color, outline=_SWATCH_OUTLINE
         )
@@ -241,9 +256,10 @@ def overlay_with_legend(
     """`overlay(image, pred_rgb, alpha)` with the comparison panels' colour legend below it.
 
     An (H + L, W, 3) uint8 array: rows `:H` are exactly the overlay, rows `H:` the legend strip
-    (a swatch and name per class, plus 'ignore'), wrapped to the image width with text sized
-    for it, as in `comparison_panel`.
+    (a swatch and name per class; no 'ignore': a prediction never holds it), wrapped to the
+    image width with text sized for it, as in `comparison_panel`.
     """
     blended = overlay(image, pred_rgb, alpha)
     w = blended.shape[1]
-    return np.concatenate([blended, _legend_strip(w, class_map, _font_size(w))], axis=0)
+    legend = _legend_strip(w, class_map, _font_size(w), ignore=False)
+    return np.concatenate([blended, legend], axis=0)

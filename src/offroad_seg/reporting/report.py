@@ -1,5 +1,8 @@
-"""A one-file HTML evaluation report: overall and per-class metrics, the figures, the confusion
-matrix, and every image as a row with its own metrics and a thumbnail, worst first.
+"""A one-file HTML evaluation report: what was evaluated (the model's provenance, and a banner
+when its backbone was untrained), overall and per-class metrics, the hackathon protocol's
+numbers, the figures, the confusion matrix, and every image as a row with its own metrics and
+a thumbnail, worst first. A click on a thumbnail opens a larger view in the page (a <dialog>):
+the image's full-size comparison panel where evaluate wrote one, else the thumbnail enlarged.
 
 The page is self-contained (no network, no external CSS, JS or fonts): figures and thumbnails
 are embedded as base64 data URIs, so `report.html` can be mailed or opened from anywhere. Only
@@ -28,6 +31,7 @@ from PIL import Image, UnidentifiedImageError
 from offroad_seg.core.atomic import write_text_atomic
 from offroad_seg.data.classes import IGNORE_ID, ClassMap
 from offroad_seg.metrics.confusion import SegMetrics
+from offroad_seg.metrics.hackathon import HACKATHON_TITLE, HackathonMetrics
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +114,40 @@ def _settings_html(title: str, settings: dict[str, str], n_images: int) -> str:
     shown = settings if "images" in settings else {**settings, "images": str(n_images)}
     rows = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in shown.items())
     return f'<h1>{_esc(title)}</h1>\n<table class="settings">{rows}</table>'
+
+
+def _banner_html(banner: str | None) -> str:
+    return f'<p class="banner" role="alert">{_esc(banner)}</p>' if banner else ""
+
+
+def _hackathon_html(hackathon: HackathonMetrics | None) -> str:
+    """The hackathon protocol's numbers: comparable with those published on the dataset, not
+    our metric (see metrics.hackathon)."""
+    if hackathon is None:
+        return ""
+    cards = (
+        ("mIoU", hackathon.miou),
+        ("mean Dice", hackathon.dice),
+        ("pixel accuracy", hackathon.pixel_accuracy),
+    )
+    body = "".join(
+        f'<div class="card"><div class="v">{_fmt_or_na(v)}</div><div>{_esc(k)}</div></div>'
+        for k, v in cards
+    )
+    # one row across the page: the section stays as short as the cards above it
+    names = "".join(f"<th>{_esc(n)}</th>" for n in hackathon.class_names)
+    values = "".join(f"<td{_score_style(v)}>{_fmt_or_na(v)}</td>" for v in hackathon.class_iou)
+    return (
+        f'<h2 id="hackathon">{_esc(HACKATHON_TITLE[0].upper() + HACKATHON_TITLE[1:])}</h2>\n'
+        f"<p>Means over {hackathon.num_batches} batches of {hackathon.batch_size} images "
+        f"({hackathon.num_images} images, sorted by name), as the hackathon's starter "
+        "evaluation scores them: comparable with the numbers published on this dataset, not "
+        "with ours above.</p>\n"
+        f'<div class="cards">{body}</div>\n'
+        f'<table class="grid hackathon"><thead><tr><th>class</th>{names}</tr></thead>'
+        f"<tbody><tr><th>IoU</th>{values}</tr></tbody></table>\n"
+        '<p class="dim">Per class: the mean IoU over the batches where the class occurs.</p>'
+    )
 
 
 def _summary_html(metrics: SegMetrics) -> str:
@@ -232,7 +270,7 @@ def _images_html(rows: list[ImageRow], class_map: ClassMap, root: Path) -> str:
         link = f' href="{_href(row.comparison)}"' if row.comparison is not None else ""
         name = f"<a{link}>{_esc(row.name)}</a>" if link else _esc(row.name)
         thumb = _img(root / row.thumbnail, f"{row.name}: image | truth | prediction")
-        if link:
+        if link:  # the page's script opens it in the page; without script, the link does
             thumb = f"<a{link}>{thumb}</a>"
         iou = m.iou
         class_cells = "".join(
@@ -254,11 +292,16 @@ def _images_html(rows: list[ImageRow], class_map: ClassMap, root: Path) -> str:
     return (
         f'<h2 id="images">Images ({len(rows)}), worst first</h2>\n'
         "<p>Sorted by the image's mIoU (over the classes in its truth or prediction); a class's "
-        "IoU is blank where it is absent from both. Click a column header to sort by it; an "
-        "image's name links to its full comparison panel where there is one.</p>\n"
+        "IoU is blank where it is absent from both. Click a column header to sort by it; click "
+        "a thumbnail for a larger view: the full-size comparison panel where evaluate wrote "
+        "one (its name links to it too; --comparisons N writes the first N), else the "
+        "thumbnail enlarged.</p>\n"
         f'<p class="legend">{legend}</p>\n'
         f'<table class="grid sortable images" id="image-table"><thead>{head}</thead>'
-        f"<tbody>{''.join(body)}</tbody></table>"
+        f"<tbody>{''.join(body)}</tbody></table>\n"
+        # filled by the script on a thumbnail's click: no image in it until then
+        '<dialog id="zoom"><form method="dialog"><button>close</button></form>'
+        '<p class="zoom-title"></p><div class="zoom-body"></div></dialog>'
     )
 
 
@@ -286,7 +329,7 @@ table{border-collapse:collapse}
 .sw{display:inline-block;width:11px;height:11px;border:1px solid #777;margin-right:5px;
  vertical-align:-1px}
 .figures{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}
-figure{margin:0;flex:1 1 520px;max-width:900px}
+figure{margin:0;flex:1 1 520px;max-width:760px}
 figure img{width:100%;height:auto;border:1px solid #eee}
 figcaption{color:#555;font-size:13px}
 .confusion td{min-width:34px;text-align:center;font-size:12px}
@@ -303,6 +346,14 @@ figcaption{color:#555;font-size:13px}
 .images td.thumb{padding:2px;line-height:0}
 .legend .key{margin-right:12px;white-space:nowrap}
 .missing{color:#b00;font-size:12px}
+.hackathon{margin-top:12px}
+.banner{border:2px solid #b00;background:#fde8e8;color:#700;padding:8px 12px;font-weight:600}
+.images td.thumb img{cursor:zoom-in}
+#zoom{max-width:96vw;max-height:94vh;padding:8px 12px;border:1px solid #999}
+#zoom::backdrop{background:rgba(0,0,0,.6)}
+#zoom form{float:right;margin:0}
+#zoom .zoom-title{margin:0 0 6px;font-weight:600}
+#zoom .zoom-body img{display:block;min-width:min(92vw,1200px);max-width:92vw;max-height:84vh}
 """
 
 # Sorting by clicking a header; the page is already sorted worst first without it. The
@@ -326,11 +377,42 @@ document.querySelectorAll("table.sortable").forEach(function(table){
   });
  });
 });
+// a thumbnail's click opens a larger view in the page; a modified click (new tab) or no
+// script at all follows its link to the comparison panel instead
+var zoom=document.getElementById("zoom");
+function showZoom(row){
+ var cell=row.querySelector("td.thumb"),small=cell&&cell.querySelector("img");
+ if(!small||!zoom||!zoom.showModal)return false;
+ var link=cell.querySelector("a"),big=document.createElement("img");
+ var body=zoom.querySelector(".zoom-body");
+ big.alt=small.alt;
+ big.onload=function(){zoom.setAttribute("data-loaded",big.naturalWidth+"x"+big.naturalHeight);};
+ if(link){big.src=link.getAttribute("href");}
+ else{big.src=small.src;}
+ zoom.removeAttribute("data-loaded");
+ zoom.querySelector(".zoom-title").textContent=row.getAttribute("data-name")+
+  (link?"":" (thumbnail: no full-size panel was written for this image)");
+ body.textContent="";body.appendChild(big);
+ zoom.showModal();
+ return true;
+}
+document.querySelectorAll("#image-table td.thumb").forEach(function(td){
+ td.addEventListener("click",function(e){
+  if(e.button!==0||e.ctrlKey||e.metaKey||e.shiftKey||e.altKey)return;
+  if(showZoom(td.parentNode))e.preventDefault();
+ });
+});
+if(zoom)zoom.addEventListener("click",function(e){if(e.target===zoom)zoom.close();});
 window.addEventListener("load",function(){
  var ok=0,imgs=document.images;
  for(var i=0;i<imgs.length;i++){if(imgs[i].complete&&imgs[i].naturalWidth>0)ok++;}
  document.body.setAttribute("data-images-ok",String(ok));
  document.body.setAttribute("data-images-total",String(imgs.length));
+ // report.html#zoom=NAME opens that image's larger view (a link one can share)
+ var m=/^#zoom=(.+)$/.exec(location.hash);
+ if(m){var name=decodeURIComponent(m[1]);
+  document.querySelectorAll("#image-table tr[data-name]").forEach(function(r){
+   if(r.getAttribute("data-name")===name)showZoom(r);});}
 });
 })();
 """
@@ -344,6 +426,8 @@ def write_report(
     class_map: ClassMap,
     settings: dict[str, str],
     figures: dict[str, Path],
+    banner: str | None = None,
+    hackathon: HackathonMetrics | None = None,
 ) -> Path:
     """Write the evaluation report as one self-contained HTML file at `path`, atomically.
 
@@ -353,7 +437,9 @@ def write_report(
     they hold an "images" entry. `figures` maps a caption to a PNG
     (e.g. per_class_metrics.png); relative paths, like the rows' thumbnails and comparison
     panels, are relative to `path`'s folder. Figures and thumbnails are embedded; a missing
-    one is named on the page and logged, not fatal. Returns `path`.
+    one is named on the page and logged, not fatal. `banner`: a warning shown above
+    everything (an untrained backbone); `hackathon`: the hackathon protocol's numbers, shown
+    after ours. Returns `path`.
     """
     path = Path(path)
     root = path.parent
@@ -367,11 +453,12 @@ def write_report(
         for anchor, label in (
             ("summary", "Overall"),
             ("classes", "Per class"),
+            ("hackathon", "Hackathon protocol"),
             ("figures", "Figures"),
             ("confusion", "Confusion matrix"),
             ("images", "Images"),
         )
-        if anchor != "figures" or figures
+        if (anchor != "figures" or figures) and (anchor != "hackathon" or hackathon)
     )
     page = "\n".join(
         [
@@ -382,9 +469,11 @@ def write_report(
             f"<style>{_CSS}</style></head>",
             "<body>",
             f"<nav>{nav}</nav>",
+            _banner_html(banner),
             _settings_html(title, settings, len(rows)),
             _summary_html(metrics),
             _per_class_html(metrics, class_map),
+            _hackathon_html(hackathon),
             _figures_html(figures, root),
             _confusion_html(metrics, class_map),
             _images_html(rows, class_map, root),

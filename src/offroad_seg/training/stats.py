@@ -167,13 +167,7 @@ def stats_text(
             f"Final val pixel accuracy: {last['val_pixel_acc']:.4f}",
         ]
     if best is not None:
-        lines += [
-            "",
-            f"Best val mIoU: {best['val_miou']:.4f} (epoch {best['epoch']})",
-            f"Best val Dice: {max(r['val_dice'] for r in history):.4f}",
-            f"Best val pixel accuracy: {max(r['val_pixel_acc'] for r in history):.4f}",
-            f"Lowest val loss: {min(r['val_loss'] for r in history):.4f}",
-        ]
+        lines += ["", *saved_epoch_lines(best)]
     lines += ["", "Per-epoch history", "-----------------"]
     header = f"{'epoch':>5} {'train_loss':>10}"
     if has_val:
@@ -193,6 +187,18 @@ def stats_text(
         hackathon = HackathonMetrics.from_dict(run["val_hackathon"])
         lines += ["", "Best checkpoint, " + hackathon.table()]
     return "\n".join(lines) + "\n"
+
+
+def saved_epoch_lines(best: dict) -> list[str]:
+    """The saved head's epoch (the best val mIoU) and its validation metrics, all of that one
+    epoch: another epoch's higher Dice or lower loss belongs to a head that was not kept."""
+    return [
+        f"Saved head ({HEAD_FILE}): epoch {best['epoch']}, the best val mIoU",
+        f"  val mIoU: {best['val_miou']:.4f}",
+        f"  val Dice: {best['val_dice']:.4f}",
+        f"  val pixel accuracy: {best['val_pixel_acc']:.4f}",
+        f"  val loss: {best['val_loss']:.4f}",
+    ]
 
 
 def history_csv(history: list[dict]) -> str:
