@@ -220,6 +220,11 @@ class SweepConfig:
     storage: str | None = None  # an Optuna storage URL; default sqlite in the sweep's folder
     sampler_seed: int = 0
     overwrite: bool = False
+    # A running trial records a heartbeat in the study every `heartbeat_s`; one silent for
+    # `stale_after_s` (its machine died or lost the database) is failed and retried by any
+    # process of the sweep. Generous: a trial wrongly declared dead is trained twice.
+    heartbeat_s: int = 30
+    stale_after_s: int = 300
 
     @property
     def out(self) -> Path:
