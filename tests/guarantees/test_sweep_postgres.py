@@ -271,3 +271,35 @@ def test_a_stale_trial_of_another_machine_is_retried_and_a_live_one_is_not(
     assert failed.user_attrs["interrupted"] is True
     retry = next(t for t in trials if t.params["lr"] == lost and t.state == TrialState.COMPLETE)
     assert retry.user_attrs["retry_of"] == failed.number
+
+
+def test_a_postgresql_url_without_a_driver_uses_the_installed_psycopg(monkeypatch):
+    """`postgresql://` loads psycopg2 on SQLAlchemy 2.0: the postgres extra's psycopg 3 is
+    named instead when psycopg2 is missing; a URL naming its driver is kept."""
+    import importlib.util
+
+    from offroad_seg.training.sweep import study
+
+    installed = {"psycopg"}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: name in installed or None)
+    assert study._with_installed_driver("postgresql://u@h/db") == "postgresql+psycopg://u@h/db"
+    assert study._with_installed_driver("postgresql+pg8000://u@h/db") == (
+        "postgresql+pg8000://u@h/db"
+    )
+    assert study._with_installed_driver("sqlite:///x.db") == "sqlite:///x.db"
+    installed.add("psycopg2")  # the user's own choice stays
+    assert study._with_installed_driver("postgresql://u@h/db") == "postgresql://u@h/db"
+
+
+def test_a_missing_database_driver_is_one_line_saying_what_to_install(
+    caches, tmp_path, monkeypatch
+):
+    monkeypatch.setitem(sys.modules, "psycopg2", None)  # not installed, even where it is
+    out = tmp_path / "sweep"
+    args = ["sweep", str(caches["train"]), str(out), "--val-cache", str(caches["val"]), *FAST,
+            *SEARCH, "--storage", "postgresql+psycopg2://me:secret@db.invalid/x"]  # fmt: skip
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 1 and not out.exists()
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and "pip install 'offroad-seg[postgres]'" in lines[0], r.stderr
+    assert "psycopg2" in lines[0] and "secret" not in lines[0]

@@ -97,6 +97,11 @@ def _study_fault(cfg: SweepConfig, e: BaseException) -> OffroadSegError:
             f"{study_location(cfg)}: not a readable sweep database ({_cause(e)}); rerun with "
             "--overwrite to start the sweep over, or use another folder"
         )
+    if isinstance(e, ImportError):  # the URL's database driver is not installed
+        return OffroadSegError(
+            f"{study_location(cfg)}: cannot open the study ({_cause(e)}); install the "
+            "database's driver (PostgreSQL: pip install 'offroad-seg[postgres]')"
+        )
     return OffroadSegError(
         f"{study_location(cfg)}: cannot open the study ({_cause(e)}); check the URL and that the "
         "database is reachable"
