@@ -24,6 +24,11 @@ DEFAULT_SIZE = (266, 476)
 # The seed's backbone (a name in models.variants.BACKBONES)
 DEFAULT_BACKBONE = "dinov2_vits14"
 
+# evaluate/predict: at most this many per-image files in one output folder; a run of more
+# images nests them (data.layout: by the inputs' subfolders, then in numbered folders of
+# this many), since file systems list huge folders slowly and tools choke on them.
+OUTPUTS_PER_FOLDER = 10_000
+
 # Inference engines of evaluate and predict (engines.py); None in a config: by the head's file
 # type (torch for a .pth checkpoint, onnxruntime for an exported .onnx)
 ENGINES = ("torch", "onnxruntime")
@@ -257,6 +262,11 @@ class SweepConfig:
     # validation cache beside the best trial (not part of the sweep's identity: a rerun of a
     # finished sweep with it only writes the ensemble)
     ensemble_top: int = 0
+    # A running trial records a heartbeat in the study every `heartbeat_s`; one silent for
+    # `stale_after_s` (its machine died or lost the database) is failed and retried by any
+    # process of the sweep. Generous: a trial wrongly declared dead is trained twice.
+    heartbeat_s: int = 30
+    stale_after_s: int = 300
 
     @property
     def out(self) -> Path:

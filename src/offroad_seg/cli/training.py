@@ -232,7 +232,7 @@ def train(caches: tuple[str, ...], out: Path, **opts) -> None:
 @click.option(
     "--storage",
     help="An Optuna storage URL that processes on several machines share (e.g. "
-    "postgresql://...) [default: sqlite in OUT].",
+    "postgresql://user:password@host/db, with offroad-seg[postgres]) [default: sqlite in OUT].",
 )
 @click.option("--sampler-seed", default=default(SweepConfig, "sampler_seed"), show_default=True)
 @click.option(

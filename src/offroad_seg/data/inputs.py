@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import glob
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +18,6 @@ from offroad_seg.data.dataset import (
     is_special,
     is_system_file,
     log_not_regular,
-    output_name,
 )
 from offroad_seg.data.images import (
     DEEP_MODES,
@@ -27,6 +26,7 @@ from offroad_seg.data.images import (
     image_format,
     read_header,
 )
+from offroad_seg.data.layout import output_layout
 from offroad_seg.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,8 @@ def list_inputs(inputs: Iterable[str | Path]) -> InputFiles:
       A glob that matches nothing is an error naming it.
     - A file named explicitly must be a PNG/JPEG image or a video, by its extension.
     - Two images with the same output name (`x.jpg` and `x.png` -> `x.png`; also one file
-      reached twice) or two videos with the same stem are an error naming both.
+      reached twice; in runs nested by folder, `data.layout`, only within one folder) or two
+      videos with the same stem are an error naming both.
     """
     found = InputFiles([], [], [])  # its lists grow as the inputs are read, in order
     for item in inputs:
@@ -93,8 +94,8 @@ def list_inputs(inputs: Iterable[str | Path]) -> InputFiles:
     if not found.images and not found.videos:
         note = found.skipped_note()
         raise DataError("no input images given" + (f" ({note})" if note else ""))
-    _check_output_names(found.images, output_name)
-    _check_output_names(found.videos, lambda p: f"{Path(p).stem}_f*.png")  # video.frame_name
+    _check_output_names(found.images, output_layout(found.images).names)
+    _check_output_names(found.videos, [f"{p.stem}_f*.png" for p in found.videos])  # frame_name
     return found
 
 
@@ -143,10 +144,9 @@ def _add_glob(found: InputFiles, pattern: str | Path) -> None:
             _add_file(found, path, explicit=False)
 
 
-def _check_output_names(paths: Sequence[Path], name_of: Callable[[Path], str]) -> None:
+def _check_output_names(paths: Sequence[Path], names: Sequence[str]) -> None:
     seen: dict[str, Path] = {}
-    for path in paths:
-        name = name_of(path)
+    for path, name in zip(paths, names, strict=True):
         if name in seen:
             raise DataError(
                 f"{path}: outputs would have the same file name ({name}) as those of "

@@ -30,7 +30,7 @@ from offroad_seg.core.background import BoundedPool
 from offroad_seg.data.dataset import Sample
 from offroad_seg.errors import DataError, OffroadSegError
 from offroad_seg.features.loader import DecodedSamples, DecodeOptions, default_workers, make_loader
-from offroad_seg.inference.runfolder import RecordLog, RunPlan, prepare_run_folder, read_records
+from offroad_seg.inference.runfolder import RecordLog, RunPlan, done_records, prepare_run_folder
 from offroad_seg.metrics.confusion import SegMetrics
 from offroad_seg.metrics.hackathon import HackathonMetrics
 from offroad_seg.models.segmentation import TTA, SegmentationModel
@@ -62,12 +62,13 @@ def start_run(
     world,
 ) -> tuple[dict, list[list[int]], list[list[int]]]:
     """Open (or resume) the run folder of `identity`, which will hold `plan`, on rank 0, then
-    read what is done: (the records, the batches of images still to do, this rank's share)."""
+    read what is done: (the done records' keys and indices, the batches of images still to
+    do, this rank's share)."""
     if world.is_main:
         prepare_run_folder(cfg.out, identity, cfg.overwrite, plan)
     world.barrier()
-    records = read_records(cfg.out)
-    done = {r["i"] for r in records.values() if "i" in r}  # videos' records have no index
+    records = done_records(cfg.out)
+    done = {i for i in records.values() if i is not None}  # videos' records have no index
     todo = pending_batches(plan_image_batches(n, batch_size), done)
     return records, todo, todo[world.rank :: world.size]
 

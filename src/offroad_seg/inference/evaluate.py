@@ -12,7 +12,7 @@ summed confusion matrices: equal to one process's exactly) and writes the summar
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -27,6 +27,7 @@ from offroad_seg.core.text import plural
 from offroad_seg.data.classes import IGNORE_ID, ClassMap, resolve_class_map
 from offroad_seg.data.dataset import Sample, check_headers, list_samples
 from offroad_seg.data.digest import sources_digest
+from offroad_seg.data.layout import OutputLayout, output_layout
 from offroad_seg.errors import OffroadSegError
 from offroad_seg.features.loader import (
     DecodeOptions,
@@ -108,42 +109,49 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
         identity = _eval_identity(cfg, ckpt, samples, batch_size, device, tta, engine)
         # the whole model loads before any output exists: one that cannot is refused first
         model = build_engine(engine, ckpt, cfg.weights, device, tta)
-        plan = _eval_plan(cfg, samples)
+        layout = output_layout([s.image for s in samples])
+        plan = _eval_plan(cfg, samples, layout)
         records, todo, mine = start_run(cfg, identity, plan, len(samples), batch_size, world)
         if world.is_main and records and todo:
             log.info("resuming %s: %s left", cfg.out, plural(sum(map(len, todo)), "image"))
         seconds = 0.0
         with named_write_errors(cfg.out):
             if mine:
-                seconds = _evaluate_batches(cfg, samples, mine, model, tta, device, world)
+                seconds = _evaluate_batches(cfg, samples, layout, mine, model, tta, device,
+                                            world)  # fmt: skip
             world.barrier()
             done = sum(map(len, todo))
             result = EvalResult(cfg.out, None, len(samples), seconds, computed=done)
             if world.is_main:
-                result.metrics, result.hackathon = split_metrics(cfg.out, samples, class_map)
+                records = read_records(cfg.out)  # once: a million records take a while
+                result.metrics, result.hackathon = split_metrics(
+                    cfg.out, samples, class_map, records
+                )
                 result.files = write_eval_outputs(
-                    cfg, ckpt, samples, result, identity, model.backbone_spec
+                    cfg, ckpt, samples, layout, result, identity, records, model.backbone_spec
                 )
         world.barrier()
     return result
 
 
-def _eval_files(cfg: EvalConfig, sample: Sample, comparison: bool) -> list[str]:
-    """One image's files in an evaluate folder (relative paths)."""
-    name = sample.output_name
+def _eval_files(cfg: EvalConfig, name: str, comparison: bool) -> list[str]:
+    """One image's files in an evaluate folder (relative paths), from its output name."""
     files = [f"masks/{name}", f"masks_color/{name}"] if cfg.write_masks else []
     files += [f"comparisons/{name}"] if comparison else []
     return [*files, f"{THUMBNAILS}/{_thumbnail_name(name)}"]
 
 
-def _eval_plan(cfg: EvalConfig, samples: list[Sample]) -> RunPlan:
-    folders = ("masks", "masks_color") if cfg.write_masks else ()
-    folders += ("comparisons",) if cfg.comparisons > 0 else ()
-    files = (f for i, s in enumerate(samples) for f in _eval_files(cfg, s, i < cfg.comparisons))
-    return RunPlan((*folders, THUMBNAILS), EVAL_FILES, frozenset(files))
+def _eval_plan(cfg: EvalConfig, samples: list[Sample], layout: OutputLayout) -> RunPlan:
+    top = ("masks", "masks_color") if cfg.write_masks else ()
+    top += ("comparisons",) if cfg.comparisons > 0 else ()
+    top += (THUMBNAILS,)
+    folders = (*top, *(f"{t}/{sub}" for t in top for sub in layout.folders))
+    files = (f for i, name in enumerate(layout.names)
+             for f in _eval_files(cfg, name, i < cfg.comparisons))  # fmt: skip
+    return RunPlan(folders, EVAL_FILES, frozenset(files))
 
 
-def _evaluate_batches(cfg, samples, batches, model, tta, device, world) -> float:
+def _evaluate_batches(cfg, samples, layout, batches, model, tta, device, world) -> float:
     class_map, prep = model.class_map, model.preprocessing
     opts = DecodeOptions(
         prep=prep,
@@ -184,7 +192,8 @@ def _evaluate_batches(cfg, samples, batches, model, tta, device, world) -> float
             writer.submit(
                 _write_eval_image,
                 cfg,
-                samples[index],
+                samples[index].name,
+                layout.names[index],
                 pred_np,
                 truth_np,
                 original,
@@ -199,7 +208,8 @@ def _evaluate_batches(cfg, samples, batches, model, tta, device, world) -> float
 
 def _write_eval_image(
     cfg: EvalConfig,
-    sample: Sample,
+    key: str,
+    name: str,
     pred: np.ndarray,
     truth: np.ndarray,
     original: np.ndarray | None,
@@ -210,8 +220,7 @@ def _write_eval_image(
 ) -> None:
     """One image's files, announced first, then its record (the image is done only when all
     are written)."""
-    records.intend(sample.name, _eval_files(cfg, sample, original is not None))
-    name = sample.output_name
+    records.intend(key, _eval_files(cfg, name, original is not None))
     if cfg.write_masks:
         save_mask(cfg.out / "masks" / name, class_map.ids_to_codes(pred))
         save_color_mask(cfg.out / "masks_color" / name, pred, class_map)
@@ -234,15 +243,16 @@ def _write_eval_image(
 
 
 def _thumbnail_name(name: str) -> str:
-    return f"{Path(name).stem}.jpg"
+    """`x.png` -> `x.jpg`, `0003/x.png` -> `0003/x.jpg` (a nested output's folder kept)."""
+    return str(PurePosixPath(name).with_suffix(".jpg"))
 
 
 def split_metrics(
-    out: Path, samples: list[Sample], class_map: ClassMap
+    out: Path, samples: list[Sample], class_map: ClassMap, records: dict[str, dict]
 ) -> tuple[SegMetrics, HackathonMetrics]:
-    """The split's metrics from every image's record, summed in image order (so any number of
-    ranks, and a resumed run, give exactly the numbers of one uninterrupted process)."""
-    records = read_records(out)
+    """The split's metrics from every image's record (`read_records(out)`), summed in image
+    order (so any number of ranks, and a resumed run, give exactly the numbers of one
+    uninterrupted process)."""
     missing = [s.name for s in samples if s.name not in records]
     if missing:
         raise OffroadSegError(
@@ -270,8 +280,10 @@ def write_eval_outputs(
     cfg: EvalConfig,
     ckpt: HeadCheckpoint,
     samples,
+    layout: OutputLayout,
     result: EvalResult,
     identity: dict,
+    records: dict[str, dict],
     weights: BackboneSpec,
 ) -> list[Path]:
     """The split's files: plots, evaluation_metrics.txt, report.html, then metrics.json.
@@ -301,17 +313,16 @@ def write_eval_outputs(
         header = f"{banner}\n\n{header}"
     text = header + "\n" + metrics.table() + "\n\n" + hackathon.table() + "\n"
     write_text_atomic(out / "evaluation_metrics.txt", text)  # every name here is in EVAL_FILES
-    records = read_records(out)
     rows = [
         ImageRow(
             name=s.name,
             confusion=np.asarray(records[s.name]["confusion"], dtype=np.int64).reshape(
                 len(metrics.names), -1
             ),
-            thumbnail=Path(THUMBNAILS) / _thumbnail_name(s.output_name),
-            comparison=Path("comparisons") / s.output_name if i < cfg.comparisons else None,
+            thumbnail=Path(THUMBNAILS) / _thumbnail_name(name),
+            comparison=Path("comparisons") / name if i < cfg.comparisons else None,
         )
-        for i, s in enumerate(samples)
+        for i, (s, name) in enumerate(zip(samples, layout.names, strict=True))
     ]
     # confusion_matrix.png stays a file (for slides) but not in the report: the report's own
     # confusion table shows the same fractions, legible at any class count, counts on hover

@@ -29,8 +29,9 @@ PROBS = "probs"
 
 
 def probs_file(name: str) -> str:
-    """An image's probabilities in a predict folder: probs/STEM.npy (`name`: its output name)."""
-    return f"{PROBS}/{Path(name).stem}.npy"
+    """An image's probabilities in a predict folder: probs/STEM.npy beside masks/STEM.png
+    (`name`: its output name, nested in subfolders as the masks are when there are many)."""
+    return f"{PROBS}/{Path(name).with_suffix('.npy').as_posix()}"
 
 
 def save_probs(path: Path, probs: np.ndarray) -> None:

@@ -22,9 +22,10 @@ from offroad_seg.config import PredictConfig
 from offroad_seg.core import distributed
 from offroad_seg.core.atomic import write_json_atomic
 from offroad_seg.core.runtime import resolve_device
-from offroad_seg.data.dataset import Sample, output_name
+from offroad_seg.data.dataset import Sample
 from offroad_seg.data.digest import sources_digest
 from offroad_seg.data.inputs import input_warnings, list_inputs
+from offroad_seg.data.layout import OutputLayout, output_layout
 from offroad_seg.errors import OffroadSegError
 from offroad_seg.features.loader import DecodeOptions, default_batch_size
 from offroad_seg.inference.batches import EvalResult, named_write_errors, run_batches, start_run
@@ -74,7 +75,8 @@ def predict(cfg: PredictConfig) -> EvalResult:
         log.warning(inputs.skipped_note())
     for warning in input_warnings([*inputs.images, *inputs.videos], prep.size):
         log.warning(warning)
-    samples = [Sample(p.name, p, None) for p in inputs.images]
+    layout = output_layout(inputs.images)
+    samples = [Sample(layout.key(i, p), p, None) for i, p in enumerate(inputs.images)]
     device = resolve_device(cfg.device)
     with distributed.launched(device) as world:
         device = world.device(device)
@@ -82,13 +84,13 @@ def predict(cfg: PredictConfig) -> EvalResult:
         identity = _predict_identity(cfg, inputs, batch_size, device, tta, prep, engine)
         # the whole model loads before any output exists: one that cannot is refused first
         model = build_engine(engine, ckpt, cfg.weights, device, tta)
-        plan = _predict_plan(cfg, inputs)
+        plan = _predict_plan(cfg, inputs, layout)
         records, todo, mine = start_run(cfg, identity, plan, len(samples), batch_size, world)
         videos = [v for v in inputs.videos if video_key(v) not in records]
         my_videos = videos[world.rank :: world.size]
         seconds, frames = 0.0, 0
         with named_write_errors(cfg.out):
-            seconds = _predict_batches(cfg, samples, mine, model, tta, device, world)
+            seconds = _predict_batches(cfg, samples, layout, mine, model, tta, device, world)
             for video in my_videos:
                 started = time.perf_counter()
                 frames += predict_video(cfg, video, model, tta, device, world, batch_size)
@@ -119,10 +121,11 @@ def predict(cfg: PredictConfig) -> EvalResult:
     return result
 
 
-def _predict_plan(cfg: PredictConfig, inputs) -> RunPlan:
-    folders = ("masks", "masks_color") + (("overlays",) if cfg.overlays else ())
-    folders += (PROBS,) if cfg.save_probs else ()
-    each = (predict_files(output_name(p), cfg.overlays, cfg.save_probs) for p in inputs.images)
+def _predict_plan(cfg: PredictConfig, inputs, layout: OutputLayout) -> RunPlan:
+    top = ("masks", "masks_color") + (("overlays",) if cfg.overlays else ())
+    top += (PROBS,) if cfg.save_probs else ()
+    folders = (*top, *(f"{t}/{sub}" for t in top for sub in layout.folders))
+    each = (predict_files(name, cfg.overlays, cfg.save_probs) for name in layout.names)
     files = {f for image_files in each for f in image_files}
     files |= {f"overlays/{v.stem}.mp4" for v in inputs.videos if cfg.overlays}
     frames = tuple(  # video.frame_name: STEM_f000123.png
@@ -133,7 +136,7 @@ def _predict_plan(cfg: PredictConfig, inputs) -> RunPlan:
     return RunPlan(folders, PREDICT_FILES, frozenset(files), frames)
 
 
-def _predict_batches(cfg, samples, batches, model, tta, device, world) -> float:
+def _predict_batches(cfg, samples, layout, batches, model, tta, device, world) -> float:
     class_map, prep = model.class_map, model.preprocessing
     opts = DecodeOptions(
         prep=prep,
@@ -157,7 +160,7 @@ def _predict_batches(cfg, samples, batches, model, tta, device, world) -> float:
             writer.submit(
                 write_predicted_image,
                 cfg.out,
-                samples[index].output_name,
+                layout.names[index],
                 pred.to(torch.uint8).cpu().numpy(),
                 original,
                 class_map,

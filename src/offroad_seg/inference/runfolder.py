@@ -14,8 +14,12 @@ Each image's outputs are announced (a `writing` line listing them) before they a
 written atomically, then one line (a JSON record: what the metrics need of that image) is
 appended to `records/rank-R.jsonl`; a record's presence means the image is done, and the
 `writing` lines tell `--overwrite` every file a run may have left, even one killed mid-write.
-Each torchrun rank appends to its own file; a killed process leaves at most a torn last line,
-which readers skip.
+Each torchrun rank appends to its own file; a killed process leaves at most a torn last line
+(no newline), which readers skip and the next writer of that file cuts off.
+
+Per-image outputs of runs of many images are nested in subfolders (`data.layout`); the
+resume check (`done_records`) reads only the start of each line (the key and the index), so
+it stays fast at a million records.
 """
 
 from __future__ import annotations
@@ -207,7 +211,17 @@ def recorded_files(out: Path) -> set[str]:
     announced: set[str] = set()
     keys_announced: set[str] = set()
     legacy: set[str] = set()
-    for entry in _entries(out):
+    for line in _record_lines(out):
+        head = _ENTRY_HEAD.match(line)
+        if head is not None and head[2] is not None and line.endswith("}\n"):
+            legacy.add(_key(head))  # a record: only its key matters here, read from its start
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(entry, dict):
+            continue
         key = entry.get("key")
         if "writing" in entry:
             keys_announced.add(key)
@@ -243,10 +257,8 @@ class RecordLog:
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / f"rank-{rank}.jsonl"
         self._lock = threading.Lock()
-        torn = self.path.exists() and not _ends_with_newline(self.path)
+        _cut_torn_line(self.path)  # every line ending in a newline is then a whole entry
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close)
-        if torn:  # a line cut by a killed writer: end it, so the next record starts clean
-            self._file.write("\n")
 
     def intend(self, key: str, files: Sequence[str]) -> None:
         """Announce the files (relative to the run folder) about to be written for `key`: what
@@ -278,24 +290,74 @@ def read_records(out: Path) -> dict[str, dict[str, Any]]:
 
 def _entries(out: Path) -> Iterable[dict[str, Any]]:
     """Every complete line of every rank's records, parsed."""
-    folder = out / RECORDS_DIR
-    for path in sorted(folder.glob("rank-*.jsonl")) if folder.is_dir() else []:
-        for line in _lines(path):
+    for line in _record_lines(out):
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a torn line an older version ended with a newline: that image is redone
+        if isinstance(entry, dict):
+            yield entry
+
+
+# The start of an entry as RecordLog writes it: the key, then the index (an image's record)
+# or the announced files (a `writing` line).
+_ENTRY_HEAD = re.compile(r'\{"key":("(?:[^"\\]|\\.)*"),(?:"i":(\d+)[,}]|("writing":))')
+
+
+def done_records(out: Path) -> dict[str, int | None]:
+    """The keys of every complete record in `out` (what `read_records` holds) and their image
+    index (None for a video's). Reads only each line's start where it has RecordLog's layout
+    (a million records in a few seconds, where parsing them all takes a minute); any other
+    line is parsed whole."""
+    done: dict[str, int | None] = {}
+    for line in _record_lines(out):
+        head = _ENTRY_HEAD.match(line)
+        if head is None or not line.endswith("}\n"):
             try:
                 entry = json.loads(line)
             except json.JSONDecodeError:
-                continue  # a line torn by a killed writer: that image is redone
-            if isinstance(entry, dict):
-                yield entry
+                continue
+            if isinstance(entry, dict) and "writing" not in entry and "key" in entry:
+                done[entry["key"]] = entry.get("i")
+            continue
+        if head[3]:  # an announcement
+            continue
+        done[_key(head)] = int(head[2])
+    return done
 
 
-def _ends_with_newline(path: Path) -> bool:
-    with open(path, "rb") as f:
-        f.seek(0, 2)
-        if f.tell() == 0:
-            return True
-        f.seek(-1, 2)
-        return f.read(1) == b"\n"
+def _key(head: re.Match) -> str:
+    quoted = head[1]
+    return json.loads(quoted) if "\\" in quoted else quoted[1:-1]
+
+
+def _record_lines(out: Path) -> Iterable[str]:
+    folder = out / RECORDS_DIR
+    for path in sorted(folder.glob("rank-*.jsonl")) if folder.is_dir() else []:
+        yield from _lines(path)
+
+
+def _cut_torn_line(path: Path) -> None:
+    """Cut off a last line without its newline (its writer was killed while writing it; its
+    image, whose files come after its announcement and before its record, is redone)."""
+    try:
+        f = open(path, "r+b")  # noqa: SIM115 (closed below)
+    except FileNotFoundError:
+        return
+    with f:
+        size = f.seek(0, 2)
+        end = size
+        while end > 0:
+            step = min(end, 1 << 16)
+            f.seek(end - step)
+            block = f.read(step)
+            newline = block.rfind(b"\n")
+            if newline >= 0:
+                end = end - step + newline + 1
+                break
+            end -= step
+        if end < size:
+            f.truncate(end)
 
 
 def _lines(path: Path) -> Iterable[str]:

@@ -8,9 +8,12 @@ folder under `OUT/trials/` named after its settings.
 
 Processes share the study: a trial is popped from the storage atomically, and on one machine
 a file lock also serialises the "is anything left?" check, so no trial runs twice. A process
-killed mid-trial leaves its trial RUNNING: the next process on that machine finds its pid gone,
-marks it failed and enqueues the same settings again, so the interrupted trial starts over
-(trainings are deterministic, so the leaderboard ends as if nothing had happened).
+killed mid-trial leaves its trial RUNNING: before its next trial any process of the sweep that
+sees it dead (on that machine: its pid gone; from any machine: no heartbeat in the study for
+`stale_after_s`) marks it failed and enqueues the same settings again, so the interrupted trial
+starts over (trainings are deterministic, so the leaderboard ends as if nothing had happened).
+Processes of several machines keep their own folders; each one's leaderboard lists the trials
+that finished there.
 
 A sampled trial's settings are a function of the sampler seed, its sample index (0, 1, ... in
 the order trials were asked; a restarted trial keeps its index) and the trials finished

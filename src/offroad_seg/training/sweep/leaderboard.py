@@ -26,14 +26,23 @@ def best_row(rows: list[dict]) -> dict | None:
 
 
 def _trial_row(out: Path, trial) -> dict | None:
+    """The trial's row from its run folder in `out`; None when `out` has no finished run of
+    it: the trial ran on another machine (processes sharing a --storage each keep their own
+    folder), where the retry of one killed here may have finished it; pruned runs stop early."""
+    from optuna.trial import TrialState
+
     from offroad_seg.models.checkpoint import load_checkpoint
+    from offroad_seg.training.run_folder import FINISHED
 
     run = out / TRIALS_DIR / trial.user_attrs.get("run", "")
     head = run / "segmentation_head.pth"
     if not head.is_file():
         return None
+    record = json.loads((run / "train_stats" / "history.json").read_text())
+    if trial.state == TrialState.COMPLETE and not record.get(FINISHED):
+        return None  # an attempt killed here, not the run that completed the trial
     payload = load_checkpoint(head).payload
-    history = json.loads((run / "train_stats" / "history.json").read_text())["history"]
+    history = record["history"]
     best = payload["best"]
     val = payload.get("val_metrics", {})
     row = {

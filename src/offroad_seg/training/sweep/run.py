@@ -38,12 +38,14 @@ from offroad_seg.training.sweep.space import (
 )
 from offroad_seg.training.sweep.study import (
     STUDY_DB,
+    ask_with_heartbeat,
     failed_for_good,
     load_study,
     open_storage,
     reading_study,
     recover_interrupted,
     sqlite_default,
+    trial_heartbeat,
 )
 
 log = logging.getLogger(__name__)
@@ -162,10 +164,15 @@ def _finished(study) -> int:
 
 def _next_trial(study, cfg: SweepConfig, grid: bool, total: int):
     """The next trial for this process, or None when the sweep is done. The check and the ask
-    happen under the machine's lock, so two processes never take the same last trial."""
+    happen under the machine's lock, so two processes never take the same last trial (on
+    several machines the study's trial numbers decide: see `spare`). Trials of processes that
+    died meanwhile, here or on another machine, are enqueued again first."""
     from optuna.trial import TrialState
 
     with sweep_lock(cfg.out):
+        recovered = recover_interrupted(study)
+        if recovered:
+            log.info("%s of dead processes: starting again", plural(recovered, "trial"))
         trials = study.get_trials(deepcopy=False)
         waiting = [t for t in trials if t.state == TrialState.WAITING]
         if grid and not waiting:
@@ -174,7 +181,7 @@ def _next_trial(study, cfg: SweepConfig, grid: bool, total: int):
             taken = [t for t in trials if t.state != TrialState.FAIL or failed_for_good(t)]
             if len(taken) >= total:
                 return None
-        trial = study.ask()
+        trial = ask_with_heartbeat(study)
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("pid", os.getpid())
         if not grid and SAMPLE not in trial.user_attrs:
@@ -219,10 +226,14 @@ def _run_trial(study, trial, cfg: SweepConfig, distributions, data, result: Swee
     level = epochs_log.level
     epochs_log.setLevel(max(level, logging.WARNING))  # one line per trial, not per epoch
     try:
-        outcome = train(run_cfg, data=data, on_epoch=report, world=distributed.SINGLE)
+        with trial_heartbeat(study, trial):
+            outcome = train(run_cfg, data=data, on_epoch=report, world=distributed.SINGLE)
     except optuna.TrialPruned:
-        study.tell(trial, state=TrialState.PRUNED)
+        study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
         result.pruned += 1
+        return
+    except optuna.exceptions.UpdateFinishedTrialError:  # report() to a trial failed meanwhile
+        _declared_dead(cfg, trial)
         return
     except TrainingDiverged as e:  # NaN/inf loss: final, a rerun does not retry it
         trial.set_user_attr("diverged_epoch", e.epoch)
@@ -233,15 +244,32 @@ def _run_trial(study, trial, cfg: SweepConfig, distributions, data, result: Swee
         return
     finally:
         epochs_log.setLevel(level)
-    study.tell(trial, outcome.best["val_miou"])
+    told = study.tell(trial, outcome.best["val_miou"], skip_if_finished=True)
+    if told.state != TrialState.COMPLETE:
+        _declared_dead(cfg, trial)
+        return
     log.info("trial %d: val mIoU %.4f", trial.number, outcome.best["val_miou"])
 
 
+def _declared_dead(cfg: SweepConfig, trial) -> None:
+    """The study failed this trial while it ran: its heartbeats did not reach the database
+    for `stale_after_s` and another process enqueued it again. Its result is dropped (the
+    retry's counts), and the sweep goes on."""
+    log.warning(
+        "trial %d: declared dead by another process (no heartbeat in the study for %d s) and "
+        "started again there; this result is dropped",
+        trial.number,
+        cfg.stale_after_s,
+    )
+
+
 def _record_failure(study, trial, slug: str, e: OffroadSegError, result: SweepResult) -> None:
+    import optuna
     from optuna.trial import TrialState
 
     reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-    trial.set_user_attr("error", reason)
-    study.tell(trial, state=TrialState.FAIL)
+    with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # declared dead
+        trial.set_user_attr("error", reason)
+    study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
     result.failed.append(f"{slug}: {reason}")
     log.warning("trial %d failed: %s", trial.number, reason)

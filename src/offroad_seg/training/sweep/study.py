@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import socket
+import threading
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +17,8 @@ from offroad_seg.config import SweepConfig
 from offroad_seg.core.atomic import pid_alive
 from offroad_seg.errors import OffroadSegError
 from offroad_seg.training.sweep.space import SAMPLE
+
+log = logging.getLogger(__name__)
 
 STUDY_NAME = "offroad-seg-sweep"
 STUDY_DB = "study.db"
@@ -24,7 +29,23 @@ def sqlite_default(cfg: SweepConfig) -> bool:
 
 
 def _storage_url(cfg: SweepConfig) -> str:
-    return cfg.storage or f"sqlite:///{(cfg.out / STUDY_DB).resolve()}"
+    if cfg.storage is None:
+        return f"sqlite:///{(cfg.out / STUDY_DB).resolve()}"
+    return _with_installed_driver(cfg.storage)
+
+
+def _with_installed_driver(url: str) -> str:
+    """`postgresql://` names no driver: SQLAlchemy 2.0 then loads psycopg2, 2.1 psycopg 3.
+    The `postgres` extra installs psycopg 3, so a URL without a driver uses it when psycopg2
+    is not there (any SQLAlchemy 2.x), rather than fail on a module the user never chose."""
+    import importlib.util
+
+    scheme, sep, rest = url.partition("://")
+    if scheme not in ("postgresql", "postgres") or not sep:
+        return url
+    if importlib.util.find_spec("psycopg2") or not importlib.util.find_spec("psycopg"):
+        return url
+    return f"postgresql+psycopg://{rest}"
 
 
 def study_location(cfg: SweepConfig) -> str:
@@ -76,6 +97,11 @@ def _study_fault(cfg: SweepConfig, e: BaseException) -> OffroadSegError:
             f"{study_location(cfg)}: not a readable sweep database ({_cause(e)}); rerun with "
             "--overwrite to start the sweep over, or use another folder"
         )
+    if isinstance(e, ImportError):  # the URL's database driver is not installed
+        return OffroadSegError(
+            f"{study_location(cfg)}: cannot open the study ({_cause(e)}); install the "
+            "database's driver (PostgreSQL: pip install 'offroad-seg[postgres]')"
+        )
     return OffroadSegError(
         f"{study_location(cfg)}: cannot open the study ({_cause(e)}); check the URL and that the "
         "database is reachable"
@@ -98,7 +124,8 @@ def _check_sqlite(path: Path) -> None:
 
 
 def open_storage(cfg: SweepConfig):
-    """The study's storage, checked: a damaged file or a bad URL is one line naming it."""
+    """The study's storage, checked: a damaged file or a bad URL is one line naming it.
+    Running trials record heartbeats in it (see `trial_heartbeat`)."""
     import optuna
 
     url = _storage_url(cfg)
@@ -106,7 +133,14 @@ def open_storage(cfg: SweepConfig):
     try:
         if sqlite_default(cfg):
             _check_sqlite(cfg.out / STUDY_DB)
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine)
+        with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=engine,
+                heartbeat_interval=cfg.heartbeat_s,
+                grace_period=cfg.stale_after_s,
+            )
     except _storage_errors() as e:
         raise _study_fault(cfg, e) from None
 
@@ -197,25 +231,78 @@ def reading_study(cfg: SweepConfig) -> Iterator[None]:
         raise _study_fault(cfg, e) from None
 
 
-def recover_interrupted(study) -> int:
-    """Trials left RUNNING by processes of this machine that died: failed, and their settings
-    enqueued again (with their sample index), so they start over."""
+def _dead_trials(study) -> list:
+    """RUNNING trials whose process is gone: on this machine, a pid no longer alive; on any
+    machine, a heartbeat older than the storage's grace period (Optuna's stale-trial rule)."""
     from optuna.trial import TrialState
 
     host = socket.gethostname()
-    recovered = 0
+    stale = set(study._storage._get_stale_trial_ids(study._study_id))
+    dead = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         attrs = trial.user_attrs
-        if attrs.get("host") != host or pid_alive(int(attrs.get("pid", -1))):
-            continue
-        study._storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
-        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        ours_and_gone = attrs.get("host") == host and not pid_alive(int(attrs.get("pid", -1)))
+        if ours_and_gone or trial._trial_id in stale:
+            dead.append(trial)
+    return dead
+
+
+def recover_interrupted(study) -> int:
+    """Trials left RUNNING by processes that died (`_dead_trials`): failed, and their settings
+    enqueued again (with their sample index), so they start over. Processes on several
+    machines may find the same dead trial at once: the database fails it for one of them
+    only (a row lock), and only that one enqueues the retry."""
+    import optuna
+    from optuna.trial import TrialState
+
+    recovered = 0
+    for trial in _dead_trials(study):
+        try:
+            study._storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
+            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another process recovered it first (or it finished after all)
         retry = {"queued": True, "retry_of": trial.number}
-        if SAMPLE in attrs:
-            retry[SAMPLE] = attrs[SAMPLE]
+        if SAMPLE in trial.user_attrs:
+            retry[SAMPLE] = trial.user_attrs[SAMPLE]
         study.enqueue_trial(trial.params, user_attrs=retry)
         recovered += 1
     return recovered
+
+
+def ask_with_heartbeat(study):
+    """`study.ask()`, the trial's first heartbeat recorded at once: a trial whose process dies
+    right after taking it is still seen as dead from other machines."""
+    with warnings.catch_warnings():  # Optuna expects heartbeats only from study.optimize
+        warnings.filterwarnings("ignore", message="Heartbeat of storage")
+        trial = study.ask()
+    study._storage.record_heartbeat(trial._trial_id)
+    return trial
+
+
+@contextlib.contextmanager
+def trial_heartbeat(study, trial) -> Iterator[None]:
+    """Record the trial's heartbeat every `heartbeat_interval` seconds while it runs, so that
+    processes on other machines can tell it from one whose machine died. A failed beat (the
+    database briefly unreachable) is logged; training goes on."""
+    storage = study._storage
+    interval = storage.get_heartbeat_interval()
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(interval):
+            try:
+                storage.record_heartbeat(trial._trial_id)
+            except _database_errors() as e:
+                log.warning("trial %d: heartbeat not recorded (%s)", trial.number, _cause(e))
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{trial.number}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def failed_for_good(trial) -> bool:
