@@ -12,6 +12,7 @@ summed confusion matrices: equal to one process's exactly) and writes the summar
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,13 @@ from offroad_seg.metrics.hackathon import (
     hackathon_prediction,
     hackathon_scores,
 )
-from offroad_seg.models.checkpoint import HeadCheckpoint, file_sha256
+from offroad_seg.models.checkpoint import (
+    HeadCheckpoint,
+    expect_dataset,
+    file_sha256,
+    looks_like_head,
+    resolve_head,
+)
 from offroad_seg.models.segmentation import TTA
 from offroad_seg.models.upsampling import predict_and_score
 from offroad_seg.reporting.report import ImageRow
@@ -86,8 +93,24 @@ def _eval_identity(
     }
 
 
+def _head_argument(cfg: EvalConfig) -> Path:
+    """The head file (a run folder's head), or one line when the head and the dataset were
+    given the other way round."""
+    try:
+        return resolve_head(cfg.head)
+    except OffroadSegError:
+        if looks_like_head(cfg.data_dir):
+            raise OffroadSegError(
+                f"{cfg.head}, {cfg.data_dir}: the head and the dataset are swapped "
+                "(evaluate takes the head first: HEAD DATA_DIR OUT)"
+            ) from None
+        raise
+
+
 def evaluate(cfg: EvalConfig) -> EvalResult:
     """Predict every image of a labelled dataset; write predictions, metrics and a report."""
+    cfg = replace(cfg, head=_head_argument(cfg))
+    expect_dataset(cfg.data_dir)
     tta = TTA.of(cfg.tta, cfg.tta_scales)
     engine = resolve_engine(cfg.engine, cfg.head, cfg.weights)
     ckpt = load_head(cfg.head)

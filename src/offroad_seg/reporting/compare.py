@@ -7,9 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from offroad_seg.errors import OffroadSegError
-from offroad_seg.models.checkpoint import load_checkpoint
+from offroad_seg.models.checkpoint import HEAD_FILE, load_checkpoint, resolve_head
 from offroad_seg.models.heads import get_head_spec
-from offroad_seg.reporting.info import find_head
 
 # Settings that say where things are or how a machine ran them, not what was trained.
 _NOT_COMPARED = ("out", "progress", "resume", "overwrite", "device", "memory_budget_gb", "stream")
@@ -27,7 +26,7 @@ class RunSummary:
 def summarize(path: str | Path) -> RunSummary:
     """A run folder or a head checkpoint: its settings (with the head as built and the
     backbone) and its best validation metrics."""
-    head = find_head(path)
+    head = resolve_head(path)
     ckpt = load_checkpoint(head)
     payload = ckpt.payload
     settings = {k: v for k, v in payload.get("train_config", {}).items() if k not in _NOT_COMPARED}
@@ -51,7 +50,7 @@ def summarize(path: str | Path) -> RunSummary:
         "best epoch": best.get("epoch"),
     }
     per_class = (payload.get("val_metrics") or {}).get("per_class", {})
-    name = head.parent.name if head.name == "segmentation_head.pth" else head.stem
+    name = head.parent.name if head.name == HEAD_FILE else head.stem
     return RunSummary(name, head, settings, metrics, {k: v["iou"] for k, v in per_class.items()})
 
 
@@ -59,8 +58,7 @@ def run_labels(runs: list[RunSummary]) -> list[str]:
     """A distinct label per run: the shortest tail of its path that no other run's path ends
     with (`sweep1/best` and `sweep2/best`, not `best` twice; `h1` for `heads/h1.pth`)."""
     parts = [
-        (r.path.parent if r.path.name == "segmentation_head.pth" else r.path.with_suffix("")).parts
-        for r in runs
+        (r.path.parent if r.path.name == HEAD_FILE else r.path.with_suffix("")).parts for r in runs
     ]
     labels = []
     for i, mine in enumerate(parts):

@@ -5,26 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from offroad_seg.errors import OffroadSegError
 from offroad_seg.models.checkpoint import load_checkpoint
-
-HEAD_FILE = "segmentation_head.pth"
-
-
-def find_head(path: str | Path) -> Path:
-    """A checkpoint path, or a run folder holding segmentation_head.pth."""
-    path = Path(path)
-    if path.is_dir():
-        if not (path / HEAD_FILE).is_file():
-            raise OffroadSegError(f"{path}: no {HEAD_FILE} in this folder")
-        return path / HEAD_FILE
-    return path
 
 
 def head_info(path: str | Path) -> dict[str, Any]:
     """A JSON-ready summary of a head checkpoint: backbone, head, preprocessing, classes,
     training settings, the epoch it is from, and its best validation metrics."""
-    ckpt = load_checkpoint(find_head(path))
+    ckpt = load_checkpoint(path)
     payload = ckpt.payload
     val = payload.get("val_metrics")
     return {

@@ -21,10 +21,10 @@ def best_row(rows: list[dict]) -> dict | None:
 
 
 def _trial_row(out: Path, trial) -> dict | None:
-    from offroad_seg.models.checkpoint import load_checkpoint
+    from offroad_seg.models.checkpoint import HEAD_FILE, load_checkpoint
 
     run = out / TRIALS_DIR / trial.user_attrs.get("run", "")
-    head = run / "segmentation_head.pth"
+    head = run / HEAD_FILE
     if not head.is_file():
         return None
     payload = load_checkpoint(head).payload
