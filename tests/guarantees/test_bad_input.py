@@ -332,3 +332,18 @@ def test_an_html_page_for_weights_says_the_download_failed(tmp_path):
     )
     assert_one_line_error(result, "w.pth: an HTML page, not a weights file", "download")
     assert "weights_only" not in result.output
+
+
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (("train", "cache/train.zarr"), "Error: missing OUT: train CACHES... OUT"),
+        (("sweep", "cache/train.zarr"), "Error: missing OUT: sweep CACHES... OUT"),
+        (("predict", "runs/h1", "x.png"), "Error: missing OUT: predict HEAD INPUTS... OUT"),
+        (("train",), "Error: missing CACHES... and OUT: train CACHES... OUT"),
+    ],
+)
+def test_a_forgotten_out_is_named(args, line):
+    result = run(*args)
+    assert result.exit_code == 2
+    assert result.stderr.splitlines()[-1] == line

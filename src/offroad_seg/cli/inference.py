@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from offroad_seg.cli._common import ScalesType, cli, is_main_rank, stage
+from offroad_seg.cli._common import ScalesType, cli, is_main_rank, paths_then_out, stage
 from offroad_seg.config import ENGINES, EvalConfig, ExportConfig, PredictConfig, default
 
 
@@ -119,8 +119,7 @@ def evaluate(head: Path, data_dir: Path, out: Path, **opts) -> None:
 
 @cli.command()
 @click.argument("head", type=click.Path(path_type=Path))
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.argument("out", type=click.Path(path_type=Path))
+@paths_then_out("inputs", type=click.Path(path_type=Path))
 @head_inference_options
 @click.option(
     "--no-overlays", "overlays", flag_value=False, default=True, help="Masks only (no overlays)."

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import click
 
-from offroad_seg.cli._common import LazyChoice, LossSpecType, cli, is_main_rank, stage
+from offroad_seg.cli._common import (
+    LazyChoice,
+    LossSpecType,
+    cli,
+    is_main_rank,
+    paths_then_out,
+    stage,
+)
 from offroad_seg.config import PRESETS, SweepConfig, TrainConfig, default
 
 
@@ -88,8 +95,7 @@ _RUN_SETTING_OPTIONS = [
 
 
 @cli.command()
-@click.argument("caches", nargs=-1, required=True)
-@click.argument("out", type=click.Path(path_type=Path))
+@paths_then_out("caches")
 @click.option("--val-cache", help="Validation cache (folder or URL).")
 @click.option(
     "--preset",
@@ -137,8 +143,7 @@ def train(caches: tuple[str, ...], out: Path, **opts) -> None:
 
 
 @cli.command()
-@click.argument("caches", nargs=-1, required=True)
-@click.argument("out", type=click.Path(path_type=Path))
+@paths_then_out("caches")
 @click.option("--val-cache", required=True, help="Validation cache: trials are ranked on it.")
 @click.option(
     "--grid",
