@@ -144,8 +144,35 @@ def test_rerun_on_complete_cache_does_nothing(caches, dataset):
 
 
 def test_rerun_with_other_settings_refused(caches, dataset):
-    with pytest.raises(CacheError, match="different settings.*views"):
+    expected = r"other settings \(the cache vs this run: views identity,hflip vs identity\)"
+    with pytest.raises(CacheError, match=expected):
         extract(extract_config(dataset / "train", caches["train"]))
+
+
+def test_spec_differences_say_how_and_which_matter(caches):
+    from dataclasses import replace
+
+    from offroad_seg.data.classes import ClassInfo
+
+    spec = FeatureCache.open(caches["train"]).spec
+    classes = spec.class_map.classes
+    renamed = ClassMap((*classes[:3], ClassInfo(classes[3].code, "Grass", classes[3].color),
+                        *classes[4:]))  # fmt: skip
+    assert spec.differences(replace(spec, class_map=renamed)) == [
+        f"class map: class 3 is {classes[3].name} vs Grass"
+    ]
+    assert spec.differences(replace(spec, class_map=ClassMap.hackathon())) == [
+        "class map: 11 classes vs 10"
+    ]
+    # the storage layout is named alone, as storage only; beside a real difference it follows
+    k = spec.images_per_chunk
+    assert spec.differences(replace(spec, images_per_chunk=k + 1)) == [
+        f"storage only: {k} vs {k + 1} images per chunk (--images-per-chunk; the features are "
+        "the same)"
+    ]
+    assert spec.differences(replace(spec, images_per_chunk=k + 1, dtype="int8")) == [
+        "dtype float16 vs int8"
+    ]
 
 
 def test_verify_detects_flipped_byte(caches, tmp_path):

@@ -176,7 +176,7 @@ def tiny(tmp_path_factory):
 
 def test_train_on_disagreeing_caches(tiny, tmp_path):
     result = run("train", tiny / "a.zarr", tiny / "l4.zarr", tmp_path / "h")
-    assert_one_line_error(result, "l4.zarr", "layers 1 vs 4")
+    assert_one_line_error(result, "l4.zarr: cannot be used with", "differ: layers 4 vs 1")
     assert not (tmp_path / "h" / "segmentation_head.pth").exists()
 
 
@@ -237,7 +237,9 @@ def test_evaluate_with_other_class_map(tiny, tmp_path):
     cmap.write_text(json.dumps([{"code": 1, "name": "thing", "color": [1, 2, 3]}]))
     head = tiny / "head" / "segmentation_head.pth"
     result = run("evaluate", head, tiny / "d", tmp_path / "e", "--class-map", cmap)
-    assert_one_line_error(result, "segmentation_head.pth", "another class map")
+    assert_one_line_error(
+        result, "segmentation_head.pth", f"another class map than {cmap}", "11 classes vs 1)"
+    )
 
 
 @pytest.mark.parametrize("command", ["evaluate", "predict", "train"])

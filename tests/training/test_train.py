@@ -226,11 +226,13 @@ def test_streaming_training_learns(caches, tmp_path):
 
 
 def test_incompatible_caches_refused(caches, cache_4layers, dataset, tmp_path):
-    with pytest.raises(CacheError, match="cannot be used with.*layers 1 vs 4"):
+    with pytest.raises(
+        CacheError, match="cannot be used with.*their features differ: layers 4 vs 1"
+    ):
         train(train_config([caches["train"], cache_4layers], tmp_path / "a"))
     other_size = tmp_path / "size.zarr"
     extract(extract_config(dataset / "val", other_size, size=(42, 84)))
-    with pytest.raises(CacheError, match="size 56x98 vs 42x84"):
+    with pytest.raises(CacheError, match="size.zarr: cannot be used with .*: size 42x84 vs 56x98"):
         train(train_config([caches["train"]], tmp_path / "b", val_cache=other_size))
 
 

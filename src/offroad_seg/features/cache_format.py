@@ -172,9 +172,11 @@ class CacheSpec:
         )
 
     def differences(self, other: CacheSpec, compat_only: bool = False) -> list[str]:
-        """Human-readable list of what differs between two specs; `compat_only`: only what
-        stops their features being used together (backbone, layers, preprocessing, classes),
-        not what a training and a validation cache differ in anyway (views, files, dtype)."""
+        """What differs between two specs, in words, this spec's values first; `compat_only`:
+        only what stops their features being used together (backbone, layers, preprocessing,
+        classes), not what a training and a validation cache differ in anyway (views, files,
+        dtype). The storage layout (images per chunk) follows from the feature size unless
+        set, so it is named only when nothing else differs, and said to be storage only."""
         out = []
         a, b = self.backbone, other.backbone
         if a.name != b.name:
@@ -184,10 +186,9 @@ class CacheSpec:
         if a.layers != b.layers:
             out.append(f"layers {a.layers} vs {b.layers}")
         if self.preprocessing != other.preprocessing:
-            s, o = self.preprocessing.size, other.preprocessing.size
-            out.append(f"preprocessing (size {s[0]}x{s[1]} vs {o[0]}x{o[1]})")
+            out.append(_preprocessing_difference(self.preprocessing, other.preprocessing))
         if self.class_map != other.class_map:
-            out.append("class map")
+            out.append(f"class map: {self.class_map.difference(other.class_map)}")
         if compat_only:
             return out
         if self.views != other.views:
@@ -196,11 +197,35 @@ class CacheSpec:
             out.append("image files")
         if self.dtype != other.dtype:
             out.append(f"dtype {self.dtype} vs {other.dtype}")
-        if self.images_per_chunk != other.images_per_chunk:
-            out.append(f"images per chunk {self.images_per_chunk} vs {other.images_per_chunk}")
         if self.ignore_unknown_codes != other.ignore_unknown_codes:
-            out.append("ignore-unknown-codes setting")
+            on_off = {True: "on", False: "off"}
+            out.append(
+                f"--ignore-unknown-codes {on_off[self.ignore_unknown_codes]} vs "
+                f"{on_off[other.ignore_unknown_codes]}"
+            )
+        if not out and self.images_per_chunk != other.images_per_chunk:
+            out.append(
+                f"storage only: {self.images_per_chunk} vs {other.images_per_chunk} images per "
+                "chunk (--images-per-chunk; the features are the same)"
+            )
         return out
+
+
+def _preprocessing_difference(a: Preprocessing, b: Preprocessing) -> str:
+    """The first preprocessing setting that differs, this one's value first."""
+    if a.size != b.size:
+        return f"size {a.size[0]}x{a.size[1]} vs {b.size[0]}x{b.size[1]}"
+    for name, mine in a.to_dict().items():
+        theirs = b.to_dict().get(name)
+        if mine != theirs:
+            return f"preprocessing {name} {_plain(mine)} vs {_plain(theirs)}"
+    return "preprocessing"
+
+
+def _plain(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 @dataclass

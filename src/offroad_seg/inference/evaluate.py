@@ -116,10 +116,11 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     ckpt = load_head(cfg.head)
     check_engine_tta(cfg.head, ckpt, tta)
     class_map = ckpt.class_map
-    if cfg.class_map is not None and resolve_class_map(cfg.class_map) != class_map:
+    asked = resolve_class_map(cfg.class_map) if cfg.class_map is not None else class_map
+    if asked != class_map:
         raise OffroadSegError(
             f"{cfg.head}: trained with another class map than {cfg.class_map} "
-            f"({', '.join(class_map.names)})"
+            f"(the head's vs {cfg.class_map}: {class_map.difference(asked)})"
         )
     samples = list_samples(cfg.data_dir)
     check_headers(samples)

@@ -72,9 +72,9 @@ def open_train_caches(cfg: TrainConfig) -> tuple[list[FeatureCache], FeatureCach
     first = caches[0]
     for other in caches[1:] + ([val] if val else []):
         if other.spec.compat_fingerprint != first.spec.compat_fingerprint:
-            diff = "; ".join(first.spec.differences(other.spec, compat_only=True)[:3])
+            diff = "; ".join(other.spec.differences(first.spec, compat_only=True)[:3])
             raise CacheError(
-                f"{other.path}: cannot be used with {first.path}: its features differ ({diff})"
+                f"{other.path}: cannot be used with {first.path}, their features differ: {diff}"
             )
     check_holdout(caches, val)
     return caches, val

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from offroad_seg.config import MIN_HEIGHT, MIN_WIDTH, SynthConfig, check_synth_size
+from offroad_seg.core.text import plural
 from offroad_seg.data.dataset import IMAGES_DIR, MASKS_DIR
 from offroad_seg.data.images import write_mask
 from offroad_seg.data.synthetic.palette import min_class_pixels
@@ -90,7 +91,8 @@ def write_split(
             stale = sorted(p.name for p in d.glob("*.png") if p.name not in set(names))
             if stale:
                 raise DataError(
-                    f"{d}: holds {len(stale)} other PNG file(s) ({stale[0]}, ...); "
+                    f"{d}: holds {plural(len(stale), 'other PNG file')} ({stale[0]}"
+                    f"{', ...' if len(stale) > 1 else ''}); "
                     "write synthetic data into an empty folder"
                 )
     image_dir.mkdir(parents=True, exist_ok=True)

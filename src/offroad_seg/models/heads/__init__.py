@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from offroad_seg.config import TrainConfig, default
+from offroad_seg.core.text import word
 from offroad_seg.errors import ConfigError
 from offroad_seg.models.heads.convnext import ConvNeXtHead
 from offroad_seg.models.heads.linear import LinearHead
@@ -99,7 +100,8 @@ class HeadConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ConfigError(f"head config: unknown setting(s) {', '.join(unknown)}")
+            noun = word(len(unknown), "setting")
+            raise ConfigError(f"head config: unknown {noun} {', '.join(unknown)}")
         return cls(**d)
 
 

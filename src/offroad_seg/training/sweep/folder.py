@@ -17,7 +17,7 @@ from typing import Any
 
 from offroad_seg.config import SweepConfig
 from offroad_seg.core.atomic import remove_stale_temps, write_json_atomic
-from offroad_seg.core.text import plural
+from offroad_seg.core.text import differ, listing, plural
 from offroad_seg.errors import OffroadSegError
 from offroad_seg.training.sweep.space import SLUG_PATTERN, SWEEPABLE, parse_grid, parse_range
 from offroad_seg.training.sweep.study import delete_study, recorded_runs, study_location
@@ -133,9 +133,9 @@ def write_record(out: Path, identity: dict[str, Any]) -> None:
 
 def check_same_sweep(out: Path, previous: dict, identity: dict[str, Any]) -> None:
     if previous != identity:
-        keys = [k for k in identity if previous.get(k) != identity[k]]
+        keys = [k for k in identity if previous.get(k) != identity[k]] or ["record"]
         raise OffroadSegError(
-            f"{out}: holds another sweep (its {', '.join(keys) or 'record'} differ); rerun it "
+            f"{out}: holds another sweep (its {listing(keys)} {differ(len(keys))}); rerun it "
             "with its own settings to resume, use another folder, or --overwrite"
         )
 
