@@ -199,12 +199,17 @@ def test_cli_synth_extract_info_verify(tmp_path):
 
     r = run("synth", d, options="--train 3 --val 2 --width 196 --height 112")
     assert r.exit_code == 0, r.output
+    assert r.output == f"wrote 3 train and 2 val scenes (196x112) to {d}/train and {d}/val\n"
     assert len(list((d / "train" / "Color_Images").glob("*.png"))) == 3
     assert len(list((d / "val" / "Segmentation").glob("*.png"))) == 2
     cache = c / "train.zarr"
     r = run("extract", d / "train", cache, options="--weights random --size 56x98 --workers 0")
     assert r.exit_code == 0, r.output
     assert "extracted 3 of 3 images" in r.output and "images/s" in r.output
+    r = run("extract", d / "train", cache, options="--weights random --size 56x98 --workers 0")
+    said = [line for line in r.output.splitlines() if "already" in line]  # once, by the summary
+    assert r.exit_code == 0 and len(said) == 1
+    assert said[0].startswith(f"all 3 images were already extracted; cache {cache}")
     r = run("cache", "info", cache)
     assert r.exit_code == 0 and "complete (3/3 images)" in r.output
     assert "(3, 1, 384, 4, 7) float16" in r.output

@@ -90,16 +90,25 @@ def test_compare_prints_the_differing_settings(grid_sweep):
     assert (grid_sweep.parent / "compare.png").exists()
 
 
-def test_compare_shows_no_width_for_a_head_without_one(grid_sweep):
+def test_info_and_compare_show_the_settings_each_head_has_as_built(grid_sweep):
     from offroad_seg.reporting.compare import comparison_table, summarize
 
     rows = leaderboard(grid_sweep)
     by_head = {r["head"]: grid_sweep / "trials" / r["run"] for r in rows}
     runs = [summarize(by_head["convnext"]), summarize(by_head["linear"])]
-    assert runs[0].settings["head.width"] == 96 and runs[0].settings["head.depth"] == 2
-    assert runs[1].settings["head.width"] is None and runs[1].settings["head.depth"] is None
+    # resolved (the run asked for width 0 and dropout None: the head's defaults)
+    assert runs[0].settings["width"] == 96 and runs[0].settings["dropout"] == 0.1
+    assert runs[0].settings["kernel_size"] == 7 and runs[1].settings["dropout"] == 0.0
+    assert not {"width", "depth", "kernel_size", "mlp_ratio"} & set(runs[1].settings)
     table = comparison_table(runs, markdown=True)
-    assert "| head.width | 96 | - |" in table and "| head.depth | 2 | - |" in table
+    assert "| width | 96 | - |" in table and "| depth | 2 | - |" in table
+    assert "| dropout | 0.1 | 0 |" in table and table.count("dropout") == 1
+    assert "head." not in table and "None" not in table
+    linear = run("info", by_head["linear"]).stdout
+    assert "\nmodel        linear (dropout 0)\n" in linear
+    assert not any(word in linear for word in ("width", "kernel_size", "None", "preset"))
+    convnext = run("info", by_head["convnext"]).stdout
+    assert "convnext (width 96, depth 2, dropout 0.1, kernel_size 7, mlp_ratio 4," in convnext
 
 
 def sweep_command(caches, out, *extra) -> list[str]:

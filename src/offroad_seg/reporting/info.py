@@ -5,7 +5,25 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from offroad_seg.models.checkpoint import load_checkpoint
+from offroad_seg.models.checkpoint import HeadCheckpoint, load_checkpoint
+from offroad_seg.models.heads import TUNABLE, get_head_spec
+
+# A run's settings that say how a machine ran it or where its files went, not what was trained.
+_BOOKKEEPING = ("out", "progress", "resume", "overwrite")
+
+
+def trained_settings(ckpt: HeadCheckpoint) -> dict[str, Any]:
+    """What a head was trained with, as built: its training settings with the head's own
+    settings resolved (width 96, not the 0 that asked for the default) and only those the
+    head has (a linear head has no width), settings left unset (None) and bookkeeping out."""
+    saved = ckpt.payload.get("train_config", {})
+    settings = {
+        k: v for k, v in saved.items() if v is not None and k not in (*_BOOKKEEPING, *TUNABLE)
+    }
+    settings["head"] = ckpt.head_config.name
+    head_at = list(settings).index("head") + 1  # the head's settings right after its name
+    items = list(settings.items())
+    return dict(items[:head_at] + list(ckpt.head_config.settings().items()) + items[head_at:])
 
 
 def head_info(path: str | Path) -> dict[str, Any]:
@@ -20,7 +38,7 @@ def head_info(path: str | Path) -> dict[str, Any]:
         "head": ckpt.head_config.to_dict(),
         "preprocessing": ckpt.preprocessing.to_dict(),
         "classes": ckpt.class_map.names,
-        "settings": payload.get("train_config", {}),
+        "settings": trained_settings(ckpt),
         "epoch": payload.get("epoch"),
         "best": payload.get("best"),
         "per_class_iou": {k: v["iou"] for k, v in val["per_class"].items()} if val else None,
@@ -28,28 +46,36 @@ def head_info(path: str | Path) -> dict[str, Any]:
     }
 
 
-def _fmt(value: Any) -> str:
+def setting_text(value: Any) -> str:
+    """A setting as a user would type it: 0.0003, off, a.zarr,b.zarr (no Python reprs)."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
     if isinstance(value, float):
         return f"{value:g}"
     if isinstance(value, (list, tuple)):
-        return ", ".join(_fmt(v) for v in value)
+        return ",".join(setting_text(v) for v in value)
     return str(value)
 
 
 def head_info_text(info: dict[str, Any]) -> str:
     bb, head, prep = info["backbone"], info["head"], info["preprocessing"]
+    head_settings = {k: head[k] for k in get_head_spec(head["name"]).settings}
     lines = [
         f"head         {info['path']}",
         f"backbone     {bb['name']} layers={bb['layers']} channels={bb['channels']}",
         f"weights      {bb['weights_source']} (sha256 {bb['weights_sha256'][:16]}...)",
         f"size         {prep['size'][0]}x{prep['size'][1]}",
-        "model        " + ", ".join(f"{k} {_fmt(v)}" for k, v in head.items()),
+        f"model        {head['name']} ("
+        + ", ".join(f"{k} {setting_text(v)}" for k, v in head_settings.items())
+        + ")",
         f"classes      {', '.join(info['classes'])}",
     ]
-    settings = info["settings"]
+    settings = {k: v for k, v in info["settings"].items() if k not in head_settings}
+    settings.pop("head", None)  # on the model line, with its settings
     if settings:
-        shown = {k: v for k, v in settings.items() if k not in ("progress", "resume", "overwrite")}
-        lines.append("settings     " + ", ".join(f"{k} {_fmt(v)}" for k, v in shown.items()))
+        lines.append(
+            "settings     " + ", ".join(f"{k} {setting_text(v)}" for k, v in settings.items())
+        )
     if info["epoch"] is not None:
         lines.append(f"epoch        {info['epoch']}")
     best = info["best"]

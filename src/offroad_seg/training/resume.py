@@ -60,8 +60,7 @@ def resume_point(
     if start.epoch > cfg.epochs:
         start.completing = missing_outputs(cfg.out, data.val is not None)
         if not start.completing:
-            if world.is_main:
-                log.info("%s: all %d epochs trained; nothing to do", cfg.out, cfg.epochs)
+            # said once, by the caller's summary ("all N epochs were already trained")
             start.finished = True
             return start
         if world.is_main:

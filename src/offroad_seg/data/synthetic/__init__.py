@@ -101,7 +101,10 @@ def write_split(
         image, codes = render_scene(_scene_seed(seed, i), width, height)
         Image.fromarray(image).save(image_dir / name, compress_level=3)
         write_mask(mask_dir / name, codes)
-    log.info("wrote %d synthetic scenes (%dx%d) to %s", len(names), width, height, folder)
+    # debug: `synth` and the demo say what was written in their one summary line
+    log.debug(
+        "wrote %s (%dx%d) to %s", plural(len(names), "synthetic scene"), width, height, folder
+    )
     return names
 
 
