@@ -191,8 +191,9 @@ def sweep(caches: tuple[str, ...], out: Path, **opts) -> None:
     if not is_main_rank():
         return
     from offroad_seg.core.text import plural
+    from offroad_seg.training.sweep.leaderboard import top_table
 
-    click.echo((out / "leaderboard.md").read_text() if result.rows else "no finished trials")
+    click.echo(top_table(result.rows, out) if result.rows else "no finished trials")
     line = f"{plural(result.trained, 'trial')} trained by this process in {result.seconds:.1f} s"
     best = result.rows[0] if result.rows and result.rows[0]["state"] == "complete" else None
     if best is not None:  # failed and pruned trials are never the best

@@ -6,17 +6,16 @@ one machine share."""
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import re
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from offroad_seg.config import SweepConfig
 from offroad_seg.core.atomic import remove_stale_temps, write_json_atomic
+from offroad_seg.core.lock import section_lock
 from offroad_seg.core.text import differ, listing, plural
 from offroad_seg.errors import OffroadSegError
 from offroad_seg.training.sweep.space import SLUG_PATTERN, SWEEPABLE, parse_grid, parse_range
@@ -32,15 +31,10 @@ LEADERBOARDS = ("leaderboard.csv", "leaderboard.md", "leaderboard.png")
 BEST_LINK = "best"
 
 
-@contextlib.contextmanager
-def sweep_lock(out: Path) -> Iterator[None]:
-    """A file lock for the study's bookkeeping among this machine's processes."""
-    with open(out / LOCK_FILE, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def sweep_lock(out: Path) -> contextlib.AbstractContextManager[None]:
+    """A file lock for the study's bookkeeping among this machine's processes (its file is
+    removed on release: a finished sweep's folder holds none)."""
+    return section_lock(out / LOCK_FILE)
 
 
 def sweep_identity(cfg: SweepConfig) -> dict[str, Any]:
