@@ -24,7 +24,7 @@ from offroad_seg.models.backbone import BackboneSpec
 from offroad_seg.models.fingerprint import compat_fingerprint
 from offroad_seg.models.heads import HeadConfig, build_head
 from offroad_seg.models.preprocess import Preprocessing
-from offroad_seg.models.weights import not_a_checkpoint
+from offroad_seg.models.weights import load_tensors, not_a_checkpoint
 
 
 def file_sha256(path: str | Path) -> str:
@@ -177,7 +177,7 @@ def load_checkpoint(path: str | Path) -> HeadCheckpoint:
     if not path.is_file():
         raise OffroadSegError(f"{path}: head checkpoint not found")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = load_tensors(path)
     except Exception as e:
         raise OffroadSegError(not_a_checkpoint(path, "head checkpoint")) from e
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

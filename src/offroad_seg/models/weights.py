@@ -37,6 +37,7 @@ import logging
 import os
 import re
 import socket
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -236,6 +237,15 @@ def to_timm_layout(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return _official_to_timm(sd)
 
 
+def load_tensors(path: Path):
+    """torch.load of a pickle holding tensors only (`weights_only`: nothing in the file can run
+    code), on the CPU. A pickle of another protocol warns before it fails; its failure is the
+    one line (`not_a_checkpoint`), so the warning is not shown."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def not_a_checkpoint(path: Path, what: str) -> str:
     """One line on a file that torch.load or safetensors cannot read, by its first bytes (their
     own messages are paragraphs, and torch's advises loading with weights_only=False, which
@@ -269,7 +279,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = load_tensors(path)
     except FileNotFoundError as e:
         raise WeightsError(f"{path}: weights file not found") from e
     except Exception as e:  # torch and safetensors raise many types for a bad file
