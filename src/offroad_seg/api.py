@@ -84,9 +84,10 @@ class Segmenter:
         tta: str = "none",
         tta_scales: Sequence[float] = (1.0,),
     ) -> Segmenter:
-        """Load a head checkpoint (`segmentation_head.pth`) and the backbone it was trained on
-        (`weights` as for the CLI's `--weights`; by default the head's own). `tta="flip"`
-        and `tta_scales` add test-time augmentation passes, as `--tta` and `--tta-scales`."""
+        """Load a head checkpoint (`segmentation_head.pth`, or the run folder holding it) and
+        the backbone it was trained on (`weights` as for the CLI's `--weights`; by default the
+        head's own). `tta="flip"` and `tta_scales` add test-time augmentation passes, as
+        `--tta` and `--tta-scales`."""
         return cls(SegmentationModel.from_checkpoint(path, weights, device), tta, tta_scales)
 
     def __repr__(self) -> str:

@@ -106,7 +106,7 @@ def demo(cfg: DemoConfig, say: Callable[[str], None] = log.info) -> DemoResult:
     )
     evaluation = evaluate(
         EvalConfig(
-            head=run / "segmentation_head.pth",
+            head=run,  # a run folder: its segmentation_head.pth
             data_dir=data / "val",
             out=cfg.out / "predictions",
             weights=weights,

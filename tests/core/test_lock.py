@@ -66,3 +66,26 @@ def test_cache_size_counts_files_and_tolerates_one_vanishing(tmp_path, monkeypat
 
     monkeypatch.setattr(storage.os, "walk", walk_listing_a_vanished_file)
     assert storage.bytes_stored(tmp_path, group=None) == 42
+
+
+def test_a_section_lock_excludes_and_leaves_no_file(tmp_path):
+    import threading
+
+    path = tmp_path / ".sweep.lock"
+    inside, overlaps = [], []
+
+    def worker() -> None:
+        for _ in range(30):
+            with lock.section_lock(path):
+                overlaps.append(len(inside))
+                inside.append(1)
+                os.sched_yield()
+                inside.pop()
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(overlaps) == 120 and set(overlaps) == {0}  # never two holders at once
+    assert not path.exists()

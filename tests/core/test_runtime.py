@@ -43,7 +43,9 @@ def test_parse_device_gives_cuda_devices_an_index_and_checks_it():
     assert parse_device("cuda", cuda_count=2, current=0) == torch.device("cuda", 0)
     assert parse_device("cuda:1", cuda_count=2) == torch.device("cuda", 1)
     assert parse_device("cpu", cuda_count=2) == torch.device("cpu")
-    with pytest.raises(ConfigError, match=r"cuda:2: this machine has 2 CUDA device\(s\)"):
+    with pytest.raises(
+        ConfigError, match=r"cuda:2: this machine has 2 CUDA devices, cuda:0 to cuda:1"
+    ):
         parse_device("cuda:2", cuda_count=2)
     with pytest.raises(ConfigError, match="CUDA is not available"):
         parse_device("cuda:0", cuda_count=0)

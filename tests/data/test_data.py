@@ -453,9 +453,10 @@ def test_input_warnings_grayscale(tmp_path):
     assert warnings[0].startswith(
         f"4 grayscale inputs ({gray[0]}, {gray[1]}, {gray[2]} and 1 more)"
     )
-    assert "trained on colour images" in warnings[0]
+    assert "trained on colour images; they are read as RGB" in warnings[0]
     assert input_warnings(colour, WORKING) == []
-    assert input_warnings(gray[1:2], WORKING)[0].startswith(f"1 grayscale input ({gray[1]})")
+    one = input_warnings(gray[1:2], WORKING)[0]
+    assert one.startswith(f"1 grayscale input ({gray[1]})") and "; it is read as RGB" in one
 
 
 def test_input_warnings_aspect_ratio(tmp_path):

@@ -144,8 +144,35 @@ def test_rerun_on_complete_cache_does_nothing(caches, dataset):
 
 
 def test_rerun_with_other_settings_refused(caches, dataset):
-    with pytest.raises(CacheError, match="different settings.*views"):
+    expected = r"other settings \(the cache vs this run: views identity,hflip vs identity\)"
+    with pytest.raises(CacheError, match=expected):
         extract(extract_config(dataset / "train", caches["train"]))
+
+
+def test_spec_differences_say_how_and_which_matter(caches):
+    from dataclasses import replace
+
+    from offroad_seg.data.classes import ClassInfo
+
+    spec = FeatureCache.open(caches["train"]).spec
+    classes = spec.class_map.classes
+    renamed = ClassMap((*classes[:3], ClassInfo(classes[3].code, "Grass", classes[3].color),
+                        *classes[4:]))  # fmt: skip
+    assert spec.differences(replace(spec, class_map=renamed)) == [
+        f"class map: class 3 is {classes[3].name} vs Grass"
+    ]
+    assert spec.differences(replace(spec, class_map=ClassMap.hackathon())) == [
+        "class map: 11 classes vs 10"
+    ]
+    # the storage layout is named alone, as storage only; beside a real difference it follows
+    k = spec.images_per_chunk
+    assert spec.differences(replace(spec, images_per_chunk=k + 1)) == [
+        f"storage only: {k} vs {k + 1} images per chunk (--images-per-chunk; the features are "
+        "the same)"
+    ]
+    assert spec.differences(replace(spec, images_per_chunk=k + 1, dtype="int8")) == [
+        "dtype float16 vs int8"
+    ]
 
 
 def test_verify_detects_flipped_byte(caches, tmp_path):
@@ -172,12 +199,17 @@ def test_cli_synth_extract_info_verify(tmp_path):
 
     r = run("synth", d, options="--train 3 --val 2 --width 196 --height 112")
     assert r.exit_code == 0, r.output
+    assert r.output == f"wrote 3 train and 2 val scenes (196x112) to {d}/train and {d}/val\n"
     assert len(list((d / "train" / "Color_Images").glob("*.png"))) == 3
     assert len(list((d / "val" / "Segmentation").glob("*.png"))) == 2
     cache = c / "train.zarr"
     r = run("extract", d / "train", cache, options="--weights random --size 56x98 --workers 0")
     assert r.exit_code == 0, r.output
     assert "extracted 3 of 3 images" in r.output and "images/s" in r.output
+    r = run("extract", d / "train", cache, options="--weights random --size 56x98 --workers 0")
+    said = [line for line in r.output.splitlines() if "already" in line]  # once, by the summary
+    assert r.exit_code == 0 and len(said) == 1
+    assert said[0].startswith(f"all 3 images were already extracted; cache {cache}")
     r = run("cache", "info", cache)
     assert r.exit_code == 0 and "complete (3/3 images)" in r.output
     assert "(3, 1, 384, 4, 7) float16" in r.output

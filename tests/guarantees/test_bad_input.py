@@ -176,7 +176,7 @@ def tiny(tmp_path_factory):
 
 def test_train_on_disagreeing_caches(tiny, tmp_path):
     result = run("train", tiny / "a.zarr", tiny / "l4.zarr", tmp_path / "h")
-    assert_one_line_error(result, "l4.zarr", "layers 1 vs 4")
+    assert_one_line_error(result, "l4.zarr: cannot be used with", "differ: layers 4 vs 1")
     assert not (tmp_path / "h" / "segmentation_head.pth").exists()
 
 
@@ -237,7 +237,9 @@ def test_evaluate_with_other_class_map(tiny, tmp_path):
     cmap.write_text(json.dumps([{"code": 1, "name": "thing", "color": [1, 2, 3]}]))
     head = tiny / "head" / "segmentation_head.pth"
     result = run("evaluate", head, tiny / "d", tmp_path / "e", "--class-map", cmap)
-    assert_one_line_error(result, "segmentation_head.pth", "another class map")
+    assert_one_line_error(
+        result, "segmentation_head.pth", f"another class map than {cmap}", "11 classes vs 1)"
+    )
 
 
 @pytest.mark.parametrize("command", ["evaluate", "predict", "train"])
@@ -256,3 +258,94 @@ def test_output_folder_with_results_refused(command, tiny, tmp_path):
     needle = "holds the results of another run" if command != "train" else "already holds"
     assert_one_line_error(again, str(out), needle)
     assert run(*args, *other, "--overwrite").exit_code == 0
+
+
+# --------------------------------------------------------------------------- head arguments
+
+
+def test_a_run_folder_stands_for_its_head(tiny, tmp_path):
+    from offroad_seg.api import Segmenter
+
+    run_folder = tiny / "head"
+    result = run("evaluate", run_folder, tiny / "d", tmp_path / "e", "--workers", "0")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert metrics["head"] == str(run_folder / "segmentation_head.pth")
+    result = run("predict", run_folder, tiny / "d", tmp_path / "p", "--workers", "0")
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "p" / "masks").iterdir())) == 3
+    seg = Segmenter.from_checkpoint(run_folder, device="cpu")
+    assert seg.model.checkpoint.path == run_folder / "segmentation_head.pth"
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [  # (arguments after the command, words of the one line)
+        (("evaluate", "{d}", "{h}/segmentation_head.pth", "{o}"), ("swapped", "HEAD DATA_DIR")),
+        (("evaluate", "{h}", "{h}", "{o}"), ("a head, where a dataset folder",)),
+        (("predict", "{d}", "{d}", "{o}"), ("a dataset folder (Color_Images/", "where a head")),
+        (("export", "{d}", "{o}.onnx"), ("a dataset folder", "where a head")),
+        (("info", "{c}"), ("a feature cache, where a head",)),
+        (("compare", "{h}", "{o}"), ("no segmentation_head.pth",)),
+    ],
+)
+def test_a_dataset_for_a_head_or_the_reverse_is_named(args, needles, tiny, tmp_path):
+    (tmp_path / "o").mkdir()
+    where = {"d": tiny / "d", "h": tiny / "head", "c": tiny / "a.zarr", "o": tmp_path / "o"}
+    result = run(*(a.format(**where) for a in args))
+    assert_one_line_error(result, *needles)
+    assert not (tmp_path / "o" / "metrics.json").exists()
+
+
+def _html(path: Path) -> None:
+    path.write_text("<!DOCTYPE html>\n<html><head><title>Sign in</title></head></html>\n")
+
+
+def _truncated(path: Path, head: Path) -> None:
+    path.write_bytes(head.read_bytes()[:300])
+
+
+@pytest.mark.parametrize(
+    "make, needle",
+    [
+        (lambda p, h: _html(p), "an HTML page, not a head checkpoint (a download probably failed"),
+        (lambda p, h: _truncated(p, h), "a damaged head checkpoint"),
+        (
+            lambda p, h: p.write_bytes(b"\x80\x04junk" * 20),
+            "not a head checkpoint of plain tensors",
+        ),
+        (lambda p, h: p.write_bytes(b"GIF89a" * 20), "not a head checkpoint (unrecognised"),
+        (lambda p, h: p.write_bytes(b""), "an empty file, not a head checkpoint"),
+    ],
+)
+def test_a_file_that_is_no_checkpoint_is_one_plain_line(make, needle, tiny, tmp_path):
+    bad = tmp_path / "h.pth"
+    make(bad, tiny / "head" / "segmentation_head.pth")
+    result = run("info", bad)
+    assert_one_line_error(result, str(bad), needle)
+    assert "weights_only" not in result.output and "Warning" not in result.output
+
+
+def test_an_html_page_for_weights_says_the_download_failed(tmp_path):
+    data = make_dataset(tmp_path / "d", n=1)
+    _html(tmp_path / "w.pth")
+    result = run(
+        "extract", data, tmp_path / "c.zarr", "--size", "28x42", "--weights", tmp_path / "w.pth"
+    )
+    assert_one_line_error(result, "w.pth: an HTML page, not a weights file", "download")
+    assert "weights_only" not in result.output
+
+
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (("train", "cache/train.zarr"), "Error: missing OUT: train CACHES... OUT"),
+        (("sweep", "cache/train.zarr"), "Error: missing OUT: sweep CACHES... OUT"),
+        (("predict", "runs/h1", "x.png"), "Error: missing OUT: predict HEAD INPUTS... OUT"),
+        (("train",), "Error: missing CACHES... and OUT: train CACHES... OUT"),
+    ],
+)
+def test_a_forgotten_out_is_named(args, line):
+    result = run(*args)
+    assert result.exit_code == 2
+    assert result.stderr.splitlines()[-1] == line

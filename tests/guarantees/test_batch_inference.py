@@ -257,7 +257,9 @@ def test_overwrite_replaces_another_runs_results(head, split, evaluated, tmp_pat
     shutil.copytree(evaluated, out)
     (out / "my_notes.md").write_text("mine")
     r = run("predict", head, split / "Color_Images", out, *PREDICT)
-    assert r.exit_code == 1 and "holds the results of another run" in r.stderr
+    assert r.exit_code == 1
+    assert "holds the results of another run (of evaluate; this is predict)" in r.stderr
+    assert "None" not in r.stderr and "'" not in r.stderr
     r = run("predict", head, split / "Color_Images", out, *PREDICT, "--overwrite")
     assert r.exit_code == 0, r.output
     left = sorted(p.name for p in out.iterdir())

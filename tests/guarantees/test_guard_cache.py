@@ -384,7 +384,9 @@ def test_a_mask_edited_to_the_same_size_is_noticed_on_resume(data, reference, tm
     raw[-20] ^= 0xFF
     mask.write_bytes(bytes(raw))  # the same size, other content
     result = run("extract", dcopy, cache, *ARGS)
-    assert_one_line_error(result, "different settings (image files)", "--overwrite")
+    assert_one_line_error(
+        result, "made with other settings (the cache vs this run: image files)", "--overwrite"
+    )
 
 
 def test_a_cache_with_the_old_size_only_digest_still_resumes(data, reference, tmp_path):

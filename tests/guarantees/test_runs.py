@@ -51,7 +51,8 @@ def test_info_prints_backbone_head_settings_and_best(finished):
     assert r.exit_code == 0, r.output
     out = r.stdout
     assert "dinov2_vits14 layers=1 channels=384" in out
-    assert "name upnext" in out and "loss ce+0.5dice" in out
+    assert "\nmodel        upnext (width 96, depth 2, dropout 0.1," in out
+    assert "loss ce+0.5dice" in out and "None" not in out and "width 0" not in out
     best = load_checkpoint(finished / "segmentation_head.pth").payload["best"]
     assert f"val mIoU {best['val_miou']:.4f}" in out
     assert "class IoU" in out and "Sky" in out
@@ -68,6 +69,7 @@ def test_resume_keeps_the_runs_settings(finished, caches, tmp_path):
     r = run(*train_args(caches, finished, "--resume"))
     assert r.exit_code == 0, r.output
     assert "all 2 epochs were already trained; nothing to do" in r.stdout
+    assert r.output.count("nothing to do") == 1
     assert (finished / "last.pth").stat().st_mtime_ns == before
     # a setting that would change the run is refused by name
     r = run(*train_args(caches, finished, "--resume --lr 5e-4"))

@@ -3,6 +3,8 @@ docs/python-api.md run as written."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -70,7 +72,7 @@ def test_public_surface_is_exported():
         offroad_seg.not_a_thing  # noqa: B018
 
 
-def test_python_api_example_runs_as_written(tiny_demo, monkeypatch):
+def test_python_api_example_runs_as_written(tiny_demo, monkeypatch, capsys):
     """docs/python-api.md's example, run after a (tiny) `offroad-seg demo`, as a new user
     would: it asserts itself that its mask is the one the demo's evaluate wrote."""
     code = doc_python("docs/python-api.md", "## Segmenter")
@@ -79,6 +81,9 @@ def test_python_api_example_runs_as_written(tiny_demo, monkeypatch):
     exec(compile(code, "docs/python-api.md", "exec"), namespace)
     assert namespace["pred"].ids.shape == (112, 196)
     assert namespace["pred"].logits.shape == (11, 112, 196)
+    counts = capsys.readouterr().out.splitlines()[0]  # plain numbers, no np.int64(...)
+    assert counts.startswith("{'Background': ") and "np." not in counts
+    assert sum(int(v) for v in re.findall(r": (\d+)", counts)) == 112 * 196
 
 
 def test_readme_python_example_runs_as_written(tiny_demo, monkeypatch, tmp_path):

@@ -168,7 +168,8 @@ def test_other_class_map_refused(head_path, dataset, tmp_path):
 
 def test_existing_results_refused_unless_overwrite(head_path, dataset, tmp_path):
     evaluate(eval_config(head_path, dataset / "val", tmp_path / "e", comparisons=0))
-    with pytest.raises(OffroadSegError, match="holds the results of another run.*comparisons"):
+    held = r"holds the results of another run \(comparisons 0 then, 10 now\)"
+    with pytest.raises(OffroadSegError, match=held):
         evaluate(eval_config(head_path, dataset / "val", tmp_path / "e"))
     (tmp_path / "e" / "masks" / "stale.png").write_bytes(b"x")
     evaluate(eval_config(head_path, dataset / "val", tmp_path / "e", overwrite=True, comparisons=0))

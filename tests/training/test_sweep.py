@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -43,7 +44,25 @@ def grid_sweep(caches, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sweep") / "grid"
     r = run(*sweep_args(caches, out, *GRID))
     assert r.exit_code == 0, r.output
+    (out.parent / "output.txt").write_text(r.output)  # what the user saw
     return out
+
+
+def trial_lines(output: str) -> list[tuple[int, str]]:
+    """(number, run folder) of each 'trial N/4: RUN' line a sweep printed."""
+    found = re.findall(r"^trial (\d+)/4: ([^ ]+)$", output, flags=re.M)
+    return [(int(n), slug) for n, slug in found]
+
+
+def grid_slug(number: int) -> str:
+    """The run folder of GRID's point `number` (1-based, in the grid's order)."""
+    from offroad_seg.config import SweepConfig, TrainConfig
+    from offroad_seg.training.sweep.space import grid_points
+
+    points = grid_points(
+        SweepConfig(TrainConfig(caches=("c",), out=Path("o")), grid=tuple(GRID[1::2]))
+    )
+    return trial_slug(points[number - 1])
 
 
 def test_grid_sweep_writes_runs_leaderboard_and_best(grid_sweep):
@@ -63,6 +82,11 @@ def test_grid_sweep_writes_runs_leaderboard_and_best(grid_sweep):
     assert (grid_sweep / "best").resolve() == (grid_sweep / "trials" / rows[0]["run"]).resolve()
     assert (grid_sweep / "leaderboard.png").stat().st_size > 10_000
     assert "| rank |" in (grid_sweep / "leaderboard.md").read_text()
+    assert not (grid_sweep / ".sweep.lock").exists()  # removed by the last process to let go
+    # trials numbered 1 to 4 in the grid's order, each with its run folder and its score
+    output = (grid_sweep.parent / "output.txt").read_text()
+    assert trial_lines(output) == [(n, grid_slug(n)) for n in (1, 2, 3, 4)]
+    assert len(re.findall(r"^trial \d/4: val mIoU 0\.\d{4}$", output, flags=re.M)) == 4
 
 
 def test_rerun_of_a_finished_sweep_trains_nothing(grid_sweep, caches):
@@ -71,6 +95,13 @@ def test_rerun_of_a_finished_sweep_trains_nothing(grid_sweep, caches):
     assert r.exit_code == 0, r.output
     assert "0 trials trained by this process" in r.stdout
     assert leaderboard(grid_sweep) == before
+    # the best trials, compact (the 22-column table stays in leaderboard.md)
+    lines = r.stdout.splitlines()
+    assert lines[0] == "rank  val mIoU  settings" and "|" not in r.stdout
+    assert lines[1] == f"   1    {float(before[0]['val_miou']):.4f}  " + ", ".join(
+        f"{k}={before[0][k]}" for k in ("head", "lr")
+    )
+    assert lines[5] == f"(every trial and column: {grid_sweep / 'leaderboard.md'})"
     # another sweep into the same folder is refused
     r = run(*sweep_args(caches, grid_sweep, "--grid", "lr=1e-2,1e-3"))
     assert r.exit_code == 1 and "holds another sweep" in r.stderr
@@ -90,16 +121,25 @@ def test_compare_prints_the_differing_settings(grid_sweep):
     assert (grid_sweep.parent / "compare.png").exists()
 
 
-def test_compare_shows_no_width_for_a_head_without_one(grid_sweep):
+def test_info_and_compare_show_the_settings_each_head_has_as_built(grid_sweep):
     from offroad_seg.reporting.compare import comparison_table, summarize
 
     rows = leaderboard(grid_sweep)
     by_head = {r["head"]: grid_sweep / "trials" / r["run"] for r in rows}
     runs = [summarize(by_head["convnext"]), summarize(by_head["linear"])]
-    assert runs[0].settings["head.width"] == 96 and runs[0].settings["head.depth"] == 2
-    assert runs[1].settings["head.width"] is None and runs[1].settings["head.depth"] is None
+    # resolved (the run asked for width 0 and dropout None: the head's defaults)
+    assert runs[0].settings["width"] == 96 and runs[0].settings["dropout"] == 0.1
+    assert runs[0].settings["kernel_size"] == 7 and runs[1].settings["dropout"] == 0.0
+    assert not {"width", "depth", "kernel_size", "mlp_ratio"} & set(runs[1].settings)
     table = comparison_table(runs, markdown=True)
-    assert "| head.width | 96 | - |" in table and "| head.depth | 2 | - |" in table
+    assert "| width | 96 | - |" in table and "| depth | 2 | - |" in table
+    assert "| dropout | 0.1 | 0 |" in table and table.count("dropout") == 1
+    assert "head." not in table and "None" not in table
+    linear = run("info", by_head["linear"]).stdout
+    assert "\nmodel        linear (dropout 0)\n" in linear
+    assert not any(word in linear for word in ("width", "kernel_size", "None", "preset"))
+    convnext = run("info", by_head["convnext"]).stdout
+    assert "convnext (width 96, depth 2, dropout 0.1, kernel_size 7, mlp_ratio 4," in convnext
 
 
 def sweep_command(caches, out, *extra) -> list[str]:
@@ -122,6 +162,10 @@ def test_killed_sweep_resumes_to_the_same_leaderboard(grid_sweep, caches, tmp_pa
     r = run(*sweep_args(caches, out, *GRID))
     assert r.exit_code == 0, r.output
     assert leaderboard(out) == leaderboard(grid_sweep)
+    # the trials run again are numbered as their grid points, not by optuna's counter (which
+    # the interrupted trial and its retry both advanced)
+    resumed = trial_lines(r.output)
+    assert resumed and all(slug == grid_slug(n) for n, slug in resumed)
 
 
 def test_two_processes_share_a_study_without_running_a_trial_twice(caches, tmp_path):
@@ -159,6 +203,54 @@ def test_sampled_search_runs_the_asked_number_of_trials(caches, tmp_path):
     rows = leaderboard(out)
     assert len(rows) == 3
     assert all(1e-4 <= float(row["lr"]) <= 1e-2 for row in rows)
+
+
+def test_a_pruned_trial_says_so_in_one_line(caches, tmp_path, monkeypatch, caplog):
+    import logging
+
+    import optuna
+
+    from offroad_seg.config import SweepConfig, TrainConfig
+    from offroad_seg.training import loop
+    from offroad_seg.training.sweep import run as sweep_run
+
+    study = optuna.create_study(
+        direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=1.0)
+    )  # every score is below 1: the first report prunes
+    cfg = SweepConfig(TrainConfig(caches=(caches["train"],), out=tmp_path), grid=("lr=1e-3,3e-3",))
+    study.enqueue_trial({"lr": 3e-3}, user_attrs={"queued": True})
+
+    def one_epoch(cfg, data, on_epoch, world):
+        on_epoch({"epoch": 1, "val_miou": 0.25})
+        raise AssertionError("not pruned")
+
+    monkeypatch.setattr(loop, "train", one_epoch)
+    logger = logging.getLogger(sweep_run.__name__)
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger=sweep_run.__name__):
+            result = sweep_run.SweepResult(tmp_path, [], 0, 0.0)
+            dist = {"lr": optuna.distributions.CategoricalDistribution([1e-3, 3e-3])}
+            sweep_run._run_trial(study, study.ask(), cfg, dist, None, result, 2)
+    finally:
+        logger.removeHandler(caplog.handler)
+    messages = [r.getMessage() for r in caplog.records]
+    assert result.pruned == 1 and messages[-1] == (
+        "trial 2/2: pruned after epoch 1 (val mIoU 0.2500, below the median of earlier trials)"
+    )
+
+
+def test_trial_labels_and_the_top_table_are_short():
+    from offroad_seg.training.sweep.leaderboard import top_table, trial_label
+
+    row = {"run": "x", "state": "complete", "lr": "0.000316227766", "width": "1024",
+           "head": "upnext", "val_miou": 0.5, "iou Sky": 0.9}  # fmt: skip
+    assert trial_label(row) == "lr=0.000316, width=1024, head=upnext"
+    rows = [dict(row, val_miou=0.5 - i / 100) for i in range(7)]
+    rows[6] = dict(rows[6], state="pruned")
+    table = top_table(rows, Path("s")).splitlines()
+    assert len(table) == 7 and table[5].startswith("   5    0.4600  lr=0.000316")
+    assert table[6] == "(the best 5 of 7; every trial and column: s/leaderboard.md)"
 
 
 def test_search_space_parsing():

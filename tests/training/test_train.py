@@ -198,7 +198,9 @@ def test_streaming_training_learns(caches, tmp_path):
 
 def test_incompatible_caches_refused(caches, cache_4layers, tmp_path):
     # caches of other working sizes train together: tests/training/test_sizes.py
-    with pytest.raises(CacheError, match="cannot be used with.*layers 1 vs 4"):
+    with pytest.raises(
+        CacheError, match="cannot be used with.*their features differ: layers 4 vs 1"
+    ):
         train(train_config([caches["train"], cache_4layers], tmp_path / "a"))
 
 

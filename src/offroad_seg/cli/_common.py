@@ -9,6 +9,7 @@ import functools
 import logging
 import os
 import sys
+from pathlib import Path
 
 import click
 from tqdm.auto import tqdm
@@ -72,6 +73,28 @@ def stage(fn):
             fail(f"{where}{e.strerror or e}")
 
     return wrapper
+
+
+def paths_then_out(name: str, **kwargs):
+    """Arguments NAME... (caches, inputs) then OUT. Given one path, click would fill OUT with
+    it and report 'Missing argument CACHES...', though OUT is what was forgotten: the check
+    runs on OUT (processed last) and names what is missing, with the command's usage."""
+    metavar = f"{name.upper()}..."
+
+    def check(ctx: click.Context, param: click.Parameter, out: Path | None) -> Path:
+        if out is None or not ctx.params.get(name):
+            usage = " ".join(ctx.command.collect_usage_pieces(ctx)[1:])  # without [OPTIONS]
+            missing = f"{metavar} and OUT" if out is None else "OUT"
+            raise click.UsageError(f"missing {missing}: {ctx.info_name} {usage}", ctx)
+        return out
+
+    def decorate(fn):
+        fn = click.argument(
+            "out", required=False, metavar="OUT", callback=check, type=click.Path(path_type=Path)
+        )(fn)
+        return click.argument(name, nargs=-1, required=False, metavar=metavar, **kwargs)(fn)
+
+    return decorate
 
 
 class LazyChoice(click.Choice):

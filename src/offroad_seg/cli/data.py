@@ -61,7 +61,10 @@ def synth(out: Path, n_train: int, n_val: int, seed: int, width: int, height: in
     from offroad_seg.data.synthetic import synthesize
 
     names = synthesize(SynthConfig(out, n_train, n_val, seed, width, height))
-    click.echo(f"wrote {len(names['train'])} train and {len(names['val'])} val scenes to {out}")
+    click.echo(
+        f"wrote {len(names['train'])} train and {len(names['val'])} val scenes "
+        f"({width}x{height}) to {out}/train and {out}/val"
+    )
 
 
 @cli.command()

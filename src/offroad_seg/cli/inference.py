@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from offroad_seg.cli._common import ScalesType, cli, is_main_rank, stage
+from offroad_seg.cli._common import ScalesType, cli, is_main_rank, paths_then_out, stage
 from offroad_seg.config import ENGINES, EvalConfig, ExportConfig, PredictConfig, default
 
 
@@ -109,8 +109,8 @@ def head_inference_options(fn):
 )
 @stage
 def evaluate(head: Path, data_dir: Path, out: Path, **opts) -> None:
-    """Evaluate HEAD (a .pth head, or an .onnx from `export`) on a labelled dataset DATA_DIR,
-    end to end from the images.
+    """Evaluate HEAD (a .pth head, a run folder, or an .onnx from `export`) on a labelled
+    dataset DATA_DIR, end to end from the images.
 
     Writes OUT/masks (raw class codes, 16-bit) and masks_color (neither with --no-masks),
     comparisons, thumbnails, report.html, evaluation_metrics.txt, per_class_metrics.png,
@@ -130,8 +130,7 @@ def evaluate(head: Path, data_dir: Path, out: Path, **opts) -> None:
 
 @cli.command()
 @click.argument("head", type=click.Path(path_type=Path))
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.argument("out", type=click.Path(path_type=Path))
+@paths_then_out("inputs", type=click.Path(path_type=Path))
 @head_inference_options
 @click.option(
     "--no-overlays", "overlays", flag_value=False, default=True, help="Masks only (no overlays)."
@@ -155,7 +154,8 @@ def evaluate(head: Path, data_dir: Path, out: Path, **opts) -> None:
 )
 @stage
 def predict(head: Path, inputs: tuple[Path, ...], out: Path, **opts) -> None:
-    """Segment INPUTS with HEAD (a .pth head, or an .onnx from `export`); results go to OUT.
+    """Segment INPUTS with HEAD (a .pth head, a run folder, or an .onnx from `export`);
+    results go to OUT.
     INPUTS are PNG or JPEG files, folders (a dataset folder's Color_Images), globs
     ('frames/*.jpg') and videos (.mp4, .mov, ...).
 
@@ -208,10 +208,11 @@ def _parse_batch(text: str) -> int | None:
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @stage
 def export(head: Path, out: Path, size: str | None, batch: str, **opts) -> None:
-    """Export HEAD (.pth) with its backbone as one ONNX graph OUT (.onnx): uint8 RGB images
-    (B, 3, rows, cols), resized as the tool resizes them, in; class logits at the input size
-    and on the head's grid (and class ids with --argmax) out. The class map, preprocessing,
-    backbone and head are in the model's metadata. Needs offroad-seg[export].
+    """Export HEAD (a .pth head or a run folder) with its backbone as one ONNX graph OUT
+    (.onnx): uint8 RGB images (B, 3, rows, cols), resized as the tool resizes them, in; class
+    logits at the input size and on the head's grid (and class ids with --argmax) out. The
+    class map, preprocessing, backbone and head are in the model's metadata. Needs
+    offroad-seg[export].
     """
     from offroad_seg.inference.export import export
     from offroad_seg.models.preprocess import parse_size

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import click
 
-from offroad_seg.cli._common import LazyChoice, LossSpecType, cli, is_main_rank, stage
+from offroad_seg.cli._common import (
+    LazyChoice,
+    LossSpecType,
+    cli,
+    is_main_rank,
+    paths_then_out,
+    stage,
+)
 from offroad_seg.config import PRESETS, TUNE_MODES, SweepConfig, TrainConfig, default
 
 
@@ -145,8 +152,7 @@ _RUN_SETTING_OPTIONS += [
 
 
 @cli.command()
-@click.argument("caches", nargs=-1, required=True)
-@click.argument("out", type=click.Path(path_type=Path))
+@paths_then_out("caches")
 @click.option("--val-cache", help="Validation cache (folder or URL).")
 @click.option(
     "--preset",
@@ -206,8 +212,7 @@ def train(caches: tuple[str, ...], out: Path, **opts) -> None:
 
 
 @cli.command()
-@click.argument("caches", nargs=-1, required=True)
-@click.argument("out", type=click.Path(path_type=Path))
+@paths_then_out("caches")
 @click.option("--val-cache", required=True, help="Validation cache: trials are ranked on it.")
 @click.option(
     "--grid",
@@ -263,8 +268,9 @@ def sweep(caches: tuple[str, ...], out: Path, **opts) -> None:
     if not is_main_rank():
         return
     from offroad_seg.core.text import plural
+    from offroad_seg.training.sweep.leaderboard import top_table
 
-    click.echo((out / "leaderboard.md").read_text() if result.rows else "no finished trials")
+    click.echo(top_table(result.rows, out) if result.rows else "no finished trials")
     line = f"{plural(result.trained, 'trial')} trained by this process in {result.seconds:.1f} s"
     best = result.rows[0] if result.rows and result.rows[0]["state"] == "complete" else None
     if best is not None:  # failed and pruned trials are never the best

@@ -15,7 +15,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from offroad_seg.errors import CacheError
@@ -34,7 +34,7 @@ def writer_lock(folder: str | Path, what: str = "extract") -> Iterator[None]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
-    fd = _acquire(path, folder)
+    fd = _acquire(path, lambda fd: f"{folder}: {_describe_owner(fd)}; wait for it or stop it")
     try:
         owner = {
             "pid": os.getpid(),
@@ -56,14 +56,31 @@ def writer_lock(folder: str | Path, what: str = "extract") -> Iterator[None]:
         os.close(fd)
 
 
-def _acquire(path: Path, folder: Path) -> int:
-    """Open and lock the lock file that `path` names when the lock is taken."""
+@contextlib.contextmanager
+def section_lock(path: str | Path) -> Iterator[None]:
+    """Wait for, then hold, an exclusive lock on `path` for a short section that a machine's
+    processes take turns at (a sweep's study bookkeeping). The file is removed on release, as
+    `writer_lock`'s is, so none is left behind once nobody holds it; a waiter that opened the
+    removed file notices and takes the new one."""
+    fd = _acquire(Path(path), None)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _acquire(path: Path, refuse: Callable[[int], str] | None) -> int:
+    """Open and lock the lock file that `path` names when the lock is taken. `refuse`: the
+    message to raise if another process holds it (None: wait for it)."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | (fcntl.LOCK_NB if refuse else 0))
         except BlockingIOError:
-            message = f"{folder}: {_describe_owner(fd)}; wait for it or stop it"
+            message = refuse(fd) if refuse else f"{path}: locked"
             os.close(fd)
             raise CacheError(message) from None
         try:

@@ -6,6 +6,7 @@ import contextlib
 
 import torch
 
+from offroad_seg.core.text import plural
 from offroad_seg.errors import ConfigError
 
 # Compute capability from which bf16 is native (Ampere: A100, RTX 30, and later). Older cards
@@ -30,8 +31,8 @@ def parse_device(device: str | torch.device, cuda_count: int, current: int = 0) 
     index = current if dev.index is None else dev.index
     if index >= cuda_count:
         raise ConfigError(
-            f"device {device}: this machine has {cuda_count} CUDA device(s), "
-            f"cuda:0 to cuda:{cuda_count - 1}"
+            f"device {device}: this machine has {plural(cuda_count, 'CUDA device')}, "
+            + ("cuda:0" if cuda_count == 1 else f"cuda:0 to cuda:{cuda_count - 1}")
         )
     return torch.device("cuda", index)
 

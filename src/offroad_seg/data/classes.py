@@ -48,6 +48,10 @@ _DEFAULT_CLASSES = (
 _HACKATHON_CLASSES = tuple(c for c in _DEFAULT_CLASSES if c.name != "Flowers")
 
 
+def _rgb(color: tuple[int, int, int]) -> str:
+    return "#" + "".join(f"{v:02x}" for v in color)
+
+
 @dataclass(frozen=True)
 class ClassMap:
     """Raw mask codes <-> class ids (0..K-1 in table order), names and colours.
@@ -78,6 +82,27 @@ class ClassMap:
             raise DataError(
                 f"class map: fallback_id {fallback!r} is not a class id 0..{len(self.classes) - 1}"
             )
+
+    def difference(self, other: ClassMap) -> str:
+        """How two class maps differ, in words, this one's values first ("" when equal): the
+        number of classes, then the first class that differs, then the fallback."""
+        if len(self.classes) != len(other.classes):
+            return f"{len(self.classes)} classes vs {len(other.classes)}"
+        for i, (a, b) in enumerate(zip(self.classes, other.classes, strict=True)):
+            if a.name != b.name:
+                return f"class {i} is {a.name} vs {b.name}"
+            if a.code != b.code:
+                return f"{a.name}'s mask code {a.code} vs {b.code}"
+            if a.color != b.color:
+                return f"{a.name}'s colour {_rgb(a.color)} vs {_rgb(b.color)}"
+        if self.fallback_id != other.fallback_id:
+            return f"unknown codes are {self._fallback_text()} vs {other._fallback_text()}"
+        return ""
+
+    def _fallback_text(self) -> str:
+        if self.fallback_id is None:
+            return "an error"
+        return self.classes[self.fallback_id].name
 
     @classmethod
     def default(cls) -> ClassMap:

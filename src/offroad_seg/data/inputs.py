@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from offroad_seg.core.text import plural, they_are
 from offroad_seg.data.dataset import (
     IMAGES_DIR,
     folder_files,
@@ -126,7 +127,7 @@ def _add_folder(found: InputFiles, path: Path) -> None:
     added = [_add_file(found, p, explicit=False) for p in folder_files(folder)]
     if not any(added):
         other = len(found.skipped) - before
-        hint = f" ({other} other file{'s' if other != 1 else ''})" if other else ""
+        hint = f" ({plural(other, 'other file')})" if other else ""
         raise DataError(f"{folder}: no PNG/JPEG images or videos{hint}")
 
 
@@ -226,21 +227,21 @@ def input_warnings(
     out = []
     if gray:
         out.append(
-            f"{len(gray)} grayscale input{'s' if len(gray) > 1 else ''} ({_examples(gray)}): "
-            "the head was trained on colour images; they are read as RGB with three equal "
-            "channels and may score worse"
+            f"{plural(len(gray), 'grayscale input')} ({_examples(gray)}): the head was trained "
+            f"on colour images; {they_are(len(gray))} read as RGB with three equal channels "
+            "and may score worse"
         )
     if stretched:
         out.append(
-            f"{len(stretched)} input{'s' if len(stretched) > 1 else ''} with an aspect ratio "
+            f"{plural(len(stretched), 'input')} with an aspect ratio "
             f"more than {round((ASPECT_TOLERANCE - 1) * 100)}% off the working size "
-            f"{rows}x{cols} ({cols / rows:.2f}:1): {_examples(stretched)}; they are resized to "
-            f"{rows}x{cols} without keeping the aspect ratio, as in training, so shapes look "
-            "stretched to the model and it may score worse"
+            f"{rows}x{cols} ({cols / rows:.2f}:1): {_examples(stretched)}; "
+            f"{they_are(len(stretched))} resized to {rows}x{cols} without keeping the aspect "
+            "ratio, as in training, so shapes look stretched to the model and it may score worse"
         )
     if rotated:
         out.append(
-            f"{len(rotated)} JPEG image{'s' if len(rotated) > 1 else ''} with an EXIF rotation "
-            f"({_examples(rotated)}): they are read as stored, not rotated upright"
+            f"{plural(len(rotated), 'JPEG image')} with an EXIF rotation "
+            f"({_examples(rotated)}): {they_are(len(rotated))} read as stored, not rotated upright"
         )
     return out

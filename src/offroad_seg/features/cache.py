@@ -195,7 +195,7 @@ class FeatureCache:
         if cache.spec.fingerprint != spec.fingerprint:
             diff = "; ".join(cache.spec.differences(spec)) or "fingerprint"
             raise CacheError(
-                f"{path}: existing cache was made with different settings ({diff}); "
+                f"{path}: made with other settings (the cache vs this run: {diff}); "
                 "use another path or --overwrite"
             )
         return cache

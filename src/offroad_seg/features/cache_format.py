@@ -183,9 +183,11 @@ class CacheSpec:
         )
 
     def differences(self, other: CacheSpec, compat_only: bool = False) -> list[str]:
-        """Human-readable list of what differs between two specs; `compat_only`: only what
-        stops their features being used together (backbone, layers, preprocessing, classes),
-        not what a training and a validation cache differ in anyway (views, files, dtype)."""
+        """What differs between two specs, in words, this spec's values first; `compat_only`:
+        only what stops their features being used together (backbone, layers, preprocessing,
+        classes), not what a training and a validation cache differ in anyway (views, files,
+        dtype). The storage layout (images per chunk) follows from the feature size unless
+        set, so it is named only when nothing else differs, and said to be storage only."""
         out = compat_differences(
             (self.backbone, self.preprocessing, self.class_map),
             (other.backbone, other.preprocessing, other.class_map),
@@ -198,10 +200,17 @@ class CacheSpec:
             out.append("image files")
         if self.dtype != other.dtype:
             out.append(f"dtype {self.dtype} vs {other.dtype}")
-        if self.images_per_chunk != other.images_per_chunk:
-            out.append(f"images per chunk {self.images_per_chunk} vs {other.images_per_chunk}")
         if self.ignore_unknown_codes != other.ignore_unknown_codes:
-            out.append("ignore-unknown-codes setting")
+            on_off = {True: "on", False: "off"}
+            out.append(
+                f"--ignore-unknown-codes {on_off[self.ignore_unknown_codes]} vs "
+                f"{on_off[other.ignore_unknown_codes]}"
+            )
+        if not out and self.images_per_chunk != other.images_per_chunk:
+            out.append(
+                f"storage only: {self.images_per_chunk} vs {other.images_per_chunk} images per "
+                "chunk (--images-per-chunk; the features are the same)"
+            )
         return out
 
 

@@ -317,9 +317,10 @@ def extract(config: ExtractConfig) -> ExtractSummary:
             batch_size = config.batch_size or default_batch_size(device)
             batches = plan_batches(cache, pending, batch_size)[world.rank :: world.size]
             todo = sum(cache.chunk_range(c)[1] - cache.chunk_range(c)[0] for c in pending)
-            if world.is_main and todo == 0:
-                state = "complete" if cache.complete else "all chunks done; finalizing"
-                log.info("%s: already extracted (%s)", config.cache, state)
+            if world.is_main and todo == 0 and not cache.complete:
+                # a finished cache is said once, by the summary line ("all N images were
+                # already extracted"); one whose last step was cut off is finished now
+                log.info("%s: every chunk is written; finishing the cache", config.cache)
             elif world.is_main and todo < len(samples):
                 log.info("resuming %s: %d of %d images left", config.cache, todo, len(samples))
             compute_start = time.perf_counter()

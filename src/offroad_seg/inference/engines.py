@@ -35,6 +35,7 @@ import torch
 
 from offroad_seg.config import ENGINES
 from offroad_seg.core.atomic import host_tag, pid_alive
+from offroad_seg.core.text import plural
 from offroad_seg.data.classes import ClassMap
 from offroad_seg.errors import ConfigError, OffroadSegError
 from offroad_seg.inference.onnx_model import (
@@ -253,10 +254,10 @@ class OnnxEngine:
                 engine.add_session(path, verify=False)
         del model
         log.info(
-            "exported %s to ONNX (%d size(s)) in %.1f s (`offroad-seg export` it once and pass "
+            "exported %s to ONNX (%s) in %.1f s (`offroad-seg export` it once and pass "
             "the .onnx to skip this)",
             ckpt.path,
-            1 + len(others),
+            plural(1 + len(others), "size"),
             time.perf_counter() - start,
         )
         return engine

@@ -12,6 +12,7 @@ summed confusion matrices: equal to one process's exactly) and writes the summar
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -46,7 +47,13 @@ from offroad_seg.metrics.hackathon import (
     hackathon_scores,
 )
 from offroad_seg.models.backbone import BackboneSpec
-from offroad_seg.models.checkpoint import HeadCheckpoint, file_sha256
+from offroad_seg.models.checkpoint import (
+    HeadCheckpoint,
+    expect_dataset,
+    file_sha256,
+    looks_like_head,
+    resolve_head,
+)
 from offroad_seg.models.segmentation import TTA
 from offroad_seg.models.upsampling import predict_and_score
 from offroad_seg.reporting.report import ImageRow, image_metrics
@@ -88,17 +95,34 @@ def _eval_identity(
     }
 
 
+def _head_argument(cfg: EvalConfig) -> Path:
+    """The head file (a run folder's head), or one line when the head and the dataset were
+    given the other way round."""
+    try:
+        return resolve_head(cfg.head)
+    except OffroadSegError:
+        if looks_like_head(cfg.data_dir):
+            raise OffroadSegError(
+                f"{cfg.head}, {cfg.data_dir}: the head and the dataset are swapped "
+                "(evaluate takes the head first: HEAD DATA_DIR OUT)"
+            ) from None
+        raise
+
+
 def evaluate(cfg: EvalConfig) -> EvalResult:
     """Predict every image of a labelled dataset; write predictions, metrics and a report."""
+    cfg = replace(cfg, head=_head_argument(cfg))
+    expect_dataset(cfg.data_dir)
     tta = TTA.of(cfg.tta, cfg.tta_scales)
     engine = resolve_engine(cfg.engine, cfg.head, cfg.weights)
     ckpt = load_head(cfg.head)
     check_engine_tta(cfg.head, ckpt, tta)
     class_map = ckpt.class_map
-    if cfg.class_map is not None and resolve_class_map(cfg.class_map) != class_map:
+    asked = resolve_class_map(cfg.class_map) if cfg.class_map is not None else class_map
+    if asked != class_map:
         raise OffroadSegError(
             f"{cfg.head}: trained with another class map than {cfg.class_map} "
-            f"({', '.join(class_map.names)})"
+            f"(the head's vs {cfg.class_map}: {class_map.difference(asked)})"
         )
     samples = list_samples(cfg.data_dir)
     check_headers(samples)

@@ -47,7 +47,7 @@ from offroad_seg.core.atomic import remove_stale_temps, temp_path
 from offroad_seg.errors import ConfigError, OffroadSegError
 from offroad_seg.inference.onnx_model import IDS, INPUT, OUTPUTS, metadata, require, seal
 from offroad_seg.models.backbone import Backbone
-from offroad_seg.models.checkpoint import load_checkpoint
+from offroad_seg.models.checkpoint import load_checkpoint, resolve_head
 from offroad_seg.models.preprocess import Preprocessing, check_size
 from offroad_seg.models.segmentation import SegmentationModel
 
@@ -272,9 +272,10 @@ def export(cfg: ExportConfig) -> ExportResult:
         raise ConfigError(f"{cfg.out}: the exported model's name must end in .onnx")
     if cfg.out.exists() and not cfg.overwrite:
         raise OffroadSegError(f"{cfg.out}: already exists; use --overwrite to replace it")
-    if str(cfg.head).endswith(".onnx"):
-        raise ConfigError(f"{cfg.head}: already an exported model; export reads a .pth head")
-    ckpt = load_checkpoint(cfg.head)
+    head = resolve_head(cfg.head)
+    if head.suffix.lower() == ".onnx":
+        raise ConfigError(f"{head}: already an exported model; export reads a .pth head")
+    ckpt = load_checkpoint(head)
     model = SegmentationModel.from_checkpoint(ckpt, cfg.weights, "cpu")
     return export_model(
         model,

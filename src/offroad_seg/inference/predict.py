@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from dataclasses import replace
 
 import torch
 
@@ -33,7 +34,7 @@ from offroad_seg.inference.engines import build_engine, check_engine_tta, load_h
 from offroad_seg.inference.image_outputs import PROBS, predict_files, write_predicted_image
 from offroad_seg.inference.runfolder import RunPlan
 from offroad_seg.inference.video import predict_video, video_key, video_summaries
-from offroad_seg.models.checkpoint import file_sha256
+from offroad_seg.models.checkpoint import file_sha256, resolve_head
 from offroad_seg.models.segmentation import TTA
 from offroad_seg.models.upsampling import predict_and_score, predict_with_probs
 
@@ -63,6 +64,7 @@ def _predict_identity(cfg: PredictConfig, inputs, batch_size, device, tta, prep,
 
 def predict(cfg: PredictConfig) -> EvalResult:
     """Segment images and videos: masks, colour masks, overlays (and overlay videos)."""
+    cfg = replace(cfg, head=resolve_head(cfg.head))
     tta = TTA.of(cfg.tta, cfg.tta_scales)
     if cfg.frame_stride < 1:
         raise OffroadSegError(f"frame stride {cfg.frame_stride}: must be at least 1")

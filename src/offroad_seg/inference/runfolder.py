@@ -92,6 +92,44 @@ class RunPlan:
         return found
 
 
+# Settings recorded as digests or lists: named, not shown (their values say nothing to a reader).
+_DIGESTS = {
+    "head_sha256": "the head file's contents",
+    "sources": "the images or masks",
+    "images": "the images",
+    "videos": "the videos",
+}
+
+
+def _run_difference(previous: dict[str, Any], identity: dict[str, Any]) -> str:
+    """What differs between the run a folder holds and this one, in words: the other command,
+    or up to three settings with that run's value first ('tta none then, flip now')."""
+    if previous.get("command") != identity.get("command"):
+        return f"of {previous.get('command') or 'another command'}; this is {identity['command']}"
+    keys = [k for k in sorted((set(identity) | set(previous)) - {LEDGER})
+            if identity.get(k) != previous.get(k)]  # fmt: skip
+    shown = []
+    for k in keys[:3]:
+        if k in _DIGESTS:
+            shown.append(f"other {_DIGESTS[k]}")
+        else:
+            shown.append(f"{k} {_setting(previous.get(k))} then, {_setting(identity.get(k))} now")
+    return "; ".join(shown) + (f"; {len(keys) - 3} more" if len(keys) > 3 else "")
+
+
+def _setting(value: Any) -> str:
+    """A recorded setting as a user would type it: no quotes, no None."""
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (list, tuple)):
+        return ",".join(_setting(v) for v in value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
 def prepare_run_folder(
     out: Path, identity: dict[str, Any], overwrite: bool, plan: RunPlan | None = None
 ) -> bool:
@@ -108,12 +146,9 @@ def prepare_run_folder(
         if not differences:
             _remove_stale_temps(out, plan.folders)
             return True
-        shown = "; ".join(
-            f"{k} {previous.get(k)!r} vs {identity.get(k)!r}" for k in differences[:3]
-        )
         raise OffroadSegError(
-            f"{out}: holds the results of another run ({shown}); use another folder, or "
-            "--overwrite to replace them"
+            f"{out}: holds the results of another run ({_run_difference(previous, identity)}); "
+            "use another folder, or --overwrite to replace them"
         )
     replaced = run_files(out, previous) if previous is not None else set()
     clashes = [name for name in plan.clashes(out) if name not in replaced]

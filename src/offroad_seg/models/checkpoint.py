@@ -25,6 +25,7 @@ from torch import nn
 
 from offroad_seg.core.atomic import atomic_write
 from offroad_seg.data.classes import ClassMap
+from offroad_seg.data.dataset import IMAGES_DIR, MASKS_DIR
 from offroad_seg.errors import OffroadSegError
 from offroad_seg.models.backbone import BackboneSpec
 from offroad_seg.models.fingerprint import compat_fingerprint
@@ -32,6 +33,7 @@ from offroad_seg.models.heads import HeadConfig, build_head
 from offroad_seg.models.heads.ensemble import EnsembleHead
 from offroad_seg.models.preprocess import Preprocessing
 from offroad_seg.models.tuning import TuneSpec, head_state
+from offroad_seg.models.weights import load_tensors, not_a_checkpoint
 
 
 def file_sha256(path: str | Path) -> str:
@@ -45,6 +47,53 @@ def file_sha256(path: str | Path) -> str:
 
 FORMAT = "offroad-seg-head"
 VERSION = 1
+HEAD_FILE = "segmentation_head.pth"  # a run folder's head (best epoch)
+_LAST_FILE = "last.pth"  # training's resumable state, written before the head
+
+EXPECTED_HEAD = f"a head checkpoint (.pth), an exported model (.onnx) or a run folder ({HEAD_FILE})"
+
+
+def resolve_head(path: str | Path) -> Path:
+    """The head file a user means: a file as given, or a run folder's segmentation_head.pth.
+    The one place a head argument is resolved (info, compare, evaluate, predict, export and
+    Segmenter all read heads through it); a folder that is something else (a dataset, a
+    feature cache, a sweep, an unfinished run) is named as such, in one line."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    if (path / HEAD_FILE).is_file():
+        return path / HEAD_FILE
+    raise OffroadSegError(f"{path}: {_folder_kind(path)}, where {EXPECTED_HEAD} is expected")
+
+
+def looks_like_head(path: str | Path) -> bool:
+    """A head file (.pth, .pt, .onnx) or a run folder, by names only: for saying so when one is
+    given where something else (a dataset) is expected."""
+    path = Path(path)
+    if path.is_dir():
+        return (path / HEAD_FILE).is_file()
+    return path.is_file() and path.suffix.lower() in (".pth", ".pt", ".onnx")
+
+
+def expect_dataset(path: str | Path) -> None:
+    """Refuse a head given where a dataset folder is expected (swapped arguments), in one line."""
+    if looks_like_head(path):
+        raise OffroadSegError(
+            f"{path}: a head, where a dataset folder ({IMAGES_DIR}/, {MASKS_DIR}/) is expected"
+        )
+
+
+def _folder_kind(path: Path) -> str:
+    """What a folder without a head looks like, by its entries' names (nothing is read)."""
+    if (path / IMAGES_DIR).is_dir() or (path / MASKS_DIR).is_dir():
+        return f"a dataset folder ({IMAGES_DIR}/, {MASKS_DIR}/)"
+    if (path / "zarr.json").is_file() or (path / ".zgroup").is_file():
+        return "a feature cache"
+    if (path / "best" / HEAD_FILE).is_file():
+        return f"a sweep folder (its best run is {path / 'best'})"
+    if (path / _LAST_FILE).is_file():
+        return f"a run folder whose training has not finished (no {HEAD_FILE} yet)"
+    return f"a folder with no {HEAD_FILE}"
 
 
 def to_cpu(obj: Any) -> Any:
@@ -153,13 +202,14 @@ class HeadCheckpoint:
 
 
 def load_checkpoint(path: str | Path) -> HeadCheckpoint:
-    path = Path(path)
+    """A head checkpoint, or a run folder's (`resolve_head`), read and checked."""
+    path = resolve_head(path)
     if not path.is_file():
         raise OffroadSegError(f"{path}: head checkpoint not found")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = load_tensors(path)
     except Exception as e:
-        raise OffroadSegError(f"{path}: cannot read head checkpoint ({type(e).__name__})") from e
+        raise OffroadSegError(not_a_checkpoint(path, "head checkpoint")) from e
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise OffroadSegError(f"{path}: not an offroad-seg head checkpoint")
     if payload.get("version") != VERSION:

@@ -29,9 +29,10 @@ def compat_differences(
     sizes: bool = True,
 ) -> list[str]:
     """What stops features (or heads) described by (backbone, preprocessing, class map) `a`
-    and `b` being used together, in words: empty when their `compat_fingerprint`s are equal.
-    `sizes=False` leaves the working size out: a fully convolutional head trains on caches of
-    several sizes (their tokens mean the same thing at other scales)."""
+    and `b` being used together, in words, `a`'s values first: empty when their
+    `compat_fingerprint`s are equal. `sizes=False` leaves the working size out: a fully
+    convolutional head trains on caches of several sizes (their tokens mean the same thing at
+    other scales)."""
     (bb_a, prep_a, map_a), (bb_b, prep_b, map_b) = a, b
     out = []
     if bb_a.name != bb_b.name:
@@ -46,8 +47,16 @@ def compat_differences(
         (r, c), (r2, c2) = prep_a.size, prep_b.size
         out.append(f"working size {r}x{c} vs {r2}x{c2}")
     rest_a, rest_b = prep_a.to_dict(), prep_b.to_dict()
-    if {**rest_a, "size": None} != {**rest_b, "size": None}:
-        out.append("preprocessing (normalisation, resize or patch)")
+    for name, mine in rest_a.items():  # the first other setting that differs
+        if name != "size" and mine != rest_b.get(name):
+            out.append(f"preprocessing {name} {_plain(mine)} vs {_plain(rest_b.get(name))}")
+            break
     if map_a != map_b:
-        out.append("class map")
+        out.append(f"class map: {map_a.difference(map_b)}")
     return out
+
+
+def _plain(value: object) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)

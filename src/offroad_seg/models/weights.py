@@ -37,6 +37,7 @@ import logging
 import os
 import re
 import socket
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -236,6 +237,41 @@ def to_timm_layout(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return _official_to_timm(sd)
 
 
+def load_tensors(path: Path):
+    """torch.load of a pickle holding tensors only (`weights_only`: nothing in the file can run
+    code), on the CPU. A pickle of another protocol warns before it fails; its failure is the
+    one line (`not_a_checkpoint`), so the warning is not shown."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def not_a_checkpoint(path: Path, what: str) -> str:
+    """One line on a file that torch.load or safetensors cannot read, by its first bytes (their
+    own messages are paragraphs, and torch's advises loading with weights_only=False, which
+    would run whatever code the file holds)."""
+    try:
+        with open(path, "rb") as f:
+            start = f.read(512)
+    except OSError as e:
+        return f"{path}: cannot read {what} ({e.strerror or type(e).__name__})"
+    text = start.lstrip().lower()
+    if not start:
+        return f"{path}: an empty file, not a {what}"
+    if text.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body")) or (
+        text.startswith(b"<") and b"html" in text
+    ):
+        return f"{path}: an HTML page, not a {what} (a download probably failed; download it again)"
+    if start.startswith(b"PK\x03\x04"):
+        return f"{path}: a damaged {what} (its archive is truncated or corrupt); use an intact copy"
+    if start.startswith(b"\x80"):
+        return (
+            f"{path}: not a {what} of plain tensors (a Python pickle with other objects, not "
+            "loaded: unpickling them could run code; save the model's state_dict() instead)"
+        )
+    return f"{path}: not a {what} (unrecognised content: the file is damaged or of another kind)"
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Read a .safetensors or a torch pickle (.pth/.pt/.bin) checkpoint, weights only."""
     try:
@@ -243,11 +279,11 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = load_tensors(path)
     except FileNotFoundError as e:
         raise WeightsError(f"{path}: weights file not found") from e
     except Exception as e:  # torch and safetensors raise many types for a bad file
-        raise WeightsError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from e
+        raise WeightsError(not_a_checkpoint(path, "weights file")) from e
     if not isinstance(sd, dict):
         raise WeightsError(f"{path}: not a state dict (found {type(sd).__name__})")
     return sd

@@ -7,13 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from offroad_seg.errors import OffroadSegError
-from offroad_seg.models.checkpoint import load_checkpoint
-from offroad_seg.models.heads import get_head_spec
-from offroad_seg.reporting.info import find_head
+from offroad_seg.models.checkpoint import HEAD_FILE, load_checkpoint, resolve_head
+from offroad_seg.reporting.info import setting_text, trained_settings
 
-# Settings that say where things are or how a machine ran them, not what was trained.
-_NOT_COMPARED = ("out", "progress", "resume", "overwrite", "device", "memory_budget_gb", "stream",
-                 "tensorboard")  # fmt: skip
+# Settings that say how a machine ran a run, not what was trained (info's bookkeeping is out).
+_NOT_COMPARED = ("device", "memory_budget_gb", "stream", "tensorboard")
 
 
 @dataclass
@@ -28,17 +26,11 @@ class RunSummary:
 def summarize(path: str | Path) -> RunSummary:
     """A run folder or a head checkpoint: its settings (with the head as built and the
     backbone) and its best validation metrics."""
-    head = find_head(path)
+    head = resolve_head(path)
     ckpt = load_checkpoint(head)
     payload = ckpt.payload
-    settings = {k: v for k, v in payload.get("train_config", {}).items() if k not in _NOT_COMPARED}
-    head_settings = ckpt.head_config.to_dict()
-    spec = get_head_spec(head_settings.pop("name"))
-    for field in ("width", "depth"):
-        if not spec.has(field):
-            head_settings[field] = None
+    settings = {k: v for k, v in trained_settings(ckpt).items() if k not in _NOT_COMPARED}
     settings.update(
-        {f"head.{k}": v for k, v in head_settings.items()},
         backbone=ckpt.backbone.name,
         layers=ckpt.backbone.layers,
         size="x".join(str(v) for v in ckpt.preprocessing.size),
@@ -52,7 +44,7 @@ def summarize(path: str | Path) -> RunSummary:
         "best epoch": best.get("epoch"),
     }
     per_class = (payload.get("val_metrics") or {}).get("per_class", {})
-    name = head.parent.name if head.name == "segmentation_head.pth" else head.stem
+    name = head.parent.name if head.name == HEAD_FILE else head.stem
     return RunSummary(name, head, settings, metrics, {k: v["iou"] for k, v in per_class.items()})
 
 
@@ -60,8 +52,7 @@ def run_labels(runs: list[RunSummary]) -> list[str]:
     """A distinct label per run: the shortest tail of its path that no other run's path ends
     with (`sweep1/best` and `sweep2/best`, not `best` twice; `h1` for `heads/h1.pth`)."""
     parts = [
-        (r.path.parent if r.path.name == "segmentation_head.pth" else r.path.with_suffix("")).parts
-        for r in runs
+        (r.path.parent if r.path.name == HEAD_FILE else r.path.with_suffix("")).parts for r in runs
     ]
     labels = []
     for i, mine in enumerate(parts):
@@ -79,13 +70,13 @@ def differing_settings(runs: list[RunSummary]) -> list[str]:
 
 
 def _cell(value: Any, metric: bool = False) -> str:
+    """A table cell: '-' where a run has no such value (a linear head's width, a run without
+    validation), metrics to 4 decimals, settings as `info` shows them."""
     if value is None:
         return "-"
-    if isinstance(value, float):
-        return f"{value:.4f}" if metric else f"{value:g}"
-    if isinstance(value, (list, tuple)):
-        return ",".join(_cell(v) for v in value)
-    return str(value)
+    if metric and isinstance(value, float):
+        return f"{value:.4f}"
+    return setting_text(value)
 
 
 def comparison_table(runs: list[RunSummary], markdown: bool = False) -> str:

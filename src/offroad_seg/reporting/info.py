@@ -5,27 +5,32 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from offroad_seg.errors import OffroadSegError
-from offroad_seg.models.checkpoint import load_checkpoint
+from offroad_seg.models.checkpoint import HeadCheckpoint, load_checkpoint
+from offroad_seg.models.heads import TUNABLE, get_head_spec
 
-HEAD_FILE = "segmentation_head.pth"
+# A run's settings that say how a machine ran it or where its files went, not what was trained.
+_BOOKKEEPING = ("out", "progress", "resume", "overwrite")
 
 
-def find_head(path: str | Path) -> Path:
-    """A checkpoint path, or a run folder holding segmentation_head.pth."""
-    path = Path(path)
-    if path.is_dir():
-        if not (path / HEAD_FILE).is_file():
-            raise OffroadSegError(f"{path}: no {HEAD_FILE} in this folder")
-        return path / HEAD_FILE
-    return path
+def trained_settings(ckpt: HeadCheckpoint) -> dict[str, Any]:
+    """What a head was trained with, as built: its training settings with the head's own
+    settings resolved (width 96, not the 0 that asked for the default) and only those the
+    head has (a linear head has no width), settings left unset (None) and bookkeeping out."""
+    saved = ckpt.payload.get("train_config", {})
+    settings = {
+        k: v for k, v in saved.items() if v is not None and k not in (*_BOOKKEEPING, *TUNABLE)
+    }
+    settings["head"] = ckpt.head_config.name
+    head_at = list(settings).index("head") + 1  # the head's settings right after its name
+    items = list(settings.items())
+    return dict(items[:head_at] + list(ckpt.head_config.settings().items()) + items[head_at:])
 
 
 def head_info(path: str | Path) -> dict[str, Any]:
     """A JSON-ready summary of a head checkpoint: backbone, head, preprocessing, classes,
     training settings, the epoch it is from, and its best validation metrics; the sizes it was
     trained at; an ensemble's members."""
-    ckpt = load_checkpoint(find_head(path))
+    ckpt = load_checkpoint(path)
     payload = ckpt.payload
     val = payload.get("val_metrics")
     return {
@@ -34,7 +39,7 @@ def head_info(path: str | Path) -> dict[str, Any]:
         "head": ckpt.head_config.to_dict(),
         "preprocessing": ckpt.preprocessing.to_dict(),
         "classes": ckpt.class_map.names,
-        "settings": payload.get("train_config", {}),
+        "settings": trained_settings(ckpt),
         "epoch": payload.get("epoch"),
         "best": payload.get("best"),
         "per_class_iou": {k: v["iou"] for k, v in val["per_class"].items()} if val else None,
@@ -70,12 +75,23 @@ def _tuning(ckpt) -> dict[str, Any] | None:
     return {**spec.to_dict(), "describe": spec.describe(depth), "backbone_values": stored}
 
 
-def _fmt(value: Any) -> str:
+def setting_text(value: Any) -> str:
+    """A setting as a user would type it: 0.0003, off, a.zarr,b.zarr (no Python reprs)."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
     if isinstance(value, float):
         return f"{value:g}"
     if isinstance(value, (list, tuple)):
-        return ", ".join(_fmt(v) for v in value)
+        return ",".join(setting_text(v) for v in value)
     return str(value)
+
+
+def _model_text(head: dict[str, Any]) -> str:
+    """'upnext (width 96, depth 2, dropout 0.1)': the head with only the settings it has."""
+    settings = ", ".join(
+        f"{k} {setting_text(head[k])}" for k in get_head_spec(head["name"]).settings
+    )
+    return f"{head['name']} ({settings})"
 
 
 def _tuning_lines(tuning: dict[str, Any] | None) -> list[str]:
@@ -87,6 +103,7 @@ def _tuning_lines(tuning: dict[str, Any] | None) -> list[str]:
 
 def head_info_text(info: dict[str, Any]) -> str:
     bb, head, prep = info["backbone"], info["head"], info["preprocessing"]
+    head_settings = {k: head[k] for k in get_head_spec(head["name"]).settings}
     lines = [
         f"head         {info['path']}",
         f"backbone     {bb['name']} layers={bb['layers']} channels={bb['channels']}",
@@ -102,17 +119,20 @@ def head_info_text(info: dict[str, Any]) -> str:
         for i, member in enumerate(info["ensemble"]):
             miou = member["val_miou"]
             score = f"val mIoU {miou:.4f}, " if miou is not None else ""
-            settings = ", ".join(f"{k} {_fmt(v)}" for k, v in member["head"].items())
-            lines.append(f"  member {i}   {settings} ({score}from {member['source']})")
+            lines.append(
+                f"  member {i}   {_model_text(member['head'])} ({score}from {member['source']})"
+            )
         if info.get("ensemble_val"):
             lines.append(f"ensemble val mIoU {info['ensemble_val']['val_miou']:.4f}")
     else:
-        lines.append("model        " + ", ".join(f"{k} {_fmt(v)}" for k, v in head.items()))
+        lines.append(f"model        {_model_text(head)}")
     lines.append(f"classes      {', '.join(info['classes'])}")
-    settings = info["settings"]
+    settings = {k: v for k, v in info["settings"].items() if k not in head_settings}
+    settings.pop("head", None)  # on the model line, with its settings
     if settings:
-        shown = {k: v for k, v in settings.items() if k not in ("progress", "resume", "overwrite")}
-        lines.append("settings     " + ", ".join(f"{k} {_fmt(v)}" for k, v in shown.items()))
+        lines.append(
+            "settings     " + ", ".join(f"{k} {setting_text(v)}" for k, v in settings.items())
+        )
     if info["epoch"] is not None:
         lines.append(f"epoch        {info['epoch']}")
     best = info["best"]

@@ -315,20 +315,31 @@ def plot_confusion_matrix(
 # --------------------------------------------------------------------------- sweeps
 
 
+LABEL_WIDTH = 32  # characters per line of a sweep plot's trial label
+
+
 def plot_sweep(
     rows: list[dict],
     curves: dict[str, list[tuple[int, float | None]]],
     path: Path,
     title: str | None = None,
+    labels: list[str] | None = None,
 ) -> None:
     """Write a PNG of a sweep: on the left every trial's best validation mIoU, best first
     (pruned trials grey), on the right the validation mIoU per epoch of the best trials.
 
-    `rows` are leaderboard rows (`run`, `state`, `val_miou`), `curves` maps a run to its
+    `rows` are leaderboard rows (`run`, `state`, `val_miou`), `labels` their names on the
+    plot (default: `run`), wrapped onto lines rather than cut; `curves` maps a label to its
     (epoch, val mIoU) points."""
-    fig = _new_figure(12.0, max(3.5, 0.28 * len(rows) + 1.5))
+    import textwrap
+
+    def wrap(text: str) -> str:
+        return "\n".join(textwrap.wrap(text, LABEL_WIDTH, break_on_hyphens=False)[:3])
+
+    labels = [wrap(label) for label in (labels or [r["run"] for r in rows])]
+    lines = sum(label.count("\n") + 1 for label in labels)
+    fig = _new_figure(12.0, max(3.5, 0.18 * lines + 0.1 * len(rows) + 1.5))
     left, right = fig.subplots(1, 2, width_ratios=(1.1, 1.0))
-    labels = [r["run"] if len(r["run"]) <= 40 else r["run"][:37] + "..." for r in rows]
     values = [float(r["val_miou"]) for r in rows]
     colors = ["tab:green" if r["state"] == "complete" else "tab:gray" for r in rows]
     y = np.arange(len(rows))
@@ -344,7 +355,7 @@ def plot_sweep(
     for run, points in curves.items():
         xs = [e for e, v in points if v is not None]
         ys = [v for _, v in points if v is not None]
-        right.plot(xs, ys, marker="o", markersize=3, label=run[:40])
+        right.plot(xs, ys, marker="o", markersize=3, label=wrap(run))
     from matplotlib.ticker import MaxNLocator
 
     right.set_title(f"Validation mIoU of the best {len(curves)}")
@@ -352,7 +363,8 @@ def plot_sweep(
     right.xaxis.set_major_locator(MaxNLocator(integer=True))
     right.grid(True, alpha=0.3)
     if curves:
-        right.legend(fontsize=7, loc="lower right")
+        # beside the axes (constrained layout makes room): over them it hid the curves
+        right.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     if title:
         fig.suptitle(title)
     _save_figure(fig, path)

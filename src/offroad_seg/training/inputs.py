@@ -88,11 +88,11 @@ def open_train_caches(cfg: TrainConfig) -> tuple[list[FeatureCache], FeatureCach
         cache.require_complete()
     first = caches[0]
     for other in caches[1:] + ([val] if val else []):
-        diff = compat_differences(_described(first), _described(other), sizes=False)
+        diff = compat_differences(_described(other), _described(first), sizes=False)
         if diff:
             raise CacheError(
-                f"{other.path}: cannot be used with {first.path}: its features differ "
-                f"({'; '.join(diff[:3])})"
+                f"{other.path}: cannot be used with {first.path}, their features differ: "
+                f"{'; '.join(diff[:3])}"
             )
     check_holdout(caches, val)
     return caches, val

@@ -61,8 +61,7 @@ def resume_point(
         start.epoch = cfg.epochs + 1  # a run that stopped early has no epoch left either
         start.completing = missing_outputs(cfg.out, data.val is not None)
         if not start.completing:
-            if world.is_main:
-                log.info("%s: %s; nothing to do", cfg.out, trained_epochs(last, cfg.epochs))
+            # said once, by the caller's summary ("all N epochs were already trained")
             start.finished = True
             return start
         if world.is_main:

@@ -34,11 +34,10 @@ from offroad_seg.core.atomic import remove_stale_temps
 from offroad_seg.core.distributed import World
 from offroad_seg.core.lock import writer_lock
 from offroad_seg.errors import ConfigError, OffroadSegError
-from offroad_seg.models.checkpoint import load_checkpoint
+from offroad_seg.models.checkpoint import HEAD_FILE, load_checkpoint
 
 log = logging.getLogger(__name__)
 
-HEAD_FILE = "segmentation_head.pth"
 LAST_FILE = "last.pth"
 STATS_DIR = "train_stats"
 CONFIG_FILE = "config.json"

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from offroad_seg.core.distributed import SINGLE, World
+from offroad_seg.core.text import plural
 from offroad_seg.features.cache import FeatureCache
 from offroad_seg.features.cache_format import StoredFeatures
 from offroad_seg.features.quantize import dequantize
@@ -392,8 +393,9 @@ def decide_source(
         return "stream", f"{needed / 1e9:.2f} GB > {where} budget {budget / 1e9:.2f} GB"
     staging = needed * max(1, local_ranks)
     if on_gpu and staging > HOST_STAGING_FRACTION * free.host:
+        ranks = plural(local_ranks, "process", "processes")
         return "stream", (
-            f"loading {staging / 1e9:.2f} GB through host RAM ({local_ranks} process(es)) "
+            f"loading {staging / 1e9:.2f} GB through host RAM ({ranks}) "
             f"> {HOST_STAGING_FRACTION:.0%} of the {free.host / 1e9:.2f} GB available"
         )
     return "memory", f"{needed / 1e9:.2f} GB <= {where} budget {budget / 1e9:.2f} GB"

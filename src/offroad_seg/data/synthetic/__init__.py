@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from offroad_seg.config import MIN_HEIGHT, MIN_WIDTH, SynthConfig, check_synth_size
+from offroad_seg.core.text import plural
 from offroad_seg.data.dataset import IMAGES_DIR, MASKS_DIR
 from offroad_seg.data.images import write_mask
 from offroad_seg.data.synthetic.palette import min_class_pixels
@@ -90,7 +91,8 @@ def write_split(
             stale = sorted(p.name for p in d.glob("*.png") if p.name not in set(names))
             if stale:
                 raise DataError(
-                    f"{d}: holds {len(stale)} other PNG file(s) ({stale[0]}, ...); "
+                    f"{d}: holds {plural(len(stale), 'other PNG file')} ({stale[0]}"
+                    f"{', ...' if len(stale) > 1 else ''}); "
                     "write synthetic data into an empty folder"
                 )
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -99,7 +101,10 @@ def write_split(
         image, codes = render_scene(_scene_seed(seed, i), width, height)
         Image.fromarray(image).save(image_dir / name, compress_level=3)
         write_mask(mask_dir / name, codes)
-    log.info("wrote %d synthetic scenes (%dx%d) to %s", len(names), width, height, folder)
+    # debug: `synth` and the demo say what was written in their one summary line
+    log.debug(
+        "wrote %s (%dx%d) to %s", plural(len(names), "synthetic scene"), width, height, folder
+    )
     return names
 
 

@@ -1,11 +1,12 @@
 """Segmentation heads: backbone token features (B, C, h, w) -> class logits (B, K, h*s, w*s).
 
 Every head is a module of this package (linear, seed, convnext, pyramid, upnext; shared blocks
-in `layers`) and ONE entry of `HEADS` (a `HeadSpec`: name, module class, default width, depth and
-dropout, output scale s, a one-line description, old names). `HeadConfig` validation and
-default resolution, `build_head`, the names a CLI offers (`head_choices`) and its help text
-(`head_defaults_help`) all read the registry, so a new head is a module class plus one entry,
-and the tests parametrised over the registry cover it.
+in `layers`) and ONE entry of `HEADS` (a `HeadSpec`: name, module class, the settings it reads,
+default width, depth and dropout, output scale s, a one-line description, old names).
+`HeadConfig` validation and default resolution, `build_head`, the names a CLI offers
+(`head_choices`), its help text (`head_defaults_help`) and the settings `info` and `compare`
+show all read the registry, so a new head is a module class plus one entry, and the tests
+parametrised over the registry cover it.
 
 The loss and evaluation upsample logits bilinearly from whatever size a head outputs to the
 label size, so a head may output logits finer than the token grid (s > 1).
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from offroad_seg.config import TrainConfig, default
+from offroad_seg.core.text import word
 from offroad_seg.errors import ConfigError
 from offroad_seg.models.heads.convnext import ConvNeXtHead
 from offroad_seg.models.heads.linear import LinearHead
@@ -92,6 +94,11 @@ class HeadConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def settings(self) -> dict[str, int | float]:
+        """The settings this head reads, resolved (`HeadSpec.settings`, in that order): what
+        `info` and `compare` show of a head (a linear head has no width or kernel size)."""
+        return {name: getattr(self, name) for name in self.spec.settings}
+
     @classmethod
     def from_dict(cls, d: Mapping) -> HeadConfig:
         """Tolerates dicts of older versions: missing settings take their defaults, old head
@@ -99,19 +106,27 @@ class HeadConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ConfigError(f"head config: unknown setting(s) {', '.join(unknown)}")
+            noun = word(len(unknown), "setting")
+            raise ConfigError(f"head config: unknown {noun} {', '.join(unknown)}")
         return cls(**d)
 
 
 # ----------------------------------------------------------------------------- registry
 
 
+# The HeadConfig fields a head may read besides in_channels, layers and num_classes.
+TUNABLE = ("width", "depth", "dropout", "kernel_size", "mlp_ratio", "layer_scale")
+
+
 @dataclass(frozen=True)
 class HeadSpec:
-    """One registered head. A width or depth default of 0: the head has no such setting."""
+    """One registered head. `settings`: the HeadConfig fields of `TUNABLE` its module reads
+    (the one record of which head has which); width and depth default to 0 exactly when the
+    head has no such setting."""
 
     name: str
     module: type[nn.Module]  # built as module(cfg: HeadConfig)
+    settings: tuple[str, ...]
     width: int
     depth: int
     dropout: float
@@ -119,9 +134,15 @@ class HeadSpec:
     description: str
     aliases: tuple[str, ...] = ()  # former names, accepted and stored as `name`
 
+    def __post_init__(self) -> None:
+        unknown = set(self.settings) - set(TUNABLE)
+        zero = [f for f in ("width", "depth") if (f in self.settings) != (getattr(self, f) != 0)]
+        if unknown or zero:
+            raise ValueError(f"head {self.name}: settings {self.settings} and defaults disagree")
+
     def has(self, setting: str) -> bool:
-        """Whether the head has `width`, `depth` or `dropout` (every head has a dropout)."""
-        return setting == "dropout" or getattr(self, setting) != 0
+        """Whether the head reads `setting` (a HeadConfig field of `TUNABLE`)."""
+        return setting in self.settings
 
 
 HEADS: Mapping[str, HeadSpec] = MappingProxyType(
@@ -129,24 +150,26 @@ HEADS: Mapping[str, HeadSpec] = MappingProxyType(
         spec.name: spec
         for spec in (
             HeadSpec(
-                "linear", LinearHead, width=0, depth=0, dropout=0.0, output_scale=1,
+                "linear", LinearHead, ("dropout",), width=0, depth=0, dropout=0.0, output_scale=1,
                 description="DINOv2's linear protocol: BatchNorm + 1x1 conv (no width/depth)",
             ),
             HeadSpec(
-                "seed", SeedHead, width=128, depth=1, dropout=0.0, output_scale=1,
+                "seed", SeedHead, ("width", "depth", "dropout", "kernel_size"),
+                width=128, depth=1, dropout=0.0, output_scale=1,
                 description="the hackathon seed's conv head (7x7 conv, depthwise blocks)",
                 aliases=("baseline",),
             ),
             HeadSpec(
-                "convnext", ConvNeXtHead, width=96, depth=2, dropout=0.1, output_scale=1,
+                "convnext", ConvNeXtHead, TUNABLE, width=96, depth=2, dropout=0.1, output_scale=1,
                 description="1x1 projection + ConvNeXt blocks at the token resolution",
             ),
             HeadSpec(
-                "pyramid", PyramidHead, width=96, depth=0, dropout=0.1, output_scale=4,
+                "pyramid", PyramidHead, ("width", "dropout"),
+                width=96, depth=0, dropout=0.1, output_scale=4,
                 description="UPerNet/FPN decoder on a ViTDet feature pyramid, logits at x4",
             ),
             HeadSpec(
-                "upnext", UpNextHead, width=96, depth=2, dropout=0.1, output_scale=4,
+                "upnext", UpNextHead, TUNABLE, width=96, depth=2, dropout=0.1, output_scale=4,
                 description="convnext blocks + image context + learned x4 upsampler",
             ),
         )

@@ -6,18 +6,17 @@ one machine share."""
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import re
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from offroad_seg.config import SweepConfig
 from offroad_seg.core.atomic import remove_stale_temps, write_json_atomic
-from offroad_seg.core.text import plural
+from offroad_seg.core.lock import section_lock
+from offroad_seg.core.text import differ, listing, plural
 from offroad_seg.errors import OffroadSegError
 from offroad_seg.training.sweep.space import SLUG_PATTERN, SWEEPABLE, parse_grid, parse_range
 from offroad_seg.training.sweep.study import delete_study, recorded_runs, study_location
@@ -34,15 +33,10 @@ ENSEMBLE_SUMMARY = "ensemble.json"  # its members and validation mIoU beside the
 BEST_LINK = "best"
 
 
-@contextlib.contextmanager
-def sweep_lock(out: Path) -> Iterator[None]:
-    """A file lock for the study's bookkeeping among this machine's processes."""
-    with open(out / LOCK_FILE, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def sweep_lock(out: Path) -> contextlib.AbstractContextManager[None]:
+    """A file lock for the study's bookkeeping among this machine's processes (its file is
+    removed on release: a finished sweep's folder holds none)."""
+    return section_lock(out / LOCK_FILE)
 
 
 def sweep_identity(cfg: SweepConfig) -> dict[str, Any]:
@@ -135,9 +129,9 @@ def write_record(out: Path, identity: dict[str, Any]) -> None:
 
 def check_same_sweep(out: Path, previous: dict, identity: dict[str, Any]) -> None:
     if previous != identity:
-        keys = [k for k in identity if previous.get(k) != identity[k]]
+        keys = [k for k in identity if previous.get(k) != identity[k]] or ["record"]
         raise OffroadSegError(
-            f"{out}: holds another sweep (its {', '.join(keys) or 'record'} differ); rerun it "
+            f"{out}: holds another sweep (its {listing(keys)} {differ(len(keys))}); rerun it "
             "with its own settings to resume, use another folder, or --overwrite"
         )
 

@@ -4,6 +4,7 @@ the best trial's run folder."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -31,11 +32,11 @@ def _trial_row(out: Path, trial) -> dict | None:
     folder), where the retry of one killed here may have finished it; pruned runs stop early."""
     from optuna.trial import TrialState
 
-    from offroad_seg.models.checkpoint import load_checkpoint
+    from offroad_seg.models.checkpoint import HEAD_FILE, load_checkpoint
     from offroad_seg.training.run_folder import FINISHED
 
     run = out / TRIALS_DIR / trial.user_attrs.get("run", "")
-    head = run / "segmentation_head.pth"
+    head = run / HEAD_FILE
     if not head.is_file():
         return None
     record = json.loads((run / "train_stats" / "history.json").read_text())
@@ -59,6 +60,47 @@ def _trial_row(out: Path, trial) -> dict | None:
     for name, per_class in val.get("per_class", {}).items():
         row[f"iou {name}"] = per_class["iou"]
     return row
+
+
+# A row's entries that are not the trial's swept settings.
+_RESULT_KEYS = {"run", "state", "val_miou", "val_dice", "val_pixel_acc", "best_epoch", "epochs",
+                "s_per_epoch", "error"}  # fmt: skip
+
+
+def swept_settings(row: dict) -> dict[str, str]:
+    """The settings a leaderboard row's trial was given (its parameters)."""
+    return {k: v for k, v in row.items() if k not in _RESULT_KEYS and not k.startswith("iou ")}
+
+
+def short_value(value: Any) -> str:
+    """A setting for people: whole numbers as they are, others to 3 significant digits
+    (lr 0.000316, not 0.000316227766)."""
+    text = str(value)
+    with contextlib.suppress(ValueError):
+        int(text)
+        return text
+    try:
+        return f"{float(text):.3g}"
+    except ValueError:
+        return text
+
+
+def trial_label(row: dict) -> str:
+    """'head=upnext, lr=0.000316': a trial's settings, short (the run folder's name is long)."""
+    return ", ".join(f"{k}={short_value(v)}" for k, v in swept_settings(row).items()) or row["run"]
+
+
+def top_table(rows: list[dict], out: Path, shown: int = 5) -> str:
+    """The best trials for a terminal: rank, val mIoU and settings, then where the full
+    leaderboard is (its markdown has every column, per-class IoU included)."""
+    lines = [f"{'rank':>4}  {'val mIoU':>8}  settings"]
+    for i, row in enumerate(rows[:shown], 1):
+        score = "-" if row["val_miou"] is None else f"{row['val_miou']:.4f}"
+        state = "" if row["state"] == "complete" else f" ({row['state']})"
+        lines.append(f"{i:>4}  {score:>8}  {trial_label(row)}{state}")
+    more = f"the best {shown} of {len(rows)}; " if len(rows) > shown else ""
+    lines.append(f"({more}every trial and column: {out / 'leaderboard.md'})")
+    return "\n".join(lines)
 
 
 def _failed_row(trial) -> dict:
@@ -142,13 +184,16 @@ def _plot(out: Path, rows: list[dict]) -> None:
     if not rows:
         return
 
+    labels = [f"#{rank} {trial_label(row)}" for rank, row in enumerate(rows, 1)]  # distinct
     curves = {}
-    for row in [r for r in rows if r["state"] == "complete"][:5]:
+    for label, row in list(zip(labels, rows, strict=True))[:5]:
+        if row["state"] != "complete":
+            break  # completed rows come first
         history = json.loads(
             (out / TRIALS_DIR / row["run"] / "train_stats" / "history.json").read_text()
         )["history"]
-        curves[row["run"]] = [(h["epoch"], h.get("val_miou")) for h in history]
-    plot_sweep(rows, curves, out / "leaderboard.png", title=out.name)
+        curves[label] = [(h["epoch"], h.get("val_miou")) for h in history]
+    plot_sweep(rows, curves, out / "leaderboard.png", title=out.name, labels=labels)
 
 
 def ensemble_line(summary: dict[str, Any]) -> str:

@@ -131,7 +131,7 @@ def _run_trials(cfg, study, world, distributions, grid: bool, total: int, starte
                 break
             if data is None:  # the features, once per process
                 data = load_training_data(replace(cfg.train, device=str(device)), device)
-            _run_trial(study, trial, cfg, distributions, data, result)
+            _run_trial(study, trial, cfg, distributions, data, result, total)
             result.trained += 1
             with sweep_lock(cfg.out):
                 rows = write_leaderboard(cfg.out, study)
@@ -198,7 +198,20 @@ def _next_trial(study, cfg: SweepConfig, grid: bool, total: int):
     return trial
 
 
-def _run_trial(study, trial, cfg: SweepConfig, distributions, data, result: SweepResult) -> None:
+def trial_position(cfg: SweepConfig, trial, params: dict) -> int:
+    """The trial's number as shown, 1 to the sweep's size: its grid point's, or its sample
+    index's. Optuna's own trial numbers are not: an interrupted trial keeps its number and is
+    asked again under a new one, and asks beyond the last sample take numbers too, so they
+    skip after a resume."""
+    if SAMPLE in trial.user_attrs:
+        return trial.user_attrs[SAMPLE] + 1
+    points = grid_points(cfg)
+    return points.index(params) + 1 if params in points else trial.number + 1
+
+
+def _run_trial(
+    study, trial, cfg: SweepConfig, distributions, data, result: SweepResult, total: int
+) -> None:
     import optuna
     from optuna.trial import TrialState
 
@@ -206,6 +219,7 @@ def _run_trial(study, trial, cfg: SweepConfig, distributions, data, result: Swee
 
     params = {name: suggest(trial, name, dist) for name, dist in distributions.items()}
     slug = trial_slug(params, trial.user_attrs.get(SAMPLE))
+    shown = f"trial {trial_position(cfg, trial, params)}/{total}"
     trial.set_user_attr("run", slug)
     run_cfg = replace(
         cfg.train,
@@ -216,12 +230,15 @@ def _run_trial(study, trial, cfg: SweepConfig, distributions, data, result: Swee
         progress=False,
     )
 
+    last: dict = {}
+
     def report(row: dict) -> None:
+        last.update(row)
         trial.report(row["val_miou"], row["epoch"])
         if trial.should_prune():
             raise optuna.TrialPruned
 
-    log.info("trial %d: %s", trial.number, slug)
+    log.info("%s: %s", shown, slug)
     epochs_log = logging.getLogger("offroad_seg.training.loop")
     level = epochs_log.level
     epochs_log.setLevel(max(level, logging.WARNING))  # one line per trial, not per epoch
@@ -231,16 +248,20 @@ def _run_trial(study, trial, cfg: SweepConfig, distributions, data, result: Swee
     except optuna.TrialPruned:
         study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
         result.pruned += 1
+        log.info(
+            "%s: pruned after epoch %d (val mIoU %.4f, below the median of earlier trials)",
+            shown, last["epoch"], last["val_miou"],
+        )  # fmt: skip
         return
     except optuna.exceptions.UpdateFinishedTrialError:  # report() to a trial failed meanwhile
         _declared_dead(cfg, trial)
         return
     except TrainingDiverged as e:  # NaN/inf loss: final, a rerun does not retry it
         trial.set_user_attr("diverged_epoch", e.epoch)
-        _record_failure(study, trial, slug, e, result)
+        _record_failure(study, trial, slug, e, result, shown)
         return
     except OffroadSegError as e:  # settings that cannot be trained (e.g. a width for linear)
-        _record_failure(study, trial, slug, e, result)
+        _record_failure(study, trial, slug, e, result, shown)
         return
     finally:
         epochs_log.setLevel(level)
@@ -248,7 +269,7 @@ def _run_trial(study, trial, cfg: SweepConfig, distributions, data, result: Swee
     if told.state != TrialState.COMPLETE:
         _declared_dead(cfg, trial)
         return
-    log.info("trial %d: val mIoU %.4f", trial.number, outcome.best["val_miou"])
+    log.info("%s: val mIoU %.4f", shown, outcome.best["val_miou"])
 
 
 def _declared_dead(cfg: SweepConfig, trial) -> None:
@@ -263,7 +284,9 @@ def _declared_dead(cfg: SweepConfig, trial) -> None:
     )
 
 
-def _record_failure(study, trial, slug: str, e: OffroadSegError, result: SweepResult) -> None:
+def _record_failure(
+    study, trial, slug: str, e: OffroadSegError, result: SweepResult, shown: str
+) -> None:
     import optuna
     from optuna.trial import TrialState
 
@@ -272,4 +295,4 @@ def _record_failure(study, trial, slug: str, e: OffroadSegError, result: SweepRe
         trial.set_user_attr("error", reason)
     study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
     result.failed.append(f"{slug}: {reason}")
-    log.warning("trial %d failed: %s", trial.number, reason)
+    log.warning("%s failed: %s", shown, reason)
