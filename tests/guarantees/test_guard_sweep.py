@@ -424,3 +424,35 @@ def test_temporary_files_of_killed_writers_are_removed(finished, caches, tmp_pat
     assert r.exit_code == 0, r.output
     assert [p for p in stale if p.exists()] == []
     assert live.read_text() == "being written" and mine.read_text() == "user file"
+
+
+def test_a_write_killed_midway_is_rolled_back_before_the_study_is_checked(tmp_path):
+    # a sweep killed inside a database write leaves study.db-journal ("hot"); sqlite's
+    # read-only check could not roll it back ("attempt to write a readonly database") and the
+    # rerun was refused as if the database were damaged
+    import sqlite3
+
+    from offroad_seg.training.sweep.study import _check_sqlite
+
+    db = tmp_path / "study.db"
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE t (x)")
+    con.executemany("INSERT INTO t VALUES (?)", [(i,) for i in range(2000)])
+    con.commit()
+    con.close()
+    killed_inside_a_write = (
+        f"import os, signal, sqlite3; c = sqlite3.connect({str(db)!r}); "
+        "c.execute('PRAGMA cache_size=1'); c.execute('UPDATE t SET x = x + 100000'); "
+        "c.executemany('INSERT INTO t VALUES (?)', [(i,) for i in range(20000)]); "
+        "os.kill(os.getpid(), signal.SIGKILL)"
+    )
+    subprocess.run([sys.executable, "-c", killed_inside_a_write], check=False)
+    assert (tmp_path / "study.db-journal").stat().st_size > 0
+    ro = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        ro.execute("SELECT count(*) FROM t").fetchall()
+    ro.close()
+    _check_sqlite(db)  # rolls the write back, then checks
+    assert sqlite3.connect(db).execute("SELECT count(*), max(x) FROM t").fetchall() == [
+        (2000, 1999)
+    ]

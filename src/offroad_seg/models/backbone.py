@@ -263,7 +263,7 @@ class Backbone(nn.Module):
             if i >= first_kept:
                 outs.append(self.vit.norm(t)[:, prefix:])
         feats = torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
-        return feats.transpose(1, 2).reshape(len(t), -1, rows, cols)
+        return feats.transpose(1, 2).reshape(t.shape[0], -1, rows, cols)  # symbolic for export
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -114,6 +114,7 @@ def _check_sqlite(path: Path) -> None:
 
     if not path.is_file() or path.stat().st_size == 0:
         return
+    _roll_back_hot_journal(path)
     con = _read_only(path)
     try:
         problems = con.execute("PRAGMA integrity_check").fetchall()
@@ -143,6 +144,23 @@ def open_storage(cfg: SweepConfig):
             )
     except _storage_errors() as e:
         raise _study_fault(cfg, e) from None
+
+
+def _roll_back_hot_journal(path: Path) -> None:
+    """A process killed inside a write leaves study.db-journal beside the database: sqlite
+    rolls it back at the next read, which a read-only connection may not do ("attempt to
+    write a readonly database"). A read-write connection's first read does it, restoring the
+    database as it was before that write (what any sqlite client does on opening it)."""
+    import sqlite3
+
+    journal = path.with_name(path.name + "-journal")
+    if not journal.is_file() or journal.stat().st_size == 0:
+        return
+    con = sqlite3.connect(path, timeout=120)
+    try:
+        con.execute("SELECT count(*) FROM sqlite_master").fetchall()
+    finally:
+        con.close()
 
 
 def _read_only(path: Path):
