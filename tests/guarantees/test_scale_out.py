@@ -37,6 +37,10 @@ EXTRACT = [
     "2",
     "--workers",
     "0",
+    # cache format 2 (the default), two one-image chunks per shard: ten shards, dealt out to
+    # the ranks whole (no shard has two writers)
+    "--chunks-per-shard",
+    "2",
 ]
 
 

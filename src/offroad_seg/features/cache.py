@@ -527,6 +527,11 @@ class FeatureCache:
         stored, labels = self._read(slice(*self.chunk_range(chunk)))
         return stored.dequantized(), labels
 
+    def read_range_stored(self, start: int, stop: int) -> tuple[StoredFeatures, np.ndarray]:
+        """(features as stored, labels) of images start..stop: one read per array, whole
+        shards fetched in one request each."""
+        return self._read(slice(start, stop))
+
     def read_images_stored(self, indices: np.ndarray) -> tuple[StoredFeatures, np.ndarray]:
         """(features as stored, labels) of the given images (sorted indices)."""
         return self._read(indices, oindex=True)
