@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from common import random_cache
+
 from offroad_seg.features.cache import FeatureCache
 from offroad_seg.training.sources import StreamingSource
 

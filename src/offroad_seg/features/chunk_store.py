@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import google_crc32c
 import numpy as np
 import zarr
 from zarr.abc.store import RangeByteRequest, SuffixByteRequest
@@ -60,42 +61,56 @@ def chunk_selection(arr: zarr.Array, coords: tuple[int, ...]) -> tuple[slice, ..
     return tuple(slice(c * s, (c + 1) * s) for c, s in zip(coords, arr.chunks, strict=True))
 
 
-def shard_index(raw: bytes | None, per_shard: int) -> np.ndarray | None:
-    """(per_shard, 2) offsets and lengths from a shard's tail, or None when it is absent or
-    too short to hold an index."""
+def shard_index(raw: bytes, per_shard: int) -> np.ndarray | None:
+    """(per_shard, 2) offsets and lengths from a shard's tail, or None when the tail is not a
+    whole index with its checksum (a damaged or truncated shard)."""
     want = per_shard * INDEX_ENTRY_BYTES + INDEX_CHECKSUM_BYTES
-    if raw is None or len(raw) != want:
+    if len(raw) != want:
         return None
-    return np.frombuffer(raw[:-INDEX_CHECKSUM_BYTES], dtype="<u8").reshape(per_shard, 2)
+    table, crc = raw[:-INDEX_CHECKSUM_BYTES], raw[-INDEX_CHECKSUM_BYTES:]
+    if google_crc32c.value(table) != int.from_bytes(crc, "little"):
+        return None
+    return np.frombuffer(table, dtype="<u8").reshape(per_shard, 2)
 
 
 def chunk_tails(store: zarr.abc.store.Store, chunks: list[StoredChunk]) -> list[int | None]:
     """The crc32c that ends each chunk's stored bytes (zarr's crc32c codec appends it), None
-    for a chunk that is not stored. Shard indexes are read once per shard, then every chunk's
-    last 4 bytes, each batch of reads concurrently."""
+    for a chunk that is not stored, 0 for one in a shard whose index is damaged (stored, but
+    unreadable: reading it names the damage). Shard indexes are read once per shard, then
+    every chunk's last 4 bytes, each batch of reads concurrently."""
     shards = sorted({(c.key, c.per_shard) for c in chunks if c.inner is not None})
     suffix = [
         (key, SuffixByteRequest(per * INDEX_ENTRY_BYTES + INDEX_CHECKSUM_BYTES))
         for key, per in shards
     ]
-    indexes = {
-        key: shard_index(raw, per)
-        for (key, per), raw in zip(shards, storage.read_ranges(store, suffix), strict=True)
-    }
-    requests: list[tuple[str, object] | None] = []
+    # per shard: its index; None when the shard is not stored; False when its index is damaged
+    indexes: dict[str, np.ndarray | bool | None] = {}
+    for (key, per), raw in zip(shards, storage.read_ranges(store, suffix), strict=True):
+        index = None if raw is None else shard_index(raw, per)
+        indexes[key] = False if raw is not None and index is None else index
+    requests: list[tuple[str, object] | int | None] = []  # a read, or the answer itself
     for chunk in chunks:
         if chunk.inner is None:
             requests.append((chunk.key, SuffixByteRequest(4)))
             continue
         index = indexes[chunk.key]
-        offset, length = (EMPTY, EMPTY) if index is None else map(int, index[chunk.inner])
-        if offset == EMPTY or length < 4:
+        if index is None or index is False:  # not stored; stored but unreadable
+            requests.append(None if index is None else 0)
+            continue
+        offset, length = map(int, index[chunk.inner])
+        if offset == EMPTY:
             requests.append(None)
+        elif length < 4:
+            requests.append(0)
         else:
             requests.append((chunk.key, RangeByteRequest(offset + length - 4, offset + length)))
-    raws = iter(storage.read_ranges(store, [r for r in requests if r is not None]))
+    reads = [r for r in requests if isinstance(r, tuple)]
+    raws = iter(storage.read_ranges(store, reads))
     out: list[int | None] = []
     for request in requests:
-        raw = None if request is None else next(raws)
-        out.append(int.from_bytes(raw, "little") if raw is not None and len(raw) == 4 else None)
+        if not isinstance(request, tuple):
+            out.append(request)
+            continue
+        raw = next(raws)
+        out.append(None if raw is None else int.from_bytes(raw, "little") if len(raw) == 4 else 0)
     return out
