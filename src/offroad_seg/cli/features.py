@@ -162,7 +162,10 @@ def cache_info(cache: str, as_json: bool) -> None:
         f"status       {'complete' if info['complete'] else 'UNFINISHED'}"
         f" ({info['done']}/{info['images']} images)",
         f"views        {', '.join(info['views'])}",
-        f"features     {tuple(f['shape'])} {f['dtype']}, chunks {tuple(f['chunks'])}",
+        f"features     {tuple(f['shape'])} {f['dtype']}, chunks {tuple(f['chunks'])}"
+        + (f", shards {tuple(f['shards'])}" if f["shards"] else ""),
+        f"format       version {info['version']}"
+        + (f", {info['chunks_per_shard']} chunks per shard" if info["version"] >= 2 else ""),
         f"labels       {tuple(info['labels']['shape'])} uint8 (255 = ignore)",
         f"size         {size[0]}x{size[1]} -> {grid[0]}x{grid[1]} tokens",
         f"backbone     {bb['name']} layers={bb['layers']} channels={bb['channels']}",

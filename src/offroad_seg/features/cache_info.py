@@ -1,6 +1,6 @@
-"""`offroad-seg cache info`: what a cache holds (images, views, shapes, dtype, chunking), its
-size on disk and compression ratio, backbone, preprocessing, classes and fingerprints, as one
-JSON-serialisable dict."""
+"""`offroad-seg cache info`: what a cache holds (images, views, shapes, dtype, chunking, format
+version and shards), its size on disk and compression ratio, backbone, preprocessing, classes
+and fingerprints, as one JSON-serialisable dict."""
 
 from __future__ import annotations
 
@@ -31,10 +31,13 @@ def cache_info(cache: FeatureCache) -> dict[str, Any]:
             "shape": list(features.shape),
             "dtype": cache.spec.dtype,
             "chunks": list(features.chunks),
+            "shards": None if features.shards is None else list(features.shards),
             **({"scales": list(cache.array(SCALES).shape)} if cache.spec.quantized else {}),
         },
         "labels": {"shape": list(cache.array("labels").shape), "dtype": "uint8"},
         "images_per_chunk": cache.images_per_chunk,
+        "version": cache.spec.version,
+        "chunks_per_shard": cache.spec.chunks_per_shard,
         "bytes_on_disk": stored,
         "bytes_per_image": stored / max(1, done) if done else None,
         "compression_ratio": raw * done / cache.num_images / stored if done else None,

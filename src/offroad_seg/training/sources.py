@@ -1,9 +1,12 @@
 """Feature sources for head training: cached features in memory, or streamed from zarr.
 
-Both sources turn an epoch's global sample order (a pure function of seed and epoch) into
+In memory, an epoch's global sample order (a pure function of seed and epoch) is cut into
 global batches of `batch_size`; under DDP each rank takes its contiguous slice of every global
-batch. With the loss normalised by the global pixel weight (see `train_head.train_one_epoch`)
-K ranks then compute exactly the gradient one process computes for the global batch.
+batch, and with the loss normalised by the global pixel weight (see `train_one_epoch`) K ranks
+compute exactly the gradient one process computes for the global batch. Streamed, each rank
+reads its own part of the epoch (its own shards) through a shuffle buffer, in batches of the
+same sizes: every image is still used once per epoch, but a global batch is no longer the one
+a single process would draw (reading every shard on every rank would multiply the reads by K).
 
 A source is built once and can feed any number of trainings (a sweep trains many heads on
 the features it loaded). Features stay in the cache's storage type (float16, or int8 with
