@@ -144,7 +144,9 @@ class _ChunkAssembler:
     def __init__(self, cache: FeatureCache, units: list[int], max_in_flight: int = 4):
         self.cache = cache
         self.buffers: dict[int, _ChunkBuffer | None] = dict.fromkeys(units)
-        self.writer = ChunkWriter(cache, max_in_flight)
+        # a shard is many chunks (~64 MiB of features, more with 266x476 hackathon labels at
+        # a small working size): fewer of them queued keeps memory to about three shards
+        self.writer = ChunkWriter(cache, max_in_flight if cache.chunks_per_unit == 1 else 1)
 
     def _buffer(self, unit: int) -> _ChunkBuffer:
         cache = self.cache
