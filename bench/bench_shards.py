@@ -106,7 +106,11 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench_shards_", dir=args.dir))
     server = None
     if args.s3:
+        import logging
+
         from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
 
         port = free_port()
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
