@@ -235,11 +235,6 @@ def plan_units(cache: FeatureCache, pending: list[int], batch_size: int) -> list
     return units
 
 
-def plan_batches(cache: FeatureCache, pending: list[int], batch_size: int) -> list[list[int]]:
-    """Every backbone batch of `plan_units`, in order (one process's whole plan)."""
-    return [batch for unit in plan_units(cache, pending, batch_size) for batch in unit]
-
-
 def working_preprocessing(config: ExtractConfig) -> Preprocessing:
     """The cache's preprocessing: `config.size`, or the backbone family's default size (266x476
     for DINOv2, 272x480 for DINOv3), cut into the backbone's patches."""
