@@ -1,7 +1,7 @@
 """`FeatureCache`: create a feature cache, open it (or reopen it to resume), write and commit
 whole chunks, finalize it, and read it back (chunk by chunk, by image, or whole), refusing
 unfinished, damaged or edited caches in one line. The format is described in `cache_format`,
-who owns a cache folder in `cache_folder`, the full check in `verify`. (About 530 lines: one
+who owns a cache folder in `cache_folder`, the full check in `verify`. (About 600 lines: one
 class, whose create, write and read methods share its open group and lazily opened arrays.)
 """
 
