@@ -79,11 +79,18 @@ def resident(t: torch.Tensor, device: torch.device, fraction: float = 0.25) -> t
     return t.pin_memory()
 
 
-def random_cache(path: Path, n: int, size: tuple[int, int] = (266, 476), seed: int = 0):
+def random_cache(
+    path: Path,
+    n: int,
+    size: tuple[int, int] = (266, 476),
+    seed: int = 0,
+    version: int = 2,
+    chunks_per_shard: int = 0,
+):
     """A finished cache of `n` images of random float16 features and blocky labels (training
     speed and memory do not depend on the values; nor does writing, since random features
-    compress like real ones to within ~15%). Chunks are committed in groups of 64: one fsync
-    pass per group, as extract's batches do."""
+    compress like real ones to within ~15%). Written as extract writes: whole units (a chunk,
+    or a shard in format 2), committed in groups of about 64 chunks (one fsync pass each)."""
     from offroad_seg.data.classes import ClassMap
     from offroad_seg.features.cache import FeatureCache
     from offroad_seg.features.cache_format import CacheSpec
@@ -96,24 +103,27 @@ def random_cache(path: Path, n: int, size: tuple[int, int] = (266, 476), seed: i
         class_map=ClassMap.default(),
         names=tuple(f"{i:07d}.png" for i in range(n)),
         sources_digest="bench",
+        version=version,
+        chunks_per_shard=chunks_per_shard,
     )
     cache = FeatureCache.create(path, spec, overwrite=True)
     rng = np.random.default_rng(seed)
     (h, w), (rows, cols) = spec.preprocessing.grid, spec.preprocessing.size
     group: list[int] = []
-    for chunk in range(cache.num_chunks):
-        start, stop = cache.chunk_range(chunk)
+    per_commit = max(1, 64 // cache.chunks_per_unit)
+    for unit in range(cache.num_units):
+        start, stop = cache.unit_range(unit)
         k = stop - start
         feats = rng.standard_normal((k, 1, cache.channels, h, w), dtype=np.float32)
         small = rng.integers(0, 11, (k, 1, h, w), dtype=np.uint8)
         labels = small.repeat(14, axis=2).repeat(14, axis=3)[..., :rows, :cols]
         hackathon = protocol_labels(small[:, 0], spec.class_map)
-        cache.write_chunk_data(
-            chunk, feats.astype(np.float16), np.ascontiguousarray(labels), None, hackathon
+        cache.write_unit_data(
+            unit, feats.astype(np.float16), np.ascontiguousarray(labels), None, hackathon
         )
-        group.append(chunk)
-        if len(group) == 64 or chunk == cache.num_chunks - 1:
-            cache.commit_chunks(group)
+        group.append(unit)
+        if len(group) == per_commit or unit == cache.num_units - 1:
+            cache.commit_units(group)
             group = []
     cache.finalize()
     return cache

@@ -28,6 +28,9 @@ DEFAULT_BACKBONE = "dinov2_vits14"
 # images nests them (data.layout: by the inputs' subfolders, then in numbered folders of
 # this many), since file systems list huge folders slowly and tools choke on them.
 OUTPUTS_PER_FOLDER = 10_000
+# The feature cache format new caches are written in: 2 packs chunks into shards (zarr's sharding
+# codec, ~64x fewer files); 1 is one file per chunk. Both are read (features/cache_format.py).
+CACHE_VERSION = 2
 
 # Inference engines of evaluate and predict (engines.py); None in a config: by the head's file
 # type (torch for a .pth checkpoint, onnxruntime for an exported .onnx)
@@ -61,6 +64,8 @@ class ExtractConfig:
     workers: int | None = None  # None: a sensible default for the device
     dtype: str = "float16"  # float16, float32, or int8 (per-token scales, see quantize.py)
     images_per_chunk: int = 0  # 0: ~1 MiB feature chunks
+    cache_version: int = CACHE_VERSION  # 1: one file per chunk; 2: chunks packed in shards
+    chunks_per_shard: int = 0  # format 2; 0: ~64 MiB of features per shard
     class_map: str | Path | None = None  # a built-in name (default, hackathon) or a JSON file
     ignore_unknown_codes: bool = False
     overwrite: bool = False

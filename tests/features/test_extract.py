@@ -23,7 +23,7 @@ from tests.conftest import SIZE, extract_config
 def test_cache_layout_readable_with_plain_zarr(caches, dataset):
     g = zarr.open_group(str(caches["train"]), mode="r")
     n = len(list_samples(dataset / "train"))
-    assert g.attrs["format"] == FORMAT and g.attrs["version"] == 1
+    assert g.attrs["format"] == FORMAT and g.attrs["version"] == 2
     assert g.attrs["complete"] is True
     assert g.attrs["views"] == ["identity", "hflip"]
     assert g.attrs["backbone"]["channels"] == 384 and g.attrs["backbone"]["layers"] == 1
@@ -32,11 +32,14 @@ def test_cache_layout_readable_with_plain_zarr(caches, dataset):
     assert g["features"].shape == (n, 2, 384, 4, 7) and g["features"].dtype == np.float16
     k = g.attrs["images_per_chunk"]
     assert g["features"].chunks == (k, 1, 384, 4, 7)
+    shard = k * g.attrs["chunks_per_shard"]  # format 2: chunks packed in shards
+    assert g["features"].shards == (shard, 1, 384, 4, 7) and g["done"].shards == (shard,)
     assert g["labels"].shape == (n, 2, *SIZE) and g["labels"].dtype == np.uint8
     assert g["done"].shape == (n,) and bool(g["done"][:].all())
     assert [str(s) for s in g["names"][:]] == [s.name for s in list_samples(dataset / "train")]
     assert g["class_pixels"].shape == (11,) and g["class_pixels"].dtype == np.int64
-    codecs = [type(c).__name__ for c in g["features"].metadata.codecs]
+    (sharding,) = g["features"].metadata.codecs
+    codecs = [type(c).__name__ for c in sharding.codecs]  # each inner chunk's
     assert codecs == ["BytesCodec", "BloscCodec", "Crc32cCodec"]
     # nothing but zarr's own files: listing members raises no "not recognized" warning
     with warnings.catch_warnings():
@@ -98,10 +101,15 @@ def test_cached_features_equal_backbone_output(caches, dataset, backbone):
 
 def test_interrupted_extract_resumes_to_identical_cache(dataset, tmp_path, caches, monkeypatch):
     cache = tmp_path / "train.zarr"
-    cfg = extract_config(
-        dataset / "train", cache, views=("identity", "hflip"), batch_size=2, images_per_chunk=1
+    cfg = extract_config(  # format 1: a unit is a chunk (format 2's kill test: test_crash_safety)
+        dataset / "train",
+        cache,
+        views=("identity", "hflip"),
+        batch_size=2,
+        images_per_chunk=1,
+        cache_version=1,
     )
-    original = FeatureCache.write_chunk_data
+    original = FeatureCache.write_unit_data
     calls = {"n": 0}
 
     def crash_after_two(self, chunk, *arrays):
@@ -110,10 +118,10 @@ def test_interrupted_extract_resumes_to_identical_cache(dataset, tmp_path, cache
         calls["n"] += 1
         original(self, chunk, *arrays)
 
-    monkeypatch.setattr(FeatureCache, "write_chunk_data", crash_after_two)
+    monkeypatch.setattr(FeatureCache, "write_unit_data", crash_after_two)
     with pytest.raises(RuntimeError, match="simulated crash"):
         extract(cfg)
-    monkeypatch.setattr(FeatureCache, "write_chunk_data", original)
+    monkeypatch.setattr(FeatureCache, "write_unit_data", original)
     partial = FeatureCache.open(cache)
     assert not partial.complete and partial.done().sum() == 2
     with pytest.raises(CacheError, match="unfinished"):
@@ -179,15 +187,15 @@ def test_verify_detects_flipped_byte(caches, tmp_path):
     copy = tmp_path / "copy.zarr"
     shutil.copytree(caches["train"], copy)
     assert FeatureCache.open(copy).verify(progress=False).ok
-    chunk = copy / "features" / "c" / "0" / "1" / "0" / "0" / "0"
+    chunk = copy / "features" / "c.0.1.0.0.0"  # view 1's shard: one chunk here
     data = bytearray(chunk.read_bytes())
-    data[len(data) // 2] ^= 0xFF
+    data[len(data) // 2] ^= 0xFF  # inside the chunk, before the shard's index
     chunk.write_bytes(bytes(data))
     report = FeatureCache.open(copy).verify(progress=False)
     assert not report.ok
     assert len(report.problems) == 1
     assert "features chunk (0, 1, 0, 0, 0)" in report.problems[0]
-    assert "features/c/0/1/0/0/0" in report.problems[0]
+    assert "features/c.0.1.0.0.0, inner chunk 0" in report.problems[0]
 
 
 def test_cli_synth_extract_info_verify(tmp_path):

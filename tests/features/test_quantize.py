@@ -97,11 +97,9 @@ def test_damaged_scales_chunk_is_named(int8_cache, tmp_path):
 
     copy = tmp_path / "damaged.zarr"
     shutil.copytree(int8_cache, copy)
-    chunk = next((copy / "scales" / "c").rglob("*"))
-    while chunk.is_dir():
-        chunk = next(chunk.iterdir())
+    chunk = copy / "scales" / "c.0.0.0.0.0"  # a shard holding one chunk (format 2)
     data = bytearray(chunk.read_bytes())
-    data[len(data) // 2] ^= 0xFF
+    data[len(data) // 2] ^= 0xFF  # inside the chunk, before the shard's index
     chunk.write_bytes(bytes(data))
     report = FeatureCache.open(copy).verify(progress=False)
     assert any(p.startswith("scales chunk") and "unreadable" in p for p in report.problems)

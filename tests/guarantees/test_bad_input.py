@@ -193,7 +193,7 @@ def test_train_on_unfinished_cache(tiny, tmp_path):
 def test_train_on_corrupt_chunk(tiny, tmp_path):
     bad = tmp_path / "bad.zarr"
     shutil.copytree(tiny / "a.zarr", bad)
-    chunk = bad / "features" / "c" / "0" / "0" / "0" / "0" / "0"
+    chunk = bad / "features" / "c.0.0.0.0.0"  # the shard holding chunk 0 (format 2)
     data = bytearray(chunk.read_bytes())
     data[40] ^= 0x55
     chunk.write_bytes(bytes(data))
@@ -204,7 +204,7 @@ def test_train_on_corrupt_chunk(tiny, tmp_path):
 def test_train_on_cache_with_missing_chunk(tiny, tmp_path):
     bad = tmp_path / "gone.zarr"
     shutil.copytree(tiny / "a.zarr", bad)
-    (bad / "labels" / "c" / "0" / "0" / "0" / "0").unlink()
+    (bad / "labels" / "c.0.0.0.0").unlink()  # the shard holding chunk 0 (format 2)
     result = run("train", bad, tmp_path / "h")
     assert_one_line_error(result, "gone.zarr", "labels chunk (0, 0, 0, 0): missing")
 

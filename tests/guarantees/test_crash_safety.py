@@ -36,7 +36,11 @@ ARGS = [
     "1",
     "--views",
     "flip",
+    "--cache-version",
+    "1",
 ]
+# format 2 at two chunks per shard: seven shards, each a write unit
+ARGS_V2 = [*ARGS[:-1], "2", "--chunks-per-shard", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -57,14 +61,14 @@ def reference(data, tmp_path_factory) -> Path:
 def config(data: Path, cache: Path):
     """The in-process twin of ARGS."""
     return extract_config(
-        data, cache, batch_size=2, images_per_chunk=1, views=("identity", "hflip")
+        data, cache, batch_size=2, images_per_chunk=1, views=("identity", "hflip"), cache_version=1
     )
 
 
-def start(data: Path, cache: Path) -> subprocess.Popen:
+def start(data: Path, cache: Path, args: list[str] = ARGS) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
-        [sys.executable, "-m", "offroad_seg", "extract", str(data), str(cache), *ARGS],
+        [sys.executable, "-m", "offroad_seg", "extract", str(data), str(cache), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -99,12 +103,15 @@ def assert_identical(a: Path, b: Path) -> None:
     assert ga.attrs["complete"] is True
 
 
-def test_sigkill_at_random_moments_then_resume(data, reference, tmp_path):
+@pytest.mark.parametrize("args", [ARGS, ARGS_V2], ids=["format1", "format2-shards"])
+def test_sigkill_at_random_moments_then_resume(data, reference, tmp_path, args):
+    """Both formats resume to the uninterrupted cache's arrays (the batches are the same: two
+    one-image chunks each, inside a shard in format 2)."""
     cache = tmp_path / "c.zarr"
     rng = random.Random(1234)
     kills = 0
     for target in sorted(rng.sample(range(1, N - 1), 3)):
-        proc = start(data, cache)
+        proc = start(data, cache, args)
         reached = wait_for(proc, cache, target)
         time.sleep(rng.uniform(0, 0.3))  # land anywhere: mid-batch, mid-write, between chunks
         if proc.poll() is None:
@@ -115,13 +122,14 @@ def test_sigkill_at_random_moments_then_resume(data, reference, tmp_path):
         info = FeatureCache.open(cache)
         assert not info.complete or info.done().all()
     assert kills >= 2
-    final = start(data, cache)
+    final = start(data, cache, args)
     _, err = final.communicate(timeout=300)
     assert final.returncode == 0, err
     assert "resuming" in err or "already extracted" in err
     assert_identical(cache, reference)
     assert FeatureCache.open(cache).verify(progress=False).ok
     assert not list(cache.rglob("*.partial"))
+    assert FeatureCache.open(cache).spec.version == int(args[args.index("--cache-version") + 1])
 
 
 def paused_mid_extraction(data: Path, cache: Path) -> subprocess.Popen:
@@ -163,18 +171,12 @@ def test_second_writer_refused_and_dead_owner_recovered(data, reference, tmp_pat
         with pytest.raises(
             CacheError, match=rf"another `offroad-seg extract` is writing.*pid {proc.pid}"
         ):
-            extract(
-                extract_config(
-                    data, cache, batch_size=2, images_per_chunk=1, views=("identity", "hflip")
-                )
-            )
+            extract(config(data, cache))
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     # the owner died holding the lock: the kernel released it, so a new run proceeds
-    extract(
-        extract_config(data, cache, batch_size=2, images_per_chunk=1, views=("identity", "hflip"))
-    )
+    extract(config(data, cache))
     assert_identical(cache, reference)
 
 
@@ -193,7 +195,7 @@ def test_disk_full_stops_cleanly_and_resumes(data, reference, tmp_path, monkeypa
 
     monkeypatch.setattr(local, "_put", put_until_full)
     cache = tmp_path / "c.zarr"
-    cfg = extract_config(data, cache, batch_size=2, images_per_chunk=1, views=("identity", "hflip"))
+    cfg = config(data, cache)
     with pytest.raises(
         CacheError,
         match=r"cannot write \(No space left on device\); \d+ of 14 images are safely stored",

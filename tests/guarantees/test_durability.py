@@ -92,6 +92,7 @@ def test_done_flags_follow_the_fsync_of_their_chunks(dataset, tmp_path, monkeypa
             views=("identity", "hflip"),
             batch_size=2,
             images_per_chunk=1,
+            cache_version=1,  # a file per chunk and per done flag: each put is seen
         )
     )
     cache = FeatureCache.open(cache_path)
@@ -135,7 +136,7 @@ def test_chunks_written_before_a_failure_are_committed(dataset, tmp_path, monkey
     """A failed write stops the run, but the chunks already whole are synced and marked done:
     the error message's count of safely stored images is true."""
     cache_path = tmp_path / "c.zarr"
-    real = FeatureCache.write_chunk_data
+    real = FeatureCache.write_unit_data  # format 1: a unit is a chunk
     written = []
 
     def fail_third(self, chunk, *a, **kw):
@@ -145,7 +146,7 @@ def test_chunks_written_before_a_failure_are_committed(dataset, tmp_path, monkey
         real(self, chunk, *a, **kw)
         written.append(chunk)
 
-    monkeypatch.setattr(FeatureCache, "write_chunk_data", fail_third)
+    monkeypatch.setattr(FeatureCache, "write_unit_data", fail_third)
     committed = []
     real_commit = FeatureCache.commit_chunks
     monkeypatch.setattr(
@@ -153,7 +154,9 @@ def test_chunks_written_before_a_failure_are_committed(dataset, tmp_path, monkey
         "commit_chunks",
         lambda self, chunks: (committed.extend(chunks), real_commit(self, chunks)),
     )
-    cfg = extract_config(dataset / "train", cache_path, batch_size=4, images_per_chunk=1)
+    cfg = extract_config(
+        dataset / "train", cache_path, batch_size=4, images_per_chunk=1, cache_version=1
+    )
     with pytest.raises(RuntimeError, match="simulated failure"):
         extract(cfg)
     # every chunk whose write finished (queued writes go on after the failure) and only those

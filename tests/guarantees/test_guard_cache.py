@@ -172,7 +172,7 @@ def creation_writes(data: Path, tmp_path: Path, monkeypatch) -> list[str]:
     seen: list[str] = []
 
     def record(path, value, exclusive=False):
-        if "/features/c/" in str(path):
+        if "/features/c" in str(path):  # a chunk (format 1) or a shard (format 2)
             raise Crash
         seen.append(str(Path(path).relative_to(tmp_path / "probe.zarr")))
         return real_put(path, value, exclusive=exclusive)
@@ -245,7 +245,7 @@ def test_disk_full_while_creating_is_one_line_then_rerun_recovers(
     real_put = local._put
 
     def full_at_names(path, value, exclusive=False):
-        if "/names/c/" in str(path):
+        if "/names/c/" in str(path):  # names: one unsharded chunk in both formats
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return real_put(path, value, exclusive=exclusive)
 
@@ -327,8 +327,10 @@ def swap(a: Path, b: Path) -> None:
     b.write_bytes(da)
 
 
-def test_swapped_chunks_are_named_by_verify_and_train(reference, tmp_path):
-    cache = copy_of(reference, tmp_path)
+def test_swapped_chunks_are_named_by_verify_and_train(data, tmp_path):
+    """Format 1 (a file per chunk); format 2's inner chunks: tests/features/test_shards.py."""
+    cache = tmp_path / "c.zarr"
+    extract(config(data, cache, cache_version=1))
     swap(cache / "features/c/0/0/0/0/0", cache / "features/c/1/0/0/0/0")
     swap(cache / "labels/c/0/0/0/0", cache / "labels/c/1/0/0/0")
     # each chunk still passes its own checksum

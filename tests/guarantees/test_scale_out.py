@@ -37,6 +37,10 @@ EXTRACT = [
     "2",
     "--workers",
     "0",
+    # cache format 2 (the default), two one-image chunks per shard: ten shards, dealt out to
+    # the ranks whole (no shard has two writers)
+    "--chunks-per-shard",
+    "2",
 ]
 
 
@@ -243,7 +247,8 @@ def test_extract_train_verify_on_s3(data, single, s3, tmp_path):
     r = runner.invoke(cli, ["extract", str(data / "train"), url, *EXTRACT])
     assert r.exit_code == 0, r.output
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="fleet-caches")["Contents"]]
-    assert "runs/train.zarr/zarr.json" in keys and "runs/train.zarr/features/c/0/0/0/0/0" in keys
+    assert "runs/train.zarr/zarr.json" in keys and "runs/train.zarr/features/c.0.0.0.0.0" in keys
+    assert len([k for k in keys if "/features/" in k]) == 1 + 10  # metadata, 10 shards of 2
     g = zarr.open_group(str(single), mode="r")
     remote = zarr.open_group(url, mode="r")
     np.testing.assert_array_equal(remote["features"][:], g["features"][:])
@@ -253,8 +258,8 @@ def test_extract_train_verify_on_s3(data, single, s3, tmp_path):
     assert r.exit_code == 0, r.output
     assert (tmp_path / "h" / "segmentation_head.pth").exists()
     # damage one object: verify names it
-    s3.put_object(Bucket="fleet-caches", Key="runs/train.zarr/labels/c/3/0/0/0", Body=b"junk")
-    r = runner.invoke(cli, ["cache", "verify", url])
+    s3.put_object(Bucket="fleet-caches", Key="runs/train.zarr/labels/c.1.0.0.0", Body=b"junk")
+    r = runner.invoke(cli, ["cache", "verify", url])  # shard 1 held chunks 2 and 3
     assert r.exit_code == 1 and "labels chunk (3, 0, 0, 0): unreadable" in r.stderr
 
 

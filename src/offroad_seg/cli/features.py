@@ -98,6 +98,19 @@ def _backbone_names() -> list[str]:
     help="Images per chunk [default: ~1 MiB chunks].",
 )
 @click.option(
+    "--cache-version",
+    type=click.Choice(["1", "2"]),
+    default=str(default(ExtractConfig, "cache_version")),
+    show_default=True,
+    help="Cache format: 2 packs chunks into shards (~64x fewer files); 1 is a file per chunk.",
+)
+@click.option(
+    "--chunks-per-shard",
+    type=int,
+    default=default(ExtractConfig, "chunks_per_shard"),
+    help="Format 2: chunks per shard file [default: ~64 MiB of features per shard].",
+)
+@click.option(
     "--class-map",
     help="'default' (the 11 off-road classes), 'hackathon' (the hackathon's 10: Flowers and "
     "unknown codes are Background), or a JSON list of {code, name, color}.",
@@ -121,6 +134,7 @@ def extract(data_dir: Path, cache: str, **opts) -> None:
             data_dir=data_dir,
             cache=cache,
             layers=int(opts.pop("layers")),
+            cache_version=int(opts.pop("cache_version")),
             views=views,
             size=parse_size(size) if (size := opts.pop("size")) else None,
             **opts,
@@ -132,7 +146,7 @@ def extract(data_dir: Path, cache: str, **opts) -> None:
 
 @cli.group("cache")
 def cache_group() -> None:
-    """Inspect and check feature caches."""
+    """Inspect, check and migrate feature caches."""
 
 
 @cache_group.command("info")
@@ -159,7 +173,10 @@ def cache_info(cache: str, as_json: bool) -> None:
         f"status       {'complete' if info['complete'] else 'UNFINISHED'}"
         f" ({info['done']}/{info['images']} images)",
         f"views        {', '.join(info['views'])}",
-        f"features     {tuple(f['shape'])} {f['dtype']}, chunks {tuple(f['chunks'])}",
+        f"features     {tuple(f['shape'])} {f['dtype']}, chunks {tuple(f['chunks'])}"
+        + (f", shards {tuple(f['shards'])}" if f["shards"] else ""),
+        f"format       version {info['version']}"
+        + (f", {info['chunks_per_shard']} chunks per shard" if info["version"] >= 2 else ""),
         f"labels       {tuple(info['labels']['shape'])} uint8 (255 = ignore)",
         "hackathon    "
         + (
@@ -212,3 +229,20 @@ def cache_verify(cache: str) -> None:
         f"{cache}: {state}; rerun the same `offroad-seg extract` command to resume "
         "(what is there verified ok)"
     )
+
+
+@cache_group.command("migrate")
+@click.argument("cache")
+@click.option(
+    "--chunks-per-shard",
+    type=int,
+    default=default(ExtractConfig, "chunks_per_shard"),
+    help="Chunks per shard file [default: ~64 MiB of features per shard].",
+)
+@stage
+def cache_migrate(cache: str, chunks_per_shard: int) -> None:
+    """Rewrite a format-1 cache (a file per chunk) as format 2 (chunks packed in shards), in
+    place; an interrupted migration leaves a readable cache, and rerunning finishes it."""
+    from offroad_seg.features.migrate import migrate
+
+    click.echo(migrate(cache, chunks_per_shard).line())

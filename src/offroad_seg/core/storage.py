@@ -194,24 +194,19 @@ def delete_entries(path: CachePath, names: Iterable[str]) -> None:
         _fsync(folder, directory=True)
 
 
-def read_checksums(store: zarr.abc.store.Store, keys: list[str]) -> list[int]:
-    """The crc32c that ends each of these stored chunks (zarr's crc32c codec appends it to the
-    chunk's bytes), read concurrently, 4 bytes each; 0 for a chunk that is not stored."""
-    from zarr.abc.store import SuffixByteRequest
+def read_ranges(store: zarr.abc.store.Store, requests: list[tuple[str, Any]]) -> list[bytes | None]:
+    """The bytes of each (key, zarr byte request) -- a suffix or a range of a stored object --
+    read concurrently; None for a key that is not stored."""
     from zarr.core.buffer import default_buffer_prototype
 
     prototype = default_buffer_prototype()
 
-    async def tails() -> list:
+    async def read() -> list:
         return await asyncio.gather(
-            *(store.get(k, prototype=prototype, byte_range=SuffixByteRequest(4)) for k in keys)
+            *(store.get(key, prototype=prototype, byte_range=r) for key, r in requests)
         )
 
-    out = []
-    for buf in sync(tails()):
-        raw = b"" if buf is None else buf.to_bytes()
-        out.append(int.from_bytes(raw, "little") if len(raw) == 4 else 0)
-    return out
+    return [None if buf is None else buf.to_bytes() for buf in sync(read())]
 
 
 def bytes_stored(path: CachePath, group: zarr.Group) -> int:

@@ -1,7 +1,7 @@
 """`FeatureCache`: create a feature cache, open it (or reopen it to resume), write and commit
 whole chunks, finalize it, and read it back (chunk by chunk, by image, or whole), refusing
 unfinished, damaged or edited caches in one line. The format is described in `cache_format`,
-who owns a cache folder in `cache_folder`, the full check in `verify`. (About 530 lines: one
+who owns a cache folder in `cache_folder`, the full check in `verify`. (About 600 lines: one
 class, whose create, write and read methods share its open group and lazily opened arrays.)
 """
 
@@ -38,13 +38,14 @@ from offroad_seg.features.cache_format import (
     FORMAT,
     HACKATHON,
     SCALES,
-    VERSION,
+    VERSIONS,
     CacheSpec,
     StoredFeatures,
     create_arrays,
 )
 from offroad_seg.features.cache_info import cache_info
 from offroad_seg.features.chunk_positions import position_problems, record_checksums
+from offroad_seg.features.chunk_store import StoredChunk, locate
 from offroad_seg.features.verify import VerifyReport, verify_cache
 
 log = logging.getLogger(__name__)
@@ -138,9 +139,11 @@ class FeatureCache:
             raise CacheError(f"{path}: cannot open cache ({type(e).__name__}: {e})") from e
         if attrs.get("format") != FORMAT:
             raise CacheError(f"{path}: not an offroad-seg feature cache")
-        if attrs.get("version") != VERSION:
+        if attrs.get("version") not in VERSIONS:
+            versions = " and ".join(map(str, VERSIONS))
             raise CacheError(
-                f"{path}: cache format version {attrs.get('version')}; this tool reads {VERSION}"
+                f"{path}: cache format version {attrs.get('version')}; this tool reads "
+                f"{versions} (a newer offroad-seg wrote it?)"
             )
         missing = [a for a in ARRAYS if not storage.read_key(path, f"{a}/zarr.json")]
         if missing:
@@ -234,6 +237,25 @@ class FeatureCache:
         k = self.images_per_chunk
         return chunk * k, min((chunk + 1) * k, self.num_images)
 
+    @property
+    def chunks_per_unit(self) -> int:
+        """Chunks of a write unit, the most one writer writes at once and resume redoes: one
+        chunk (format 1), or one shard (format 2: zarr rewrites a whole shard on any write,
+        so no two processes may write one)."""
+        return self.spec.chunks_per_shard
+
+    @property
+    def num_units(self) -> int:
+        return math.ceil(self.num_chunks / self.chunks_per_unit)
+
+    def unit_chunks(self, unit: int) -> range:
+        per = self.chunks_per_unit
+        return range(unit * per, min((unit + 1) * per, self.num_chunks))
+
+    def unit_range(self, unit: int) -> tuple[int, int]:
+        chunks = self.unit_chunks(unit)
+        return self.chunk_range(chunks[0])[0], self.chunk_range(chunks[-1])[1]
+
     # ------------------------------------------------------------------ writing
 
     def done(self) -> np.ndarray:
@@ -276,22 +298,50 @@ class FeatureCache:
         """Write one whole chunk's data (features (n, V, C, h, w) as stored, labels
         (n, V, H, W), for int8 caches scales (n, V, L, h, w), and view 0's hackathon-protocol
         labels (n, H, W)) without marking it done: until `commit_chunks`, a crash leaves it
-        pending, never half-trusted."""
-        start, stop = self.chunk_range(chunk)
+        pending, never half-trusted. (In a sharded cache this rewrites the chunk's shard:
+        extract writes whole units, `write_unit_data`.)"""
+        self._write_images(
+            f"chunk {chunk}", *self.chunk_range(chunk), features, labels, scales, hackathon
+        )
+
+    def write_unit_data(
+        self,
+        unit: int,
+        features: np.ndarray,
+        labels: np.ndarray,
+        scales: np.ndarray | None = None,
+        hackathon: np.ndarray | None = None,
+    ) -> None:
+        """Write one whole write unit's data (a chunk, or a shard's chunks in format 2: one
+        write per array and shard) without marking it done; as `write_chunk_data`."""
+        self._write_images(
+            f"unit {unit}", *self.unit_range(unit), features, labels, scales, hackathon
+        )
+
+    def _write_images(
+        self,
+        what: str,
+        start: int,
+        stop: int,
+        features: np.ndarray,
+        labels: np.ndarray,
+        scales: np.ndarray | None,
+        hackathon: np.ndarray | None,
+    ) -> None:
         n = stop - start
         f_shape = (n, self.num_views, *self.array("features").shape[2:])
         l_shape = (n, self.num_views, *self.array("labels").shape[2:])
         if features.shape != f_shape or labels.shape != l_shape:
             raise ValueError(
-                f"chunk {chunk}: got {features.shape}/{labels.shape}, want {f_shape}/{l_shape}"
+                f"{what}: got {features.shape}/{labels.shape}, want {f_shape}/{l_shape}"
             )
         if self.spec.quantized != (scales is not None):
-            raise ValueError(f"chunk {chunk}: scales go with int8 features, and only with them")
+            raise ValueError(f"{what}: scales go with int8 features, and only with them")
         self.array("features")[start:stop] = features.astype(self.spec.dtype, copy=False)
         if scales is not None:
             self.array(SCALES)[start:stop] = scales.astype(np.float32, copy=False)
         if self.has_hackathon_labels != (hackathon is not None):
-            raise ValueError(f"chunk {chunk}: hackathon labels go with caches that store them")
+            raise ValueError(f"{what}: hackathon labels go with caches that store them")
         if hackathon is not None:
             self.array(HACKATHON)[start:stop] = hackathon
         self.array("labels")[start:stop] = labels
@@ -308,8 +358,18 @@ class FeatureCache:
         return out
 
     def chunk_keys(self, chunk: int) -> list[str]:
-        """The store keys of a chunk's data: features, labels (and scales) of every view."""
-        return [self.chunk_key(name, coords) for name, coords in self.chunk_coords(chunk)]
+        """The store keys holding a chunk's data (features, labels and scales of every view,
+        the hackathon labels): its own files, or in format 2 the shards that hold it."""
+        return list(dict.fromkeys(s.key for s in self.stored_chunks(chunk)))
+
+    def stored_chunks(self, chunk: int) -> list[StoredChunk]:
+        """Where each stored chunk of a data chunk is (`chunk_coords` order)."""
+        return [self.locate(name, coords) for name, coords in self.chunk_coords(chunk)]
+
+    def locate(self, array: str, coords: tuple[int, ...]) -> StoredChunk:
+        """Where one chunk of one array is stored (by the array's own layout)."""
+        prefix = f"{self.group.path}/{array}" if self.group.path else array
+        return locate(prefix, self.array(array), coords)
 
     @property
     def has_checksums(self) -> bool:
@@ -328,10 +388,14 @@ class FeatureCache:
         keys = [k for c in chunks for k in self.chunk_keys(c)]
         if self.has_checksums:
             keys += record_checksums(self, chunks)
-        storage.sync_files(self.path, keys)
+        storage.sync_files(self.path, list(dict.fromkeys(keys)))
         done = self.array("done")
-        for chunk in chunks:
-            done[slice(*self.chunk_range(chunk))] = True
+        for first, last in _runs(chunks):  # one write per run: a whole shard in format 2
+            done[self.chunk_range(first)[0] : self.chunk_range(last)[1]] = True
+
+    def commit_units(self, units: Sequence[int]) -> None:
+        """`commit_chunks` for the chunks of whole write units."""
+        self.commit_chunks([c for u in units for c in self.unit_chunks(u)])
 
     def finalize(self) -> None:
         """Count the label histogram and mark the cache complete (all chunks must be done)."""
@@ -463,6 +527,11 @@ class FeatureCache:
         stored, labels = self._read(slice(*self.chunk_range(chunk)))
         return stored.dequantized(), labels
 
+    def read_range_stored(self, start: int, stop: int) -> tuple[StoredFeatures, np.ndarray]:
+        """(features as stored, labels) of images start..stop: one read per array, whole
+        shards fetched in one request each."""
+        return self._read(slice(start, stop))
+
     def read_images_stored(self, indices: np.ndarray) -> tuple[StoredFeatures, np.ndarray]:
         """(features as stored, labels) of the given images (sorted indices)."""
         return self._read(indices, oindex=True)
@@ -533,12 +602,23 @@ class FeatureCache:
         if finished:
             keys += [self.chunk_key("done", (c,)) for c in range(self.num_chunks)]
             keys.append(self.chunk_key("class_pixels", (0,)))
-        storage.sync_files(self.path, keys)
+        storage.sync_files(self.path, list(dict.fromkeys(keys)))
 
     def chunk_key(self, array: str, coords: tuple[int, ...]) -> str:
-        prefix = f"{self.group.path}/" if self.group.path else ""
-        return f"{prefix}{array}/c/" + "/".join(str(c) for c in coords)
+        """The store key holding one chunk of an array (its shard's, when sharded)."""
+        return self.locate(array, coords).key
 
     def verify(self, progress: bool = True) -> VerifyReport:
         """Read every chunk of every array (see `verify_cache`)."""
         return verify_cache(self, progress)
+
+
+def _runs(chunks: Sequence[int]) -> list[tuple[int, int]]:
+    """(first, last) of each run of consecutive chunks, in order."""
+    out: list[tuple[int, int]] = []
+    for c in sorted(chunks):
+        if out and c == out[-1][1] + 1:
+            out[-1] = (out[-1][0], c)
+        else:
+            out.append((c, c))
+    return out

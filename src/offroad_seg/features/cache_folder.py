@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from offroad_seg.config import CACHE_VERSION
 from offroad_seg.core import storage
 from offroad_seg.core.atomic import remove_stale_temps
 from offroad_seg.core.lock import LOCK_NAME
@@ -19,7 +20,6 @@ from offroad_seg.features.cache_format import (
     ARRAYS,
     FORMAT,
     OWN_ENTRIES,
-    VERSION,
 )
 
 # Written first when a cache is created and removed once its metadata is whole (the group's
@@ -94,7 +94,9 @@ def inspect_target(path: CachePath) -> Target:
 
 
 def _marker_bytes() -> bytes:
-    return (json.dumps({"format": FORMAT, "version": VERSION, "state": "creating"}) + "\n").encode()
+    return (
+        json.dumps({"format": FORMAT, "version": CACHE_VERSION, "state": "creating"}) + "\n"
+    ).encode()
 
 
 def claim_for_creation(path: str, overwrite: bool) -> None:

@@ -1,4 +1,4 @@
-"""The feature cache's format: one zarr v3 group per dataset split (format version 1).
+"""The feature cache's format: one zarr v3 group per dataset split (format version 2; 1 is read).
 
 Arrays (N images, V views, C channels, h x w tokens, H x W working size, K classes; a block
 cache, `extract --block B`, stores each view's whole token sequence entering block B as C x 1 x T,
@@ -15,11 +15,18 @@ T = prefix + h*w tokens, with L = 1: `CacheSpec.feature_shape`):
     class_pixels  (K,)             int64                  view-0 label histogram (when complete)
 
 Every chunk is Blosc-compressed (features lz4 + bit shuffle, labels zstd) and carries a crc32c
-checksum. A writer owns whole chunks (k images of every view), which is what makes resume and
-concurrent writers safe. The group's attributes describe the backbone, preprocessing, class map
-and views, with a `fingerprint` over all of it plus the file list, and `compat_fingerprint` over
-the parts that decide whether features from two caches can be mixed (backbone, preprocessing,
-class map).
+checksum. Format 1 stores each chunk in its own file (key `features/c/i/v/0/0/0`). Format 2
+packs `chunks_per_shard` consecutive chunks of an array (along the image axis) into one shard
+file with zarr's sharding codec (key `features/c.s.v.0.0.0`, an index of the inner chunks at its
+end): the same chunks, the same bytes per chunk, about `chunks_per_shard` times fewer files.
+`names` and `class_pixels` are one chunk each in both. A writer owns whole write units -- a
+chunk in format 1, a shard in format 2, each of k images (k x chunks_per_shard) of every view --
+which is what makes resume and concurrent writers safe (zarr rewrites a whole shard on any
+write, so two writers of one shard would lose data: zarr issue #3682). The group's attributes
+describe the backbone, preprocessing, class map and views, with a `fingerprint` over all of it
+plus the file list, and `compat_fingerprint` over the parts that decide whether features from
+two caches can be mixed (backbone, preprocessing, class map); `version` and `chunks_per_shard`
+(the layout, not the content) are outside it.
 
 This module holds the format's constants, its arrays' layout and codecs (`create_arrays`,
 `compressors`), `CacheSpec` (what determines a cache's content; the group's attributes) and
@@ -38,6 +45,7 @@ import torch
 import zarr
 import zarr.codecs
 
+from offroad_seg.config import CACHE_VERSION
 from offroad_seg.data.classes import IGNORE_ID, ClassMap
 from offroad_seg.data.digest import SOURCES_METHOD, digest
 from offroad_seg.errors import CacheError
@@ -48,10 +56,16 @@ from offroad_seg.models.fingerprint import compat_differences, compat_fingerprin
 from offroad_seg.models.preprocess import Preprocessing
 
 FORMAT = "offroad-seg-cache"
-VERSION = 1
+VERSIONS = (1, 2)  # the formats this tool reads; it writes CACHE_VERSION (config.py)
 VIEWS = ("identity", "hflip")
 FEATURE_DTYPES = ("float16", "float32", "int8")
 TARGET_CHUNK_BYTES = 1 << 20
+# Format 2: feature bytes per shard when chunks_per_shard is 0 (chosen by bench_shards.py; see
+# docs/data-and-cache.md): 64 chunks of ~1 MiB
+TARGET_SHARD_BYTES = 64 << 20
+# the key encoding of sharded arrays: "c.s.v.0.0.0", never a key of format 1 ("c/i/v/0/0/0"),
+# so `cache migrate` writes the shards beside the chunks they replace
+SHARD_KEY_ENCODING = {"name": "default", "separator": "."}
 ARRAYS = ("features", "labels", "done", "names", "class_pixels")
 SCALES = "scales"  # int8 caches only: the per-token, per-layer scales (see quantize.py)
 # View 0's labels as the hackathon protocol scores them (metrics.hackathon_truth), so training's
@@ -63,8 +77,10 @@ HACKATHON = "hackathon_labels"
 # written at that position (two chunks swapped on disk each still pass their own checksum).
 # Caches written before 0.3 lack it.
 CHECKSUMS = "chunk_checksums"
+# Written by `cache migrate` while it works (see migrate.py)
+MIGRATE_MARKER = ".offroad-seg-migrate"
 # Everything a cache stores at its top level: the only entries `create` ever deletes.
-OWN_ENTRIES = ("zarr.json", *ARRAYS, SCALES, HACKATHON, CHECKSUMS)
+OWN_ENTRIES = ("zarr.json", *ARRAYS, SCALES, HACKATHON, CHECKSUMS, MIGRATE_MARKER)
 
 
 def compressors(dtype: np.dtype | str, features: bool = False) -> list:
@@ -103,6 +119,11 @@ class CacheSpec:
     # how `sources_digest` was computed: caches before 0.3 hashed sizes only ("size"); not
     # part of the fingerprint, so that theirs stay valid
     sources_method: str = SOURCES_METHOD
+    # the storage layout, not the content (outside the fingerprint: `cache migrate` changes
+    # it, and a resumed extraction keeps the cache's own): format version, and for format 2
+    # the chunks per shard (0: ~TARGET_SHARD_BYTES of features; never more than the cache has)
+    version: int = CACHE_VERSION
+    chunks_per_shard: int = 0
 
     def __post_init__(self) -> None:
         if not self.views or self.views[0] != "identity" or not set(self.views) <= set(VIEWS):
@@ -116,6 +137,29 @@ class CacheSpec:
             object.__setattr__(
                 self, "images_per_chunk", max(1, round(TARGET_CHUNK_BYTES / per_image))
             )
+        if self.version not in VERSIONS:
+            raise CacheError(f"cache format version {self.version}: this tool reads {VERSIONS}")
+        object.__setattr__(self, "chunks_per_shard", self._shard_chunks())
+
+    def _shard_chunks(self) -> int:
+        """Chunks per shard: 1 for format 1 (no shards); never more than the cache holds."""
+        if self.version == 1:
+            return 1
+        chunks = math.ceil(len(self.names) / self.images_per_chunk)
+        wanted = self.chunks_per_shard
+        if wanted <= 0:
+            per_image = math.prod(self.feature_shape) * np.dtype(self.dtype).itemsize
+            wanted = max(1, round(TARGET_SHARD_BYTES / (per_image * self.images_per_chunk)))
+        return max(1, min(wanted, chunks))
+
+    @property
+    def sharded(self) -> bool:
+        return self.version >= 2
+
+    @property
+    def images_per_unit(self) -> int:
+        """Images of one write unit: a chunk (format 1) or a shard (format 2)."""
+        return self.images_per_chunk * self.chunks_per_shard
 
     @property
     def feature_shape(self) -> tuple[int, int, int]:
@@ -153,7 +197,8 @@ class CacheSpec:
     def attributes(self) -> dict[str, Any]:
         return {
             "format": FORMAT,
-            "version": VERSION,
+            "version": self.version,
+            "chunks_per_shard": self.chunks_per_shard,
             "backbone": self.backbone.to_dict(),
             "preprocessing": self.preprocessing.to_dict(),
             "class_map": self.class_map.to_dict(),
@@ -180,6 +225,8 @@ class CacheSpec:
             images_per_chunk=int(attrs["images_per_chunk"]),
             ignore_unknown_codes=bool(attrs["ignore_unknown_codes"]),
             sources_method=attrs.get("sources_method", "size"),
+            version=int(attrs["version"]),
+            chunks_per_shard=int(attrs.get("chunks_per_shard", 1)),
         )
 
     def differences(self, other: CacheSpec, compat_only: bool = False) -> list[str]:
@@ -238,6 +285,20 @@ class StoredFeatures:
         return dequantize(values, scales).numpy()
 
 
+def _layout(spec: CacheSpec, chunks: tuple[int, ...]) -> dict[str, Any]:
+    """zarr's create_array arguments for an array of these chunks: in format 2, sharded
+    `chunks_per_shard` chunks deep along its first (image or chunk) axis, every inner chunk
+    stored (so that one missing from a shard's index means damage)."""
+    if not spec.sharded:
+        return {"chunks": chunks}
+    return {
+        "chunks": chunks,
+        "shards": (chunks[0] * spec.chunks_per_shard, *chunks[1:]),
+        "chunk_key_encoding": SHARD_KEY_ENCODING,
+        "config": {"write_empty_chunks": True},
+    }
+
+
 def create_arrays(group: zarr.Group, spec: CacheSpec) -> None:
     """Every array of a new cache, with its names and its `done` flags written: the data
     arrays, then the bookkeeping."""
@@ -256,7 +317,7 @@ def _create_data_arrays(group: zarr.Group, spec: CacheSpec) -> None:
     group.create_array(
         "features",
         shape=(n, v, c, h, w),
-        chunks=(k, 1, c, h, w),
+        **_layout(spec, (k, 1, c, h, w)),
         dtype=spec.dtype,
         compressors=compressors(spec.dtype, features=True),
         fill_value=0,
@@ -267,7 +328,7 @@ def _create_data_arrays(group: zarr.Group, spec: CacheSpec) -> None:
         group.create_array(
             SCALES,
             shape=(n, v, layers, h, w),
-            chunks=(k, 1, layers, h, w),
+            **_layout(spec, (k, 1, layers, h, w)),
             dtype="float32",
             compressors=compressors("float32"),
             fill_value=0,
@@ -276,7 +337,7 @@ def _create_data_arrays(group: zarr.Group, spec: CacheSpec) -> None:
     group.create_array(
         HACKATHON,
         shape=(n, *HACKATHON_SIZE),
-        chunks=(k, *HACKATHON_SIZE),
+        **_layout(spec, (k, *HACKATHON_SIZE)),
         dtype="uint8",
         compressors=compressors("uint8"),
         fill_value=0,
@@ -285,7 +346,7 @@ def _create_data_arrays(group: zarr.Group, spec: CacheSpec) -> None:
     group.create_array(
         "labels",
         shape=(n, v, rows, cols),
-        chunks=(k, 1, rows, cols),
+        **_layout(spec, (k, 1, rows, cols)),
         dtype="uint8",
         compressors=compressors("uint8"),
         fill_value=IGNORE_ID,
@@ -300,13 +361,12 @@ def _create_bookkeeping_arrays(group: zarr.Group, spec: CacheSpec) -> None:
     group.create_array(
         "done",
         shape=(n,),
-        chunks=(k,),
         dtype="bool",
         compressors=compressors("bool"),
         fill_value=False,
         # zarr skips chunks equal to the fill value: these must exist, so that a missing
         # one means damage, not "not yet"
-        config={"write_empty_chunks": True},
+        **{**_layout(spec, (k,)), "config": {"write_empty_chunks": True}},
     )
     names = group.create_array(
         "names", shape=(n,), chunks=(n,), dtype=str, compressors=compressors("uint8")
@@ -324,10 +384,9 @@ def _create_bookkeeping_arrays(group: zarr.Group, spec: CacheSpec) -> None:
     group.create_array(
         CHECKSUMS,
         shape=(math.ceil(n / k), stored_per_chunk),
-        chunks=(1, stored_per_chunk),
         dtype="uint32",
         compressors=compressors("uint32"),
         fill_value=0,
         dimension_names=("chunk", "stored"),
-        config={"write_empty_chunks": True},
+        **{**_layout(spec, (1, stored_per_chunk)), "config": {"write_empty_chunks": True}},
     )

@@ -1,6 +1,6 @@
 """`offroad-seg cache info`: what a cache holds (images, views, its arrays' shapes, dtypes and
-chunking), its size on disk and compression ratio, backbone, the whole preprocessing, classes
-and fingerprints, as one JSON-serialisable dict."""
+chunking, format version and shards), its size on disk and compression ratio, backbone, the
+whole preprocessing, classes and fingerprints, as one JSON-serialisable dict."""
 
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ def cache_info(cache: FeatureCache) -> dict[str, Any]:
             "shape": list(features.shape),
             "dtype": cache.spec.dtype,
             "chunks": list(features.chunks),
+            "shards": None if features.shards is None else list(features.shards),
             **({"scales": list(cache.array(SCALES).shape)} if cache.spec.quantized else {}),
         },
         "labels": {"shape": list(cache.array("labels").shape), "dtype": "uint8"},
@@ -42,6 +43,8 @@ def cache_info(cache: FeatureCache) -> dict[str, Any]:
         if hackathon is not None
         else None,
         "images_per_chunk": cache.images_per_chunk,
+        "version": cache.spec.version,
+        "chunks_per_shard": cache.spec.chunks_per_shard,
         "bytes_on_disk": stored,
         "bytes_per_image": stored / max(1, done) if done else None,
         "compression_ratio": raw * done / cache.num_images / stored if done else None,

@@ -1,7 +1,10 @@
 """Where each chunk's data belongs. A chunk's own crc32c proves its bytes whole, not that they
 are the ones written at its position: two chunks swapped on disk each still pass. So when a data
 chunk is committed, the checksums that end its stored chunks are recorded by position (the
-`{CHECKSUMS}` array, caches from 0.3 on), and reading or verifying a cache compares them."""
+`{CHECKSUMS}` array, caches from 0.3 on), and reading or verifying a cache compares them. In a
+sharded cache (format 2) the checksums are those of the inner chunks, found through their
+shard's index: a chunk moved inside its shard, or to another shard, is caught alike, and
+`cache migrate` copies each chunk's bytes unchanged, so the records stay valid."""
 
 from __future__ import annotations
 
@@ -10,8 +13,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from offroad_seg.core import storage
 from offroad_seg.features.cache_format import CHECKSUMS
+from offroad_seg.features.chunk_store import chunk_tails
 
 if TYPE_CHECKING:
     from offroad_seg.features.cache import FeatureCache
@@ -21,12 +24,18 @@ def record_checksums(cache: FeatureCache, chunks: Sequence[int]) -> list[str]:
     """Record the checksums that end the chunks' stored data, by position; the keys of
     the records written."""
     arr = cache.array(CHECKSUMS)
-    keys = [cache.chunk_keys(c) for c in chunks]
-    tails = storage.read_checksums(cache.group.store, [k for ks in keys for k in ks])
-    per = len(keys[0]) if keys else 0
-    for i, chunk in enumerate(chunks):
-        arr[chunk] = np.asarray(tails[i * per : (i + 1) * per], dtype=np.uint32)
-    return [cache.chunk_key(CHECKSUMS, (c, 0)) for c in chunks]
+    chunks = sorted(chunks)
+    stored = [cache.stored_chunks(c) for c in chunks]
+    tails = chunk_tails(cache.group.store, [s for ss in stored for s in ss])
+    per = len(stored[0]) if stored else 0
+    rows = np.asarray([t or 0 for t in tails], dtype=np.uint32).reshape(len(chunks), per)
+    # one write per run of consecutive chunks: a whole shard of records in format 2
+    start = 0
+    for i in range(1, len(chunks) + 1):
+        if i == len(chunks) or chunks[i] != chunks[i - 1] + 1:
+            arr[chunks[start] : chunks[i - 1] + 1] = rows[start:i]
+            start = i
+    return list(dict.fromkeys(cache.chunk_key(CHECKSUMS, (c, 0)) for c in chunks))
 
 
 def position_problems(
@@ -43,13 +52,14 @@ def position_problems(
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         return [f"{CHECKSUMS}: unreadable ({reason})"]
     coords = [cache.chunk_coords(c) for c in chunks]
-    keys = [[cache.chunk_key(n, xy) for n, xy in cs] for cs in coords]
-    actual = storage.read_checksums(cache.group.store, [k for ks in keys for k in ks])
+    stored = [[cache.locate(n, xy) for n, xy in cs] for cs in coords]
+    actual = chunk_tails(cache.group.store, [s for ss in stored for s in ss])
     problems = []
     per = recorded.shape[1]
     for i, chunk in enumerate(chunks):
-        for j, ((name, xy), key) in enumerate(zip(coords[i], keys[i], strict=True)):
-            want, got = int(recorded[chunk, j]), actual[i * per + j]
+        for j, ((name, xy), where) in enumerate(zip(coords[i], stored[i], strict=True)):
+            want, got = int(recorded[chunk, j]), actual[i * per + j] or 0
+            key = where.where()
             if key in skip or not want or not got or want == got:
                 continue  # unrecorded, missing (reported elsewhere) or right
             owners = np.argwhere(recorded == got)

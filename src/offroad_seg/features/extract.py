@@ -83,10 +83,11 @@ class _ChunkBuffer:
 
 
 class ChunkWriter:
-    """Writes whole chunks on a background thread and commits them in groups on another
-    (`FeatureCache.commit_chunks`: fsync the group's files, then set their `done` flags), so
-    that compressing, writing and syncing all overlap the next batch's compute. A group is
-    the chunks written since the previous `end_group`; extract ends one per backbone batch."""
+    """Writes whole write units (chunks; shards in format 2) on a background thread and
+    commits them in groups on another (`FeatureCache.commit_units`: fsync the group's files,
+    then set their `done` flags), so that compressing, writing and syncing all overlap the
+    next batch's compute. A group is the units written since the previous `end_group`;
+    extract ends one per backbone batch."""
 
     def __init__(self, cache: FeatureCache, max_in_flight: int = 4) -> None:
         self.cache = cache
@@ -96,26 +97,26 @@ class ChunkWriter:
 
     def write(
         self,
-        chunk: int,
+        unit: int,
         features: np.ndarray,
         labels: np.ndarray,
         scales: np.ndarray | None,
         hackathon: np.ndarray | None = None,
     ) -> None:
-        self.writes.submit(self._write, chunk, features, labels, scales, hackathon)
+        self.writes.submit(self._write, unit, features, labels, scales, hackathon)
 
     def end_group(self) -> None:
         """Commit the chunks written so far, once their writes are finished."""
         self.writes.submit(self._commit_written)
 
-    def _write(self, chunk, features, labels, scales, hackathon) -> None:
-        self.cache.write_chunk_data(chunk, features, labels, scales, hackathon)
-        self._written.append(chunk)
+    def _write(self, unit, features, labels, scales, hackathon) -> None:
+        self.cache.write_unit_data(unit, features, labels, scales, hackathon)
+        self._written.append(unit)
 
     def _commit_written(self) -> None:
         group, self._written = self._written, []
         if group:
-            self.commits.submit(self.cache.commit_chunks, group)
+            self.commits.submit(self.cache.commit_units, group)
 
     def drain(self) -> None:
         """Wait for every write and commit. Chunks written before a failed write are whole,
@@ -136,27 +137,36 @@ class ChunkWriter:
 
 
 class _ChunkAssembler:
-    """Collects per-image results until a chunk is whole, then writes it in the background."""
+    """Collects per-image results until a write unit (a chunk, or a shard in format 2) is
+    whole, then writes it in the background. A unit's buffer is allocated when its first
+    image arrives, so memory holds the units being filled, not the rank's whole share."""
 
-    def __init__(self, cache: FeatureCache, chunks: list[int], max_in_flight: int = 4):
+    def __init__(self, cache: FeatureCache, units: list[int], max_in_flight: int = 4):
         self.cache = cache
-        self.buffers: dict[int, _ChunkBuffer] = {}
+        self.buffers: dict[int, _ChunkBuffer | None] = dict.fromkeys(units)
+        # a shard is many chunks (~64 MiB of features, more with 266x476 hackathon labels at
+        # a small working size): fewer of them queued keeps memory to about three shards
+        self.writer = ChunkWriter(cache, max_in_flight if cache.chunks_per_unit == 1 else 1)
+
+    def _buffer(self, unit: int) -> _ChunkBuffer:
+        cache = self.cache
         v, (c, h, w) = cache.num_views, cache.spec.feature_shape
         rows, cols = cache.spec.preprocessing.size
         layers = cache.spec.backbone.stored_layers
-        for chunk in chunks:
-            start, stop = cache.chunk_range(chunk)
-            n = stop - start
-            self.buffers[chunk] = _ChunkBuffer(
-                np.empty((n, v, c, h, w), dtype=cache.spec.dtype),
-                np.empty((n, v, rows, cols), dtype=np.uint8),
-                np.empty((n, v, layers, h, w), np.float32) if cache.spec.quantized else None,
-                np.empty((n, *cache.hackathon_size), np.uint8) if cache.hackathon_size else None,
-            )
-        self.writer = ChunkWriter(cache, max_in_flight)
+        start, stop = cache.unit_range(unit)
+        n = stop - start
+        return _ChunkBuffer(
+            np.empty((n, v, c, h, w), dtype=cache.spec.dtype),
+            np.empty((n, v, rows, cols), dtype=np.uint8),
+            np.empty((n, v, layers, h, w), np.float32) if cache.spec.quantized else None,
+            np.empty((n, *cache.hackathon_size), np.uint8) if cache.hackathon_size else None,
+        )
+
+    def _unit(self, index: int) -> int:
+        return index // (self.cache.images_per_chunk * self.cache.chunks_per_unit)
 
     def wanted(self, index: int) -> bool:
-        return index // self.cache.images_per_chunk in self.buffers
+        return self._unit(index) in self.buffers
 
     def add(
         self,
@@ -166,11 +176,13 @@ class _ChunkAssembler:
         scales: np.ndarray | None,
         hackathon: np.ndarray | None,
     ) -> None:
-        chunk = index // self.cache.images_per_chunk
-        if chunk not in self.buffers:  # a finished chunk that shares a batch with pending ones
+        unit = self._unit(index)
+        if unit not in self.buffers:  # a finished chunk that shares a batch with pending ones
             return
-        buf = self.buffers[chunk]
-        offset = index - self.cache.chunk_range(chunk)[0]
+        buf = self.buffers[unit]
+        if buf is None:
+            buf = self.buffers[unit] = self._buffer(unit)
+        offset = index - self.cache.unit_range(unit)[0]
         buf.features[offset] = features
         buf.labels[offset] = labels
         if buf.scales is not None:
@@ -179,8 +191,8 @@ class _ChunkAssembler:
             buf.hackathon[offset] = hackathon
         buf.filled += 1
         if buf.filled == len(buf.features):
-            del self.buffers[chunk]
-            self.writer.write(chunk, buf.features, buf.labels, buf.scales, buf.hackathon)
+            del self.buffers[unit]
+            self.writer.write(unit, buf.features, buf.labels, buf.scales, buf.hackathon)
 
     def end_batch(self) -> None:
         """A batch is a group of whole chunks: commit them together (one fsync pass)."""
@@ -191,21 +203,36 @@ class _ChunkAssembler:
         self.writer.drain()
 
 
-def plan_batches(cache: FeatureCache, pending: list[int], batch_size: int) -> list[list[int]]:
-    """Image indices of each backbone batch. Batches are fixed groups of whole chunks (the
-    batch size rounded up to whole chunks), and a group with any pending chunk is recomputed
-    whole, so every image is computed in the same batch whether or not the run was resumed:
-    features are then identical to an uninterrupted run even where kernels depend on the
-    batch shape (cuBLAS, oneDNN)."""
-    per_group = max(1, math.ceil(batch_size / cache.images_per_chunk))
+def plan_units(cache: FeatureCache, pending: list[int], batch_size: int) -> list[list[list[int]]]:
+    """The image indices of each backbone batch, grouped into the units that ranks share out:
+    one rank computes and writes a whole unit, so no two ranks ever write one chunk (format
+    1) or one shard (format 2). A batch is a fixed group of whole chunks (the batch size
+    rounded up to whole chunks, never across a shard), and a unit with any pending chunk is
+    recomputed whole, so every image is computed in the same batch whether or not the run was
+    resumed: features are then identical to an uninterrupted run even where kernels depend on
+    the batch shape (cuBLAS, oneDNN). Format 1's unit is one batch; format 2's a shard."""
+    per_batch = max(1, math.ceil(batch_size / cache.images_per_chunk))
     pending_set = set(pending)
-    batches = []
-    for first in range(0, cache.num_chunks, per_group):
-        group = range(first, min(first + per_group, cache.num_chunks))
-        if pending_set.intersection(group):
-            start, stop = cache.chunk_range(group[0])[0], cache.chunk_range(group[-1])[1]
-            batches.append(list(range(start, stop)))
-    return batches
+    if cache.chunks_per_unit == 1:  # format 1: chunks grouped into batches, a batch per unit
+        groups = [
+            [range(first, min(first + per_batch, cache.num_chunks))]
+            for first in range(0, cache.num_chunks, per_batch)
+        ]
+    else:
+        groups = []
+        for unit in range(cache.num_units):
+            chunks = cache.unit_chunks(unit)
+            groups.append([chunks[i : i + per_batch] for i in range(0, len(chunks), per_batch)])
+    units = []
+    for group in groups:
+        if pending_set.intersection(c for batch in group for c in batch):
+            units.append(
+                [
+                    list(range(cache.chunk_range(b[0])[0], cache.chunk_range(b[-1])[1]))
+                    for b in group
+                ]
+            )
+    return units
 
 
 def working_preprocessing(config: ExtractConfig) -> Preprocessing:
@@ -246,6 +273,8 @@ def build_spec(config: ExtractConfig, backbone: Backbone, samples, class_map: Cl
         dtype=config.dtype,
         images_per_chunk=config.images_per_chunk,
         ignore_unknown_codes=config.ignore_unknown_codes,
+        version=config.cache_version,
+        chunks_per_shard=config.chunks_per_shard,
     )
 
 
@@ -315,7 +344,8 @@ def extract(config: ExtractConfig) -> ExtractSummary:
             pending = cache.pending_chunks()
             world.barrier()  # everyone has the same plan before anyone writes
             batch_size = config.batch_size or default_batch_size(device)
-            batches = plan_batches(cache, pending, batch_size)[world.rank :: world.size]
+            units = plan_units(cache, pending, batch_size)[world.rank :: world.size]
+            batches = [batch for unit in units for batch in unit]
             todo = sum(cache.chunk_range(c)[1] - cache.chunk_range(c)[0] for c in pending)
             if world.is_main and todo == 0 and not cache.complete:
                 # a finished cache is said once, by the summary line ("all N images were
@@ -364,13 +394,18 @@ def _run(
         ignore_unknown_codes=spec.ignore_unknown_codes,
         hackathon=cache.hackathon_size,
     )
-    mine = sorted({i // cache.images_per_chunk for b in batches for i in b} & pending)
+    per_unit = cache.images_per_chunk * cache.chunks_per_unit
+    mine = sorted(
+        u
+        for u in {i // per_unit for b in batches for i in b}
+        if pending.intersection(cache.unit_chunks(u))
+    )
     if not mine:
         return
     workers = default_workers(device) if config.workers is None else config.workers
     loader = make_loader(DecodedSamples(samples, opts), batches, workers, device)
     assembler = _ChunkAssembler(cache, mine)
-    todo = sum(cache.chunk_range(c)[1] - cache.chunk_range(c)[0] for c in mine)
+    todo = sum(cache.unit_range(u)[1] - cache.unit_range(u)[0] for u in mine)
     rank = f" (rank {world.rank} of {world.size})" if world.enabled else ""
     bar = tqdm(
         total=todo,

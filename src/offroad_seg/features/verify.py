@@ -1,7 +1,8 @@
 """`offroad-seg cache verify`: read every chunk of every array of a cache and report what is
 damaged (checksums, missing chunks, chunks at the wrong position, done flags, the fingerprint,
-the class histogram), naming the array, the chunk and its key in the store; an interrupted
-extraction is reported as unfinished, not as damage."""
+the class histogram), naming the array, the chunk and its key in the store (in a sharded cache,
+the shard's key and the chunk's place in it: each inner chunk is checked on its own); an
+interrupted extraction is reported as unfinished, not as damage."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm.auto import tqdm
-from zarr.core.sync import sync
 
 from offroad_seg.features.cache_format import CHECKSUMS, HACKATHON, SCALES
 from offroad_seg.features.chunk_positions import position_problems
+from offroad_seg.features.chunk_store import chunk_selection, chunk_tails
 
 if TYPE_CHECKING:
     from offroad_seg.features.cache import FeatureCache
@@ -78,8 +79,11 @@ def _read_every_chunk(
     bar = tqdm(total=total, unit="chunk", desc="verify", disable=None if progress else True)
     for name in arrays:
         arr = cache.array(name)
-        for coords in np.ndindex(*arr.cdata_shape):
-            key = cache.chunk_key(name, coords)
+        grid = list(np.ndindex(*arr.cdata_shape))  # inner chunks, in a sharded array
+        places = [cache.locate(name, coords) for coords in grid]
+        present = [t is not None for t in chunk_tails(store, places)]
+        for coords, place, stored in zip(grid, places, present, strict=True):
+            where = place.where()
             bar.update(1)
             report.chunks_checked += 1
             needed = (
@@ -90,17 +94,17 @@ def _read_every_chunk(
                 needed = False
             if name == "done" and not cache.complete:
                 needed = False  # caches written before 0.2 stored no chunk of False flags
-            if not sync(store.exists(key)):
+            if not stored:
                 if needed:
-                    report.problems.append(f"{name} chunk {coords}: missing ({key})")
-                    damaged.add(key)
+                    report.problems.append(f"{name} chunk {coords}: missing ({where})")
+                    damaged.add(where)
                 continue
             try:
-                block = arr.get_block_selection(coords)
+                block = arr[chunk_selection(arr, coords)]
             except Exception as e:
                 reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-                report.problems.append(f"{name} chunk {coords}: unreadable ({key}): {reason}")
-                damaged.add(key)
+                report.problems.append(f"{name} chunk {coords}: unreadable ({where}): {reason}")
+                damaged.add(where)
                 continue
             if name == "done":
                 k = cache.images_per_chunk

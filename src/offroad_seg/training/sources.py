@@ -1,9 +1,12 @@
 """Feature sources for head training: cached features in memory, or streamed from zarr.
 
-Both sources turn an epoch's global sample order (a pure function of seed and epoch) into
+In memory, an epoch's global sample order (a pure function of seed and epoch) is cut into
 global batches of `batch_size`; under DDP each rank takes its contiguous slice of every global
-batch. With the loss normalised by the global pixel weight (see `train_head.train_one_epoch`)
-K ranks then compute exactly the gradient one process computes for the global batch.
+batch, and with the loss normalised by the global pixel weight (see `train_one_epoch`) K ranks
+compute exactly the gradient one process computes for the global batch. Streamed, each rank
+reads its own part of the epoch (its own shards) through a shuffle buffer, in batches of the
+same sizes: every image is still used once per epoch, but a global batch is no longer the one
+a single process would draw (reading every shard on every rank would multiply the reads by K).
 
 Caches of several working sizes train together (scale augmentation), but a batch never mixes
 sizes: `size_batches` groups the epoch order by size (see there; with one size it is the plain
@@ -16,11 +19,14 @@ per-token scales) until a batch is taken, and are made float32 on the training d
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import queue
 import threading
+from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +34,7 @@ import torch
 
 from offroad_seg.core.distributed import SINGLE, World
 from offroad_seg.core.text import plural
+from offroad_seg.errors import ConfigError
 from offroad_seg.features.cache import FeatureCache
 from offroad_seg.features.cache_format import StoredFeatures
 from offroad_seg.features.quantize import dequantize
@@ -192,20 +199,35 @@ def _cat_features(parts: list[FeatureTensors]) -> FeatureTensors:
 
 
 class StreamingSource:
-    """Features streamed from zarr with bounded memory. The epoch order shuffles the chunk
-    order, then the images within each window of `window` chunks (seed and epoch decide
-    both); a background thread reads this rank's images window by window (one zarr selection
-    per cache, decoded concurrently) while the previous window trains. Memory holds about
-    two windows."""
+    """Features streamed from zarr with bounded memory, read unit by unit -- whole shards of a
+    format-2 cache (one request per array and shard), chunks of a format-1 one -- through a
+    shuffle buffer that mixes images across units.
+
+    An epoch (a pure function of seed, epoch and the world size) deals the units out in a
+    shuffled order; the images in that order are cut into one contiguous part per rank, as
+    many as the rank trains on, so under torchrun each rank reads only its own shards (at most
+    two shared at the cut points, each read in part) and every image is used once. Each rank
+    passes its part through a shuffle buffer of `window` chunks' worth of images (a classic
+    buffer: once full, each new image replaces a random one, which is emitted), choosing a
+    cached view per image. A background thread reads `READ_AHEAD` units ahead and assembles
+    batches while the previous one trains; memory holds the buffer, the units read ahead and
+    two batches.
+
+    Caches of several working sizes (a single process only) are dealt out alike; each image
+    goes to its size's batch, which is trained when it holds `batch_size` images (the last
+    of each size at the end of the epoch), so a batch never mixes sizes."""
 
     kind = "stream"
+    READ_AHEAD = 2
 
     def __init__(self, caches: Sequence[FeatureCache], device: torch.device, window: int):
         self.caches = list(caches)
         self.cache_group = size_groups(self.caches)
-        self.chunks = [(ci, k) for ci, c in enumerate(self.caches) for k in range(c.num_chunks)]
+        self.units = [
+            (ci, *c.unit_range(u)) for ci, c in enumerate(self.caches) for u in range(c.num_units)
+        ]
         self.device = device
-        self.window = max(1, window)
+        self.buffer = max(1, window) * self.caches[0].images_per_chunk
 
     @property
     def num_images(self) -> int:
@@ -219,61 +241,122 @@ class StreamingSource:
             sizes[g] += cache.num_images
         return sizes
 
-    def epoch_plan(self, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(cache, image, view) of every sample in epoch order, as an (N, 3) array, and where
-        each window starts in it."""
+    def rank_segments(
+        self, seed: int, epoch: int, batch_size: int, world: World = SINGLE
+    ) -> tuple[list[tuple[int, int, int]], list[int]]:
+        """This rank's (cache, start, stop) image ranges in reading order, and its batch sizes."""
         g = epoch_generator(seed, epoch)
-        order = torch.randperm(len(self.chunks), generator=g).tolist()
-        parts, starts, total = [], [], 0
-        for w in range(0, len(order), self.window):
-            rows = [
-                (ci, i)
-                for ci, k in (self.chunks[c] for c in order[w : w + self.window])
-                for i in range(*self.caches[ci].chunk_range(k))
+        order = [self.units[u] for u in torch.randperm(len(self.units), generator=g).tolist()]
+        counts = [0] * world.size
+        sizes_of = []
+        for r in range(world.size):
+            sizes = [
+                s.stop - s.start for s in rank_slices(self.num_images, batch_size, _as(world, r))
             ]
-            rows = np.array(rows, dtype=np.int64)[torch.randperm(len(rows), generator=g).numpy()]
-            n_views = np.array([self.caches[ci].num_views for ci in rows[:, 0]])
-            views = (torch.rand(len(rows), generator=g).numpy() * n_views).astype(np.int64)
-            parts.append(np.column_stack([rows, views]))
-            starts.append(total)
-            total += len(rows)
-        return np.concatenate(parts), np.array([*starts, total])
+            counts[r] = sum(sizes)
+            sizes_of.append(sizes)
+        first = sum(counts[: world.rank])
+        last = first + counts[world.rank]
+        segments, at = [], 0
+        for ci, start, stop in order:
+            lo, hi = max(first, at), min(last, at + stop - start)
+            if lo < hi:
+                segments.append((ci, start + lo - at, start + hi - at))
+            at += stop - start
+        return segments, sizes_of[world.rank]
 
-    def _read(self, plan: np.ndarray) -> dict[int, tuple[StoredFeatures, np.ndarray]]:
-        """Features (as stored) and labels of the (cache, image, view) rows of `plan`, per size
-        group, each in `plan`'s order."""
-        out = {}
-        row_group = self.cache_group[plan[:, 0]]
-        for g in np.unique(row_group):
-            out[int(g)] = self._read_group(plan[row_group == g])
-        return out
+    def epoch_plan(
+        self, seed: int, epoch: int, batch_size: int = 1, world: World = SINGLE
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(cache, image, view) of this rank's samples in training order, as an (n, 3) array,
+        and for each the number of its images that must have been read before it is emitted:
+        the shuffle buffer run on indices, so the order is known before any data is read."""
+        segments, _ = self.rank_segments(seed, epoch, batch_size, world)
+        rng = np.random.Generator(np.random.PCG64([seed, epoch, world.rank, world.size]))
+        buffer: list[tuple[int, int, int]] = []
+        rows, needed, read = [], [], 0
+        for ci, start, stop in segments:
+            n_views = self.caches[ci].num_views
+            views = rng.integers(0, n_views, stop - start)
+            slots = rng.integers(0, self.buffer, stop - start)
+            for i in range(stop - start):
+                sample = (ci, start + i, int(views[i]))
+                read += 1
+                if len(buffer) < self.buffer:
+                    buffer.append(sample)
+                    continue
+                j = int(slots[i])
+                rows.append(buffer[j])
+                needed.append(read)
+                buffer[j] = sample
+        for j in rng.permutation(len(buffer)):
+            rows.append(buffer[j])
+            needed.append(read)
+        return np.array(rows, dtype=np.int64).reshape(-1, 3), np.array(needed, dtype=np.int64)
 
-    def _read_group(self, plan: np.ndarray) -> tuple[StoredFeatures, np.ndarray]:
-        """`_read` for rows of caches of one working size."""
-        first = self.caches[plan[0, 0]]
-        values = np.empty((len(plan), *first.array("features").shape[2:]), first.spec.dtype)
-        scales = None
-        if first.spec.quantized:
-            scales = np.empty((len(plan), *first.array("scales").shape[2:]), np.float32)
-        labels = np.empty((len(plan), *first.array("labels").shape[2:]), dtype=np.uint8)
-        for ci, cache in enumerate(self.caches):
-            rows = np.flatnonzero(plan[:, 0] == ci)
-            if not len(rows):
-                continue
-            images, inverse = np.unique(plan[rows, 1], return_inverse=True)
-            stored, lab = cache.read_images_stored(images)
-            values[rows] = stored.values[inverse, plan[rows, 2]]
-            if scales is not None:
-                scales[rows] = stored.scales[inverse, plan[rows, 2]]
-            labels[rows] = lab[inverse, plan[rows, 2]]
-        return StoredFeatures(values, scales), labels
+    def _read(self, ci: int, start: int, stop: int) -> tuple[StoredFeatures, np.ndarray]:
+        return self.caches[ci].read_range_stored(start, stop)
 
-    def _reader(self, segments: list[np.ndarray], out: queue.Queue, stop: threading.Event):
+    def _samples(
+        self, seed: int, epoch: int, batch_size: int, world: World, stop: threading.Event
+    ) -> Iterator[tuple[int, tuple]]:
+        """This rank's samples in training order, (cache, (values, scales, labels)), each as
+        soon as the unit holding it has been read: units are read `READ_AHEAD` ahead on a
+        thread pool, and each image's chosen view is held until the plan emits it."""
+        segments, _ = self.rank_segments(seed, epoch, batch_size, world)
+        plan, needed = self.epoch_plan(seed, epoch, batch_size, world)
+        wanted = {(int(ci), int(i)): int(v) for ci, i, v in plan}
+        held: dict[tuple[int, int], tuple] = {}
+        pool = ThreadPoolExecutor(max_workers=self.READ_AHEAD, thread_name_prefix="stream")
         try:
-            for plan in segments:
-                if stop.is_set():
-                    return
-                out.put(self._read(plan))
+            reads = deque(pool.submit(self._read, *seg) for seg in segments[: self.READ_AHEAD])
+            upcoming = iter(segments[self.READ_AHEAD :])
+            read, seg_index = 0, 0
+            for row in range(len(plan)):
+                while needed[row] > read:
+                    if stop.is_set():
+                        return
+                    stored, labels = reads.popleft().result()
+                    nxt = next(upcoming, None)
+                    if nxt is not None:
+                        reads.append(pool.submit(self._read, *nxt))
+                    ci, start, _ = segments[seg_index]
+                    seg_index += 1
+                    for i in range(len(labels)):
+                        v = wanted.get((ci, start + i))
+                        if v is not None:
+                            sc = None if stored.scales is None else stored.scales[i, v].copy()
+                            held[(ci, start + i)] = (
+                                stored.values[i, v].copy(),
+                                sc,
+                                labels[i, v].copy(),
+                            )
+                    read += len(labels)
+                ci = int(plan[row, 0])
+                yield ci, held.pop((ci, int(plan[row, 1])))
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _produce(self, seed, epoch, batch_size, world, out: queue.Queue, stop: threading.Event):
+        """Put this rank's batches on `out`, then None (or the exception that stopped it)."""
+        try:
+            samples = self._samples(seed, epoch, batch_size, world, stop)
+            if len(self.group_sizes) == 1:  # the batch sizes of the in-memory source
+                _, sizes = self.rank_segments(seed, epoch, batch_size, world)
+                for size in sizes:
+                    batch = [sample for _, sample in itertools.islice(samples, size)]
+                    if stop.is_set():
+                        return
+                    out.put(_stack(batch))
+            else:  # several sizes: each size fills its own batches
+                filling: dict[int, list[tuple]] = {}
+                for ci, sample in samples:
+                    batch = filling.setdefault(int(self.cache_group[ci]), [])
+                    batch.append(sample)
+                    if len(batch) == batch_size:
+                        out.put(_stack(filling.pop(int(self.cache_group[ci]))))
+                for g in sorted(filling):
+                    out.put(_stack(filling[g]))
             out.put(None)
         except BaseException as e:  # surfaced in the consumer
             out.put(e)
@@ -281,43 +364,27 @@ class StreamingSource:
     def batches(
         self, seed: int, epoch: int, batch_size: int, world: World = SINGLE
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        plan, window_starts = self.epoch_plan(seed, epoch)
-        groups = self.cache_group[plan[:, 0]]
-        batches = size_batches(groups, batch_size, world)
-        # this rank's rows in plan order, cut at window boundaries: each segment is one read
-        mine = np.sort(np.concatenate(batches)) if batches else np.zeros(0, np.int64)
-        window_of = np.searchsorted(window_starts, mine, side="right") - 1
-        cuts = np.flatnonzero(np.diff(window_of)) + 1
-        segments = [plan[part] for part in np.split(mine, cuts)]
-        q: queue.Queue = queue.Queue(maxsize=1)
+        q: queue.Queue = queue.Queue(maxsize=2)
         stop = threading.Event()
-        reader = threading.Thread(target=self._reader, args=(segments, q, stop), daemon=True)
-        reader.start()
-        # rows read but not yet trained, per size group, in plan order: a group's batches take
-        # its rows first come first (this rank's rows of a group are its batches' in order)
-        buffered: dict[int, list[tuple[StoredFeatures, np.ndarray]]] = {}
-        count: dict[int, int] = {}
+        producer = threading.Thread(
+            target=self._produce, args=(seed, epoch, batch_size, world, q, stop), daemon=True
+        )
+        producer.start()
         try:
-            for positions in batches:
-                g, size = int(groups[positions[0]]), len(positions)
-                while count.get(g, 0) < size:
-                    item = q.get()
-                    if isinstance(item, BaseException):
-                        raise item
-                    for h, part in item.items():
-                        buffered.setdefault(h, []).append(part)
-                        count[h] = count.get(h, 0) + len(part[1])
-                f, lab = _concat(buffered[g])
-                yield self._to_device(f.map(lambda a, n=size: a[:n]), lab[:size])
-                buffered[g] = [(f.map(lambda a, n=size: a[n:]), lab[size:])]
-                count[g] -= size
+            while True:
+                item = q.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield self._to_device(*item)
         finally:
             stop.set()
-            while reader.is_alive():  # unblock a reader waiting on a full queue
+            while producer.is_alive():  # unblock a producer waiting on a full queue
                 try:
                     q.get_nowait()
                 except queue.Empty:
-                    reader.join(timeout=0.05)
+                    producer.join(timeout=0.05)
 
     def _to_device(self, f: StoredFeatures, lab: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         ft = FeatureTensors.from_stored(f.map(np.ascontiguousarray))
@@ -327,14 +394,16 @@ class StreamingSource:
         return ft.to(self.device, non_blocking=True).float(), lt.to(self.device, non_blocking=True)
 
 
-def _concat(parts: list[tuple[StoredFeatures, np.ndarray]]) -> tuple[StoredFeatures, np.ndarray]:
-    if len(parts) == 1:
-        return parts[0]
-    scales = None
-    if parts[0][0].scales is not None:
-        scales = np.concatenate([p[0].scales for p in parts])
-    values = np.concatenate([p[0].values for p in parts])
-    return StoredFeatures(values, scales), np.concatenate([p[1] for p in parts])
+def _as(world: World, rank: int) -> World:
+    """The same world seen from another rank (to size every rank's part of an epoch)."""
+    return World(rank, world.size, world.local_rank, world.local_size)
+
+
+def _stack(samples: list[tuple]) -> tuple[StoredFeatures, np.ndarray]:
+    """A batch from (values, scales, labels) samples."""
+    values = np.stack([s[0] for s in samples])
+    scales = None if samples[0][1] is None else np.stack([s[1] for s in samples])
+    return StoredFeatures(values, scales), np.stack([s[2] for s in samples])
 
 
 def free_memory_bytes(device: torch.device) -> int:
@@ -435,6 +504,12 @@ def choose_source(
     if kind == "memory":
         log.info("features in %s memory (%s)", device.type.upper(), why)
         return InMemorySource(caches, device, progress)
+    if world.size > 1 and len(set(size_groups(caches).tolist())) > 1:
+        raise ConfigError(
+            f"{plural(len(caches), 'cache')} of several working sizes must be trained in memory "
+            f"under torchrun, but they are streamed ({why}): raise --memory-budget-gb, or train "
+            "them in one process"
+        )
     log.info("streaming features from zarr (%s)", why)
     return StreamingSource(caches, device, window)
 
