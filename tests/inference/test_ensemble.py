@@ -150,4 +150,6 @@ def test_cli_ensemble_and_info(heads, tmp_path):
     r = CliRunner().invoke(cli, ["info", str(out)])
     assert r.exit_code == 0, r.output
     assert "ensemble     2 heads, probabilities averaged" in r.output
-    assert f"from {heads['b']})" in r.output and "name upnext" in r.output
+    assert "  member 0   linear (dropout 0); from " in r.output
+    assert "  member 1   upnext (width 96, depth 2, dropout 0.1, kernel_size 7," in r.output
+    assert f"; from {heads['b']}\n" in r.output

@@ -99,8 +99,8 @@ def test_training_on_two_sizes_records_them(caches, small_cache, tmp_path):
 @pytest.mark.parametrize(
     ("setting", "expected"),
     [
-        ({"class_map": "hackathon"}, "class map"),
-        ({"backbone": "dinov2_vits14_reg"}, "backbone dinov2_vits14 vs dinov2_vits14_reg"),
+        ({"class_map": "hackathon"}, "class map: 10 classes vs 11"),
+        ({"backbone": "dinov2_vits14_reg"}, "backbone dinov2_vits14_reg vs dinov2_vits14"),
     ],
     ids=["class_map", "backbone"],
 )
@@ -114,4 +114,4 @@ def test_caches_differing_in_more_than_size_refused(
         train(cfg)
     message = str(info.value)
     assert "\n" not in message and str(other) in message and str(small_cache) in message
-    assert expected in message and "size" not in message.split("(")[-1]
+    assert expected in message and "size" not in message.split("differ: ")[-1]

@@ -302,10 +302,10 @@ def ensemble(heads: tuple[Path, ...], out: Path, overwrite: bool) -> None:
     export, info and the Python API take OUT like a head.
     """
     from offroad_seg.core.text import plural
+    from offroad_seg.models.checkpoint import resolve_head
     from offroad_seg.models.ensemble import write_ensemble
-    from offroad_seg.reporting.info import find_head
 
-    ckpt = write_ensemble([find_head(h) for h in heads], out, overwrite=overwrite)
+    ckpt = write_ensemble([resolve_head(h) for h in heads], out, overwrite=overwrite)
     names = ", ".join(c.name for c in ckpt.members)
     rows, cols = ckpt.preprocessing.size
     click.echo(

@@ -119,9 +119,8 @@ def head_info_text(info: dict[str, Any]) -> str:
         for i, member in enumerate(info["ensemble"]):
             miou = member["val_miou"]
             score = f"val mIoU {miou:.4f}, " if miou is not None else ""
-            lines.append(
-                f"  member {i}   {_model_text(member['head'])} ({score}from {member['source']})"
-            )
+            source = f"from {member['source']}"
+            lines.append(f"  member {i}   {_model_text(member['head'])}; {score}{source}")
         if info.get("ensemble_val"):
             lines.append(f"ensemble val mIoU {info['ensemble_val']['val_miou']:.4f}")
     else:
