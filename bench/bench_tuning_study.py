@@ -1,7 +1,8 @@
 """Frozen vs LoRA vs full tuning of the last blocks, in the style of the head study (#25).
 
     python bench/bench_tuning_study.py [--train 16 --val 8] [--size 126x224] [--epochs 6]
-        [--seeds 0,1,2] [--head upnext] [--block 8] [--backbone-lr LR] [--jobs 2]
+        [--seeds 0,1,2] [--head upnext] [--block 8] [--backbone-lr LR] [--layer-scale G]
+        [--jobs 2]
 
 On the head study's `untrained` proxy only (bench/head_study.py): the backbone of `--weights`
 (a random-weights ViT-S/14 by default) on the project's synthetic scenes. Its other proxy,
@@ -15,6 +16,12 @@ learning rate, and scored by its best epoch's validation mIoU (mean ± sd over s
           `--block` (`extract --block`): blocks K..N-1 + final norm + head
   full    `train --tune full` on the same block cache (blocks' learning rate: `--backbone-lr`,
           default train's, a tenth of the head's)
+
+A random DINOv2 ViT starts its LayerScale at 1e-5 (`ls1`, `ls2`: each block adds 1e-5 times its
+attention and MLP outputs), so its blocks are almost the identity: LoRA (which leaves LayerScale
+as it is) cannot change the features, and full tuning only as far as it grows LayerScale.
+`--layer-scale G` sets every block's LayerScale of the random backbone to G (a weights file
+written to the work folder): with G = 1 the blocks change the tokens, and tuning them can matter.
 
 Seconds per epoch: the median over every seed's epochs of train's own per-epoch seconds
 (training and validation); `--jobs` trainings run at a time with one thread each, so the arms'
@@ -35,14 +42,17 @@ import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
+from pathlib import Path
 
 import torch
 from common import base_parser, ensure_cache, machine, setup, table, validation_data
 
 from offroad_seg.config import TrainConfig
 from offroad_seg.features.cache import FeatureCache
+from offroad_seg.models.backbone import load_backbone
 from offroad_seg.models.checkpoint import load_checkpoint
 from offroad_seg.models.heads import build_head
+from offroad_seg.models.weights import RANDOM
 from offroad_seg.training.loop import train
 from offroad_seg.training.tuned import trained_model, tune_spec
 
@@ -66,6 +76,18 @@ def trainable_parameters(cfg: TrainConfig) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def layer_scaled_weights(path: Path, gamma: float) -> str:
+    """A weights file of the random backbone with every block's LayerScale set to `gamma`."""
+    if not path.is_file():
+        vit = load_backbone(RANDOM).vit
+        for block in vit.blocks:
+            block.ls1.gamma.data.fill_(gamma)
+            block.ls2.gamma.data.fill_(gamma)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(vit.state_dict(), path)
+    return str(path)
+
+
 def main() -> None:
     p = base_parser(__doc__)
     p.add_argument("--train", type=int, default=16)
@@ -76,6 +98,12 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--block", type=int, default=8, help="the first tuned block (ViT-S: of 12)")
     p.add_argument("--backbone-lr", type=float, default=None, help="default: train's")
+    p.add_argument(
+        "--layer-scale",
+        type=float,
+        default=None,
+        help="set the random backbone's LayerScale to this (default: its 1e-5)",
+    )
     p.add_argument("--jobs", type=int, default=2)
     p.set_defaults(size="126x224", device="cpu")
     args = p.parse_args()
@@ -85,6 +113,12 @@ def main() -> None:
     val_data = validation_data(args)
     logging.getLogger("offroad_seg").setLevel(logging.WARNING)
     wd = args.workdir / "tuning-study"
+    backbone = args.weights
+    if args.layer_scale is not None:
+        backbone = f"random, LayerScale {args.layer_scale:g}"
+        args.weights = layer_scaled_weights(wd / f"vits14-ls{args.layer_scale:g}.pth",
+                                            args.layer_scale)  # fmt: skip
+    wd = wd / Path(args.weights).stem
     tag = f"{args.size}-{args.train}"
     final = {
         "train": ensure_cache(data, wd / f"train-{tag}.zarr", args),
@@ -123,7 +157,7 @@ def main() -> None:
         return f"{statistics.mean(values):.3f} ± {sd:.3f}"
 
     print(
-        f"\n{machine(torch.device('cpu'))}; {args.head} head, ViT-S/14 weights {args.weights}, "
+        f"\n{machine(torch.device('cpu'))}; {args.head} head, ViT-S/14 weights {backbone}, "
         f"tuned blocks {args.block}..11; train {args.train} synthetic scenes, val {args.val}, at "
         f"{args.size}; {args.epochs} epochs, batch {args.batch}, seeds {args.seeds}, "
         f"{args.jobs} jobs x 1 thread; {(time.perf_counter() - started) / 60:.1f} min in all\n"
