@@ -138,6 +138,9 @@ def test_info_and_compare_show_the_settings_each_head_has_as_built(grid_sweep):
     linear = run("info", by_head["linear"]).stdout
     assert "\nmodel        linear (dropout 0)\n" in linear
     assert not any(word in linear for word in ("width", "kernel_size", "None", "preset"))
+    # settings of tuning runs are not listed for a head on a frozen backbone; 0 says off
+    assert "lora_rank" not in linear and "checkpointing" not in linear
+    assert "patience off, ema off" in linear
     convnext = run("info", by_head["convnext"]).stdout
     assert "convnext (width 96, depth 2, dropout 0.1, kernel_size 7, mlp_ratio 4," in convnext
 

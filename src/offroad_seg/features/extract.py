@@ -351,7 +351,7 @@ def extract(config: ExtractConfig) -> ExtractSummary:
                 # a finished cache is said once, by the summary line ("all N images were
                 # already extracted"); one whose last step was cut off is finished now
                 log.info("%s: every chunk is written; finishing the cache", config.cache)
-            elif world.is_main and todo < len(samples):
+            elif world.is_main and 0 < todo < len(samples):
                 log.info("resuming %s: %d of %d images left", config.cache, todo, len(samples))
             compute_start = time.perf_counter()
             try:

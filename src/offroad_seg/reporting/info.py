@@ -12,6 +12,14 @@ from offroad_seg.models.heads import TUNABLE, get_head_spec
 _BOOKKEEPING = ("out", "progress", "resume", "overwrite")
 
 
+# Settings only a run tuning the backbone's last blocks uses, by its --tune value
+_TUNING_ONLY = {
+    None: ("lora_rank", "lora_alpha", "backbone_lr", "checkpointing"),
+    "full": ("lora_rank", "lora_alpha"),
+}
+_ZERO_IS_OFF = ("patience", "ema")  # 0 turns them off
+
+
 def trained_settings(ckpt: HeadCheckpoint) -> dict[str, Any]:
     """What a head was trained with, as built: its training settings with the head's own
     settings resolved (width 96, not the 0 that asked for the default) and only those the
@@ -20,6 +28,11 @@ def trained_settings(ckpt: HeadCheckpoint) -> dict[str, Any]:
     settings = {
         k: v for k, v in saved.items() if v is not None and k not in (*_BOOKKEEPING, *TUNABLE)
     }
+    for name in _TUNING_ONLY.get(saved.get("tune"), ()):  # what a run without it never used
+        settings.pop(name, None)
+    for name in _ZERO_IS_OFF:
+        if settings.get(name) == 0:
+            settings[name] = False  # shown as "off"
     settings["head"] = ckpt.head_config.name
     head_at = list(settings).index("head") + 1  # the head's settings right after its name
     items = list(settings.items())
