@@ -28,12 +28,11 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import torch
-from common import base_parser, machine, setup, validation_data
+from common import base_parser, ensure_cache, machine, setup, validation_data
 from semantic_proxy import write_semantic_cache
 
-from offroad_seg.config import ExtractConfig, TrainConfig
+from offroad_seg.config import TrainConfig
 from offroad_seg.features.cache import FeatureCache
-from offroad_seg.features.extract import extract
 from offroad_seg.models.checkpoint import load_checkpoint
 from offroad_seg.models.heads.ensemble import EnsembleHead
 from offroad_seg.models.preprocess import parse_size
@@ -50,10 +49,7 @@ def scaled(size: tuple[int, int], scale: float) -> tuple[int, int]:
 
 
 def cache_at(data: Path, path: Path, size, args) -> Path:
-    if not (path / "zarr.json").exists():
-        extract(ExtractConfig(data_dir=data, cache=path, weights=args.weights, size=size,
-                              device="cpu", workers=0, progress=False))  # fmt: skip
-    return path
+    return ensure_cache(data, path, args, size=size, device="cpu", workers=0)
 
 
 def semantic(source: Path, difficulty: float) -> Path:

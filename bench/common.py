@@ -49,20 +49,16 @@ def validation_data(args) -> Path:
     return val
 
 
-def ensure_cache(data: Path, cache: Path, args, **kw) -> Path:
+def ensure_cache(data: Path, cache: Path, args, size: tuple[int, int] | None = None, **kw) -> Path:
+    """`cache` extracted from `data` unless it exists; at `size`, else `--size`, on `--device`
+    unless `kw` names one (`kw`: other ExtractConfig settings)."""
     from offroad_seg.models.preprocess import parse_size
 
     if not (cache / "zarr.json").exists():
+        settings = {"device": args.device, "progress": False, **kw}
+        size = size or parse_size(args.size)
         extract(
-            ExtractConfig(
-                data_dir=data,
-                cache=cache,
-                weights=args.weights,
-                size=parse_size(args.size),
-                device=args.device,
-                progress=False,
-                **kw,
-            )
+            ExtractConfig(data_dir=data, cache=cache, weights=args.weights, size=size, **settings)
         )
     return cache
 
