@@ -22,30 +22,19 @@ import statistics
 import time
 
 import torch
-from common import base_parser, ensure_cache, machine, resident, setup, sync, table
+from common import base_parser, ensure_cache, machine, online_inputs, resident, setup, sync, table
 
 from offroad_seg.config import default
 from offroad_seg.core.runtime import autocast
-from offroad_seg.data.classes import ClassMap
-from offroad_seg.data.dataset import list_samples
 from offroad_seg.features.cache import FeatureCache
-from offroad_seg.features.loader import DecodedSamples, DecodeOptions, default_workers, make_loader
-from offroad_seg.models.backbone import load_backbone
 from offroad_seg.models.heads import HeadConfig, build_head, head_choices
-from offroad_seg.models.preprocess import Preprocessing, parse_size
 from offroad_seg.training.loop import TrainConfig, make_optimizer, train
 from offroad_seg.training.losses import class_weights_from_pixels, segmentation_loss
 
 
 def online_epoch(data, args, device, head_cfg, weight) -> float:
     """The seed's loop: the backbone runs on every image of every epoch."""
-    prep = Preprocessing(size=parse_size(args.size))
-    backbone = load_backbone(args.weights, device=device)
-    samples = list_samples(data)
-    opts = DecodeOptions(prep=prep, class_map=ClassMap.default())
-    loader = make_loader(
-        DecodedSamples(samples, opts), args.batch_size, default_workers(device), device
-    )
+    prep, backbone, loader = online_inputs(data, args, device)
     torch.manual_seed(0)
     head = build_head(head_cfg).to(device)
     opt = make_optimizer(head, 3e-4, 0.01)

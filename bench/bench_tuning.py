@@ -22,15 +22,12 @@ import statistics
 import time
 
 import torch
-from common import base_parser, ensure_cache, machine, setup, sync, table
+from common import base_parser, ensure_cache, machine, online_inputs, setup, sync, table
 
 from offroad_seg.core.runtime import autocast
-from offroad_seg.data.classes import ClassMap
-from offroad_seg.data.dataset import list_samples
-from offroad_seg.features.loader import DecodedSamples, DecodeOptions, default_workers, make_loader
-from offroad_seg.models.backbone import load_backbone, stored_tokens
+from offroad_seg.models.backbone import stored_tokens
 from offroad_seg.models.heads import HeadConfig, build_head
-from offroad_seg.models.preprocess import Preprocessing, normalize, parse_size
+from offroad_seg.models.preprocess import normalize
 from offroad_seg.models.tuning import TunedModel, TuneSpec
 from offroad_seg.training.loop import TrainConfig, make_optimizer, train
 from offroad_seg.training.losses import segmentation_loss
@@ -49,13 +46,7 @@ def cached_epoch(cache, args, device, mode: str) -> float:
 
 def online_epoch(data, args, device, mode: str) -> float:
     """The same tuning without the cache: the first K blocks run on every image every epoch."""
-    prep = Preprocessing(size=parse_size(args.size))
-    backbone = load_backbone(args.weights, device=device)
-    samples = list_samples(data)
-    opts = DecodeOptions(prep=prep, class_map=ClassMap.default())
-    loader = make_loader(
-        DecodedSamples(samples, opts), args.batch_size, default_workers(device), device
-    )
+    prep, backbone, loader = online_inputs(data, args, device)
     torch.manual_seed(0)
     head = build_head(HeadConfig(name=args.head, in_channels=backbone.spec.channels)).to(device)
     spec = TuneSpec(mode, args.block, 8 if mode == "lora" else 0, 16.0 if mode == "lora" else 0)

@@ -63,6 +63,28 @@ def ensure_cache(data: Path, cache: Path, args, size: tuple[int, int] | None = N
     return cache
 
 
+def online_inputs(data: Path, args, device: torch.device):
+    """What an online loop (the seed's: the backbone on every image of every epoch) runs on:
+    the `--size` preprocessing, the `--weights` backbone and a decoding loader of `data` in
+    `--batch-size` batches."""
+    from offroad_seg.data.classes import ClassMap
+    from offroad_seg.data.dataset import list_samples
+    from offroad_seg.features.loader import (
+        DecodedSamples,
+        DecodeOptions,
+        default_workers,
+        make_loader,
+    )
+    from offroad_seg.models.backbone import load_backbone
+    from offroad_seg.models.preprocess import Preprocessing, parse_size
+
+    prep = Preprocessing(size=parse_size(args.size))
+    backbone = load_backbone(args.weights, device=device)
+    opts = DecodeOptions(prep=prep, class_map=ClassMap.default())
+    samples = DecodedSamples(list_samples(data), opts)
+    return prep, backbone, make_loader(samples, args.batch_size, default_workers(device), device)
+
+
 def resident(t: torch.Tensor, device: torch.device, fraction: float = 0.25) -> torch.Tensor:
     """`t` on the device when it takes at most `fraction` of the device's free memory, else
     in pinned host memory (batches are then copied as they are used, as the real stages do):
