@@ -44,16 +44,9 @@ def writer_lock(folder: str | Path, what: str = "extract") -> Iterator[None]:
         }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(owner).encode(), 0)
-        try:
-            yield
-        finally:
-            # unlink while still holding the lock: a waiter that opened this file sees, after
-            # it gets the lock, that the path no longer names it, and starts over (_acquire)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-            fcntl.flock(fd, fcntl.LOCK_UN)
+        yield
     finally:
-        os.close(fd)
+        _release(path, fd)
 
 
 @contextlib.contextmanager
@@ -66,10 +59,17 @@ def section_lock(path: str | Path) -> Iterator[None]:
     try:
         yield
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+        _release(Path(path), fd)
+
+
+def _release(path: Path, fd: int) -> None:
+    """Remove the lock file, then unlock and close it. Unlinking while still holding the lock
+    means a waiter that opened this file sees, once it gets the lock, that the path no longer
+    names it, and starts over (`_acquire`)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
 
 
 def _acquire(path: Path, refuse: Callable[[int], str] | None) -> int:
