@@ -272,6 +272,12 @@ class StreamingSource:
         and for each the number of its images that must have been read before it is emitted:
         the shuffle buffer run on indices, so the order is known before any data is read."""
         segments, _ = self.rank_segments(seed, epoch, batch_size, world)
+        return self._plan(segments, seed, epoch, world)
+
+    def _plan(
+        self, segments: list[tuple[int, int, int]], seed: int, epoch: int, world: World
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`epoch_plan` for this rank's `segments`."""
         rng = np.random.Generator(np.random.PCG64([seed, epoch, world.rank, world.size]))
         buffer: list[tuple[int, int, int]] = []
         rows, needed, read = [], [], 0
@@ -298,13 +304,16 @@ class StreamingSource:
         return self.caches[ci].read_range_stored(start, stop)
 
     def _samples(
-        self, seed: int, epoch: int, batch_size: int, world: World, stop: threading.Event
+        self,
+        segments: list[tuple[int, int, int]],
+        plan: np.ndarray,
+        needed: np.ndarray,
+        stop: threading.Event,
     ) -> Iterator[tuple[int, tuple]]:
-        """This rank's samples in training order, (cache, (values, scales, labels)), each as
-        soon as the unit holding it has been read: units are read `READ_AHEAD` ahead on a
-        thread pool, and each image's chosen view is held until the plan emits it."""
-        segments, _ = self.rank_segments(seed, epoch, batch_size, world)
-        plan, needed = self.epoch_plan(seed, epoch, batch_size, world)
+        """This rank's samples in training order (`plan`, reading `segments`), (cache,
+        (values, scales, labels)), each as soon as the unit holding it has been read: units
+        are read `READ_AHEAD` ahead on a thread pool, and each image's chosen view is held
+        until the plan emits it."""
         wanted = {(int(ci), int(i)): int(v) for ci, i, v in plan}
         held: dict[tuple[int, int], tuple] = {}
         pool = ThreadPoolExecutor(max_workers=self.READ_AHEAD, thread_name_prefix="stream")
@@ -340,9 +349,10 @@ class StreamingSource:
     def _produce(self, seed, epoch, batch_size, world, out: queue.Queue, stop: threading.Event):
         """Put this rank's batches on `out`, then None (or the exception that stopped it)."""
         try:
-            samples = self._samples(seed, epoch, batch_size, world, stop)
+            segments, sizes = self.rank_segments(seed, epoch, batch_size, world)
+            plan, needed = self._plan(segments, seed, epoch, world)
+            samples = self._samples(segments, plan, needed, stop)
             if len(self.group_sizes) == 1:  # the batch sizes of the in-memory source
-                _, sizes = self.rank_segments(seed, epoch, batch_size, world)
                 for size in sizes:
                     batch = [sample for _, sample in itertools.islice(samples, size)]
                     if stop.is_set():
