@@ -54,3 +54,19 @@ def test_demo_refuses_a_foreign_folder_before_its_note(tmp_path: Path) -> None:
         f"error: {mine}: not empty and not a demo folder; pass another --out"
     ]
     assert sorted(p.name for p in mine.iterdir()) == ["thesis.tex"]
+
+
+def test_a_reader_that_goes_away_gets_no_error_line():
+    # `offroad-seg backbones | head -2` used to end with "error: Broken pipe"
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "offroad_seg", "backbones"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    proc.stdout.close()  # the reader is gone before the table is written (as after `head`)
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=60)
+    assert err == ""

@@ -67,6 +67,11 @@ def stage(fn):
             fail(str(e).splitlines()[0] if str(e) else type(e).__name__, code)
         except KeyboardInterrupt:
             fail("interrupted", 130)
+        except BrokenPipeError:
+            # the reader went away (`offroad-seg backbones | head`): nothing to say, and the
+            # interpreter's final flush of stdout must not fail again (Python's own advice)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(1)
         except OSError as e:
             # Disk full, permission denied, ...: name the file when the OS does.
             where = f"{e.filename}: " if getattr(e, "filename", None) else ""
