@@ -1,6 +1,7 @@
 """Ensembles of heads: one checkpoint whose inference runs the backbone once and averages the
 members' probabilities, taken by evaluate, predict, `Segmenter` and `info` like a head (export:
-tests/inference/test_export.py; sweep --ensemble-top: tests/training/test_sweep.py)."""
+tests/inference/test_export.py; sweep --ensemble-top: tests/training/test_sweep.py; members
+with tuned blocks: tests/inference/test_ensemble_tuned.py)."""
 
 import json
 
@@ -125,17 +126,6 @@ def test_members_that_differ_are_refused_in_one_line(heads, backbone, tmp_path):
     line = r.stderr.strip()
     assert "\n" not in line and str(heads["a"]) in line and str(other) in line
     assert "working size 56x98 vs 42x84" in line
-    tuned = make_head(
-        tmp_path / "t.pth",
-        backbone,
-        "linear",
-        seed=4,
-        tuning={"mode": "lora", "block": 9, "rank": 4, "alpha": 8.0},
-    )
-    with pytest.raises(
-        OffroadSegError, match=r"t.pth: was trained from a block cache \(LoRA rank 4"
-    ):
-        write_ensemble([heads["a"], tuned], tmp_path / "y.pth")
     with pytest.raises(OffroadSegError, match="is an ensemble already"):
         write_ensemble([heads["ab"], heads["a"]], tmp_path / "z.pth")
 

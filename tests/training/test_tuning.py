@@ -233,3 +233,46 @@ def test_lora_tuned_vits_from_extract_to_onnx_runtime(dataset, tmp_path):
         assert (torch_cli == onnx_cli).mean() >= AGREEMENT
         classes |= set(np.unique(torch_cli).tolist())
     assert len(classes) > 1  # masks of one class would agree whatever the blocks computed
+
+
+def test_sweep_over_tuning_modes_ensembles_its_tuned_trials(block_cache, dataset, tmp_path):
+    """`sweep --grid tune=lora,full --ensemble-top 2` on block caches: both trials tune their
+    blocks, and the ensemble's val mIoU is that of the two trials' own tuned models (each on
+    the cached tokens, as validation runs them) with their probabilities averaged."""
+    from offroad_seg.training.tuned import cached_ensemble
+    from offroad_seg.training.validation import evaluate_on_cache
+
+    val = tmp_path / "val.zarr"
+    extract(extract_config(dataset / "val", val, dtype="float32", block=BLOCK))
+    out = tmp_path / "sweep"
+    r = CliRunner().invoke(cli, [str(a) for a in (
+        "sweep", block_cache, out, "--val-cache", val, "--epochs", 1, "--batch-size", 2,
+        "--device", "cpu", "--weights", "random", "--grid", "tune=lora,full",
+        "--ensemble-top", 2)])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    summary = json.loads((out / "ensemble.json").read_text())
+    members = [load_checkpoint(out / "trials" / run) for run in summary["members"]]
+    assert sorted(m.tuning.mode for m in members) == ["full", "lora"]
+
+    class Mean(torch.nn.Module):  # the members' own tuned models, probabilities averaged
+        def __init__(self):
+            super().__init__()
+            self.models = []
+            for m in members:
+                tuned = TunedModel(load_backbone("random"), m.build(), m.tuning, GRID).eval()
+                tuned.load_state_dict(m.payload["state_dict"])
+                self.models.append(tuned)
+
+        def forward(self, x):
+            return torch.stack([m(x).softmax(1) for m in self.models]).mean(0).log()
+
+    mean, cache = Mean(), FeatureCache.open(val)
+    expected = evaluate_on_cache(mean, cache, torch.device("cpu"), None)
+    assert summary["val_miou"] == pytest.approx(expected.miou, abs=1e-9)
+    tokens = torch.from_numpy(cache.read_images(np.arange(3))[0][:, 0])
+    scored = cached_ensemble(members, cache, "random", torch.device("cpu"))
+    with torch.no_grad():
+        torch.testing.assert_close(scored(tokens).exp(), mean(tokens).exp(), rtol=0, atol=1e-6)
+    ens = load_checkpoint(out / "ensemble.pth")
+    assert [t.mode for t in ens.member_tunings] == [m.tuning.mode for m in members]
+    assert f"val mIoU {summary['val_miou']:.4f} (best single trial" in r.output

@@ -308,7 +308,17 @@ def ensemble(heads: tuple[Path, ...], out: Path, overwrite: bool) -> None:
     ckpt = write_ensemble([resolve_head(h) for h in heads], out, overwrite=overwrite)
     names = ", ".join(c.name for c in ckpt.members)
     rows, cols = ckpt.preprocessing.size
+    layout = ckpt.tail_layout()
+    shared = ""
+    if layout is not None:
+        from offroad_seg.models.tuning import is_tuned
+
+        tuned = sum(is_tuned(t) for t in ckpt.member_tunings)
+        shared = (
+            f"; {tuned} tuned their blocks: the backbone runs once up to block {layout[0]}, "
+            f"then {plural(max(layout[1]) + 1, 'branch', 'branches')}"
+        )
     click.echo(
         f"wrote {out}: an ensemble of {plural(len(ckpt.members), 'head')} ({names}) on "
-        f"{ckpt.backbone.name} at {rows}x{cols}"
+        f"{ckpt.backbone.name} at {rows}x{cols}{shared}"
     )

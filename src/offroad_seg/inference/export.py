@@ -69,6 +69,8 @@ class FixedGridBackbone(Backbone):
 
     def __init__(self, backbone: Backbone, grid: tuple[int, int]) -> None:
         super().__init__(backbone.vit, backbone.spec)
+        if backbone.tails is not None:  # an ensemble's tuned members: one graph, every branch
+            self.set_tails(list(backbone.tails))
         device = backbone.vit.cls_token.device
         self.grid = grid
         fixed = backbone.positions(*grid, device)

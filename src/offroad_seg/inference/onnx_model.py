@@ -96,6 +96,9 @@ def metadata(
         "source": str(source),
         "source_sha256": file_sha256(source) if source.is_file() else "",
         "ensemble": json.dumps([c.to_dict() for c in ckpt.members]),
+        # the blocks a head (or each member) tuned, LoRA merged into the graph's weights
+        "tuning": json.dumps(ckpt.payload.get("tuning")),
+        "member_tuning": json.dumps([e.get("tuning") for e in ckpt.payload.get("ensemble", [])]),
         "tool_version": __version__,
         "torch_version": torch.__version__,
     }
@@ -213,7 +216,7 @@ def checkpoint_from_onnx(path: str | Path) -> HeadCheckpoint:
     try:
         payload: dict[str, Any] = {
             k: json.loads(v) if k in ("class_map", "preprocessing", "backbone", "head_config",
-                                      "ensemble")
+                                      "ensemble", "tuning", "member_tuning")
             else v
             for k, v in props.items()
         }  # fmt: skip

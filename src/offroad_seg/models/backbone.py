@@ -165,8 +165,23 @@ def create_vit(variant: BackboneVariant, depth: int | None = None) -> nn.Module:
     return vit
 
 
+class Tail(nn.Module):
+    """Blocks `start`..N-1 and a final norm, run after the blocks before `start`: the part of
+    the backbone an ensemble member tuned from a block cache runs with its own weights."""
+
+    def __init__(self, start: int, blocks: list[nn.Module], norm: nn.Module) -> None:
+        super().__init__()
+        self.start = start
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = norm
+
+
 class Backbone(nn.Module):
-    """A frozen variant -> (B, C, rows/p, cols/p) patch-token features (p: its patch)."""
+    """A frozen variant -> (B, C, rows/p, cols/p) patch-token features (p: its patch).
+
+    With tails (`set_tails`: an ensemble whose members tuned the last blocks) the blocks
+    before the tails' start run once and each tail on their output; the features are the
+    tails' concatenated on channels, (B, tails * C, rows/p, cols/p), in tail order."""
 
     def __init__(self, vit: nn.Module, spec: BackboneSpec) -> None:
         super().__init__()
@@ -176,6 +191,19 @@ class Backbone(nn.Module):
         if not 1 <= spec.layers <= len(vit.blocks):
             raise ConfigError(f"layers {spec.layers}: expected 1 to {len(vit.blocks)}")
         self._pos_cache: dict[tuple[int, int, torch.device], tuple[torch.Tensor, ...]] = {}
+        self.tails: nn.ModuleList | None = None
+
+    def own_tail(self, start: int) -> Tail:
+        """Blocks `start`..N-1 and the final norm of this backbone, as a `Tail` (the modules
+        themselves, not copies)."""
+        return Tail(start, list(self.vit.blocks)[start:], self.vit.norm)
+
+    def set_tails(self, tails: list[Tail]) -> None:
+        """Run the shared blocks once and then each of `tails` (which start at one block);
+        their features come out concatenated on channels (see the class docstring)."""
+        if not tails or len({t.start for t in tails}) != 1:
+            raise ValueError("tails must start at one block")
+        self.tails = nn.ModuleList(tails)
 
     def patch_pos_embed(self, rows: int, cols: int, device: torch.device) -> torch.Tensor:
         """DINOv2: (1, rows*cols, C) float32 position embeddings of the patch tokens."""
@@ -227,9 +255,12 @@ class Backbone(nn.Module):
         t = torch.cat([self.prefix_tokens(b), t], dim=1)
         return vit.norm_pre(t), rows, cols
 
-    def run_block(self, i: int, t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-        """Block i on the tokens t of a rows x cols grid (DINOv3: with its rotary embeddings)."""
-        block = self.vit.blocks[i]
+    def run_block(
+        self, i: int, t: torch.Tensor, rows: int, cols: int, block: nn.Module | None = None
+    ) -> torch.Tensor:
+        """Block i (or `block`, a tail's copy of it) on the tokens t of a rows x cols grid
+        (DINOv3: with its rotary embeddings)."""
+        block = self.vit.blocks[i] if block is None else block
         if self.variant.family == DINOV3:
             return self._rope_block(block, *self.positions(rows, cols, t.device), t)
         return block(t)
@@ -244,31 +275,55 @@ class Backbone(nn.Module):
         return t
 
     def features_from(
-        self, t: torch.Tensor, start: int, rows: int, cols: int, checkpointing: bool = False
+        self,
+        t: torch.Tensor,
+        start: int,
+        rows: int,
+        cols: int,
+        checkpointing: bool = False,
+        tail: Tail | None = None,
     ) -> torch.Tensor:
         """Blocks start..N-1 on the tokens entering block `start`, then the final norm on the
         last `layers` blocks' outputs (prefix tokens dropped): features (B, C, rows, cols).
         `checkpointing`: recompute each block's activations in the backward pass instead of
-        keeping them (tuned blocks; only while gradients are recorded)."""
+        keeping them (tuned blocks; only while gradients are recorded). `tail`: its blocks
+        and norm instead of the backbone's (it must start at `start`)."""
         depth, prefix = len(self.vit.blocks), self.variant.prefix_tokens
         first_kept = depth - self.spec.layers
         if start > first_kept:
             raise ConfigError(f"block {start} is after the first of the last {self.spec.layers}")
+        blocks, norm = list(self.vit.blocks)[start:], self.vit.norm
+        if tail is not None:
+            if tail.start != start:
+                raise ValueError(f"a tail from block {tail.start} run from block {start}")
+            blocks, norm = tail.blocks, tail.norm
         outs = []
-        for i in range(start, depth):
+        for i, block in zip(range(start, depth), blocks, strict=True):
             if checkpointing and torch.is_grad_enabled():
-                t = checkpoint(self.run_block, i, t, rows, cols, use_reentrant=False)
+                t = checkpoint(self.run_block, i, t, rows, cols, block, use_reentrant=False)
             else:
-                t = self.run_block(i, t, rows, cols)
+                t = self.run_block(i, t, rows, cols, block)
             if i >= first_kept:
-                outs.append(self.vit.norm(t)[:, prefix:])
+                outs.append(norm(t)[:, prefix:])
         feats = torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
         return feats.transpose(1, 2).reshape(t.shape[0], -1, rows, cols)  # symbolic for export
+
+    def tails_features(self, t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+        """Each tail (`set_tails`) on the tokens entering their first block, the features
+        concatenated on channels."""
+        return torch.cat(
+            [self.features_from(t, tail.start, rows, cols, tail=tail) for tail in self.tails],
+            dim=1,
+        )
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t, rows, cols = self._tokens(x)
-        return self.features_from(t, 0, rows, cols)
+        if self.tails is None:
+            return self.features_from(t, 0, rows, cols)
+        for i in range(self.tails[0].start):
+            t = self.run_block(i, t, rows, cols)
+        return self.tails_features(t, rows, cols)
 
     def _rope_block(
         self, block: nn.Module, sin: torch.Tensor, cos: torch.Tensor, t: torch.Tensor

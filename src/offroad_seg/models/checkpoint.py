@@ -9,8 +9,9 @@ the final norm, or the tuned blocks (`blocks.` numbered from the cached block) a
 saved on the CPU, so a checkpoint written on a GPU loads anywhere with a plain `torch.load`.
 
 An ensemble (`models.ensemble`) is a head checkpoint too: its `ensemble` entry lists the
-members (their head configs and where they came from), its weights are the members' under
-`members.<i>.`, `head_config` is its first member's, and `build` makes an `EnsembleHead`.
+members (their head configs, tuning and where they came from), its weights are the members'
+state dicts under `members.<i>.` (a tuned member's blocks and norm included),
+`head_config` is its first member's, and `build` makes an `EnsembleHead`.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from offroad_seg.models.fingerprint import compat_fingerprint
 from offroad_seg.models.heads import HeadConfig, build_head
 from offroad_seg.models.heads.ensemble import EnsembleHead
 from offroad_seg.models.preprocess import Preprocessing
-from offroad_seg.models.tuning import TuneSpec, head_state
+from offroad_seg.models.tuning import TuneSpec, head_state, tail_layout
 from offroad_seg.models.weights import load_tensors, not_a_checkpoint
 
 
@@ -178,16 +179,50 @@ class HeadCheckpoint:
         tuning = self.payload.get("tuning")
         return None if tuning is None else TuneSpec.from_dict(tuning)
 
+    @property
+    def member_tunings(self) -> tuple[TuneSpec | None, ...]:
+        """An ensemble's members' `tuning`, in member order; () for a single head."""
+        entries = self.payload.get(ENSEMBLE_KEY) or ()
+        return tuple(
+            None if e.get("tuning") is None else TuneSpec.from_dict(e["tuning"]) for e in entries
+        )
+
+    def member_states(self) -> list[dict[str, torch.Tensor]]:
+        """An ensemble's members' state dicts, as each member's checkpoint holds it."""
+        state = self.payload["state_dict"]
+        out = []
+        for i in range(len(self.members)):
+            prefix = f"members.{i}."
+            out.append({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+        return out
+
+    def tail_layout(self) -> tuple[int, tuple[int, ...]] | None:
+        """Where an ensemble's members branch off the backbone (`models.tuning.tail_layout`);
+        None for a single head, or an ensemble of heads on pretrained blocks."""
+        return tail_layout(self.member_tunings) if self.members else None
+
     def build(self, device: torch.device | str = "cpu") -> nn.Module:
         """The head (an `EnsembleHead` of the members for an ensemble) with its weights, in
-        eval mode: the one place a checkpoint becomes a module."""
+        eval mode: the one place a checkpoint becomes a module. A tuned head's (or tuned
+        member's) blocks are not part of it: `models.segmentation.backbone_for_head` loads
+        them into the backbone."""
         if self.members:
-            head = EnsembleHead([build_head(c) for c in self.members])
+            layout = self.tail_layout()
+            head = EnsembleHead(
+                [build_head(c) for c in self.members], None if layout is None else layout[1]
+            )
+            state = {
+                f"members.{i}.{k}": v
+                for i, (spec, own) in enumerate(
+                    zip(self.member_tunings, self.member_states(), strict=True)
+                )
+                for k, v in (own if spec is None else head_state(own)).items()
+            }
         else:
             head = build_head(self.head_config)
-        state = self.payload["state_dict"]
-        if self.tuning is not None:
-            state = head_state(state)
+            state = self.payload["state_dict"]
+            if self.tuning is not None:
+                state = head_state(state)
         try:
             head.load_state_dict(state)
         except (KeyError, RuntimeError) as e:  # torch lists every mismatch, one per line

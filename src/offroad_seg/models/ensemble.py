@@ -4,14 +4,17 @@ built by `HeadCheckpoint.build`), so evaluate, predict, `Segmenter`, export and 
 ensemble as they take a head.
 
 Members must share backbone (variant, weights, layers), preprocessing (working size
-included) and class map: their tokens and classes must mean the same thing. Heads trained
-with tuned backbone blocks (a checkpoint carrying `tuning`) are refused for now: their
-members would each need their own last blocks.
+included) and class map: their tokens and classes must mean the same thing. Heads that tuned
+the backbone's last blocks (`train --tune`) may join, from any cached block: the backbone runs
+once up to the earliest tuned block, then each tuned member runs its own blocks from there
+and the members on pretrained blocks share one copy (`models.tuning.tail_layout`,
+`Backbone.set_tails`). Each of those costs its blocks' share of a backbone pass.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +40,6 @@ def check_members(members: Sequence[HeadCheckpoint]) -> None:
             raise OffroadSegError(
                 f"{ckpt.path}: is an ensemble already; give its member heads instead"
             )
-        if ckpt.tuning is not None:
-            depth = ckpt.backbone.variant.depth
-            raise OffroadSegError(
-                f"{ckpt.path}: was trained from a block cache ({ckpt.tuning.describe(depth)}); "
-                "ensembles take heads on a frozen backbone only, for now"
-            )
         diff = compat_differences(_described(first), _described(ckpt))
         if diff:
             raise OffroadSegError(
@@ -52,7 +49,8 @@ def check_members(members: Sequence[HeadCheckpoint]) -> None:
 
 
 def _described(ckpt: HeadCheckpoint):
-    return ckpt.backbone, ckpt.preprocessing, ckpt.class_map
+    # the block a head was trained from is the member's own business (`tail_layout`)
+    return replace(ckpt.backbone, block=None), ckpt.preprocessing, ckpt.class_map
 
 
 def _member_entry(ckpt: HeadCheckpoint) -> dict[str, Any]:
@@ -61,6 +59,7 @@ def _member_entry(ckpt: HeadCheckpoint) -> dict[str, Any]:
     payload = ckpt.payload
     return {
         "head_config": ckpt.head_config.to_dict(),
+        "tuning": payload.get("tuning"),
         "source": str(ckpt.path),
         "source_sha256": file_sha256(ckpt.path),
         "best": payload.get("best"),
@@ -73,13 +72,14 @@ def ensemble_payload(members: Sequence[HeadCheckpoint], **extra: Any) -> dict[st
     """The checkpoint of the members as one model (see `models.checkpoint`)."""
     check_members(members)
     first = members[0]
+    backbone, preprocessing, class_map = _described(first)
     state = {
         f"members.{i}.{name}": tensor
         for i, ckpt in enumerate(members)
         for name, tensor in ckpt.payload["state_dict"].items()
     }
     return {
-        **head_payload(first.head_config, first.class_map, first.backbone, first.preprocessing),
+        **head_payload(first.head_config, class_map, backbone, preprocessing),
         ENSEMBLE_KEY: [_member_entry(ckpt) for ckpt in members],
         "state_dict": state,
         **extra,

@@ -17,7 +17,7 @@ from offroad_seg.errors import ConfigError, WeightsError
 from offroad_seg.models.backbone import Backbone, BackboneSpec, load_backbone
 from offroad_seg.models.checkpoint import HeadCheckpoint, load_checkpoint
 from offroad_seg.models.preprocess import Preprocessing
-from offroad_seg.models.tuning import apply_tuning
+from offroad_seg.models.tuning import apply_tuning, member_tails
 from offroad_seg.models.weights import RANDOM
 
 TTA_MODES = ("none", "flip")
@@ -75,10 +75,14 @@ def backbone_for_head(
     ckpt: HeadCheckpoint, weights: str | None, device: torch.device | str
 ) -> Backbone:
     """Load the backbone a head was trained on; other weights are refused. A tuned head's
-    blocks (`ckpt.tuning`) are loaded into it, LoRA adapters merged into the weights."""
+    blocks (`ckpt.tuning`) are loaded into it, LoRA adapters merged into the weights; an
+    ensemble with tuned members gets one tail per branch (`Backbone.set_tails`)."""
     backbone = matching_backbone(ckpt.backbone, weights, device, ckpt.path, "the head", "trained")
     if ckpt.tuning is not None:
         apply_tuning(backbone, ckpt.tuning, ckpt.payload["state_dict"])
+    elif (layout := ckpt.tail_layout()) is not None:
+        tunings, states = ckpt.member_tunings, ckpt.member_states()
+        backbone.set_tails(member_tails(backbone, tunings, states, layout))
     return backbone
 
 

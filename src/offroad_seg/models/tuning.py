@@ -20,7 +20,8 @@ positions inference sees.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import copy
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 
 from offroad_seg.errors import ConfigError
-from offroad_seg.models.backbone import Backbone, tokens_from_stored
+from offroad_seg.models.backbone import Backbone, Tail, tokens_from_stored
 from offroad_seg.models.lora import add_lora, merge_lora
 
 MODES = ("frozen", "lora", "full")
@@ -81,6 +82,18 @@ def prepare_blocks(backbone: Backbone, spec: TuneSpec) -> None:
     vit.norm.requires_grad_(spec.mode != "frozen")
 
 
+def saved_entry(mode: str, name: str) -> bool:
+    """Whether a tuned model's state-dict entry `name` (`head.`, `blocks.`, `norm.`) is one
+    training in `mode` changes, and so one its checkpoint holds."""
+    if name.startswith("head."):
+        return True
+    if mode == "frozen":
+        return False
+    if mode == "full" or name.startswith("norm."):
+        return True
+    return name.endswith(("lora_a", "lora_b"))
+
+
 class TunedModel(nn.Module):
     """Block-cache tokens (B, C, 1, T) -> logits: blocks K..N-1 (tuned per `spec`), the final
     norm and the head, on a rows x cols token grid."""
@@ -122,13 +135,7 @@ class TunedModel(nn.Module):
 
     def saved(self, name: str) -> bool:
         """Whether a state-dict entry is one training changes (and a checkpoint holds)."""
-        if name.startswith("head."):
-            return True
-        if self.spec.mode == "frozen":
-            return False
-        if self.spec.mode == "full" or name.startswith("norm."):
-            return True
-        return name.endswith(("lora_a", "lora_b"))
+        return saved_entry(self.spec.mode, name)
 
     def state_dict(self, *args, **kwargs):
         full = super().state_dict(*args, **kwargs)
@@ -165,18 +172,95 @@ def head_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def apply_tuning(
-    backbone: Backbone, spec: TuneSpec, state: Mapping[str, torch.Tensor], merge: bool = True
-) -> None:
-    """Load a tuned checkpoint's blocks and norm (`tail_state`) into a frozen backbone, in
-    place; LoRA adapters are merged into the weights unless `merge=False`. The backbone stays
-    frozen (nothing requires gradients)."""
-    model = TunedModel(backbone, nn.Identity(), spec, (1, 1))
-    tail = tail_state(state)
-    result = nn.Module.load_state_dict(model, tail, strict=False)
-    missing = [k for k in result.missing_keys if model.saved(k) and not k.startswith("head.")]
+def load_tail(tail: Tail, spec: TuneSpec, state: Mapping[str, torch.Tensor], merge: bool = True):
+    """Load a tuned checkpoint's blocks and norm (`tail_state`) into `tail` (blocks
+    spec.block..N-1 and the final norm), in place; LoRA adapters are merged into the weights
+    unless `merge=False`. The tail stays frozen (nothing requires gradients)."""
+    if tail.start != spec.block:
+        raise ValueError(f"a tail from block {tail.start} for blocks tuned from {spec.block}")
+    if spec.mode == "lora":
+        add_lora(tail.blocks, spec.rank, spec.alpha)
+    result = tail.load_state_dict(tail_state(state), strict=False)
+    missing = [k for k in result.missing_keys if saved_entry(spec.mode, k)]
     if missing or result.unexpected_keys:
         raise ValueError(f"missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
     if merge:
-        merge_lora(backbone.vit)
-    backbone.vit.requires_grad_(False)
+        merge_lora(tail)
+    tail.requires_grad_(False)
+
+
+def apply_tuning(
+    backbone: Backbone, spec: TuneSpec, state: Mapping[str, torch.Tensor], merge: bool = True
+) -> None:
+    """Load a tuned checkpoint's blocks and norm into a frozen backbone itself (`load_tail`
+    on its own blocks)."""
+    load_tail(backbone.own_tail(spec.block), spec, state, merge)
+
+
+def member_tail(
+    backbone: Backbone, spec: TuneSpec | None, state: Mapping[str, torch.Tensor], start: int
+) -> Tail:
+    """Blocks `start`..N-1 and the final norm as an ensemble member computes them: the
+    backbone's own (shared, not copied) for a head on frozen blocks (`spec` None or frozen),
+    else the pretrained blocks before `spec.block` (shared) and copies of the rest with the
+    member's tuning loaded (LoRA merged)."""
+    own = backbone.own_tail(start)
+    if spec is None or spec.mode == "frozen":
+        return own
+    if spec.block < start:
+        raise ValueError(f"blocks tuned from {spec.block}, before the shared block {start}")
+    split = spec.block - start
+    tuned = copy.deepcopy(Tail(spec.block, list(own.blocks)[split:], own.norm))
+    load_tail(tuned, spec, state)
+    return Tail(start, [*list(own.blocks)[:split], *tuned.blocks], tuned.norm)
+
+
+def is_tuned(spec: TuneSpec | None) -> bool:
+    """Whether a head's blocks differ from the pretrained ones (LoRA or full tuning)."""
+    return spec is not None and spec.mode != "frozen"
+
+
+def tail_layout(
+    tunings: Sequence[TuneSpec | None], start: int | None = None
+) -> tuple[int, tuple[int, ...]] | None:
+    """Where an ensemble's members (their `tuning`s) branch off the shared backbone: the first
+    block each runs on its own (the earliest tuned one, or `start`) and the branch each member
+    reads (`EnsembleHead`'s `branch_of`): the members on pretrained blocks share branch one
+    tail; each tuned member has its own. None when no member tuned its blocks and no `start`
+    is given: the plain backbone serves them all."""
+    tuned = [spec.block for spec in tunings if is_tuned(spec)]
+    if start is None:
+        if not tuned:
+            return None
+        start = min(tuned)
+    branches: dict[int, int] = {}
+    branch_of = [
+        branches.setdefault(i if is_tuned(spec) else -1, len(branches))
+        for i, spec in enumerate(tunings)
+    ]
+    return start, tuple(branch_of)
+
+
+def member_tails(
+    backbone: Backbone,
+    tunings: Sequence[TuneSpec | None],
+    states: Sequence[Mapping[str, torch.Tensor]],
+    layout: tuple[int, tuple[int, ...]],
+) -> list[Tail]:
+    """One `member_tail` per branch of `layout` (`tail_layout`), in branch order."""
+    start, branch_of = layout
+    first = {b: i for i, b in reversed(list(enumerate(branch_of)))}  # a branch's first member
+    return [member_tail(backbone, tunings[i], states[i], start) for _, i in sorted(first.items())]
+
+
+class TailsModel(nn.Module):
+    """Block-cache tokens (B, C, 1, T) -> a head's logits on the features of the backbone's
+    tails (`Backbone.set_tails`, which start at the cached block), on a rows x cols grid:
+    an ensemble of heads trained on a block cache, scored on the cache."""
+
+    def __init__(self, backbone: Backbone, head: nn.Module, grid: tuple[int, int]) -> None:
+        super().__init__()
+        self.backbone, self.head, self.grid = backbone, head, tuple(grid)
+
+    def forward(self, stored: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone.tails_features(tokens_from_stored(stored), *self.grid))

@@ -58,21 +58,23 @@ def head_info(path: str | Path) -> dict[str, Any]:
         "per_class_iou": {k: v["iou"] for k, v in val["per_class"].items()} if val else None,
         "compat_fingerprint": ckpt.compat_fingerprint,
         "train_sizes": payload.get("train_sizes"),
-        "ensemble": _members(payload) if ckpt.is_ensemble else None,
+        "ensemble": _members(ckpt) if ckpt.is_ensemble else None,
         "ensemble_val": payload.get("ensemble_val"),  # sweep --ensemble-top scores it
         "tuning": _tuning(ckpt),
     }
 
 
-def _members(payload: dict[str, Any]) -> list[dict[str, Any]]:
-    """An ensemble's members: head settings, source and best validation mIoU."""
+def _members(ckpt: HeadCheckpoint) -> list[dict[str, Any]]:
+    """An ensemble's members: head settings, tuning, source and best validation mIoU."""
+    depth = ckpt.backbone.variant.depth
     return [
         {
             "head": m["head_config"],
+            "tuning": spec and {**spec.to_dict(), "describe": spec.describe(depth)},
             "source": m.get("source"),
             "val_miou": (m.get("best") or {}).get("val_miou"),
         }
-        for m in payload["ensemble"]
+        for m, spec in zip(ckpt.payload["ensemble"], ckpt.member_tunings, strict=True)
     ]
 
 
@@ -133,7 +135,8 @@ def head_info_text(info: dict[str, Any]) -> str:
             miou = member["val_miou"]
             score = f"val mIoU {miou:.4f}, " if miou is not None else ""
             source = f"from {member['source']}"
-            lines.append(f"  member {i}   {_model_text(member['head'])}; {score}{source}")
+            tuned = f"{member['tuning']['describe']}; " if member.get("tuning") else ""
+            lines.append(f"  member {i}   {_model_text(member['head'])}; {tuned}{score}{source}")
         if info.get("ensemble_val"):
             lines.append(f"ensemble val mIoU {info['ensemble_val']['val_miou']:.4f}")
     else:

@@ -21,16 +21,31 @@ class EnsembleHead(nn.Module):
     mean probabilities, its argmax their most probable class, and bilinear upsampling keeps
     that argmax (the log-normaliser is shared by every class at each pixel), so evaluate,
     predict, TTA and export run an ensemble as they run a head. One member gives its own
-    log-softmax, with the member's argmax."""
+    log-softmax, with the member's argmax.
 
-    def __init__(self, members: Sequence[nn.Module]) -> None:
+    `branch_of` (members that tuned the backbone's last blocks, `models.tuning.tail_layout`):
+    the features are several branches' concatenated on channels, and member i reads branch
+    `branch_of[i]`; None: every member reads all of them (one branch)."""
+
+    def __init__(
+        self, members: Sequence[nn.Module], branch_of: Sequence[int] | None = None
+    ) -> None:
         super().__init__()
         if not members:
             raise ValueError("an ensemble needs at least one member")
+        if branch_of is not None and len(branch_of) != len(members):
+            raise ValueError(f"{len(branch_of)} branches given for {len(members)} members")
         self.members = nn.ModuleList(members)
+        self.branch_of = None if branch_of is None else tuple(int(b) for b in branch_of)
+
+    def _inputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.branch_of is None:
+            return [x] * len(self.members)
+        width = x.shape[1] // (max(self.branch_of) + 1)
+        return [x[:, b * width : (b + 1) * width] for b in self.branch_of]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        outputs = [member(x).float() for member in self.members]
+        outputs = [m(xi).float() for m, xi in zip(self.members, self._inputs(x), strict=True)]
         rows = max(o.shape[-2] for o in outputs)
         cols = max(o.shape[-1] for o in outputs)
         log_probs = []

@@ -13,10 +13,10 @@ from offroad_seg.core.atomic import write_json_atomic
 from offroad_seg.features.cache import FeatureCache
 from offroad_seg.models.checkpoint import load_checkpoint, save_checkpoint
 from offroad_seg.models.ensemble import ensemble_payload
-from offroad_seg.models.heads.ensemble import EnsembleHead
 from offroad_seg.training.run_folder import HEAD_FILE
 from offroad_seg.training.sweep.folder import ENSEMBLE_FILE, ENSEMBLE_SUMMARY, TRIALS_DIR
 from offroad_seg.training.sweep.leaderboard import ensemble_line
+from offroad_seg.training.tuned import cached_ensemble
 from offroad_seg.training.validation import evaluate_on_cache
 
 log = logging.getLogger(__name__)
@@ -32,10 +32,11 @@ def write_sweep_ensemble(cfg: SweepConfig, rows: list[dict], device: torch.devic
     if len(complete) < cfg.ensemble_top:
         log.warning("only %d trials finished: the ensemble has %d members", *[len(complete)] * 2)
     members = [load_checkpoint(cfg.out / TRIALS_DIR / r["run"] / HEAD_FILE) for r in complete]
-    head = EnsembleHead([m.build(device) for m in members])
+    val_cache = FeatureCache.open(cfg.train.val_cache)
+    model = cached_ensemble(members, val_cache, cfg.train.weights, device)
     weights = members[0].payload.get("class_weights")  # the trials' validation loss's
     weight = None if weights is None else torch.tensor(weights, device=device)
-    metrics = evaluate_on_cache(head, FeatureCache.open(cfg.train.val_cache), device, weight)
+    metrics = evaluate_on_cache(model, val_cache, device, weight)
     val = {
         "val_miou": metrics.miou,
         "val_dice": metrics.mean_dice,
