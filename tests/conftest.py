@@ -126,4 +126,6 @@ def tiny_demo(tmp_path_factory) -> Path:
     finally:
         os.chdir(cwd)
     assert result.exit_code == 0, result.output
+    (root / "demo-output.txt").write_text(result.stdout)  # what the user saw
+    (root / "demo-log.txt").write_text(result.stderr)
     return root

@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import zlib
 from pathlib import Path
@@ -25,11 +24,11 @@ from click.testing import CliRunner
 
 import offroad_seg.inference.image_outputs as image_outputs
 from offroad_seg.cli import cli
-from offroad_seg.core.atomic import atomic_write, host_tag, temp_path
+from offroad_seg.core.atomic import atomic_write, temp_path
 from offroad_seg.data.classes import ClassMap
 from offroad_seg.data.synthetic import write_split
 from offroad_seg.errors import OffroadSegError
-from offroad_seg.inference.engines import SCRATCH_PREFIX, OnnxEngine
+from offroad_seg.inference.engines import OnnxEngine
 from offroad_seg.inference.runfolder import RUN_FILE, RecordLog
 from offroad_seg.models.checkpoint import head_payload, save_checkpoint
 from offroad_seg.models.heads import HeadConfig, build_head
@@ -188,21 +187,9 @@ def test_rerun_removes_killed_writers_temporary_files(head, split, predicted, tm
     )
 
 
-def test_onnxruntime_run_leaves_no_export_folder(head, split, tmp_path, monkeypatch):
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    monkeypatch.setenv("TMPDIR", str(tmp))
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp))  # gettempdir() caches its answer
-    killed = tmp / f"{SCRATCH_PREFIX}{host_tag()}-{dead_pid()}-k1ll3d_x"
-    (killed / "model.onnx").parent.mkdir()
-    (killed / "model.onnx").write_bytes(b"87 MB, in real life")
-    running = tmp / f"{SCRATCH_PREFIX}{host_tag()}-{os.getpid()}-running"
-    running.mkdir()
-    r = run("predict", head, split / "Color_Images", tmp_path / "out", *PREDICT, "--engine",
-            "onnxruntime")  # fmt: skip
-    assert r.exit_code == 0, r.output
-    ours = [name for name in os.listdir(tmp) if name.startswith(SCRATCH_PREFIX)]
-    assert ours == [running.name]  # the killed run's and this run's are gone
+# A `predict --engine onnxruntime` of a .pth head leaves no export folder, and removes a killed
+# run's: tests/inference/test_export.py::test_cli_predict_engine_onnxruntime_exports_a_pth_head
+# (it exports a full ViT-S once for both checks).
 
 
 # ----------------------------------------------------------------------------- items 7d, 16
@@ -411,12 +398,13 @@ def many(tmp_path_factory) -> Path:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
-@pytest.mark.parametrize("command", ["extract", "evaluate", "predict"])
+@pytest.mark.parametrize("command", ["extract", "predict"])
 def test_workers_die_with_a_killed_parent(command, head, many, tmp_path):
+    """Extract's loader, and predict's (evaluate decodes through the same `inference.batches`
+    loader as predict)."""
     workers = ["--workers", "1", "--batch-size", "1"]
     cmd = {
         "extract": tool("extract", many, tmp_path / "c.zarr", *EXTRACT[:4], *workers),
-        "evaluate": tool("evaluate", head, many, tmp_path / "e", "--device", "cpu", *workers),
         "predict": tool("predict", head, many, tmp_path / "p", "--device", "cpu", *workers),
     }[command]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

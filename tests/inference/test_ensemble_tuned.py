@@ -1,7 +1,7 @@
 """Ensembles whose members tuned the backbone's last blocks (`train --tune`): the backbone runs
 once up to the earliest tuned block, each tuned member then runs its own blocks, and the
 members' probabilities are averaged, in torch and in one ONNX graph, from the CLI and the API.
-Members: a plain head, a LoRA-tuned one from block 9 and a fully tuned one from block 10, on
+Members: a plain head, a LoRA-tuned one from block 10 and a fully tuned one from block 11, on
 an "active" random ViT-S (tests/inference/test_export.py), their tuned weights moved away from
 the pretrained ones as training would."""
 
@@ -40,8 +40,8 @@ from tests.inference.test_export import (
 GRID = Preprocessing(size=SIZE).grid
 MEMBERS = {  # name: (tuning, head, seed)
     "plain": (None, "linear", 1),
-    "lora": (TuneSpec("lora", 9, rank=4, alpha=8.0), "upnext", 2),
-    "full": (TuneSpec("full", 10), "linear", 3),
+    "lora": (TuneSpec("lora", 10, rank=4, alpha=8.0), "upnext", 2),
+    "full": (TuneSpec("full", 11), "linear", 3),
 }
 
 
@@ -86,14 +86,14 @@ def members(tmp_path_factory):
     assert r.exit_code == 0, r.output
     assert (
         "an ensemble of 3 heads (linear, upnext, linear) on dinov2_vits14 at 56x98; 2 tuned "
-        "their blocks: the backbone runs once up to block 9, then 3 branches"
+        "their blocks: the backbone runs once up to block 10, then 3 branches"
     ) in r.output
     return {**paths, "ensemble": out, "root": root}
 
 
 def test_probabilities_are_the_mean_of_each_members_own_model(members, images):
     """Each member computed alone (its own backbone with its blocks merged in) vs the
-    ensemble, which runs blocks 0..8 once and three tails from block 9."""
+    ensemble, which runs blocks 0..9 once and three tails from block 10."""
     model = SegmentationModel.from_checkpoint(members["ensemble"], None, "cpu")
     alone = [
         SegmentationModel.from_checkpoint(members[n], None, "cpu").logits(images) for n in MEMBERS
@@ -114,10 +114,10 @@ def test_probabilities_are_the_mean_of_each_members_own_model(members, images):
     torch.testing.assert_close(got.softmax(1), expected, rtol=0, atol=1e-6)
     assert calls == {"block 0": 1}  # the shared blocks ran once for the three members
     tails = model.backbone.tails
-    assert [t.start for t in tails] == [9, 9, 9]
+    assert [t.start for t in tails] == [10, 10, 10]
     own = model.backbone.vit.blocks
-    assert tails[0].blocks[0] is own[9] and tails[0].norm is model.backbone.vit.norm  # shared
-    assert tails[2].blocks[0] is own[9] and tails[2].blocks[1] is not own[10]  # full from 10
+    assert tails[0].blocks[0] is own[10] and tails[0].norm is model.backbone.vit.norm  # shared
+    assert tails[2].blocks[0] is own[10] and tails[2].blocks[1] is not own[11]  # full from 11
     # every member matters: the tuned blocks changed the members' own outputs
     for p in probs:
         assert (p - expected).abs().max() > 1e-2
@@ -128,10 +128,8 @@ def test_cli_info_names_each_members_tuning(members):
     assert r.exit_code == 0, r.output
     assert "ensemble     3 heads, probabilities averaged" in r.output
     assert "  member 0   linear (dropout 0); from " in r.output
-    assert "; LoRA rank 4, alpha 8 on blocks 9..11 + final norm; from " in r.output
-    assert "  member 2   linear (dropout 0); blocks 10..11 + final norm fully tuned; from" in (
-        r.output
-    )
+    assert "; LoRA rank 4, alpha 8 on blocks 10..11 + final norm; from " in r.output
+    assert "  member 2   linear (dropout 0); block 11 + final norm fully tuned; from" in (r.output)
     info = json.loads(CliRunner().invoke(cli, ["info", str(members["ensemble"]), "--json"]).output)
     assert [m["tuning"] and m["tuning"]["mode"] for m in info["ensemble"]] == [None, "lora", "full"]
     assert info["backbone"]["block"] is None  # an ensemble maps images to logits

@@ -250,7 +250,7 @@ def test_ensemble_exports_as_one_graph(images, tmp_path):
 
 @pytest.mark.parametrize(
     ("name", "depth", "head", "layers"),
-    [("dinov2_vitb14_reg", 2, "pyramid", 2), ("dinov2_vitg14", 1, "seed", 1)],
+    [("dinov2_vitb14_reg", 2, "pyramid", 2), ("dinov2_vitg14", 1, "linear", 1)],
 )
 def test_other_variants_export(name, depth, head, layers, images, tmp_path):
     """ViT-B/14 with registers (another width and head count, register tokens, the
@@ -293,14 +293,34 @@ def test_cli_predict_with_the_exported_model_writes_the_same_masks(vits, dataset
     assert_same_masks(tmp_path / "t", tmp_path / "o", dataset)
 
 
-def test_cli_predict_engine_onnxruntime_exports_a_pth_head(dataset, tmp_path):
-    """The other variant end to end from the CLI: ViT-S/14 with registers, full depth."""
+def test_cli_predict_engine_onnxruntime_exports_a_pth_head(dataset, tmp_path, monkeypatch):
+    """The other variant end to end from the CLI: ViT-S/14 with registers, full depth. The
+    export is scratch: none is left in TMPDIR, and a killed run's (its pid dead) is removed
+    while a running one's is not."""
+    import tempfile
+
+    from offroad_seg.core.atomic import host_tag
+    from offroad_seg.inference.engines import SCRATCH_PREFIX
+    from tests.guarantees.test_guard_infer import dead_pid
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))  # gettempdir() caches its answer
+    killed = tmp / f"{SCRATCH_PREFIX}{host_tag()}-{dead_pid()}-k1ll3d_x"
+    (killed / "model.onnx").parent.mkdir()
+    (killed / "model.onnx").write_bytes(b"87 MB, in real life")
+    running = tmp / f"{SCRATCH_PREFIX}{host_tag()}-{os.getpid()}-running"
+    running.mkdir()
+
     weights = save_weights(active_vit("dinov2_vits14_reg", seed=4), tmp_path / "reg.safetensors")
     ckpt = make_head(tmp_path / "head.pth", load_backbone(weights, name="dinov2_vits14_reg"))
     predict_cli(ckpt.path, dataset / "val", tmp_path / "t", "--engine", "torch")
     run = predict_cli(ckpt.path, dataset / "val", tmp_path / "o", "--engine", "onnxruntime")
     assert run["engine"] == "onnxruntime"
     assert_same_masks(tmp_path / "t", tmp_path / "o", dataset)
+    ours = [name for name in os.listdir(tmp) if name.startswith(SCRATCH_PREFIX)]
+    assert ours == [running.name]  # the killed run's and this run's are gone
 
 
 def test_evaluate_with_onnxruntime_matches_torch(vits, dataset, tmp_path):
@@ -355,7 +375,7 @@ def test_export_at_another_size_quantized_writes_one_model(images, tmp_path):
 
 def test_multi_scale_tta_runs_one_session_per_size(images, tmp_path):
     """--tta-scales with the onnxruntime engine: a graph per size, the same passes as torch."""
-    model = truncated_model(tmp_path, "dinov2_vits14", 1, "pyramid")
+    model = truncated_model(tmp_path, "dinov2_vits14", 1, "linear")
     tta = TTA.of("flip", (0.5, 1.0))
     (small,) = tta.extra_sizes(model.preprocessing)
     export_model(model, tmp_path / "a.onnx", batch=None)

@@ -86,8 +86,9 @@ def test_cached_training_equals_online_training(cache_fp32, dataset, backbone, t
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("head", ["convnext", "seed"])
-@pytest.mark.parametrize("layers", [1, 4])
+# the seed head on 4 layers (its first conv on 1536 channels: 7 s here) trains in
+# test_head_matrix.py; learning with 4 layers is shown by convnext's
+@pytest.mark.parametrize(("layers", "head"), [(1, "convnext"), (1, "seed"), (4, "convnext")])
 def test_head_overfits_tiny_split(head, layers, caches, cache_4layers, tmp_path):
     cache = caches["train"] if layers == 1 else cache_4layers
     cfg = train_config([cache], tmp_path / "run", head=head, width=64, epochs=30, lr=3e-3)

@@ -58,7 +58,8 @@ class TuneSpec:
         return cls(d["mode"], int(d["block"]), int(d.get("rank", 0)), float(d.get("alpha", 0)))
 
     def describe(self, depth: int) -> str:
-        blocks = f"blocks {self.block}..{depth - 1}"
+        last = depth - 1
+        blocks = f"blocks {self.block}..{last}" if self.block < last else f"block {last}"
         if self.mode == "lora":
             return f"LoRA rank {self.rank}, alpha {self.alpha:g} on {blocks} + final norm"
         if self.mode == "full":
