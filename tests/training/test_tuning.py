@@ -305,3 +305,19 @@ def test_interrupted_lora_tuning_resumes_to_the_uninterrupted_run(
     assert any(k.endswith("lora_b") for k in a) and a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_a_tuned_checkpoint_missing_an_adapter_is_one_line(lora_run, tmp_path):
+    """A checkpoint whose tuned entries do not fit its backbone (an adapter dropped, the
+    digest recomputed as an edit would) is refused in one line naming it, not a traceback."""
+    from offroad_seg.errors import OffroadSegError
+    from offroad_seg.models.checkpoint import save_checkpoint
+
+    payload = dict(load_checkpoint(lora_run.out / "segmentation_head.pth").payload)
+    state = dict(payload["state_dict"])
+    del state[next(k for k in state if k.endswith("lora_b"))]
+    bad = tmp_path / "bad.pth"
+    save_checkpoint(bad, {**payload, "state_dict": state})
+    with pytest.raises(OffroadSegError, match=r"bad.pth: its tuned blocks do not fit") as e:
+        SegmentationModel.from_checkpoint(bad, None, "cpu")
+    assert "\n" not in str(e.value) and "missing" in str(e.value)

@@ -13,7 +13,7 @@ from torch import nn
 
 from offroad_seg.core.runtime import autocast, resolve_device
 from offroad_seg.data.classes import ClassMap
-from offroad_seg.errors import ConfigError, WeightsError
+from offroad_seg.errors import ConfigError, OffroadSegError, WeightsError
 from offroad_seg.models.backbone import Backbone, BackboneSpec, load_backbone
 from offroad_seg.models.checkpoint import HeadCheckpoint, load_checkpoint
 from offroad_seg.models.preprocess import Preprocessing
@@ -78,11 +78,17 @@ def backbone_for_head(
     blocks (`ckpt.tuning`) are loaded into it, LoRA adapters merged into the weights; an
     ensemble with tuned members gets one tail per branch (`Backbone.set_tails`)."""
     backbone = matching_backbone(ckpt.backbone, weights, device, ckpt.path, "the head", "trained")
-    if ckpt.tuning is not None:
-        apply_tuning(backbone, ckpt.tuning, ckpt.payload["state_dict"])
-    elif (layout := ckpt.tail_layout()) is not None:
-        tunings, states = ckpt.member_tunings, ckpt.member_states()
-        backbone.set_tails(member_tails(backbone, tunings, states, layout))
+    try:
+        if ckpt.tuning is not None:
+            apply_tuning(backbone, ckpt.tuning, ckpt.payload["state_dict"])
+        elif (layout := ckpt.tail_layout()) is not None:
+            tunings, states = ckpt.member_tunings, ckpt.member_states()
+            backbone.set_tails(member_tails(backbone, tunings, states, layout))
+    except (ValueError, RuntimeError) as e:  # entries missing, unexpected or misshapen
+        detail = str(e).splitlines()[0][:200] if str(e) else repr(e)
+        raise OffroadSegError(
+            f"{ckpt.path}: its tuned blocks do not fit {ckpt.backbone.name}: {detail}"
+        ) from e
     return backbone
 
 
