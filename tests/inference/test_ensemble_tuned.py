@@ -25,7 +25,7 @@ from offroad_seg.models.backbone import load_backbone
 from offroad_seg.models.checkpoint import head_payload, save_checkpoint
 from offroad_seg.models.heads import HeadConfig, build_head
 from offroad_seg.models.preprocess import Preprocessing, image_to_tensor, resize_image
-from offroad_seg.models.segmentation import SegmentationModel
+from offroad_seg.models.segmentation import TTA, SegmentationModel
 from offroad_seg.models.tuning import TunedModel, TuneSpec
 from tests.conftest import SIZE
 from tests.inference.test_export import (
@@ -45,24 +45,32 @@ MEMBERS = {  # name: (tuning, head, seed)
 }
 
 
-def tuned_member(path, weights: str, spec: TuneSpec | None, head: str, seed: int):
+def tuned_member(
+    path,
+    weights: str,
+    spec: TuneSpec | None,
+    head: str,
+    seed: int,
+    name: str = "dinov2_vits14",
+    size: tuple[int, int] = SIZE,
+):
     """A head checkpoint as `train --tune` writes one, its adapters or blocks and its norm
     moved off the pretrained values (a random step of about the size training takes)."""
-    backbone = load_backbone(weights, name="dinov2_vits14")
+    backbone = load_backbone(weights, name=name)
+    prep = Preprocessing(size=size, patch_size=backbone.variant.patch_size)
     cfg = HeadConfig(name=head, in_channels=backbone.spec.channels)
     torch.manual_seed(seed)
     module = build_head(cfg)
     if spec is None:
         state, extra, bb = module.state_dict(), {}, backbone.spec
     else:
-        model = TunedModel(backbone, module, spec, GRID)
+        model = TunedModel(backbone, module, spec, prep.grid)
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if p.requires_grad and not name.startswith("head."):
                     p.add_(torch.randn_like(p) * 0.05)
         state, extra = model.state_dict(), {"tuning": spec.to_dict()}
         bb = replace(backbone.spec, block=spec.block)
-    prep = Preprocessing(size=SIZE)
     payload = head_payload(cfg, ClassMap.default(), bb, prep, state_dict=state, **extra)
     save_checkpoint(path, payload)
     return path
@@ -165,3 +173,30 @@ def test_cli_predict_segmenter_and_onnx_runtime_agree(members, images, dataset, 
     expected, got = model.logits(images), OnnxEngine(onnx_path).logits(images)
     assert relative_error(expected, got) < LOGIT_TOLERANCE
     assert agreement(upsample(expected).argmax(1), upsample(got).argmax(1)) >= AGREEMENT
+
+
+def test_dinov3_members_at_two_tta_sizes(tmp_path):
+    """DINOv3 (rotary embeddings computed per grid, masked key bias) at the working size and
+    at 1.5x, as multi-scale TTA runs it: each branch's logits are the member's own."""
+    prep = Preprocessing(size=(64, 112), patch_size=16)
+    paths = [
+        tuned_member(tmp_path / f"{n}.pth", "random", spec, "linear", seed, "dinov3_vits16",
+                     prep.size)
+        for n, (spec, _, seed) in MEMBERS.items()
+    ]  # fmt: skip
+    ens = tmp_path / "e.pth"
+    assert CliRunner().invoke(cli, ["ensemble", *map(str, paths), "-o", str(ens)]).exit_code == 0
+    tta = TTA.of("none", (1.0, 1.5))
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (2, 3, *prep.size), dtype=torch.uint8, generator=gen)
+    (big,) = tta.extra_sizes(prep)
+    scaled = [torch.randint(0, 256, (2, 3, *big), dtype=torch.uint8, generator=gen)]
+    got = SegmentationModel.from_checkpoint(ens, "random", "cpu").tta_logits(images, scaled, tta)
+    alone = [
+        SegmentationModel.from_checkpoint(p, "random", "cpu").tta_logits(images, scaled, tta)
+        for p in paths
+    ]
+    assert [g.shape[-2:] for g in got] == [(4, 7), (6, 10)]
+    for k, logits in enumerate(got):
+        expected = torch.stack([a[k].softmax(1) for a in alone]).mean(0)
+        torch.testing.assert_close(logits.softmax(1), expected, rtol=0, atol=1e-6)
