@@ -21,14 +21,11 @@ a proxy's mIoU, not what it does on real DINOv2 features of real desert scenes.
 from __future__ import annotations
 
 import logging
-import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
 import torch
-from common import base_parser, ensure_cache, machine, setup, validation_data
+from common import base_parser, ensure_cache, machine, mean_sd, setup, spawn_map, validation_data
 from semantic_proxy import write_semantic_cache
 
 from offroad_seg.config import TrainConfig
@@ -122,16 +119,11 @@ def main() -> None:
                 tasks.append(cfg)
                 keys.append((proxy, arm))
     scores: dict = {}
-    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-        for key, score in zip(keys, pool.map(_train_one, tasks), strict=True):
-            scores.setdefault(key, []).append(score)
+    for key, score in zip(keys, spawn_map(_train_one, tasks, args.jobs), strict=True):
+        scores.setdefault(key, []).append(score)
     heads = {}
     for cfg, key in zip(tasks, keys, strict=True):
         heads.setdefault(key, []).append(cfg.out / "segmentation_head.pth")
-
-    def cell(values: list[float]) -> str:
-        sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.mean(values):.3f} ± {sd:.3f}"
 
     print(
         f"\n{machine(torch.device('cpu'))}; {args.head} head, train {args.train} synthetic "
@@ -143,7 +135,7 @@ def main() -> None:
     print("| arm | " + " | ".join(f"{p} val mIoU" for p in proxies) + " |")
     print("|---" * (len(proxies) + 1) + "|")
     for arm in arms:
-        print(f"| {arm} | " + " | ".join(cell(scores[(p, arm)]) for p in proxies) + " |")
+        print(f"| {arm} | " + " | ".join(mean_sd(scores[(p, arm)]) for p in proxies) + " |")
     best = {p: max(scores[(p, "one size")]) for p in proxies}
     ens = {p: ensemble_miou(heads[(p, "one size")], proxies[p]["val"]) for p in proxies}
     print("| best single of 'one size' | " + " | ".join(f"{best[p]:.3f}" for p in proxies) + " |")

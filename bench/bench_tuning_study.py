@@ -40,12 +40,19 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
 import torch
-from common import base_parser, ensure_cache, machine, setup, table, validation_data
+from common import (
+    base_parser,
+    ensure_cache,
+    machine,
+    mean_sd,
+    setup,
+    spawn_map,
+    table,
+    validation_data,
+)
 
 from offroad_seg.config import TrainConfig
 from offroad_seg.features.cache import FeatureCache
@@ -146,15 +153,10 @@ def main() -> None:
             arms.append(arm)
     scores: dict[str, list[float]] = {}
     seconds: dict[str, list[float]] = {}
-    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-        for arm, (score, secs) in zip(arms, pool.map(_train_one, tasks), strict=True):
-            scores.setdefault(arm, []).append(score)
-            seconds.setdefault(arm, []).extend(secs)
+    for arm, (score, secs) in zip(arms, spawn_map(_train_one, tasks, args.jobs), strict=True):
+        scores.setdefault(arm, []).append(score)
+        seconds.setdefault(arm, []).extend(secs)
     params = {arm: trainable_parameters(tasks[arms.index(arm)]) for arm in ARMS}
-
-    def cell(values: list[float]) -> str:
-        sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.mean(values):.3f} ± {sd:.3f}"
 
     print(
         f"\n{machine(torch.device('cpu'))}; {args.head} head, ViT-S/14 weights {backbone}, "
@@ -163,7 +165,7 @@ def main() -> None:
         f"{args.jobs} jobs x 1 thread; {(time.perf_counter() - started) / 60:.1f} min in all\n"
     )
     rows = [
-        (arm, cell(scores[arm]), f"{statistics.median(seconds[arm]):.1f}", f"{params[arm]:,}")
+        (arm, mean_sd(scores[arm]), f"{statistics.median(seconds[arm]):.1f}", f"{params[arm]:,}")
         for arm in ARMS
     ]
     print(table(rows, ("arm", "val mIoU (best epoch)", "s/epoch", "trainable parameters")))

@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import platform
+import statistics
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from datetime import date
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -159,6 +163,23 @@ def machine(device: torch.device) -> str:
     else:
         what = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     return f"{what}; torch {torch.__version__}; {date.today()}"
+
+
+def spawn_map(fn: Callable, tasks: Iterable, jobs: int) -> Iterator:
+    """`fn` over `tasks` in `jobs` fresh processes (spawned: no torch state inherited), the
+    results in task order as they come."""
+    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+        yield from pool.map(fn, tasks)
+
+
+def spread(values: list[float]) -> float:
+    """The sample standard deviation (0 for a single value)."""
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def mean_sd(values: list[float]) -> str:
+    """'0.279 ± 0.007': a score over seeds as the studies' tables print it."""
+    return f"{statistics.mean(values):.3f} ± {spread(values):.3f}"
 
 
 def table(rows: list[tuple], header: tuple) -> str:

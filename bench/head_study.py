@@ -29,13 +29,20 @@ import json
 import logging
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
-from multiprocessing import get_context
 from pathlib import Path
 
 import torch
-from common import base_parser, ensure_cache, machine, setup, validation_data
+from common import (
+    base_parser,
+    ensure_cache,
+    machine,
+    mean_sd,
+    setup,
+    spawn_map,
+    spread,
+    validation_data,
+)
 from semantic_proxy import write_semantic_cache
 
 from offroad_seg.config import TrainConfig
@@ -104,12 +111,11 @@ def train_all(caches: dict, settings, seeds, args) -> dict:
     order = sorted(range(len(tasks)), key=lambda i: -flops_per_image(keys[i][1].config(), GRID))
     tasks, keys = [tasks[i] for i in order], [keys[i] for i in order]
     scores: dict = {}
-    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-        for (proxy, s), score in zip(keys, pool.map(_train_one, tasks), strict=True):
-            scores.setdefault((proxy, s), []).append(score)
-            if len(scores[(proxy, s)]) == len(seeds):
-                runs = " ".join(f"{v:.4f}" for v in scores[(proxy, s)])
-                print(f"{proxy:9} {s.label:18} {runs}", flush=True)
+    for (proxy, s), score in zip(keys, spawn_map(_train_one, tasks, args.jobs), strict=True):
+        scores.setdefault((proxy, s), []).append(score)
+        if len(scores[(proxy, s)]) == len(seeds):
+            runs = " ".join(f"{v:.4f}" for v in scores[(proxy, s)])
+            print(f"{proxy:9} {s.label:18} {runs}", flush=True)
     return scores
 
 
@@ -159,7 +165,7 @@ def plot(path: Path, settings, cost, scores, reference: Setting | None, proxies)
         on = pareto(pts)
         for s, (c, q), front in zip(settings, pts, on, strict=True):
             colour = colours.setdefault(s.head, f"C{len(colours)}")
-            sd = statistics.stdev(scores[(proxy, s)]) if len(scores[(proxy, s)]) > 1 else 0
+            sd = spread(scores[(proxy, s)])
             ax.errorbar(c, q, yerr=sd, fmt="o" if front else "x", color=colour, capsize=2)
             ax.annotate(s.label, (c, q), textcoords="offset points", xytext=(4, 3), fontsize=7)
         front = sorted(p for p, f in zip(pts, on, strict=True) if f)
@@ -239,9 +245,7 @@ def main() -> None:
         fronts[proxy] = dict(zip(settings, pareto(pts), strict=True))
 
     def cell(proxy: str, s: Setting) -> str:
-        v = scores[(proxy, s)]
-        sd = statistics.stdev(v) if len(v) > 1 else 0.0
-        text = f"{statistics.mean(v):.3f} ± {sd:.3f}"
+        text = mean_sd(scores[(proxy, s)])
         return f"**{text}**" if fronts[proxy][s] else text
 
     header = ["setting", "params", "GFLOP/image", "train ms/image", "vs pyramid w96"]
