@@ -8,23 +8,19 @@ the pretrained ones as training would."""
 import json
 from dataclasses import replace
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-from offroad_seg.api import Segmenter
 from offroad_seg.cli import cli
 from offroad_seg.data.classes import ClassMap
-from offroad_seg.data.dataset import list_samples
-from offroad_seg.data.images import read_image, read_mask
 from offroad_seg.inference.engines import LOGIT_TOLERANCE, OnnxEngine
 from offroad_seg.inference.onnx_model import checkpoint_from_onnx
 from offroad_seg.models.backbone import load_backbone
 from offroad_seg.models.checkpoint import head_payload, save_checkpoint
 from offroad_seg.models.heads import HeadConfig, build_head
-from offroad_seg.models.preprocess import Preprocessing, image_to_tensor, resize_image
+from offroad_seg.models.preprocess import Preprocessing
 from offroad_seg.models.segmentation import TTA, SegmentationModel
 from offroad_seg.models.tuning import TunedModel, TuneSpec
 from tests.conftest import SIZE
@@ -32,6 +28,7 @@ from tests.inference.test_export import (
     AGREEMENT,
     active_vit,
     agreement,
+    assert_cli_masks_match_segmenter_and_onnx,
     relative_error,
     save_weights,
     upsample,
@@ -74,14 +71,6 @@ def tuned_member(
     payload = head_payload(cfg, ClassMap.default(), bb, prep, state_dict=state, **extra)
     save_checkpoint(path, payload)
     return path
-
-
-@pytest.fixture(scope="module")
-def images(dataset) -> torch.Tensor:
-    """The val scenes resized to the working size, as the decode workers make them."""
-    prep = Preprocessing(size=SIZE)
-    samples = list_samples(dataset / "val")
-    return torch.cat([resize_image(image_to_tensor(read_image(s.image)), prep) for s in samples])
 
 
 @pytest.fixture(scope="module")
@@ -160,15 +149,7 @@ def test_cli_predict_segmenter_and_onnx_runtime_agree(members, images, dataset, 
     assert meta.payload["member_tuning"] == [
         None if m[0] is None else m[0].to_dict() for m in MEMBERS.values()
     ]
-    seg = Segmenter.from_checkpoint(ens, device="cpu")
-    classes = set()
-    for sample in list_samples(val):
-        torch_cli = read_mask(tmp_path / "t" / "masks" / sample.name)
-        onnx_cli = read_mask(tmp_path / "o" / "masks" / sample.name)
-        np.testing.assert_array_equal(seg.predict(sample.image).codes, torch_cli)
-        assert (torch_cli == onnx_cli).mean() >= AGREEMENT
-        classes |= set(np.unique(torch_cli).tolist())
-    assert len(classes) > 1
+    assert_cli_masks_match_segmenter_and_onnx(ens, val, tmp_path / "t", tmp_path / "o")
     model = SegmentationModel.from_checkpoint(ens, None, "cpu")
     expected, got = model.logits(images), OnnxEngine(onnx_path).logits(images)
     assert relative_error(expected, got) < LOGIT_TOLERANCE

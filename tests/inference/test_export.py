@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from offroad_seg.cli import cli
 from offroad_seg.data.classes import ClassMap
 from offroad_seg.data.dataset import list_samples
-from offroad_seg.data.images import read_image, read_mask
+from offroad_seg.data.images import read_mask
 from offroad_seg.errors import ConfigError, OffroadSegError
 from offroad_seg.inference.engines import LOGIT_TOLERANCE, OnnxEngine, build_engine, load_head
 from offroad_seg.inference.evaluate import EvalConfig, evaluate
@@ -37,7 +37,7 @@ from offroad_seg.models.checkpoint import (
     save_checkpoint,
 )
 from offroad_seg.models.heads import HeadConfig, build_head, head_names
-from offroad_seg.models.preprocess import Preprocessing, image_to_tensor, resize_image
+from offroad_seg.models.preprocess import Preprocessing, resize_image
 from offroad_seg.models.segmentation import TTA, SegmentationModel
 from offroad_seg.models.variants import get_variant
 from offroad_seg.models.weights import state_dict_sha256
@@ -121,14 +121,6 @@ def upsample(logits: torch.Tensor, size=SIZE) -> torch.Tensor:
 
 def agreement(a, b) -> float:
     return float((np.asarray(a) == np.asarray(b)).mean())
-
-
-@pytest.fixture(scope="module")
-def images(dataset) -> torch.Tensor:
-    """The val scenes resized to the working size, as the decode workers make them."""
-    prep = Preprocessing(size=SIZE)
-    samples = list_samples(dataset / "val")
-    return torch.cat([resize_image(image_to_tensor(read_image(s.image)), prep) for s in samples])
 
 
 @pytest.fixture(scope="module")
@@ -274,6 +266,23 @@ def predict_cli(head, inputs, out, *extra):
     )
     assert r.exit_code == 0, r.output
     return json.loads((out / "predictions.json").read_text())
+
+
+def assert_cli_masks_match_segmenter_and_onnx(head, val, torch_out, onnx_out) -> None:
+    """`predict`'s masks of `head` (in `torch_out`) equal `Segmenter`'s, and those of its
+    export (`onnx_out`) agree on >= AGREEMENT of the pixels; the masks hold more than one
+    class (masks of one class would agree whatever the model computed)."""
+    from offroad_seg.api import Segmenter
+
+    seg = Segmenter.from_checkpoint(head, device="cpu")
+    classes = set()
+    for sample in list_samples(val):
+        torch_cli = read_mask(torch_out / "masks" / sample.name)
+        onnx_cli = read_mask(onnx_out / "masks" / sample.name)
+        np.testing.assert_array_equal(seg.predict(sample.image).codes, torch_cli)
+        assert (torch_cli == onnx_cli).mean() >= AGREEMENT
+        classes |= set(np.unique(torch_cli).tolist())
+    assert len(classes) > 1
 
 
 def assert_same_masks(a, b, dataset):

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from offroad_seg.cli import cli
 from offroad_seg.data.dataset import list_samples
-from offroad_seg.data.images import read_image, read_mask
+from offroad_seg.data.images import read_image
 from offroad_seg.errors import ConfigError, WeightsError
 from offroad_seg.features.cache import FeatureCache
 from offroad_seg.features.extract import extract
@@ -199,8 +199,11 @@ def test_lora_tuned_vits_from_extract_to_onnx_runtime(dataset, tmp_path):
     export -> predict with ONNX Runtime, on a ViT-S whose blocks matter (tests/inference/
     test_export.py's active random weights, in a file). The CLI's masks equal `Segmenter`'s;
     the ONNX model's (adapters merged into its weights) agree on >= 99.9% of the pixels."""
-    from offroad_seg import Segmenter
-    from tests.inference.test_export import AGREEMENT, active_vit, save_weights
+    from tests.inference.test_export import (
+        active_vit,
+        assert_cli_masks_match_segmenter_and_onnx,
+        save_weights,
+    )
 
     weights = save_weights(active_vit("dinov2_vits14", seed=3), tmp_path / "vits.safetensors")
     cache, run, val = tmp_path / "c.zarr", tmp_path / "run", dataset / "val"
@@ -224,15 +227,7 @@ def test_lora_tuned_vits_from_extract_to_onnx_runtime(dataset, tmp_path):
     ok("predict", head, val, tmp_path / "t", "--workers", 0, "--device", "cpu")
     ok("predict", tmp_path / "m.onnx", val, tmp_path / "o", "--workers", 0)
 
-    seg = Segmenter.from_checkpoint(head, device="cpu")
-    classes = set()
-    for sample in list_samples(val):
-        torch_cli = read_mask(tmp_path / "t" / "masks" / sample.name)
-        onnx_cli = read_mask(tmp_path / "o" / "masks" / sample.name)
-        np.testing.assert_array_equal(seg.predict(sample.image).codes, torch_cli)
-        assert (torch_cli == onnx_cli).mean() >= AGREEMENT
-        classes |= set(np.unique(torch_cli).tolist())
-    assert len(classes) > 1  # masks of one class would agree whatever the blocks computed
+    assert_cli_masks_match_segmenter_and_onnx(head, val, tmp_path / "t", tmp_path / "o")
 
 
 def test_sweep_over_tuning_modes_ensembles_its_tuned_trials(block_cache, dataset, tmp_path):
