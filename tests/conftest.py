@@ -7,6 +7,8 @@ two CPU cores while exercising every code path the real 960x540 -> 266x476 data 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,3 +131,21 @@ def tiny_demo(tmp_path_factory) -> Path:
     (root / "demo-output.txt").write_text(result.stdout)  # what the user saw
     (root / "demo-log.txt").write_text(result.stderr)
     return root
+
+
+@contextmanager
+def interrupted_in_epoch(epoch: int) -> Iterator[None]:
+    """Inside the block, training is interrupted (KeyboardInterrupt, as Ctrl-C) in epoch
+    `epoch`, after it was computed and before it was saved: last.pth holds epoch - 1."""
+    import offroad_seg.training.loop as loop
+
+    real_line = loop._epoch_line
+
+    def crash(row, epochs):
+        if row["epoch"] == epoch:
+            raise KeyboardInterrupt
+        return real_line(row, epochs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loop, "_epoch_line", crash)
+        yield

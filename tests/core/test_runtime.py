@@ -30,7 +30,7 @@ from offroad_seg.models.preprocess import Preprocessing, normalize
 from offroad_seg.training import losses as loss_module
 from offroad_seg.training.loop import TrainConfig, train
 from offroad_seg.training.sources import FreeMemory, choose_source, decide_source
-from tests.conftest import SIZE
+from tests.conftest import SIZE, interrupted_in_epoch
 
 GB = 10**9
 
@@ -98,15 +98,7 @@ def test_loss_scaled_training_equals_plain_training_and_resumes(caches, tmp_path
         defaults = dict(epochs=2, batch_size=2, progress=False, device="cpu")
         return TrainConfig(caches=(caches["train"],), out=out, **{**defaults, **kw})
 
-    real_line = th._epoch_line
-
-    def stop_in_epoch_2(row, epochs):
-        if row["epoch"] == 2:
-            raise KeyboardInterrupt  # killed in epoch 2: last.pth holds epoch 1
-        return real_line(row, epochs)
-
-    monkeypatch.setattr(th, "_epoch_line", stop_in_epoch_2)
-    with pytest.raises(th.Interrupted):
+    with interrupted_in_epoch(2), pytest.raises(th.Interrupted):  # last.pth holds epoch 1
         train(cfg(tmp_path / "plain"))
     scalers = []
 
@@ -115,7 +107,7 @@ def test_loss_scaled_training_equals_plain_training_and_resumes(caches, tmp_path
         return scalers[-1]
 
     monkeypatch.setattr(th, "grad_scaler", cpu_scaler)
-    with pytest.raises(th.Interrupted):
+    with interrupted_in_epoch(2), pytest.raises(th.Interrupted):
         train(cfg(tmp_path / "scaled"))
     a = load_checkpoint(tmp_path / "plain" / "last.pth").payload
     b = load_checkpoint(tmp_path / "scaled" / "last.pth").payload
@@ -125,7 +117,6 @@ def test_loss_scaled_training_equals_plain_training_and_resumes(caches, tmp_path
         torch.testing.assert_close(b["state_dict"][k], a["state_dict"][k], rtol=0, atol=0)
     assert a["scaler"] == {}
     assert b["scaler"]["scale"] == 2.0**17  # grew once after 3 finite steps
-    monkeypatch.setattr(th, "_epoch_line", real_line)
     train(cfg(tmp_path / "scaled", resume=True))
     assert scalers[-1].get_scale() == 2.0**18  # went on from the saved scale, not 2**16
 

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from offroad_seg.cli import cli
 from offroad_seg.config import PRESETS
 from offroad_seg.models.checkpoint import load_checkpoint
+from tests.conftest import interrupted_in_epoch
 
 
 def run(*args) -> CliRunner:
@@ -82,22 +83,12 @@ def test_resume_keeps_the_runs_settings(finished, caches, tmp_path):
     assert r.exit_code == 0, r.output
 
 
-def test_resume_without_val_cache_continues_the_run(caches, tmp_path, monkeypatch):
-    import offroad_seg.training.loop as th
-
+def test_resume_without_val_cache_continues_the_run(caches, tmp_path):
     opts = f"--val-cache {caches['val']} --epochs 3 --batch-size 3"
     assert run(*train_args(caches, tmp_path / "full", opts)).exit_code == 0
-    real_line = th._epoch_line
-
-    def stop_in_epoch_2(row, epochs):
-        if row["epoch"] == 2:
-            raise KeyboardInterrupt
-        return real_line(row, epochs)
-
-    monkeypatch.setattr(th, "_epoch_line", stop_in_epoch_2)
-    r = run(*train_args(caches, tmp_path / "part", opts))
+    with interrupted_in_epoch(2):
+        r = run(*train_args(caches, tmp_path / "part", opts))
     assert r.exit_code == 130 and "--resume" in r.stderr
-    monkeypatch.setattr(th, "_epoch_line", real_line)
     r = run(*train_args(caches, tmp_path / "part", "--resume"))  # no --val-cache, no --epochs
     assert r.exit_code == 0, r.output
     assert "trained epochs 2-3" in r.stdout

@@ -17,6 +17,7 @@ from offroad_seg.models.heads import HeadConfig, build_head
 from offroad_seg.training.early_stop import EarlyStopping
 from offroad_seg.training.ema import HeadEMA
 from offroad_seg.training.validation import evaluate_on_cache
+from tests.conftest import interrupted_in_epoch
 from tests.training.test_train import train_config
 
 # a scripted val mIoU per epoch: best at epoch 1 (epoch 3 only ties it), so --patience 2 stops
@@ -55,21 +56,15 @@ def run(caches, out, **kw):
     return loop.train(train_config([caches["train"]], out, head="linear", **kw))
 
 
-def killed_then_resumed(caches, tmp_path, monkeypatch, kill_in: int, **kw):
+def killed_then_resumed(caches, tmp_path, kill_in: int, **kw):
     """The same run uninterrupted and killed in epoch `kill_in` (computed, not saved) then
     resumed: (uninterrupted, resumed) results."""
     full = run(caches, tmp_path / "full", **kw)
-    real_line = loop._epoch_line
-
-    def crash(row, epochs):
-        if row["epoch"] == kill_in:
-            raise KeyboardInterrupt
-        return real_line(row, epochs)
-
-    monkeypatch.setattr(loop, "_epoch_line", crash)
-    with pytest.raises(Interrupted, match=f"holds epoch {kill_in - 1} of"):
+    with (
+        interrupted_in_epoch(kill_in),
+        pytest.raises(Interrupted, match=f"holds epoch {kill_in - 1} of"),
+    ):
         run(caches, tmp_path / "part", **kw)
-    monkeypatch.setattr(loop, "_epoch_line", real_line)
     resumed = run(caches, tmp_path / "part", resume=True, **kw)
     assert resumed.step_losses == full.step_losses[-len(resumed.step_losses) :]
     assert resumed.history == [
@@ -94,11 +89,9 @@ def test_patience_rule():
         EarlyStopping(-1)
 
 
-def test_patience_stops_at_the_right_epoch_and_resumes(
-    caches, tmp_path, monkeypatch, scripted_miou
-):
+def test_patience_stops_at_the_right_epoch_and_resumes(caches, tmp_path, scripted_miou):
     kw = dict(epochs=5, patience=2, val_cache=caches["val"])
-    full, resumed = killed_then_resumed(caches, tmp_path, monkeypatch, kill_in=3, **kw)
+    full, resumed = killed_then_resumed(caches, tmp_path, kill_in=3, **kw)
     assert [r["epoch"] for r in full.history] == [1, 2, 3]
     assert full.best["epoch"] == 1 and full.stopped_early and resumed.stopped_early
     assert resumed.epochs_trained == 1  # epoch 3, then the same stop
@@ -175,9 +168,9 @@ def test_ema_of_a_run_equals_the_decayed_average_of_its_steps(caches, tmp_path, 
     )
 
 
-def test_ema_resumes_exactly_and_validates_the_average(caches, tmp_path, monkeypatch):
+def test_ema_resumes_exactly_and_validates_the_average(caches, tmp_path):
     kw = dict(epochs=2, ema=0.9, val_cache=caches["val"])
-    full, _ = killed_then_resumed(caches, tmp_path, monkeypatch, kill_in=2, **kw)
+    full, _ = killed_then_resumed(caches, tmp_path, kill_in=2, **kw)
     # the best epoch's numbers are the averaged head's, scored afresh here
     ckpt = load_checkpoint(tmp_path / "full" / "segmentation_head.pth")
     weight = torch.tensor(ckpt.payload["class_weights"], dtype=torch.float32)

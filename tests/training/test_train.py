@@ -16,7 +16,7 @@ from offroad_seg.training.loop import TrainConfig, lr_at, train
 from offroad_seg.training.losses import class_weights_from_pixels
 from offroad_seg.training.sources import StreamingSource
 from offroad_seg.training.validation import evaluate_on_cache
-from tests.conftest import SIZE, extract_config
+from tests.conftest import SIZE, extract_config, interrupted_in_epoch
 from tests.training.online import online_losses
 
 
@@ -137,23 +137,18 @@ def test_checkpoint_is_self_contained(caches, tmp_path):
     assert fresh.table("Best checkpoint on the validation cache") in text
 
 
-def test_resume_reproduces_uninterrupted_run(caches, tmp_path, monkeypatch):
+def test_resume_reproduces_uninterrupted_run(caches, tmp_path):
     cfg = dict(epochs=3, val_cache=caches["val"])
     full = train(train_config([caches["train"]], tmp_path / "full", **cfg))
 
     import offroad_seg.training.loop as th
 
-    real_line = th._epoch_line
-
-    def crash_in_epoch_3(row, epochs):
-        if row["epoch"] == 3:
-            raise KeyboardInterrupt  # killed after epoch 3 computed, before it was saved
-        return real_line(row, epochs)
-
-    monkeypatch.setattr(th, "_epoch_line", crash_in_epoch_3)
-    with pytest.raises(th.Interrupted, match="holds epoch 2 of 3.*--resume"):
+    # killed after epoch 3 was computed, before it was saved
+    with (
+        interrupted_in_epoch(3),
+        pytest.raises(th.Interrupted, match="holds epoch 2 of 3.*--resume"),
+    ):
         train(train_config([caches["train"]], tmp_path / "part", **cfg))
-    monkeypatch.setattr(th, "_epoch_line", real_line)
     assert load_checkpoint(tmp_path / "part" / "last.pth").payload["epoch"] == 2
 
     resumed = train(train_config([caches["train"]], tmp_path / "part", resume=True, **cfg))

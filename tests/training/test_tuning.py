@@ -25,7 +25,7 @@ from offroad_seg.models.segmentation import SegmentationModel
 from offroad_seg.models.tuning import TunedModel, TuneSpec
 from offroad_seg.training.loop import TrainConfig, train
 from offroad_seg.training.tuned import backbone_lr_scale
-from tests.conftest import SIZE, extract_config
+from tests.conftest import SIZE, extract_config, interrupted_in_epoch
 from tests.training.online import online_losses
 
 BLOCK = 10  # ViT-S has 12 blocks: the last two are tuned
@@ -273,26 +273,18 @@ def test_sweep_over_tuning_modes_ensembles_its_tuned_trials(block_cache, dataset
     assert f"val mIoU {summary['val_miou']:.4f} (best single trial" in r.output
 
 
-def test_interrupted_lora_tuning_resumes_to_the_uninterrupted_run(
-    block_cache, tmp_path, monkeypatch
-):
+def test_interrupted_lora_tuning_resumes_to_the_uninterrupted_run(block_cache, tmp_path):
     """Killed after its last epoch was computed, before it was saved: --resume retrains that
     epoch to the same losses, adapters, norm and head as the run never interrupted (the
     adapters' optimizer state and RNG come back with them)."""
     import offroad_seg.training.loop as loop
 
     full = train(train_config(block_cache, tmp_path / "full", tune="lora"))
-    real_line = loop._epoch_line
-
-    def crash_in_epoch_2(row, epochs):
-        if row["epoch"] == 2:
-            raise KeyboardInterrupt
-        return real_line(row, epochs)
-
-    monkeypatch.setattr(loop, "_epoch_line", crash_in_epoch_2)
-    with pytest.raises(loop.Interrupted, match="holds epoch 1 of 2.*--resume"):
+    with (
+        interrupted_in_epoch(2),
+        pytest.raises(loop.Interrupted, match="holds epoch 1 of 2.*--resume"),
+    ):
         train(train_config(block_cache, tmp_path / "part", tune="lora"))
-    monkeypatch.setattr(loop, "_epoch_line", real_line)
     resumed = train(train_config(block_cache, tmp_path / "part", tune="lora", resume=True))
     assert resumed.step_losses == full.step_losses[len(full.step_losses) // 2 :]
     a = load_checkpoint(tmp_path / "full" / "last.pth").payload["state_dict"]
