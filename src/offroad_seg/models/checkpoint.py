@@ -211,13 +211,11 @@ class HeadCheckpoint:
             head = EnsembleHead(
                 [build_head(c) for c in self.members], None if layout is None else layout[1]
             )
-            state = {
-                f"members.{i}.{k}": v
-                for i, (spec, own) in enumerate(
-                    zip(self.member_tunings, self.member_states(), strict=True)
-                )
-                for k, v in (own if spec is None else head_state(own)).items()
-            }
+            state = {}
+            members = zip(self.member_tunings, self.member_states(), strict=True)
+            for i, (spec, own) in enumerate(members):
+                own = own if spec is None else head_state(own)  # a tuned member's head part
+                state.update({f"members.{i}.{k}": v for k, v in own.items()})
         else:
             head = build_head(self.head_config)
             state = self.payload["state_dict"]

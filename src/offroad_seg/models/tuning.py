@@ -250,8 +250,8 @@ def member_tails(
 ) -> list[Tail]:
     """One `member_tail` per branch of `layout` (`tail_layout`), in branch order."""
     start, branch_of = layout
-    first = {b: i for i, b in reversed(list(enumerate(branch_of)))}  # a branch's first member
-    return [member_tail(backbone, tunings[i], states[i], start) for _, i in sorted(first.items())]
+    firsts = [branch_of.index(b) for b in range(max(branch_of) + 1)]  # each branch's first member
+    return [member_tail(backbone, tunings[i], states[i], start) for i in firsts]
 
 
 class TailsModel(nn.Module):

@@ -7,6 +7,7 @@ from typing import Any
 
 from offroad_seg.models.checkpoint import HeadCheckpoint, load_checkpoint
 from offroad_seg.models.heads import TUNABLE, get_head_spec
+from offroad_seg.models.tuning import TuneSpec
 
 # A run's settings that say how a machine ran it or where its files went, not what was trained.
 _BOOKKEEPING = ("out", "progress", "resume", "overwrite")
@@ -70,7 +71,7 @@ def _members(ckpt: HeadCheckpoint) -> list[dict[str, Any]]:
     return [
         {
             "head": m["head_config"],
-            "tuning": spec and {**spec.to_dict(), "describe": spec.describe(depth)},
+            "tuning": None if spec is None else _described(spec, depth),
             "source": m.get("source"),
             "val_miou": (m.get("best") or {}).get("val_miou"),
         }
@@ -86,8 +87,12 @@ def _tuning(ckpt) -> dict[str, Any] | None:
         return None
     state = ckpt.payload["state_dict"]
     stored = sum(t.numel() for k, t in state.items() if not k.startswith("head."))
-    depth = ckpt.backbone.variant.depth
-    return {**spec.to_dict(), "describe": spec.describe(depth), "backbone_values": stored}
+    return {**_described(spec, ckpt.backbone.variant.depth), "backbone_values": stored}
+
+
+def _described(spec: TuneSpec, depth: int) -> dict[str, Any]:
+    """A tuning as info shows it: mode, block, rank, alpha and their description."""
+    return {**spec.to_dict(), "describe": spec.describe(depth)}
 
 
 def setting_text(value: Any) -> str:
