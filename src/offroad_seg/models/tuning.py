@@ -198,6 +198,11 @@ def apply_tuning(
     load_tail(backbone.own_tail(spec.block), spec, state, merge)
 
 
+def is_tuned(spec: TuneSpec | None) -> bool:
+    """Whether a head's blocks differ from the pretrained ones (LoRA or full tuning)."""
+    return spec is not None and spec.mode != "frozen"
+
+
 def member_tail(
     backbone: Backbone, spec: TuneSpec | None, state: Mapping[str, torch.Tensor], start: int
 ) -> Tail:
@@ -206,7 +211,7 @@ def member_tail(
     else the pretrained blocks before `spec.block` (shared) and copies of the rest with the
     member's tuning loaded (LoRA merged)."""
     own = backbone.own_tail(start)
-    if spec is None or spec.mode == "frozen":
+    if not is_tuned(spec):
         return own
     if spec.block < start:
         raise ValueError(f"blocks tuned from {spec.block}, before the shared block {start}")
@@ -214,11 +219,6 @@ def member_tail(
     tuned = copy.deepcopy(Tail(spec.block, list(own.blocks)[split:], own.norm))
     load_tail(tuned, spec, state)
     return Tail(start, [*list(own.blocks)[:split], *tuned.blocks], tuned.norm)
-
-
-def is_tuned(spec: TuneSpec | None) -> bool:
-    """Whether a head's blocks differ from the pretrained ones (LoRA or full tuning)."""
-    return spec is not None and spec.mode != "frozen"
 
 
 def tail_layout(
