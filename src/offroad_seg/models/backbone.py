@@ -318,12 +318,12 @@ class Backbone(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tails is not None:
+            p = self.variant.patch_size
+            t = self.tokens_entering(x, self.tails[0].start)
+            return self.tails_features(t, x.shape[-2] // p, x.shape[-1] // p)
         t, rows, cols = self._tokens(x)
-        if self.tails is None:
-            return self.features_from(t, 0, rows, cols)
-        for i in range(self.tails[0].start):
-            t = self.run_block(i, t, rows, cols)
-        return self.tails_features(t, rows, cols)
+        return self.features_from(t, 0, rows, cols)
 
     def _rope_block(
         self, block: nn.Module, sin: torch.Tensor, cos: torch.Tensor, t: torch.Tensor
